@@ -1,0 +1,115 @@
+"""Canonical strided views of batch-norm operands, without copying.
+
+An input of shape ``(N, C, *spatial)`` and any strides is viewed either as
+``(P, C)`` when the channel axis is the innermost one in memory and every other
+axis merges into one (channels-last data, ``(N, C)`` matrices), or as
+``(A, C, R, S)`` with the non-channel axes merged, in memory order, into at most
+three groups. The kernels in :mod:`numbabn._cpu.kernels` work on those views.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+# Elements per reduction tile: large enough that per-tile partials stay a tiny
+# fraction of the data, small enough to share work between threads.
+TILE_ELEMENTS = 16384
+
+_CHANNEL = (1,)
+_PAD = ()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How to view arrays shaped like one input as a kernel operand.
+
+    Attributes
+    ----------
+    channels_inner : bool
+        True for the ``(P, C)`` view, False for ``(A, C, R, S)``.
+    slots : tuple of tuple of int
+        For each axis of the view, the input axes merged into it, outermost in
+        memory first (``(1,)`` is the channel axis, ``()`` a padding axis).
+    view_shape : tuple of int
+        Shape of the canonical view.
+    row_block : int
+        Rows (planar) or positions (channels-inner) per tile.
+    s_chunk : int
+        Elements of the innermost axis per tile (planar only).
+    n_tiles : int
+        Tiles per channel (planar) or in total (channels-inner).
+    """
+
+    channels_inner: bool
+    slots: tuple[tuple[int, ...], ...]
+    view_shape: tuple[int, ...]
+    row_block: int
+    s_chunk: int
+    n_tiles: int
+
+    @property
+    def geometry(self) -> tuple[int, ...]:
+        """The tiling arguments the kernels for this layout take."""
+        if self.channels_inner:
+            return (self.row_block, self.n_tiles)
+        return (self.row_block, self.s_chunk, self.n_tiles)
+
+    def view(self, array: np.ndarray) -> np.ndarray | None:
+        """Return ``array`` viewed in this layout, or None if its strides do not allow it."""
+        if array.flags.c_contiguous and self._reshape_matches(array.shape):
+            return array.reshape(self.view_shape)
+        strides = []
+        for axes in self.slots:
+            for outer, inner in zip(axes, axes[1:]):
+                if array.strides[outer] != array.shape[inner] * array.strides[inner]:
+                    return None
+            strides.append(array.strides[axes[-1]] if axes else 0)
+        return as_strided(array, self.view_shape, tuple(strides))
+
+    def _reshape_matches(self, shape: tuple[int, ...]) -> bool:
+        # For C-contiguous data a reshape gives the view when the view lists the
+        # axes that matter in their logical order.
+        in_view = [axis for axes in self.slots for axis in axes if shape[axis] != 1]
+        return in_view == sorted(in_view)
+
+
+def plan(x: np.ndarray) -> Layout | None:
+    """Choose the canonical layout for ``x``; None when no copy-free view exists."""
+    n_channels = x.shape[1]
+    axes = [axis for axis in range(x.ndim) if axis != 1 and x.shape[axis] != 1]
+    axes.sort(key=lambda axis: -abs(x.strides[axis]))
+    groups: list[tuple[int, ...]] = []
+    for axis in axes:
+        if groups and x.strides[groups[-1][-1]] == x.shape[axis] * x.strides[axis]:
+            groups[-1] += (axis,)
+        else:
+            groups.append((axis,))
+    channel_stride = abs(x.strides[1])
+    if n_channels > 1 and len(groups) <= 1 and all(channel_stride < abs(x.strides[a]) for a in axes):
+        n_pos = math.prod(x.shape[axis] for axis in axes)
+        row_block = max(1, TILE_ELEMENTS // n_channels)
+        slots = (groups[0] if groups else _PAD, _CHANNEL)
+        return Layout(True, slots, (n_pos, n_channels), row_block, 1, -(-n_pos // row_block))
+    if len(groups) > 3:
+        return None
+    # Place the groups as (A, R, S): the innermost group is always S.
+    placement = {0: (None, None, None), 1: (None, None, 0), 2: (0, None, 1), 3: (0, 1, 2)}
+    a_slot, r_slot, s_slot = (
+        _PAD if index is None else groups[index] for index in placement[len(groups)]
+    )
+    a, r, s = (math.prod(x.shape[axis] for axis in slot) for slot in (a_slot, r_slot, s_slot))
+    if s >= TILE_ELEMENTS:
+        n_chunks = -(-s // TILE_ELEMENTS)
+        s_chunk = -(-s // n_chunks)
+        row_block = 1
+    else:
+        n_chunks = 1
+        s_chunk = s
+        row_block = max(1, TILE_ELEMENTS // s)
+    n_tiles = -(-(a * r) // row_block) * n_chunks
+    slots = (a_slot, _CHANNEL, r_slot, s_slot)
+    return Layout(False, slots, (a, n_channels, r, s), row_block, s_chunk, n_tiles)

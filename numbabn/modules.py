@@ -1,0 +1,396 @@
+"""Stateful batch-norm modules with the behaviour of ``torch.nn.BatchNorm{1,2,3}d``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from numbabn import _validation as check
+from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "IncompatibleKeys",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+]
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class IncompatibleKeys(NamedTuple):
+    """Keys that :meth:`load_state_dict` found missing or did not expect."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _check_device(device: str | None) -> None:
+    if device not in (None, "cpu"):
+        raise ValueError(f"device {device!r} is not available; numbabn runs on 'cpu'")
+
+
+class _BatchNorm:
+    """State and behaviour shared by the batch-norm modules."""
+
+    _allowed_ndims: ClassVar[tuple[int, ...]]
+    _ndim_label: ClassVar[str]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: str | None = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        _check_device(device)
+        dtype = np.dtype(np.float32 if dtype is None else dtype)
+        if dtype not in check.SUPPORTED_DTYPES:
+            raise TypeError(f"dtype {dtype} is not supported; use float32 or float64")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.has_bias = bool(affine and bias)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.training = True
+        self._saved: tuple[np.ndarray, SavedStats] | None = None
+        self._allocate(num_features)
+
+    def _allocate(self, num_features: int) -> None:
+        if num_features < 0 or int(num_features) != num_features:
+            raise ValueError(f"num_features must be a non-negative integer, got {num_features}")
+        self.num_features = int(num_features)
+        c, dtype = self.num_features, self.dtype
+        self.weight = np.ones(c, dtype) if self.affine else None
+        self.bias = np.zeros(c, dtype) if self.has_bias else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(c, dtype)
+            self.running_var = np.ones(c, dtype)
+            self.num_batches_tracked = np.array(0, dtype=np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.grads: dict[str, np.ndarray | None] = {}
+        if self.weight is not None:
+            self.grads["weight"] = None
+        if self.bias is not None:
+            self.grads["bias"] = None
+
+    # -- modes and resets -------------------------------------------------
+
+    def train(self, mode: bool = True) -> _BatchNorm:
+        """Set training mode (batch statistics, running-statistics updates); return self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> _BatchNorm:
+        """Set evaluation mode (running statistics); return self."""
+        return self.train(False)
+
+    def reset_running_stats(self) -> None:
+        """Set running mean to 0, running variance to 1 and the batch counter to 0."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, weight to 1 and bias to 0."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            self.weight[...] = 1
+        if self.bias is not None:
+            self.bias[...] = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear accumulated gradients (to None, or to zeros with ``set_to_none=False``)."""
+        for name, grad in self.grads.items():
+            if set_to_none or grad is None:
+                self.grads[name] = None
+            else:
+                grad[...] = 0
+
+    # -- forward and backward ---------------------------------------------
+
+    def _check_input(self, x: np.ndarray) -> None:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"expected a NumPy array, got {type(x).__qualname__}")
+        check.check_ndim(x, self._allowed_ndims, self._ndim_label)
+
+    def _momentum_factor(self) -> float:
+        if self.momentum is None:
+            # Cumulative moving average over the batches seen so far.
+            return 1.0 / float(self.num_batches_tracked + 1)
+        return self.momentum
+
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalise ``x``; in training, update the running statistics.
+
+        Parameters
+        ----------
+        x : ndarray
+            Batch of shape ``(N, C, ...)`` (see the class for the allowed ranks).
+        out : ndarray, optional
+            Array to write the output into, with the shape and dtype of ``x``.
+
+        Returns
+        -------
+        ndarray
+            The normalised batch.
+        """
+        self._check_input(x)
+        batch_stats = self.training or self.running_mean is None
+        tracking = self.training and self.track_running_stats
+        if tracking and out is not None and np.may_share_memory(out, x):
+            raise ValueError("out must not overlap the input in training mode: backward needs it")
+        use_running = not self.training or self.track_running_stats
+        output, saved = batch_norm_forward(
+            x,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            self._momentum_factor() if tracking else 0.0,
+            self.eps,
+            out=out,
+        )
+        if tracking:
+            self.num_batches_tracked += 1
+        self._saved = (x, saved)
+        return output
+
+    __call__ = forward
+
+    def backward(self, grad_output: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Gradient w.r.t. the last forward's input; accumulate parameter gradients.
+
+        Parameters
+        ----------
+        grad_output : ndarray
+            Gradient of the loss w.r.t. the last output (same shape and dtype).
+        out : ndarray, optional
+            Array to write the input gradient into.
+
+        Returns
+        -------
+        ndarray
+            Gradient w.r.t. the input of the last :meth:`forward`.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward called before forward: there is no input to differentiate")
+        x, saved = self._saved
+        if not isinstance(grad_output, np.ndarray):
+            raise TypeError(f"expected a NumPy array, got {type(grad_output).__qualname__}")
+        check.check_like("grad_output", grad_output, x, "the last forward's input")
+        grad_input, grad_weight, grad_bias = batch_norm_backward(
+            grad_output, x, saved, self.weight, out=out
+        )
+        for name, grad in (("weight", grad_weight), ("bias", grad_bias)):
+            if name not in self.grads:
+                continue
+            if self.grads[name] is None:
+                self.grads[name] = grad
+            else:
+                self.grads[name] += grad
+        return grad_input
+
+    # -- state_dict ---------------------------------------------------------
+
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
+        """Copies of the parameters and buffers under PyTorch's keys."""
+        return OrderedDict(
+            (key, getattr(self, key).copy())
+            for key in _STATE_KEYS
+            if getattr(self, key) is not None
+        )
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True
+    ) -> IncompatibleKeys:
+        """Copy parameters and buffers from ``state_dict`` (e.g. PyTorch's, converted).
+
+        Values may be NumPy arrays or anything ``numpy.asarray`` accepts (CPU
+        tensors included). Nothing is changed unless the whole load succeeds.
+
+        Raises
+        ------
+        RuntimeError
+            With PyTorch's text, on missing or unexpected keys (when ``strict``)
+            and on any shape mismatch.
+        """
+        current = {key: getattr(self, key) for key in _STATE_KEYS if getattr(self, key) is not None}
+        values = {key: np.asarray(value) for key, value in state_dict.items()}
+        # Like PyTorch, a checkpoint without a batch counter loads with 0.
+        if "num_batches_tracked" in current and "num_batches_tracked" not in values:
+            values["num_batches_tracked"] = np.array(0, dtype=np.int64)
+        missing = [key for key in current if key not in values]
+        unexpected = [key for key in values if key not in current]
+        errors = []
+        if strict and unexpected:
+            names = ", ".join(f'"{key}"' for key in unexpected)
+            errors.append(f"Unexpected key(s) in state_dict: {names}. ")
+        if strict and missing:
+            names = ", ".join(f'"{key}"' for key in missing)
+            errors.append(f"Missing key(s) in state_dict: {names}. ")
+        for key, target in current.items():
+            if key in values and values[key].shape != target.shape:
+                errors.append(
+                    f"size mismatch for {key}: copying a param with shape "
+                    f"{values[key].shape} from checkpoint, the shape in current model is "
+                    f"{target.shape}."
+                )
+        if errors:
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                + "\n\t".join(errors)
+            )
+        for key, target in current.items():
+            if key in values:
+                target[...] = values[key]
+        return IncompatibleKeys(missing, unexpected)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, bias={self.has_bias}, "
+            f"track_running_stats={self.track_running_stats})"
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over ``(N, C)`` or ``(N, C, L)`` input, as ``torch.nn.BatchNorm1d``.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels ``C``.
+    eps : float, default 1e-5
+        Added to the variance inside the square root.
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics; None for a
+        cumulative average over all batches seen.
+    affine : bool, default True
+        Learnable per-channel weight (and bias).
+    track_running_stats : bool, default True
+        Keep running statistics and use them in evaluation mode.
+    device : {"cpu", None}
+        Where the state lives.
+    dtype : float32 or float64, default float32
+        Dtype of the parameters, statistics and accepted input.
+    bias : bool, default True
+        With ``affine``, whether there is a bias.
+    """
+
+    _allowed_ndims = (2, 3)
+    _ndim_label = "2D or 3D"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over ``(N, C, H, W)`` input, as ``torch.nn.BatchNorm2d``.
+
+    Parameters are those of :class:`BatchNorm1d`.
+    """
+
+    _allowed_ndims = (4,)
+    _ndim_label = "4D"
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over ``(N, C, D, H, W)`` input, as ``torch.nn.BatchNorm3d``.
+
+    Parameters are those of :class:`BatchNorm1d`.
+    """
+
+    _allowed_ndims = (5,)
+    _ndim_label = "5D"
+
+
+class _LazyBatchNorm(_BatchNorm):
+    """Infers ``num_features`` from the first input, then becomes its eager class."""
+
+    _becomes: ClassVar[type[_BatchNorm]]
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: str | None = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            0, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+    def _materialize_then(self, num_features: int, action: Callable[[], Any]) -> Any:
+        """Become the eager class with ``num_features`` and run ``action``.
+
+        If ``action`` fails the module goes back to being lazy and empty, so a
+        failed call changes nothing.
+        """
+        lazy_class = type(self)
+        self._allocate(num_features)
+        self.__class__ = self._becomes
+        try:
+            return action()
+        except BaseException:
+            self.__class__ = lazy_class
+            self._allocate(0)
+            raise
+
+    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        self._check_input(x)
+        return self._materialize_then(x.shape[1], lambda: self.forward(x, out))
+
+    __call__ = forward
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True
+    ) -> IncompatibleKeys:
+        reference = state_dict.get("running_mean", state_dict.get("weight"))
+        if reference is None:
+            return super().load_state_dict(state_dict, strict)
+        return self._materialize_then(
+            np.shape(reference)[0], lambda: self.load_state_dict(state_dict, strict)
+        )
+
+
+class LazyBatchNorm1d(_LazyBatchNorm):
+    """:class:`BatchNorm1d` whose ``num_features`` comes from the first input."""
+
+    _becomes = BatchNorm1d
+    _allowed_ndims = BatchNorm1d._allowed_ndims
+    _ndim_label = BatchNorm1d._ndim_label
+
+
+class LazyBatchNorm2d(_LazyBatchNorm):
+    """:class:`BatchNorm2d` whose ``num_features`` comes from the first input."""
+
+    _becomes = BatchNorm2d
+    _allowed_ndims = BatchNorm2d._allowed_ndims
+    _ndim_label = BatchNorm2d._ndim_label
+
+
+class LazyBatchNorm3d(_LazyBatchNorm):
+    """:class:`BatchNorm3d` whose ``num_features`` comes from the first input."""
+
+    _becomes = BatchNorm3d
+    _allowed_ndims = BatchNorm3d._allowed_ndims
+    _ndim_label = BatchNorm3d._ndim_label
