@@ -1,0 +1,38 @@
+# Set-up and routine commands. Only python3 (3.10+) is needed to start.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test lint bench asv-quick clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-base: pyproject.toml | $(PY)
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PIP) -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PIP) -e ".[test,bench]"
+	touch $@
+
+## demo: normalise a batch, check it against NumPy, run a few train/eval steps
+demo: $(VENV)/.installed-base
+	$(PY) -m numbabn
+
+## test: lint and run the whole test suite
+test: $(VENV)/.installed-test lint
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check numbabn tests benchmarks
+	$(VENV)/bin/ruff format --check numbabn tests benchmarks
+
+clean:
+	rm -rf $(VENV) .asv .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
