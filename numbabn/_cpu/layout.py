@@ -91,7 +91,8 @@ def plan(x: np.ndarray) -> Layout | None:
     channel_stride = abs(x.strides[1])
     if n_channels > 1 and len(groups) <= 1 and all(channel_stride < abs(x.strides[a]) for a in axes):
         n_pos = math.prod(x.shape[axis] for axis in axes)
-        row_block = max(1, TILE_ELEMENTS // n_channels)
+        # At least 64 positions a tile keeps the (tile, channel) partials small.
+        row_block = max(64, TILE_ELEMENTS // n_channels)
         slots = (groups[0] if groups else _PAD, _CHANNEL)
         return Layout(True, slots, (n_pos, n_channels), row_block, 1, -(-n_pos // row_block))
     if len(groups) > 3:
