@@ -72,10 +72,13 @@ def _channel_sums(
 ) -> np.ndarray:
     """Per channel ``[sum(v - kv), sum((v - kv) * (u - ku))]`` as a ``(C, 2)`` float64 array."""
     n_channels = u_shift.shape[0]
+    if layout.channels_inner:
+        partials = np.empty((layout.n_tiles, 2, n_channels))
+        _launch(kernels.channels_inner_sums, u.size, u, v, u_shift, v_shift, *layout.geometry, partials)
+        # Summed in a fixed order: the result does not depend on the thread count.
+        return partials.sum(axis=0).T
     partials = np.empty((n_channels, layout.n_tiles, 2))
-    pair = _pick(layout, kernels.planar_sums, kernels.channels_inner_sums)
-    _launch(pair, u.size, u, v, u_shift, v_shift, *layout.geometry, partials)
-    # Summed in a fixed order: the result does not depend on the thread count.
+    _launch(kernels.planar_sums, u.size, u, v, u_shift, v_shift, *layout.geometry, partials)
     return partials.sum(axis=1)
 
 

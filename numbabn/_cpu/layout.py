@@ -15,9 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-# Elements per reduction tile: large enough that per-tile partials stay a tiny
-# fraction of the data, small enough to share work between threads.
+# Elements per work item: large enough that per-(channel, tile) partials stay a
+# tiny fraction of the data, small enough to share work between threads.
 TILE_ELEMENTS = 16384
+# Planar items take whole channels until they read runs of at least this many
+# adjacent elements, so short rows (7x7 maps) still stream through memory.
+RUN_ELEMENTS = 2048
+# Channels-inner items cover at most this many channels, and at least this many
+# positions so that partials stay small.
+CHANNEL_BLOCK = 512
+MIN_POSITIONS = 256
 
 _CHANNEL = (1,)
 _PAD = ()
@@ -31,6 +38,8 @@ class Layout:
     ----------
     channels_inner : bool
         True for the ``(P, C)`` view, False for ``(A, C, R, S)``.
+    channel_block : int
+        Channels per work item.
     slots : tuple of tuple of int
         For each axis of the view, the input axes merged into it, outermost in
         memory first (``(1,)`` is the channel axis, ``()`` a padding axis).
@@ -45,6 +54,7 @@ class Layout:
     """
 
     channels_inner: bool
+    channel_block: int
     slots: tuple[tuple[int, ...], ...]
     view_shape: tuple[int, ...]
     row_block: int
@@ -55,8 +65,8 @@ class Layout:
     def geometry(self) -> tuple[int, ...]:
         """The tiling arguments the kernels for this layout take."""
         if self.channels_inner:
-            return (self.row_block, self.n_tiles)
-        return (self.row_block, self.s_chunk, self.n_tiles)
+            return (self.channel_block, self.row_block, self.n_tiles)
+        return (self.channel_block, self.row_block, self.s_chunk, self.n_tiles)
 
     def view(self, array: np.ndarray) -> np.ndarray | None:
         """Return ``array`` viewed in this layout, or None if its strides do not allow it."""
@@ -91,10 +101,11 @@ def plan(x: np.ndarray) -> Layout | None:
     channel_stride = abs(x.strides[1])
     if n_channels > 1 and len(groups) <= 1 and all(channel_stride < abs(x.strides[a]) for a in axes):
         n_pos = math.prod(x.shape[axis] for axis in axes)
-        # At least 64 positions a tile keeps the (tile, channel) partials small.
-        row_block = max(64, TILE_ELEMENTS // n_channels)
+        channel_block = min(n_channels, CHANNEL_BLOCK)
+        row_block = max(MIN_POSITIONS, TILE_ELEMENTS // channel_block)
         slots = (groups[0] if groups else _PAD, _CHANNEL)
-        return Layout(True, slots, (n_pos, n_channels), row_block, 1, -(-n_pos // row_block))
+        n_tiles = -(-n_pos // row_block)
+        return Layout(True, channel_block, slots, (n_pos, n_channels), row_block, 1, n_tiles)
     if len(groups) > 3:
         return None
     # Place the groups as (A, R, S): the innermost group is always S.
@@ -103,6 +114,7 @@ def plan(x: np.ndarray) -> Layout | None:
         _PAD if index is None else groups[index] for index in placement[len(groups)]
     )
     a, r, s = (math.prod(x.shape[axis] for axis in slot) for slot in (a_slot, r_slot, s_slot))
+    channel_block = min(n_channels, -(-RUN_ELEMENTS // s))
     if s >= TILE_ELEMENTS:
         n_chunks = -(-s // TILE_ELEMENTS)
         s_chunk = -(-s // n_chunks)
@@ -110,7 +122,9 @@ def plan(x: np.ndarray) -> Layout | None:
     else:
         n_chunks = 1
         s_chunk = s
-        row_block = max(1, TILE_ELEMENTS // s)
+        row_block = max(1, TILE_ELEMENTS // (s * channel_block))
     n_tiles = -(-(a * r) // row_block) * n_chunks
     slots = (a_slot, _CHANNEL, r_slot, s_slot)
-    return Layout(False, slots, (a, n_channels, r, s), row_block, s_chunk, n_tiles)
+    return Layout(
+        False, channel_block, slots, (a, n_channels, r, s), row_block, s_chunk, n_tiles
+    )
