@@ -1,0 +1,93 @@
+"""``python -m numbabn.bench``: numbabn beside PyTorch, NumPy and the memory roofline."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+
+import numbabn
+from numbabn.bench.cases import DEFAULT_CASES, QUICK_CASES
+from numbabn.bench.measure import measure_case
+from numbabn.bench.peers import torch_available
+from numbabn.bench.report import markdown, write_json, write_png
+from numbabn.bench.startup import startup_seconds
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _progress(items, description: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for index, item in enumerate(items, 1):
+            print(f"[{index}/{len(items)}] {description} {item.name}", file=sys.stderr)
+            yield item
+        return
+    bar = tqdm(items, desc=description, unit="case", file=sys.stderr)
+    for item in bar:
+        bar.set_postfix_str(item.name)
+        yield item
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m numbabn.bench",
+        description="Time numbabn's CPU kernels beside PyTorch, plain NumPy and a roofline.",
+    )
+    parser.add_argument("--quick", action="store_true", help="three small cases, fewer repeats")
+    parser.add_argument("--repeat", type=int, default=None, help="samples per median")
+    parser.add_argument("--threads", type=int, default=None, help="Numba and PyTorch threads")
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up timing")
+    parser.add_argument(
+        "--output", type=Path, default=Path("benchmarks/results"), help="folder for the files"
+    )
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    threads = numba.get_num_threads()
+    cases = QUICK_CASES if args.quick else DEFAULT_CASES
+    repeat = args.repeat or (5 if args.quick else 15)
+    with_torch = not args.no_torch and torch_available()
+    versions = f"numbabn {numbabn.__version__}, numpy {np.__version__}, numba {numba.__version__}"
+    if with_torch:
+        import torch
+
+        versions += f", torch {torch.__version__}"
+    header = (
+        f"## numbabn CPU benchmark\n\nMachine: {_cpu_name()}, {threads} threads "
+        f"(numbabn and PyTorch alike), Python {platform.python_version()}; {versions}."
+    )
+    print(header.replace("## ", ""), file=sys.stderr)
+
+    results = [measure_case(case, repeat, threads, with_torch) for case in _progress(cases, "bench")]
+    startup = None if args.no_startup else startup_seconds()
+    report = markdown(results, header, startup)
+    print(report)
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    meta = {"header": header, "threads": threads, "repeat": repeat, "startup": startup}
+    write_json(args.output / "cpu.json", results, meta)
+    if write_png(args.output / "cpu.png", results):
+        print(f"wrote {args.output / 'cpu.json'} and {args.output / 'cpu.png'}", file=sys.stderr)
+    else:
+        print(f"wrote {args.output / 'cpu.json'} (install matplotlib for the chart)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""The shapes the benchmark measures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: shape, dtype and memory layout."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    channels_last: bool = False
+
+    @property
+    def name(self) -> str:
+        dims = "x".join(map(str, self.shape))
+        layout = " CL" if self.channels_last else ""
+        return f"{dims} {self.dtype}{layout}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def make(self, seed: int = 0) -> np.ndarray:
+        """Seeded input with per-channel offsets, laid out as the case says."""
+        rng = np.random.default_rng(seed)
+        shape = self.shape
+        if self.channels_last:
+            order = (0, *range(2, len(shape)), 1)
+            stored = rng.standard_normal([shape[axis] for axis in order], dtype=np.float32)
+            x = stored.astype(self.dtype, copy=False).transpose(np.argsort(order))
+        else:
+            x = rng.standard_normal(shape, dtype=np.float32).astype(self.dtype, copy=False)
+        offsets = np.arange(shape[1], dtype=self.dtype).reshape((1, -1) + (1,) * (len(shape) - 2))
+        x += offsets
+        return x
+
+
+# ResNet-50's batch-norm inputs at batch 32 (NCHW), then the issue's extra shapes.
+RESNET50 = [
+    (32, 64, 112, 112),
+    (32, 64, 56, 56),
+    (32, 256, 56, 56),
+    (32, 128, 28, 28),
+    (32, 512, 28, 28),
+    (32, 256, 14, 14),
+    (32, 1024, 14, 14),
+    (32, 512, 7, 7),
+    (32, 2048, 7, 7),
+]
+
+DEFAULT_CASES = [
+    *(Case(shape) for shape in RESNET50),
+    Case((64, 256, 14, 14)),
+    Case((256, 2048, 7, 7)),
+    Case((8, 3, 224, 224)),
+    Case((32, 64, 56, 56), channels_last=True),
+    Case((32, 64, 56, 56), "float64"),
+    Case((64, 256, 14, 14), "float64"),
+    Case((2, 16, 8, 8)),
+]
+
+QUICK_CASES = [Case((32, 64, 56, 56)), Case((32, 64, 56, 56), channels_last=True), Case((2, 16, 8, 8))]
