@@ -53,7 +53,8 @@ def main() -> None:
 
     dy = rng.standard_normal(shape).astype(np.float32)
     _, backward_ms = _timed(bn.backward, dy)
-    print(f"backward: {backward_ms:.1f} ms, grad weight norm {np.linalg.norm(bn.grads['weight']):.2f}")
+    grad_norm = np.linalg.norm(bn.grads["weight"])
+    print(f"backward: {backward_ms:.1f} ms, grad weight norm {grad_norm:.2f}")
 
     print("training steps: fit weight and bias so y matches 2 * xhat + 0.5 (SGD, lr 0.5)")
     xhat = _numpy_batch_norm(x, np.ones(shape[1]), np.zeros(shape[1]), bn.eps)

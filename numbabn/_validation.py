@@ -13,9 +13,7 @@ def check_dtype(x: np.ndarray, name: str = "input") -> None:
     """Raise TypeError unless ``x`` is float32 or float64."""
     if x.dtype not in SUPPORTED_DTYPES:
         hint = " (float16 runs on the CUDA backend only)" if x.dtype == np.float16 else ""
-        raise TypeError(
-            f"{name} has dtype {x.dtype}; numbabn supports float32 and float64{hint}"
-        )
+        raise TypeError(f"{name} has dtype {x.dtype}; numbabn supports float32 and float64{hint}")
 
 
 def check_ndim(x: np.ndarray, allowed: tuple[int, ...], label: str) -> None:
@@ -28,8 +26,7 @@ def check_batch_size(x: np.ndarray) -> None:
     """Raise PyTorch's error when training would see one value per channel."""
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
         raise ValueError(
-            "Expected more than 1 value per channel when training, "
-            f"got input size {tuple(x.shape)}"
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
 
 

@@ -6,6 +6,7 @@ statistics, gradients) and call these functions.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -35,10 +36,16 @@ class SavedStats(NamedTuple):
     batch_stats: bool
 
 
-def _as_float64(vector: np.ndarray | None, default: float, n_channels: int) -> np.ndarray:
-    if vector is None:
-        return np.full(n_channels, default)
-    return vector.astype(np.float64)
+@functools.lru_cache(maxsize=64)
+def _filled(value: float, n_channels: int, dtype: np.dtype) -> np.ndarray:
+    """A shared constant vector standing in for a missing weight, bias or buffer."""
+    return np.full(n_channels, value, dtype)
+
+
+def _or_filled(vector: np.ndarray | None, value: float, like: np.ndarray) -> np.ndarray:
+    if vector is not None:
+        return vector
+    return _filled(value, like.shape[1], like.dtype)
 
 
 def batch_norm_forward(
@@ -118,20 +125,25 @@ def batch_norm_forward(
         output = np.empty_like(input) if out is None else out
         return output, SavedStats(np.zeros(n_channels), np.ones(n_channels), training)
 
+    weight = _or_filled(weight, 1.0, input)
+    bias = _or_filled(bias, 0.0, input)
     if training:
-        mean, var = backend.moments(input)
+        update = running_mean is not None and running_var is not None
+        empty = _filled(0.0, 0, input.dtype)
+        output, mean, invstd = backend.train_forward(
+            input,
+            weight,
+            bias,
+            running_mean if update else empty,
+            running_var if update else empty,
+            momentum,
+            eps,
+            out,
+        )
     else:
-        mean, var = running_mean.astype(np.float64), running_var.astype(np.float64)
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd * _as_float64(weight, 1.0, n_channels)
-    shift = _as_float64(bias, 0.0, n_channels)
-    output = backend.affine(input, mean, scale, shift, out)
-
-    if training and running_mean is not None and running_var is not None:
-        count = input.size // n_channels
-        unbiased_var = var * (count / (count - 1))
-        running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-        running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased_var
+        mean = running_mean.astype(np.float64)
+        invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        output = backend.affine(input, mean, invstd * weight, bias.astype(np.float64), out)
     return output, SavedStats(mean, invstd, training)
 
 
@@ -206,21 +218,16 @@ def batch_norm_backward(
         return grad_input, zeros, None if zeros is None else zeros.copy()
 
     mean, invstd = saved.mean, saved.invstd
-    w = _as_float64(weight, 1.0, n_channels)
-    needs_sums = saved.batch_stats or weight is not None
-    if needs_sums:
-        sum_dy, sum_dy_xmu = backend.grad_sums(grad_output, input, mean)
-    zeros = np.zeros(n_channels)
     if saved.batch_stats:
-        count = input.size // n_channels
-        mean_dy = sum_dy / count
-        mean_dy_xhat = sum_dy_xmu * invstd / count
-        alpha = w * invstd
-        grad_input = backend.grad_input(
-            grad_output, input, mean, alpha, -alpha * invstd * mean_dy_xhat, -alpha * mean_dy, out
+        grad_input, sum_dy, sum_dy_xmu = backend.train_backward(
+            grad_output, input, mean, invstd, _or_filled(weight, 1.0, input), out
         )
     else:
-        grad_input = backend.affine(grad_output, zeros, w * invstd, zeros, out)
+        zeros = np.zeros(n_channels)
+        scale = invstd if weight is None else weight * invstd
+        grad_input = backend.affine(grad_output, zeros, scale, zeros, out)
+        if weight is not None:
+            sum_dy, sum_dy_xmu = backend.grad_sums(grad_output, input, mean)
     if weight is None:
         return grad_input, None, None
     grad_weight = (sum_dy_xmu * invstd).astype(weight.dtype)

@@ -335,9 +335,7 @@ class _LazyBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__(
-            0, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
-        )
+        super().__init__(0, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
     def _materialize_then(self, num_features: int, action: Callable[[], Any]) -> Any:
         """Become the eager class with ``num_features`` and run ``action``.

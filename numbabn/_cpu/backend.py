@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
@@ -20,86 +21,87 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 _parallel_launch = threading.Lock()
 
 
-def _launch(pair: tuple[Callable, Callable], n_elements: int, *args) -> None:
+def _launch(pair: tuple[Callable, Callable], n_elements: int, *args: Any) -> Any:
     parallel, serial = pair
     if n_elements < PARALLEL_MIN_ELEMENTS or numba.get_num_threads() == 1:
-        serial(*args)
-        return
+        return serial(*args)
     with _parallel_launch:
-        parallel(*args)
+        return parallel(*args)
 
 
-def _prepare(x: np.ndarray) -> tuple[np.ndarray, Layout, np.ndarray]:
-    """Return ``x`` (copied only if no view exists), its layout and its canonical view."""
-    layout = plan(x)
-    if layout is None:
-        x = np.ascontiguousarray(x)
+class _Operands:
+    """``x`` in its canonical layout, plus views of further arrays shaped like it."""
+
+    def __init__(self, x: np.ndarray) -> None:
         layout = plan(x)
-    return x, layout, layout.view(x)
+        if layout is None:
+            # More than three separate strided groups: the one case that copies.
+            x = np.ascontiguousarray(x)
+            layout = plan(x)
+        self.x = x
+        self.layout: Layout = layout
+        self.view = layout.view(x)
+        self.launch_args = (layout.channels_inner, layout.geometry)
 
+    def input_view(self, array: np.ndarray) -> np.ndarray:
+        """View another input, copying it into ``x``'s layout if its strides differ."""
+        view = self.layout.view(array)
+        if view is None:
+            staged = np.empty_like(self.x)
+            staged[...] = array
+            view = self.layout.view(staged)
+        return view
 
-def _operand_view(layout: Layout, like: np.ndarray, array: np.ndarray) -> np.ndarray:
-    """View a second input in ``layout``, copying it into ``like``'s layout if needed."""
-    view = layout.view(array)
-    if view is None:
-        staged = np.empty_like(like)
-        staged[...] = array
-        view = layout.view(staged)
-    return view
+    def partials(self) -> np.ndarray:
+        return np.empty((self.layout.n_tiles, 2, self.x.shape[1]))
 
+    def write(self, out: np.ndarray | None, kernel: Callable[[np.ndarray], Any]) -> tuple:
+        """Run ``kernel(out_view)``; return ``(out, kernel's result)``.
 
-def _write_elementwise(
-    layout: Layout, like: np.ndarray, out: np.ndarray | None, write: Callable[[np.ndarray], None]
-) -> np.ndarray:
-    """Run ``write`` on the canonical view of ``out`` (allocated like ``like`` if None)."""
-    target = np.empty_like(like) if out is None else out
-    view = layout.view(target)
-    if view is not None:
-        write(view)
-        return target
-    staged = np.empty_like(like)
-    write(layout.view(staged))
-    target[...] = staged
-    return target
-
-
-def _pick(layout: Layout, planar: tuple, channels_inner: tuple) -> tuple:
-    return channels_inner if layout.channels_inner else planar
-
-
-def _channel_sums(
-    layout: Layout, u: np.ndarray, v: np.ndarray, u_shift: np.ndarray, v_shift: np.ndarray
-) -> np.ndarray:
-    """Per channel ``[sum(v - kv), sum((v - kv) * (u - ku))]`` as a ``(C, 2)`` float64 array."""
-    n_channels = u_shift.shape[0]
-    if layout.channels_inner:
-        partials = np.empty((layout.n_tiles, 2, n_channels))
-        _launch(kernels.channels_inner_sums, u.size, u, v, u_shift, v_shift, *layout.geometry, partials)
-        # Summed in a fixed order: the result does not depend on the thread count.
-        return partials.sum(axis=0).T
-    partials = np.empty((n_channels, layout.n_tiles, 2))
-    _launch(kernels.planar_sums, u.size, u, v, u_shift, v_shift, *layout.geometry, partials)
-    return partials.sum(axis=1)
+        ``out`` is allocated like ``x`` when None, and staged through such an
+        array when its strides do not fit the layout.
+        """
+        target = np.empty_like(self.x) if out is None else out
+        view = self.layout.view(target)
+        if view is not None:
+            return target, kernel(view)
+        staged = np.empty_like(self.x)
+        result = kernel(self.layout.view(staged))
+        target[...] = staged
+        return target, result
 
 
 class CpuBackend:
-    """Batch-norm passes over NumPy arrays of any strides."""
+    """Batch-norm passes over NumPy arrays of any strides; per-channel vectors are float64."""
 
     name = "cpu"
 
     @staticmethod
-    def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel mean and biased variance (float64) in one pass over ``x``."""
-        x, layout, view = _prepare(x)
-        first = view[0] if layout.channels_inner else view[0, :, 0, 0]
-        # Sums are taken around each channel's first element, so data whose mean
-        # is far from zero keeps its precision.
-        shift = first.astype(np.float64)
-        sums = _channel_sums(layout, view, view, shift, shift)
-        count = x.size // x.shape[1]
-        mean = shift + sums[:, 0] / count
-        m2 = np.maximum(sums[:, 1] - sums[:, 0] * sums[:, 0] / count, 0.0)
-        return mean, m2 / count
+    def train_forward(
+        x: np.ndarray,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        momentum: float,
+        eps: float,
+        out: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normalise with batch statistics; return ``(output, mean, invstd)`` (float64).
+
+        The running statistics are updated in place unless they are empty arrays.
+        """
+        ops = _Operands(x)
+        partials = ops.partials()
+
+        def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _launch(
+                kernels.train_forward, x.size, ops.view, weight, bias, running_mean,
+                running_var, momentum, eps, *ops.launch_args, partials, target,
+            )  # fmt: skip
+
+        output, (mean, invstd) = ops.write(out, kernel)
+        return output, mean, invstd
 
     @staticmethod
     def affine(
@@ -107,41 +109,45 @@ class CpuBackend:
         mean: np.ndarray,
         scale: np.ndarray,
         shift: np.ndarray,
-        out: np.ndarray | None = None,
+        out: np.ndarray | None,
     ) -> np.ndarray:
         """``(x - mean) * scale + shift`` per channel, in float64, rounded once."""
-        x, layout, view = _prepare(x)
-        pair = _pick(layout, kernels.planar_affine, kernels.channels_inner_affine)
+        ops = _Operands(x)
 
-        def write(target: np.ndarray) -> None:
-            _launch(pair, x.size, view, mean, scale, shift, *layout.geometry, target)
+        def kernel(target: np.ndarray) -> None:
+            _launch(kernels.affine, x.size, ops.view, mean, scale, shift, *ops.launch_args, target)
 
-        return _write_elementwise(layout, x, out, write)
+        return ops.write(out, kernel)[0]
 
     @staticmethod
     def grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass."""
-        x, layout, x_view = _prepare(x)
-        dy_view = _operand_view(layout, x, dy)
-        sums = _channel_sums(layout, x_view, dy_view, mean, np.zeros_like(mean))
-        return sums[:, 0], sums[:, 1]
+        ops = _Operands(x)
+        totals = _launch(
+            kernels.sums, x.size, ops.view, ops.input_view(dy), mean, np.zeros_like(mean),
+            *ops.launch_args, ops.partials(),
+        )  # fmt: skip
+        return totals[0], totals[1]
 
     @staticmethod
-    def grad_input(
+    def train_backward(
         dy: np.ndarray,
         x: np.ndarray,
         mean: np.ndarray,
-        alpha: np.ndarray,
-        beta: np.ndarray,
-        gamma: np.ndarray,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """``alpha * dy + beta * (x - mean) + gamma`` per channel, in float64."""
-        x, layout, x_view = _prepare(x)
-        dy_view = _operand_view(layout, x, dy)
-        pair = _pick(layout, kernels.planar_grad, kernels.channels_inner_grad)
+        invstd: np.ndarray,
+        weight: np.ndarray,
+        out: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Input gradient through batch statistics; return ``(dx, sum(dy), sum(dy*(x-mean)))``."""
+        ops = _Operands(x)
+        dy_view = ops.input_view(dy)
+        partials = ops.partials()
 
-        def write(target: np.ndarray) -> None:
-            _launch(pair, x.size, dy_view, x_view, mean, alpha, beta, gamma, *layout.geometry, target)
+        def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _launch(
+                kernels.train_backward, x.size, dy_view, ops.view, mean, invstd, weight,
+                *ops.launch_args, partials, target,
+            )  # fmt: skip
 
-        return _write_elementwise(layout, x, out, write)
+        grad_input, (sum_dy, sum_dy_xmu) = ops.write(out, kernel)
+        return grad_input, sum_dy, sum_dy_xmu

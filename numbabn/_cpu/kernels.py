@@ -1,21 +1,23 @@
 """Numba CPU kernels.
 
-Each kernel works on a canonical view of the data, in one of two layouts:
+Every operand is a 4-D canonical view (see :mod:`numbabn._cpu.layout`):
 
-* planar ``(A, C, R, S)``: every channel is a set of ``A * R`` rows of ``S``
-  elements (NCHW and its slices; ``S`` is the innermost, usually contiguous, axis);
-* channels-inner ``(P, C)``: ``P`` positions of ``C`` adjacent channels
+* planar ``(A, C, R, S)``: each channel is ``A * R`` rows of ``S`` elements
+  (NCHW and its slices; ``S`` is the innermost, usually contiguous, axis);
+* channels-inner ``(P, C, 1, 1)``: ``P`` positions of ``C`` adjacent channels
   (channels-last data and ``(N, C)`` matrices).
 
 Work items are (channel block, tile) pairs whose bounds depend only on the shape,
 never on the number of threads. Channel blocks make each item read memory in
-runs of a few kilobytes even when rows are short (7x7 feature maps). Reductions
-write one partial per (channel, tile), summed afterwards in a fixed order, so
-results are bit-for-bit identical whatever the thread count.
+runs of kilobytes even when rows are short (7x7 feature maps). Reductions write
+one partial per (tile, channel); the partials are then summed in a fixed order,
+so results are bit-for-bit identical whatever the thread count.
 
-Every kernel is compiled twice: a parallel version for large tensors and a
-serial one for small tensors, where entering a parallel region costs more than
-it saves. Both run the same code in the same order and give identical results.
+Each public kernel is a whole pass sequence (statistics then output, or sums
+then gradient) in one call, to keep the per-call overhead low. It is compiled
+twice: a parallel version and a serial one for small tensors, where entering a
+parallel region costs more than it saves. Both run the same code in the same
+order and give identical results.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from numba import njit, prange
 # ``reassoc`` lets LLVM vectorise floating-point reductions. ``nnan``/``ninf``
 # are left out on purpose so NaN and inf propagate as in PyTorch.
 _FASTMATH = {"reassoc", "contract", "nsz"}
+
+_inline = njit(cache=True, inline="always")
 
 
 def _compile_pair(func):
@@ -42,10 +46,19 @@ def _compile_pair(func):
     return njit(parallel=True, **options)(func), njit(**options)(serial_func)
 
 
-@njit(cache=True, inline="always")
-def _planar_item(item, shape, channel_block, row_block, s_chunk, n_tiles):
-    """Bounds of work item ``item``: ``(tile, c0, c1, row0, row1, s0, s1)``."""
+@_inline
+def _n_items(n_channels, channel_block, n_tiles):
+    return (n_channels + channel_block - 1) // channel_block * n_tiles
+
+
+@_inline
+def _bounds(item, shape, geometry):
+    """Bounds of work item ``item``: ``(tile, c0, c1, row0, row1, s0, s1)``.
+
+    Rows run over ``A * R``; for channels-inner views they are the positions.
+    """
     n_a, n_channels, n_r, n_s = shape
+    channel_block, row_block, s_chunk, n_tiles = geometry
     block = item // n_tiles
     tile = item - block * n_tiles
     n_chunks = (n_s + s_chunk - 1) // s_chunk
@@ -54,30 +67,28 @@ def _planar_item(item, shape, channel_block, row_block, s_chunk, n_tiles):
     c0 = block * channel_block
     row0 = row_tile * row_block
     s0 = chunk * s_chunk
-    return (
-        tile,
-        c0,
-        min(n_channels, c0 + channel_block),
-        row0,
-        min(n_a * n_r, row0 + row_block),
-        s0,
-        min(n_s, s0 + s_chunk),
-    )
+    c1 = min(n_channels, c0 + channel_block)
+    return tile, c0, c1, row0, min(n_a * n_r, row0 + row_block), s0, min(n_s, s0 + s_chunk)
 
 
-def _n_items(n_channels, channel_block, n_tiles):
-    return (n_channels + channel_block - 1) // channel_block * n_tiles
-
-
-def _planar_sums(u, v, u_shift, v_shift, channel_block, row_block, s_chunk, n_tiles, partials):
-    """Per (channel, tile): ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into ``partials[c, t]``."""
+@_inline
+def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials):
+    """Item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into ``partials[tile, :, c]``."""
+    tile, c0, c1, row0, row1, s0, s1 = _bounds(item, u.shape, geometry)
     n_r = u.shape[2]
-    for item in prange(_n_items(u.shape[1], channel_block, n_tiles)):
-        tile, c0, c1, row0, row1, s0, s1 = _planar_item(
-            item, u.shape, channel_block, row_block, s_chunk, n_tiles
-        )
-        sum_v = np.zeros(c1 - c0)
-        sum_vu = np.zeros(c1 - c0)
+    sum_v = np.zeros(c1 - c0)
+    sum_vu = np.zeros(c1 - c0)
+    if channels_inner:
+        ku = u_shift[c0:c1]
+        kv = v_shift[c0:c1]
+        for p in range(row0, row1):
+            u_row = u[p, c0:c1, 0, 0]
+            v_row = v[p, c0:c1, 0, 0]
+            for c in range(c1 - c0):
+                dv = np.float64(v_row[c]) - kv[c]
+                sum_v[c] += dv
+                sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
+    else:
         for q in range(row0, row1):
             a = q // n_r
             r = q - a * n_r
@@ -95,41 +106,25 @@ def _planar_sums(u, v, u_shift, v_shift, channel_block, row_block, s_chunk, n_ti
                     row_vu += dv * (np.float64(u_row[s]) - ku)
                 sum_v[c - c0] += row_v
                 sum_vu[c - c0] += row_vu
-        for c in range(c0, c1):
-            partials[c, tile, 0] = sum_v[c - c0]
-            partials[c, tile, 1] = sum_vu[c - c0]
+    partials[tile, 0, c0:c1] = sum_v
+    partials[tile, 1, c0:c1] = sum_vu
 
 
-def _channels_inner_sums(u, v, u_shift, v_shift, channel_block, row_block, n_tiles, partials):
-    """Channels-inner version of :func:`_planar_sums`; ``partials`` is ``(T, 2, C)``."""
-    n_pos, n_channels = u.shape
-    for item in prange(_n_items(n_channels, channel_block, n_tiles)):
-        block = item // n_tiles
-        tile = item - block * n_tiles
-        c0 = block * channel_block
-        c1 = min(n_channels, c0 + channel_block)
-        ku = u_shift[c0:c1]
-        kv = v_shift[c0:c1]
-        sum_v = np.zeros(c1 - c0)
-        sum_vu = np.zeros(c1 - c0)
-        for p in range(tile * row_block, min(n_pos, (tile + 1) * row_block)):
-            u_row = u[p, c0:c1]
-            v_row = v[p, c0:c1]
-            for c in range(c1 - c0):
-                dv = np.float64(v_row[c]) - kv[c]
-                sum_v[c] += dv
-                sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
-        partials[tile, 0, c0:c1] = sum_v
-        partials[tile, 1, c0:c1] = sum_vu
-
-
-def _planar_affine(x, mean, scale, shift, channel_block, row_block, s_chunk, n_tiles, out):
-    """``out = (x - mean) * scale + shift`` per channel, computed in float64."""
+@_inline
+def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
+    """``out = (x - mean) * scale + shift`` per channel over the item, in float64."""
+    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, geometry)
     n_r = x.shape[2]
-    for item in prange(_n_items(x.shape[1], channel_block, n_tiles)):
-        _, c0, c1, row0, row1, s0, s1 = _planar_item(
-            item, x.shape, channel_block, row_block, s_chunk, n_tiles
-        )
+    if channels_inner:
+        m = mean[c0:c1]
+        k = scale[c0:c1]
+        b = shift[c0:c1]
+        for p in range(row0, row1):
+            x_row = x[p, c0:c1, 0, 0]
+            out_row = out[p, c0:c1, 0, 0]
+            for c in range(c1 - c0):
+                out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
+    else:
         for q in range(row0, row1):
             a = q // n_r
             r = q - a * n_r
@@ -143,31 +138,25 @@ def _planar_affine(x, mean, scale, shift, channel_block, row_block, s_chunk, n_t
                     out_row[s] = (np.float64(x_row[s]) - m) * k + b
 
 
-def _channels_inner_affine(x, mean, scale, shift, channel_block, row_block, n_tiles, out):
-    """Channels-inner version of :func:`_planar_affine`."""
-    n_pos, n_channels = x.shape
-    for item in prange(_n_items(n_channels, channel_block, n_tiles)):
-        block = item // n_tiles
-        tile = item - block * n_tiles
-        c0 = block * channel_block
-        c1 = min(n_channels, c0 + channel_block)
-        m = mean[c0:c1]
-        k = scale[c0:c1]
-        b = shift[c0:c1]
-        for p in range(tile * row_block, min(n_pos, (tile + 1) * row_block)):
-            x_row = x[p, c0:c1]
-            out_row = out[p, c0:c1]
-            for c in range(c1 - c0):
-                out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
-
-
-def _planar_grad(dy, x, mean, alpha, beta, gamma, channel_block, row_block, s_chunk, n_tiles, out):
-    """``out = alpha * dy + beta * (x - mean) + gamma`` per channel, in float64."""
+@_inline
+def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out):
+    """``out = alpha * dy + beta * (x - mean) + gamma`` per channel over the item, in float64."""
+    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, geometry)
     n_r = x.shape[2]
-    for item in prange(_n_items(x.shape[1], channel_block, n_tiles)):
-        _, c0, c1, row0, row1, s0, s1 = _planar_item(
-            item, x.shape, channel_block, row_block, s_chunk, n_tiles
-        )
+    if channels_inner:
+        m = mean[c0:c1]
+        ka = alpha[c0:c1]
+        kb = beta[c0:c1]
+        kg = gamma[c0:c1]
+        for p in range(row0, row1):
+            dy_row = dy[p, c0:c1, 0, 0]
+            x_row = x[p, c0:c1, 0, 0]
+            out_row = out[p, c0:c1, 0, 0]
+            for c in range(c1 - c0):
+                out_row[c] = (
+                    ka[c] * np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
+                )
+    else:
         for q in range(row0, row1):
             a = q // n_r
             r = q - a * n_r
@@ -183,33 +172,92 @@ def _planar_grad(dy, x, mean, alpha, beta, gamma, channel_block, row_block, s_ch
                     out_row[s] = ka * np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg
 
 
-def _channels_inner_grad(dy, x, mean, alpha, beta, gamma, channel_block, row_block, n_tiles, out):
-    """Channels-inner version of :func:`_planar_grad`."""
-    n_pos, n_channels = x.shape
-    for item in prange(_n_items(n_channels, channel_block, n_tiles)):
-        block = item // n_tiles
-        tile = item - block * n_tiles
-        c0 = block * channel_block
-        c1 = min(n_channels, c0 + channel_block)
-        m = mean[c0:c1]
-        ka = alpha[c0:c1]
-        kb = beta[c0:c1]
-        kg = gamma[c0:c1]
-        for p in range(tile * row_block, min(n_pos, (tile + 1) * row_block)):
-            dy_row = dy[p, c0:c1]
-            x_row = x[p, c0:c1]
-            out_row = out[p, c0:c1]
-            for c in range(c1 - c0):
-                out_row[c] = (
-                    ka[c] * np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
-                )
+@_inline
+def _merge(partials):
+    """Sum the ``(T, 2, C)`` partials over tiles, always in tile order."""
+    totals = partials[0].copy()
+    for tile in range(1, partials.shape[0]):
+        for k in range(2):
+            for c in range(partials.shape[2]):
+                totals[k, c] += partials[tile, k, c]
+    return totals
 
 
-_n_items = njit(cache=True, inline="always")(_n_items)
+def _sums(u, v, u_shift, v_shift, channels_inner, geometry, partials):
+    """Per channel ``[sum(v - kv), sum((v - kv) * (u - ku))]``, shape ``(2, C)``."""
+    for item in prange(_n_items(u.shape[1], geometry[0], geometry[3])):
+        _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
+    return _merge(partials)
 
-planar_sums = _compile_pair(_planar_sums)
-channels_inner_sums = _compile_pair(_channels_inner_sums)
-planar_affine = _compile_pair(_planar_affine)
-channels_inner_affine = _compile_pair(_channels_inner_affine)
-planar_grad = _compile_pair(_planar_grad)
-channels_inner_grad = _compile_pair(_channels_inner_grad)
+
+def _affine(x, mean, scale, shift, channels_inner, geometry, out):
+    """``out = (x - mean) * scale + shift`` per channel, in float64, rounded once."""
+    for item in prange(_n_items(x.shape[1], geometry[0], geometry[3])):
+        _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out)
+
+
+def _train_forward(
+    x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
+    partials, out,
+):  # fmt: skip
+    """Batch statistics, the normalised output, then the running-statistics update.
+
+    ``running_mean``/``running_var`` are updated in place unless they are empty.
+    Returns the float64 ``(mean, invstd)`` used.
+    """
+    n_channels = x.shape[1]
+    count = x.size // n_channels
+    # Sums around each channel's first value keep data far from zero precise.
+    shift = np.empty(n_channels)
+    for c in range(n_channels):
+        shift[c] = x[0, c, 0, 0]
+    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
+        _sums_item(x, x, shift, shift, item, channels_inner, geometry, partials)
+    totals = _merge(partials)
+    mean = np.empty(n_channels)
+    var = np.empty(n_channels)
+    invstd = np.empty(n_channels)
+    scale = np.empty(n_channels)
+    offset = np.empty(n_channels)
+    for c in range(n_channels):
+        mean[c] = shift[c] + totals[0, c] / count
+        var[c] = max(totals[1, c] - totals[0, c] * totals[0, c] / count, 0.0) / count
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+        scale[c] = np.float64(weight[c]) * invstd[c]
+        offset[c] = bias[c]
+    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
+        _affine_item(x, mean, scale, offset, item, channels_inner, geometry, out)
+    if running_mean.size:
+        # The running variance takes the unbiased estimate (count > 1 in training).
+        unbiased = count / (count - 1)
+        for c in range(n_channels):
+            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
+            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * unbiased
+    return mean, invstd
+
+
+def _train_backward(dy, x, mean, invstd, weight, channels_inner, geometry, partials, out):
+    """Gradient sums, then the input gradient; returns ``(sum(dy), sum(dy * (x - mean)))``."""
+    n_channels = x.shape[1]
+    count = x.size // n_channels
+    zeros = np.zeros(n_channels)
+    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
+        _sums_item(x, dy, mean, zeros, item, channels_inner, geometry, partials)
+    totals = _merge(partials)
+    alpha = np.empty(n_channels)
+    beta = np.empty(n_channels)
+    gamma = np.empty(n_channels)
+    for c in range(n_channels):
+        # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+        alpha[c] = np.float64(weight[c]) * invstd[c]
+        beta[c] = -alpha[c] * invstd[c] * invstd[c] * totals[1, c] / count
+        gamma[c] = -alpha[c] * totals[0, c] / count
+    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
+        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
+    return totals[0].copy(), totals[1].copy()
+
+
+sums = _compile_pair(_sums)
+affine = _compile_pair(_affine)
+train_forward = _compile_pair(_train_forward)
+train_backward = _compile_pair(_train_backward)

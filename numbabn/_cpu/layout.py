@@ -1,7 +1,7 @@
 """Canonical strided views of batch-norm operands, without copying.
 
 An input of shape ``(N, C, *spatial)`` and any strides is viewed either as
-``(P, C)`` when the channel axis is the innermost one in memory and every other
+``(P, C, 1, 1)`` when the channel axis is the innermost one in memory and every other
 axis merges into one (channels-last data, ``(N, C)`` matrices), or as
 ``(A, C, R, S)`` with the non-channel axes merged, in memory order, into at most
 three groups. The kernels in :mod:`numbabn._cpu.kernels` work on those views.
@@ -9,6 +9,7 @@ three groups. The kernels in :mod:`numbabn._cpu.kernels` work on those views.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ class Layout:
     Attributes
     ----------
     channels_inner : bool
-        True for the ``(P, C)`` view, False for ``(A, C, R, S)``.
+        True for the ``(P, C, 1, 1)`` view, False for ``(A, C, R, S)``.
     channel_block : int
         Channels per work item.
     slots : tuple of tuple of int
@@ -50,7 +51,10 @@ class Layout:
     s_chunk : int
         Elements of the innermost axis per tile (planar only).
     n_tiles : int
-        Tiles per channel (planar) or in total (channels-inner).
+        Row tiles times ``S`` chunks.
+    c_order : bool
+        Whether the view lists the axes that matter in logical order, so that a
+        C-contiguous array reaches it with a plain reshape.
     """
 
     channels_inner: bool
@@ -60,52 +64,55 @@ class Layout:
     row_block: int
     s_chunk: int
     n_tiles: int
+    c_order: bool = False
+
+    def __post_init__(self) -> None:
+        in_view = [axis for axes in self.slots for axis in axes]
+        object.__setattr__(self, "c_order", in_view == sorted(in_view))
 
     @property
-    def geometry(self) -> tuple[int, ...]:
-        """The tiling arguments the kernels for this layout take."""
-        if self.channels_inner:
-            return (self.channel_block, self.row_block, self.n_tiles)
+    def geometry(self) -> tuple[int, int, int, int]:
+        """The tiling the kernels take: ``(channel_block, row_block, s_chunk, n_tiles)``."""
         return (self.channel_block, self.row_block, self.s_chunk, self.n_tiles)
 
     def view(self, array: np.ndarray) -> np.ndarray | None:
         """Return ``array`` viewed in this layout, or None if its strides do not allow it."""
-        if array.flags.c_contiguous and self._reshape_matches(array.shape):
+        if self.c_order and array.flags.c_contiguous:
             return array.reshape(self.view_shape)
         strides = []
         for axes in self.slots:
-            for outer, inner in zip(axes, axes[1:]):
+            for outer, inner in zip(axes[:-1], axes[1:], strict=True):
                 if array.strides[outer] != array.shape[inner] * array.strides[inner]:
                     return None
             strides.append(array.strides[axes[-1]] if axes else 0)
         return as_strided(array, self.view_shape, tuple(strides))
 
-    def _reshape_matches(self, shape: tuple[int, ...]) -> bool:
-        # For C-contiguous data a reshape gives the view when the view lists the
-        # axes that matter in their logical order.
-        in_view = [axis for axes in self.slots for axis in axes if shape[axis] != 1]
-        return in_view == sorted(in_view)
-
 
 def plan(x: np.ndarray) -> Layout | None:
     """Choose the canonical layout for ``x``; None when no copy-free view exists."""
-    n_channels = x.shape[1]
-    axes = [axis for axis in range(x.ndim) if axis != 1 and x.shape[axis] != 1]
-    axes.sort(key=lambda axis: -abs(x.strides[axis]))
+    return _plan(x.shape, x.strides)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | None:
+    n_channels = shape[1]
+    axes = [axis for axis in range(len(shape)) if axis != 1 and shape[axis] != 1]
+    axes.sort(key=lambda axis: -abs(strides[axis]))
     groups: list[tuple[int, ...]] = []
     for axis in axes:
-        if groups and x.strides[groups[-1][-1]] == x.shape[axis] * x.strides[axis]:
+        if groups and strides[groups[-1][-1]] == shape[axis] * strides[axis]:
             groups[-1] += (axis,)
         else:
             groups.append((axis,))
-    channel_stride = abs(x.strides[1])
-    if n_channels > 1 and len(groups) <= 1 and all(channel_stride < abs(x.strides[a]) for a in axes):
-        n_pos = math.prod(x.shape[axis] for axis in axes)
+    channel_stride = abs(strides[1])
+    if n_channels > 1 and len(groups) <= 1 and all(channel_stride < abs(strides[a]) for a in axes):
+        n_pos = math.prod(shape[axis] for axis in axes)
         channel_block = min(n_channels, CHANNEL_BLOCK)
         row_block = max(MIN_POSITIONS, TILE_ELEMENTS // channel_block)
-        slots = (groups[0] if groups else _PAD, _CHANNEL)
+        slots = (groups[0] if groups else _PAD, _CHANNEL, _PAD, _PAD)
         n_tiles = -(-n_pos // row_block)
-        return Layout(True, channel_block, slots, (n_pos, n_channels), row_block, 1, n_tiles)
+        view_shape = (n_pos, n_channels, 1, 1)
+        return Layout(True, channel_block, slots, view_shape, row_block, 1, n_tiles)
     if len(groups) > 3:
         return None
     # Place the groups as (A, R, S): the innermost group is always S.
@@ -113,7 +120,7 @@ def plan(x: np.ndarray) -> Layout | None:
     a_slot, r_slot, s_slot = (
         _PAD if index is None else groups[index] for index in placement[len(groups)]
     )
-    a, r, s = (math.prod(x.shape[axis] for axis in slot) for slot in (a_slot, r_slot, s_slot))
+    a, r, s = (math.prod(shape[axis] for axis in slot) for slot in (a_slot, r_slot, s_slot))
     channel_block = min(n_channels, -(-RUN_ELEMENTS // s))
     if s >= TILE_ELEMENTS:
         n_chunks = -(-s // TILE_ELEMENTS)
@@ -125,6 +132,4 @@ def plan(x: np.ndarray) -> Layout | None:
         row_block = max(1, TILE_ELEMENTS // (s * channel_block))
     n_tiles = -(-(a * r) // row_block) * n_chunks
     slots = (a_slot, _CHANNEL, r_slot, s_slot)
-    return Layout(
-        False, channel_block, slots, (a, n_channels, r, s), row_block, s_chunk, n_tiles
-    )
+    return Layout(False, channel_block, slots, (a, n_channels, r, s), row_block, s_chunk, n_tiles)

@@ -75,18 +75,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(header.replace("## ", ""), file=sys.stderr)
 
-    results = [measure_case(case, repeat, threads, with_torch) for case in _progress(cases, "bench")]
+    results = [
+        measure_case(case, repeat, threads, with_torch) for case in _progress(cases, "bench")
+    ]
     startup = None if args.no_startup else startup_seconds()
     report = markdown(results, header, startup)
     print(report)
 
     args.output.mkdir(parents=True, exist_ok=True)
     meta = {"header": header, "threads": threads, "repeat": repeat, "startup": startup}
-    write_json(args.output / "cpu.json", results, meta)
-    if write_png(args.output / "cpu.png", results):
-        print(f"wrote {args.output / 'cpu.json'} and {args.output / 'cpu.png'}", file=sys.stderr)
-    else:
-        print(f"wrote {args.output / 'cpu.json'} (install matplotlib for the chart)", file=sys.stderr)
+    json_path, png_path = args.output / "cpu.json", args.output / "cpu.png"
+    write_json(json_path, results, meta)
+    chart = png_path if write_png(png_path, results) else "no chart: matplotlib is not installed"
+    print(f"wrote {json_path}; {chart}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -64,4 +64,8 @@ DEFAULT_CASES = [
     Case((2, 16, 8, 8)),
 ]
 
-QUICK_CASES = [Case((32, 64, 56, 56)), Case((32, 64, 56, 56), channels_last=True), Case((2, 16, 8, 8))]
+QUICK_CASES = [
+    Case((32, 64, 56, 56)),
+    Case((32, 64, 56, 56), channels_last=True),
+    Case((2, 16, 8, 8)),
+]
