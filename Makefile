@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint bench asv-quick clean
+.PHONY: demo test lint asv-quick bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,19 @@ $(VENV)/.installed-bench: pyproject.toml | $(PY)
 demo: $(VENV)/.installed-base
 	$(PY) -m numbabn
 
-## test: lint and run the whole test suite
+## test: lint, run the whole test suite, then every asv benchmark once
 test: $(VENV)/.installed-test lint
 	$(PY) -m pytest
+	$(MAKE) asv-quick
+
+## asv-quick: run each asv benchmark once in this environment (fails on a broken one)
+asv-quick: $(VENV)/.installed-test
+	$(VENV)/bin/asv machine --yes > /dev/null
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/asv run --python=same --quick --show-stderr
+
+## bench: numbabn beside PyTorch, NumPy and the memory roofline (tables, JSON, PNG)
+bench: $(VENV)/.installed-bench
+	$(PY) -m numbabn.bench
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check numbabn tests benchmarks
