@@ -1,10 +1,12 @@
 """numbabn: PyTorch's batch normalization for NumPy, on Numba kernels.
 
 Modules (``BatchNorm1d/2d/3d`` and their lazy variants) hold the state; the
-stateless functions live in :mod:`numbabn.functional`.
+stateless functions live in :mod:`numbabn.functional`. ``SyncBatchNorm`` shares
+batch statistics across MPI ranks; ``ChannelStats`` merges statistics exactly.
 """
 
 from numbabn import functional
+from numbabn.distributed import SyncBatchNorm
 from numbabn.functional import SavedStats
 from numbabn.modules import (
     BatchNorm1d,
@@ -15,6 +17,7 @@ from numbabn.modules import (
     LazyBatchNorm2d,
     LazyBatchNorm3d,
 )
+from numbabn.stats import ChannelStats, set_running_stats
 
 __version__ = "0.1.0"
 
@@ -22,10 +25,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "ChannelStats",
     "IncompatibleKeys",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
     "LazyBatchNorm3d",
     "SavedStats",
+    "SyncBatchNorm",
     "functional",
+    "set_running_stats",
 ]

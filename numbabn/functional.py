@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._dispatch import backend_for
+from numbabn._dispatch import Backend, backend_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
 
@@ -46,6 +46,37 @@ def _or_filled(vector: np.ndarray | None, value: float, like: np.ndarray) -> np.
     if vector is not None:
         return vector
     return _filled(value, like.shape[1], like.dtype)
+
+
+def check_forward_args(
+    input: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    out: np.ndarray | None,
+) -> Backend:
+    """Validate a forward call's arrays and return the backend that serves them."""
+    backend = backend_for(
+        input=input,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+        out=out,
+    )
+    if input.ndim < 2:
+        raise ValueError(f"expected at least 2D input (got {input.ndim}D input)")
+    check.check_dtype(input)
+    for name, vector in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        check.check_channel_vector(name, vector, input)
+    check.check_out(out, input)
+    return backend
 
 
 def batch_norm_forward(
@@ -95,25 +126,7 @@ def batch_norm_forward(
         On a bad shape, channel count or dtype, with PyTorch's texts; nothing
         is modified then.
     """
-    backend = backend_for(
-        input=input,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
-        out=out,
-    )
-    if input.ndim < 2:
-        raise ValueError(f"expected at least 2D input (got {input.ndim}D input)")
-    check.check_dtype(input)
-    for name, vector in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        check.check_channel_vector(name, vector, input)
-    check.check_out(out, input)
+    backend = check_forward_args(input, running_mean, running_var, weight, bias, out)
     if training:
         check.check_batch_size(input)
     elif running_mean is None or running_var is None:

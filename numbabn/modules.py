@@ -173,7 +173,9 @@ class _BatchNorm:
         self._saved = (x, saved)
         return output
 
-    __call__ = forward
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Same as :meth:`forward`."""
+        return self.forward(x, out)
 
     def backward(self, grad_output: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Gradient w.r.t. the last forward's input; accumulate parameter gradients.
@@ -356,8 +358,6 @@ class _LazyBatchNorm(_BatchNorm):
     def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         self._check_input(x)
         return self._materialize_then(x.shape[1], lambda: self.forward(x, out))
-
-    __call__ = forward
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True

@@ -104,6 +104,21 @@ class CpuBackend:
         return output, mean, invstd
 
     @staticmethod
+    def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel float64 ``(mean, M2)`` (sum of squared deviations) in one pass."""
+        ops = _Operands(x)
+        # Sums around each channel's first value keep data far from zero precise.
+        shift = ops.view[0, :, 0, 0].astype(np.float64)
+        totals = _launch(
+            kernels.sums, x.size, ops.view, ops.view, shift, shift, *ops.launch_args,
+            ops.partials(),
+        )  # fmt: skip
+        count = x.size // x.shape[1]
+        mean = shift + totals[0] / count
+        m2 = np.maximum(totals[1] - totals[0] * totals[0] / count, 0.0)
+        return mean, m2
+
+    @staticmethod
     def affine(
         x: np.ndarray,
         mean: np.ndarray,
@@ -128,6 +143,28 @@ class CpuBackend:
             *ops.launch_args, ops.partials(),
         )  # fmt: skip
         return totals[0], totals[1]
+
+    @staticmethod
+    def grad_input(
+        dy: np.ndarray,
+        x: np.ndarray,
+        mean: np.ndarray,
+        alpha: np.ndarray,
+        beta: np.ndarray,
+        gamma: np.ndarray,
+        out: np.ndarray | None,
+    ) -> np.ndarray:
+        """``alpha * dy + beta * (x - mean) + gamma`` per channel, in float64."""
+        ops = _Operands(x)
+        dy_view = ops.input_view(dy)
+
+        def kernel(target: np.ndarray) -> None:
+            _launch(
+                kernels.grad_input, x.size, dy_view, ops.view, mean, alpha, beta, gamma,
+                *ops.launch_args, target,
+            )  # fmt: skip
+
+        return ops.write(out, kernel)[0]
 
     @staticmethod
     def train_backward(

@@ -196,6 +196,12 @@ def _affine(x, mean, scale, shift, channels_inner, geometry, out):
         _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out)
 
 
+def _grad_input(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out):
+    """``out = alpha * dy + beta * (x - mean) + gamma`` per channel, in float64."""
+    for item in prange(_n_items(x.shape[1], geometry[0], geometry[3])):
+        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
+
+
 def _train_forward(
     x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
     partials, out,
@@ -259,5 +265,6 @@ def _train_backward(dy, x, mean, invstd, weight, channels_inner, geometry, parti
 
 sums = _compile_pair(_sums)
 affine = _compile_pair(_affine)
+grad_input = _compile_pair(_grad_input)
 train_forward = _compile_pair(_train_forward)
 train_backward = _compile_pair(_train_backward)
