@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint asv-quick bench clean
+.PHONY: demo test lint asv-quick bench bench-sync clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,12 @@ bench: $(VENV)/.installed-bench
 	$(PY) -m numbabn.bench
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check numbabn tests benchmarks
-	$(VENV)/bin/ruff format --check numbabn tests benchmarks
+	$(VENV)/bin/ruff check numbabn tests benchmarks examples
+	$(VENV)/bin/ruff format --check numbabn tests benchmarks examples
+
+## bench-sync: cost of SyncBatchNorm's exchange on 2 ranks, beside plain BatchNorm2d
+bench-sync: $(VENV)/.installed-test
+	NUMBA_NUM_THREADS=1 $(VENV)/bin/mpiexec -n 2 $(PY) -m numbabn.bench.sync
 
 clean:
 	rm -rf $(VENV) .asv .pytest_cache .ruff_cache

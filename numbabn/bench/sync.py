@@ -1,0 +1,58 @@
+"""Cost of SyncBatchNorm's exchange: ``mpiexec -n 2 python -m numbabn.bench.sync``.
+
+Times train forward + backward of SyncBatchNorm and of plain BatchNorm2d on the
+same per-rank batch, side by side, and prints the difference (the collectives
+and merges) on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from mpi4py import MPI
+
+import numbabn as nbn
+from numbabn.bench.timing import median_seconds
+
+SHAPES = [(4, 64, 56, 56), (16, 256, 14, 14), (16, 2048, 7, 7), (2, 16, 8, 8)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m numbabn.bench.sync")
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    rows = []
+    for shape in SHAPES:
+        x = np.random.default_rng(comm.Get_rank()).standard_normal(shape, dtype=np.float32)
+        dy = np.ones_like(x)
+        plain = nbn.BatchNorm2d(shape[1])
+        synced = nbn.SyncBatchNorm(shape[1], comm=comm)
+
+        def step(module, x=x, dy=dy):
+            module(x)
+            module.backward(dy)
+
+        timings = []
+        for module in (plain, synced):
+            comm.Barrier()
+            seconds = median_seconds(lambda module=module: step(module), args.repeat)
+            timings.append(max(comm.allgather(seconds)))  # the slowest rank sets the pace
+        rows.append((shape, *timings))
+    if comm.Get_rank() == 0:
+        print(f"SyncBatchNorm exchange cost, {comm.Get_size()} ranks, per-rank batch shapes")
+        print(
+            "| per-rank shape | BatchNorm2d fwd+bwd ms | SyncBatchNorm ms | exchange ms | ratio |"
+        )
+        print("|---|---:|---:|---:|---:|")
+        for shape, plain_s, sync_s in rows:
+            name = "x".join(map(str, shape))
+            print(
+                f"| {name} | {plain_s * 1e3:.3f} | {sync_s * 1e3:.3f} | "
+                f"{(sync_s - plain_s) * 1e3:.3f} | {sync_s / plain_s:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
