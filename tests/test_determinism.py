@@ -1,0 +1,78 @@
+"""Results are bit-for-bit identical whatever the number of threads.
+
+Reductions go through partials per tile whose bounds depend only on the shape,
+merged in a fixed order, and the serial kernels (one thread) run the same
+code as the parallel ones. So one thread, two threads and three threads (in
+another process) must agree to the last bit: outputs, input gradients,
+parameter gradients, running statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from determinism_workload import compute
+
+needs_two_threads = pytest.mark.skipif(
+    numba.config.NUMBA_NUM_THREADS < 2, reason="Numba was started with a single thread"
+)
+
+
+def assert_bit_identical(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    differences = []
+    for key, value in want.items():
+        assert got[key].dtype == value.dtype, key
+        assert got[key].shape == value.shape, key
+        if got[key].tobytes() != value.tobytes():
+            diff = np.max(np.abs(got[key].astype(np.float64) - value.astype(np.float64)))
+            differences.append(f"{key} (max abs diff {diff:.3g})")
+    if differences:
+        pytest.fail("differ between thread counts: " + ", ".join(differences))
+
+
+def _compute_with_threads(n_threads: int) -> dict:
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n_threads)
+    try:
+        return compute()
+    finally:
+        numba.set_num_threads(previous)
+
+
+@needs_two_threads
+def test_one_vs_two_threads():
+    """One thread takes the serial kernels; two take the parallel ones."""
+    assert_bit_identical(_compute_with_threads(2), _compute_with_threads(1))
+
+
+@needs_two_threads
+def test_repeatable():
+    assert_bit_identical(_compute_with_threads(2), _compute_with_threads(2))
+
+
+@pytest.mark.slow
+def test_other_process_with_three_threads(tmp_path):
+    """A fresh interpreter with NUMBA_NUM_THREADS=3 gives the very same bytes."""
+    path = tmp_path / "results.npz"
+    script = Path(__file__).with_name("determinism_workload.py")
+    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    completed = subprocess.run(
+        [sys.executable, str(script), str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    with np.load(path) as data:
+        theirs = {key: data[key] for key in data.files}
+    assert int(theirs.pop("num_threads")) == 3
+    assert_bit_identical(theirs, compute())

@@ -1,0 +1,267 @@
+"""The Numba kernels, through the functional API and the modules, against ``reference.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference as ref
+from conftest import make_input, random_vector, tolerances
+
+import numbabn
+from numbabn import functional as F
+from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
+from numbabn._cpu.layout import TILE_ELEMENTS, plan
+
+SMALL_SHAPES = [
+    (5, 3),  # (N, C)
+    (2, 1),  # smallest training batch, one channel
+    (9, 6),
+    (4, 3, 7),  # (N, C, L)
+    (1, 2, 5),  # one sample, several positions
+    (7, 4, 1),
+    (3, 4, 5, 6),  # (N, C, H, W)
+    (2, 1, 3, 3),
+    (1, 3, 2, 2),
+    (2, 5, 1, 1),
+    (2, 3, 3, 4, 5),  # (N, C, D, H, W)
+    (1, 2, 1, 1, 3),
+    (3, 7, 11, 13),  # odd sizes
+]
+
+# Large enough for several reduction tiles per channel and the parallel kernels.
+TILED_SHAPES = [
+    (4, 3, 130, 130),  # H*W = 16900 > TILE_ELEMENTS: the innermost axis is chunked
+    (3, 5, 70000),  # L = 70000: five chunks per row
+    (70000, 3),  # (N, C) matrix: channels-inner, many position tiles
+    (64, 3, 40, 40),  # many rows per tile
+]
+LARGE_SHAPES = [
+    *TILED_SHAPES,
+    (32, 64, 7, 7),  # short rows: work items span several channels
+    (16, 600, 4, 4),  # channels-last: more channels than one channel block
+    (300, 1030),  # (N, C) with many channels, a partial last channel block
+]
+
+DTYPES = [np.float32, np.float64]
+
+
+def _params(rng, n_channels, dtype, affine):
+    if not affine:
+        return None, None
+    return random_vector(rng, n_channels, dtype), random_vector(rng, n_channels, dtype, -0.5, 0.5)
+
+
+def _running(rng, n_channels, dtype):
+    return (
+        rng.normal(0.0, 1.0, n_channels).astype(dtype),
+        rng.uniform(0.5, 2.0, n_channels).astype(dtype),
+    )
+
+
+def _check_train(x, rng, affine, momentum=0.1, eps=1e-5):
+    dtype = x.dtype
+    n_channels = x.shape[1]
+    weight, bias = _params(rng, n_channels, dtype, affine)
+    rm, rv = _running(rng, n_channels, dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    expected = ref.forward(x, weight, bias, rm, rv, True, momentum, eps)
+
+    y, saved = F.batch_norm_forward(x, rm, rv, weight, bias, True, momentum, eps)
+    tol = tolerances(dtype)
+    assert y.dtype == dtype and y.shape == x.shape
+    np.testing.assert_allclose(y, expected.output, **tol)
+    np.testing.assert_allclose(saved.mean, expected.mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(saved.invstd, expected.invstd, rtol=1e-10)
+    assert saved.batch_stats
+    np.testing.assert_allclose(rm, expected.running_mean, **tol)
+    np.testing.assert_allclose(rv, expected.running_var, **tol)
+    assert rm.dtype == dtype and rv.dtype == dtype
+
+    grads = ref.backward(dy, x, expected.mean, expected.invstd, weight, batch_stats=True)
+    dx, dw, db = F.batch_norm_backward(dy, x, saved, weight)
+    assert dx.dtype == dtype and dx.shape == x.shape
+    np.testing.assert_allclose(dx, grads.grad_input, **tol)
+    if affine:
+        assert dw.dtype == dtype and db.dtype == dtype
+        np.testing.assert_allclose(dw, grads.grad_weight, **tol)
+        np.testing.assert_allclose(db, grads.grad_bias, **tol)
+    else:
+        assert dw is None and db is None
+
+
+def _check_eval(x, rng, affine, eps=1e-5):
+    dtype = x.dtype
+    n_channels = x.shape[1]
+    weight, bias = _params(rng, n_channels, dtype, affine)
+    rm, rv = _running(rng, n_channels, dtype)
+    rm_before, rv_before = rm.copy(), rv.copy()
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    expected = ref.forward(x, weight, bias, rm, rv, False, 0.1, eps)
+
+    y, saved = F.batch_norm_forward(x, rm, rv, weight, bias, False, 0.1, eps)
+    tol = tolerances(dtype)
+    np.testing.assert_allclose(y, expected.output, **tol)
+    assert not saved.batch_stats
+    # Evaluation never touches the running statistics.
+    assert rm.tobytes() == rm_before.tobytes() and rv.tobytes() == rv_before.tobytes()
+
+    grads = ref.backward(dy, x, expected.mean, expected.invstd, weight, batch_stats=False)
+    dx, dw, db = F.batch_norm_backward(dy, x, saved, weight)
+    np.testing.assert_allclose(dx, grads.grad_input, **tol)
+    # dx = dy * w * invstd_running, by the formula itself.
+    w = np.ones(n_channels) if weight is None else weight.astype(np.float64)
+    direct = dy * (w / np.sqrt(rv.astype(np.float64) + eps)).reshape(
+        (1, n_channels) + (1,) * (x.ndim - 2)
+    )
+    np.testing.assert_allclose(dx, direct, **tol)
+    if affine:
+        np.testing.assert_allclose(dw, grads.grad_weight, **tol)
+        np.testing.assert_allclose(db, grads.grad_bias, **tol)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+def test_train_small(shape, dtype, affine, rng):
+    _check_train(make_input(rng, shape, dtype=dtype), rng, affine)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
+def test_eval_small(shape, dtype, affine, rng):
+    _check_eval(make_input(rng, shape, dtype=dtype), rng, affine)
+
+
+def _with_layouts(shapes):
+    """Each shape contiguous and in its other natural layout (channels-last, or (N, C) in
+    Fortran order, which makes the batch axis the inner one)."""
+    cases = []
+    for shape in shapes:
+        other = "fortran" if len(shape) == 2 else "channels_last"
+        cases += [(shape, "contiguous"), (shape, other)]
+    return pytest.mark.parametrize(
+        ("shape", "layout"), cases, ids=[f"{shape}-{layout}" for shape, layout in cases]
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@_with_layouts(LARGE_SHAPES)
+def test_large(shape, layout, dtype, rng):
+    x = make_input(rng, shape, layout, dtype)
+    _check_train(x, rng, affine=True, momentum=0.3)
+    _check_eval(x, rng, affine=True)
+
+
+@_with_layouts(TILED_SHAPES)
+def test_large_shapes_are_large(shape, layout):
+    """Guard: the large shapes really do take the tiled, parallel code paths."""
+    x = make_input(np.random.default_rng(0), shape, layout, np.float32, scale=0.0)
+    layout_plan = plan(x)
+    assert x.size >= PARALLEL_MIN_ELEMENTS
+    assert layout_plan.n_tiles > 1
+    if not layout_plan.channels_inner:
+        # Each tile holds at most TILE_ELEMENTS values of one channel.
+        assert x.size // shape[1] > TILE_ELEMENTS
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_far_from_zero_mean(dtype, rng):
+    """Data whose mean is large compared to its spread keeps its precision."""
+    x = make_input(rng, (8, 3, 9, 9), dtype=dtype, loc=1e3, scale=1e-2)
+    _check_train(x, rng, affine=True)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.5])
+def test_eps_inside_sqrt(eps, rng):
+    x = make_input(rng, (6, 3, 4), scale=0.1)
+    y, saved = F.batch_norm_forward(x, None, None, training=True, eps=eps)
+    _, var = ref.batch_mean_var(x)
+    np.testing.assert_allclose(saved.invstd, 1 / np.sqrt(var + eps), rtol=1e-12)
+    np.testing.assert_allclose(y, ref.forward(x, training=True, eps=eps).output, rtol=1e-10)
+
+
+def test_constant_channel(rng):
+    """Zero variance: xhat is 0, the output is the bias, dx is 0 in training."""
+    x = np.full((4, 2, 3), 7.0)
+    x[:, 1] = rng.standard_normal((4, 3))
+    weight, bias = np.array([2.0, 1.0]), np.array([0.25, 0.0])
+    y, saved = F.batch_norm_forward(x, None, None, weight, bias, training=True)
+    np.testing.assert_allclose(y[:, 0], 0.25, atol=1e-12)
+    dx, dw, db = F.batch_norm_backward(np.ones_like(x), x, saved, weight)
+    np.testing.assert_allclose(dx[:, 0], 0.0, atol=1e-12)
+    assert dw[0] == 0.0 and db[0] == 12.0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+def test_module_sequence(momentum, affine, bias, rng):
+    """Several train and eval steps of a module track the stateful reference."""
+    shape = (6, 3, 5)
+    module = numbabn.BatchNorm1d(3, momentum=momentum, affine=affine, bias=bias, dtype=np.float64)
+    truth = ref.ReferenceBatchNorm(3, momentum=momentum, affine=affine, bias=bias)
+    if affine:
+        module.weight[...] = truth.weight[...] = random_vector(rng, 3)
+    if affine and bias:
+        module.bias[...] = truth.bias[...] = random_vector(rng, 3, low=-1.0, high=1.0)
+    for step, training in enumerate([True, True, False, True, False, True]):
+        module.train(training)
+        truth.training = training
+        x = make_input(rng, shape, loc=step)
+        dy = rng.standard_normal(shape)
+        np.testing.assert_allclose(module(x), truth.forward(x), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(module.backward(dy), truth.backward(dy), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(module.running_mean, truth.running_mean, rtol=1e-12)
+        np.testing.assert_allclose(module.running_var, truth.running_var, rtol=1e-12)
+        assert int(module.num_batches_tracked) == truth.num_batches_tracked
+        if affine:
+            np.testing.assert_allclose(module.grads["weight"], truth.grad_weight, rtol=1e-10)
+        if affine and bias:
+            np.testing.assert_allclose(module.grads["bias"], truth.grad_bias, rtol=1e-10)
+    assert int(module.num_batches_tracked) == 4
+
+
+def test_cumulative_average(rng):
+    """momentum=None: the running mean is the plain average of the batch means."""
+    module = numbabn.BatchNorm2d(2, momentum=None, dtype=np.float64)
+    means, variances = [], []
+    for step in range(4):
+        x = make_input(rng, (3, 2, 4, 4), loc=10.0 * step)
+        module(x)
+        mean, var = ref.batch_mean_var(x)
+        means.append(mean)
+        variances.append(var * 48 / 47)
+    # Starting values (0 and 1) are replaced entirely by the first batch.
+    np.testing.assert_allclose(module.running_mean, np.mean(means, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(module.running_var, np.mean(variances, axis=0), rtol=1e-12)
+    assert module.num_batches_tracked == 4 and module.num_batches_tracked.dtype == np.int64
+
+
+def test_reference_matches_torch(rng):
+    """The oracle itself agrees with PyTorch (float64), train and eval, forward and backward."""
+    torch = pytest.importorskip("torch")
+    shape = (4, 3, 5, 2)
+    x = make_input(rng, shape)
+    dy = rng.standard_normal(shape)
+    weight, bias = random_vector(rng, 3), random_vector(rng, 3)
+    for training in (True, False):
+        tm = torch.nn.BatchNorm2d(3, momentum=0.3, dtype=torch.float64).train(training)
+        truth = ref.ReferenceBatchNorm(3, momentum=0.3)
+        truth.training = training
+        with torch.no_grad():
+            tm.weight.copy_(torch.from_numpy(weight))
+            tm.bias.copy_(torch.from_numpy(bias))
+            tm.running_mean.fill_(0.5)
+            tm.running_var.fill_(2.0)
+        truth.weight, truth.bias = weight.copy(), bias.copy()
+        truth.running_mean, truth.running_var = np.full(3, 0.5), np.full(3, 2.0)
+        tx = torch.from_numpy(x.copy()).requires_grad_()
+        ty = tm(tx)
+        ty.backward(torch.from_numpy(dy))
+        np.testing.assert_allclose(truth.forward(x), ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(truth.backward(dy), tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(truth.grad_weight, tm.weight.grad.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(truth.grad_bias, tm.bias.grad.numpy(), rtol=1e-10)
+        np.testing.assert_allclose(truth.running_mean, tm.running_mean.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(truth.running_var, tm.running_var.numpy(), rtol=1e-12)
