@@ -109,8 +109,6 @@ class SyncBatchNorm(_BatchNorm):
             backend = check_forward_args(
                 x, self.running_mean, self.running_var, self.weight, self.bias, out
             )
-            if out is not None and np.may_share_memory(out, x):
-                raise ValueError("out must not overlap the input in training mode")
             stats = ChannelStats(x.shape[1])
             if x.size:
                 stats._merge_moments(x.size // x.shape[1], *backend.moments(x))
@@ -155,15 +153,13 @@ class SyncBatchNorm(_BatchNorm):
             saved = SavedStats(total.mean, invstd, True)
         if tracking:
             self.num_batches_tracked += 1
-        self._saved = (x, saved)
+        self._remember(x, saved, out)
         self._total_count = total.count
         return output
 
     def backward(self, grad_output: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """This rank's slice of the whole-batch input gradient; accumulate local grads."""
-        if self._saved is None:
-            raise RuntimeError("backward called before forward: there is no input to differentiate")
-        x, saved = self._saved
+        x, saved = self._saved_for_backward()
         if self._total_count is None:
             return super().backward(grad_output, out)
         sums, backend, error = None, None, None

@@ -68,6 +68,7 @@ class _BatchNorm:
         self.dtype = dtype
         self.training = True
         self._saved: tuple[np.ndarray, SavedStats] | None = None
+        self._input_overwritten = False
         self._allocate(num_features)
 
     def _allocate(self, num_features: int) -> None:
@@ -154,8 +155,6 @@ class _BatchNorm:
         self._check_input(x)
         batch_stats = self.training or self.running_mean is None
         tracking = self.training and self.track_running_stats
-        if tracking and out is not None and np.may_share_memory(out, x):
-            raise ValueError("out must not overlap the input in training mode: backward needs it")
         use_running = not self.training or self.track_running_stats
         output, saved = batch_norm_forward(
             x,
@@ -170,8 +169,24 @@ class _BatchNorm:
         )
         if tracking:
             self.num_batches_tracked += 1
-        self._saved = (x, saved)
+        self._remember(x, saved, out)
         return output
+
+    def _remember(self, x: np.ndarray, saved: SavedStats, out: np.ndarray | None) -> None:
+        """Keep what backward needs; note when ``out=`` wrote over the input."""
+        self._saved = (x, saved)
+        self._input_overwritten = out is not None and np.may_share_memory(out, x)
+
+    def _saved_for_backward(self) -> tuple[np.ndarray, SavedStats]:
+        if self._saved is None:
+            raise RuntimeError("backward called before forward: there is no input to differentiate")
+        x, saved = self._saved
+        if self._input_overwritten and (saved.batch_stats or self.weight is not None):
+            raise RuntimeError(
+                "backward needs the last forward's input, but out= wrote the output over it; "
+                "call forward without out= aliasing the input before backward"
+            )
+        return x, saved
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Same as :meth:`forward`."""
@@ -192,9 +207,7 @@ class _BatchNorm:
         ndarray
             Gradient w.r.t. the input of the last :meth:`forward`.
         """
-        if self._saved is None:
-            raise RuntimeError("backward called before forward: there is no input to differentiate")
-        x, saved = self._saved
+        x, saved = self._saved_for_backward()
         if not isinstance(grad_output, np.ndarray):
             raise TypeError(f"expected a NumPy array, got {type(grad_output).__qualname__}")
         check.check_like("grad_output", grad_output, x, "the last forward's input")
@@ -242,12 +255,12 @@ class _BatchNorm:
         missing = [key for key in current if key not in values]
         unexpected = [key for key in values if key not in current]
         errors = []
-        if strict and unexpected:
-            names = ", ".join(f'"{key}"' for key in unexpected)
-            errors.append(f"Unexpected key(s) in state_dict: {names}. ")
         if strict and missing:
             names = ", ".join(f'"{key}"' for key in missing)
             errors.append(f"Missing key(s) in state_dict: {names}. ")
+        if strict and unexpected:
+            names = ", ".join(f'"{key}"' for key in unexpected)
+            errors.append(f"Unexpected key(s) in state_dict: {names}. ")
         for key, target in current.items():
             if key in values and values[key].shape != target.shape:
                 errors.append(

@@ -1,9 +1,10 @@
-"""Host-side driver of the CPU kernels: layouts, scratch, serial or parallel launch."""
+"""Host-side driver of the CPU kernels: layouts, scratch, and threads."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numba
@@ -12,27 +13,52 @@ import numpy as np
 from numbabn._cpu import kernels
 from numbabn._cpu.layout import Layout, plan
 
-# Below this many elements a serial kernel beats entering a parallel region.
+# Below this many elements one thread does everything in one kernel call.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 
-# Numba's default threading layer (workqueue) aborts when two Python threads
-# enter parallel regions at once; parallel launches are serialised instead.
-# They use every core already, so little is lost.
-_parallel_launch = threading.Lock()
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
-def _launch(pair: tuple[Callable, Callable], n_elements: int, *args: Any) -> Any:
-    parallel, serial = pair
-    if n_elements < PARALLEL_MIN_ELEMENTS or numba.get_num_threads() == 1:
-        return serial(*args)
-    with _parallel_launch:
-        return parallel(*args)
+def _workers(threads: int) -> ThreadPoolExecutor:
+    """A shared pool with ``threads - 1`` workers (the calling thread is the other one)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="numbabn")
+            _pool_size = threads
+        return _pool
+
+
+def _run_items(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
+    """Run ``kernel(*args, start, stop)`` over all items, split across Numba's thread count.
+
+    The split never changes a result: items are independent and each is always
+    computed the same way.
+    """
+    threads = min(numba.get_num_threads(), n_items)
+    if threads <= 1:
+        kernel(*args, 0, n_items)
+        return
+    bounds = [n_items * part // threads for part in range(threads + 1)]
+    pool = _workers(threads)
+    futures = [
+        pool.submit(kernel, *args, start, stop)
+        for start, stop in zip(bounds[1:-1], bounds[2:], strict=True)
+    ]
+    kernel(*args, bounds[0], bounds[1])
+    for future in futures:
+        future.result()
 
 
 class _Operands:
     """``x`` in its canonical layout, plus views of further arrays shaped like it."""
 
     def __init__(self, x: np.ndarray) -> None:
+        self.original = x
         layout = plan(x)
         if layout is None:
             # More than three separate strided groups: the one case that copies.
@@ -41,6 +67,8 @@ class _Operands:
         self.x = x
         self.layout: Layout = layout
         self.view = layout.view(x)
+        self.serial = x.size < PARALLEL_MIN_ELEMENTS
+        self.n_items = layout.n_items
         self.launch_args = (layout.channels_inner, layout.geometry)
 
     def input_view(self, array: np.ndarray) -> np.ndarray:
@@ -55,13 +83,20 @@ class _Operands:
     def partials(self) -> np.ndarray:
         return np.empty((self.layout.n_tiles, 2, self.x.shape[1]))
 
+    def run(self, kernel: Callable[..., None], *args: Any) -> None:
+        """Run an ``*_items`` kernel over every item."""
+        if self.serial:
+            kernel(*args, 0, self.n_items)
+        else:
+            _run_items(kernel, self.n_items, *args)
+
     def write(self, out: np.ndarray | None, kernel: Callable[[np.ndarray], Any]) -> tuple:
         """Run ``kernel(out_view)``; return ``(out, kernel's result)``.
 
-        ``out`` is allocated like ``x`` when None, and staged through such an
-        array when its strides do not fit the layout.
+        ``out`` is allocated like the caller's input when None, and staged
+        through such an array when its strides do not fit the layout.
         """
-        target = np.empty_like(self.x) if out is None else out
+        target = np.empty_like(self.original) if out is None else out
         view = self.layout.view(target)
         if view is not None:
             return target, kernel(view)
@@ -95,10 +130,20 @@ class CpuBackend:
         partials = ops.partials()
 
         def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return _launch(
-                kernels.train_forward, x.size, ops.view, weight, bias, running_mean,
-                running_var, momentum, eps, *ops.launch_args, partials, target,
+            if ops.serial:
+                return kernels.train_forward_serial(
+                    ops.view, weight, bias, running_mean, running_var, momentum, eps,
+                    *ops.launch_args, partials, target,
+                )  # fmt: skip
+            view = ops.view
+            shift = kernels.first_values(view)
+            ops.run(kernels.sums_items, view, view, shift, shift, *ops.launch_args, partials)
+            mean, invstd, scale, offset = kernels.finish_forward(
+                kernels.merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
+                running_mean, running_var, momentum,
             )  # fmt: skip
+            ops.run(kernels.affine_items, ops.view, mean, scale, offset, *ops.launch_args, target)
+            return mean, invstd
 
         output, (mean, invstd) = ops.write(out, kernel)
         return output, mean, invstd
@@ -108,11 +153,10 @@ class CpuBackend:
         """Per-channel float64 ``(mean, M2)`` (sum of squared deviations) in one pass."""
         ops = _Operands(x)
         # Sums around each channel's first value keep data far from zero precise.
-        shift = ops.view[0, :, 0, 0].astype(np.float64)
-        totals = _launch(
-            kernels.sums, x.size, ops.view, ops.view, shift, shift, *ops.launch_args,
-            ops.partials(),
-        )  # fmt: skip
+        shift = kernels.first_values(ops.view)
+        partials = ops.partials()
+        ops.run(kernels.sums_items, ops.view, ops.view, shift, shift, *ops.launch_args, partials)
+        totals = kernels.merge(partials)
         count = x.size // x.shape[1]
         mean = shift + totals[0] / count
         m2 = np.maximum(totals[1] - totals[0] * totals[0] / count, 0.0)
@@ -130,7 +174,7 @@ class CpuBackend:
         ops = _Operands(x)
 
         def kernel(target: np.ndarray) -> None:
-            _launch(kernels.affine, x.size, ops.view, mean, scale, shift, *ops.launch_args, target)
+            ops.run(kernels.affine_items, ops.view, mean, scale, shift, *ops.launch_args, target)
 
         return ops.write(out, kernel)[0]
 
@@ -138,10 +182,11 @@ class CpuBackend:
     def grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass."""
         ops = _Operands(x)
-        totals = _launch(
-            kernels.sums, x.size, ops.view, ops.input_view(dy), mean, np.zeros_like(mean),
-            *ops.launch_args, ops.partials(),
-        )  # fmt: skip
+        partials = ops.partials()
+        dy_view = ops.input_view(dy)
+        zeros = np.zeros_like(mean)
+        ops.run(kernels.sums_items, ops.view, dy_view, mean, zeros, *ops.launch_args, partials)
+        totals = kernels.merge(partials)
         return totals[0], totals[1]
 
     @staticmethod
@@ -159,8 +204,8 @@ class CpuBackend:
         dy_view = ops.input_view(dy)
 
         def kernel(target: np.ndarray) -> None:
-            _launch(
-                kernels.grad_input, x.size, dy_view, ops.view, mean, alpha, beta, gamma,
+            ops.run(
+                kernels.grad_items, dy_view, ops.view, mean, alpha, beta, gamma,
                 *ops.launch_args, target,
             )  # fmt: skip
 
@@ -180,11 +225,21 @@ class CpuBackend:
         dy_view = ops.input_view(dy)
         partials = ops.partials()
 
-        def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return _launch(
-                kernels.train_backward, x.size, dy_view, ops.view, mean, invstd, weight,
-                *ops.launch_args, partials, target,
+        def kernel(target: np.ndarray) -> np.ndarray:
+            if ops.serial:
+                return kernels.train_backward_serial(
+                    dy_view, ops.view, mean, invstd, weight, *ops.launch_args, partials, target
+                )
+            zeros = np.zeros_like(mean)
+            ops.run(kernels.sums_items, ops.view, dy_view, mean, zeros, *ops.launch_args, partials)
+            totals = kernels.merge(partials)
+            count = x.size // x.shape[1]
+            alpha, beta, gamma = kernels.finish_backward(totals, count, invstd, weight)
+            ops.run(
+                kernels.grad_items, dy_view, ops.view, mean, alpha, beta, gamma,
+                *ops.launch_args, target,
             )  # fmt: skip
+            return totals
 
-        grad_input, (sum_dy, sum_dy_xmu) = ops.write(out, kernel)
-        return grad_input, sum_dy, sum_dy_xmu
+        grad_input, totals = ops.write(out, kernel)
+        return grad_input, totals[0], totals[1]

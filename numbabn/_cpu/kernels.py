@@ -13,37 +13,25 @@ runs of kilobytes even when rows are short (7x7 feature maps). Reductions write
 one partial per (tile, channel); the partials are then summed in a fixed order,
 so results are bit-for-bit identical whatever the thread count.
 
-Each public kernel is a whole pass sequence (statistics then output, or sums
-then gradient) in one call, to keep the per-call overhead low. It is compiled
-twice: a parallel version and a serial one for small tensors, where entering a
-parallel region costs more than it saves. Both run the same code in the same
-order and give identical results.
+The ``*_items`` kernels run a range of items and release the GIL, so the host
+side spreads ranges over threads (see :mod:`numbabn._cpu.backend`); small
+tensors take the ``*_serial`` kernels, one call for a whole pass sequence.
+Numba's own ``parallel=True`` is not used: its cached parallel code was seen to
+vectorise reductions in a different order than a fresh compilation, which
+would make results depend on the state of the cache.
 """
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 # ``reassoc`` lets LLVM vectorise floating-point reductions. ``nnan``/``ninf``
 # are left out on purpose so NaN and inf propagate as in PyTorch.
 _FASTMATH = {"reassoc", "contract", "nsz"}
 
 _inline = njit(cache=True, inline="always")
-
-
-def _compile_pair(func):
-    """Compile ``func`` as a (parallel, serial) pair of cached Numba dispatchers."""
-    # Numba names cache files after the function's qualified name, so the serial
-    # copy gets a name of its own to keep the two compilations apart on disk.
-    serial_func = types.FunctionType(
-        func.__code__, func.__globals__, func.__name__ + "_serial", func.__defaults__
-    )
-    serial_func.__qualname__ = func.__qualname__ + "_serial"
-    options = {"fastmath": _FASTMATH, "cache": True, "nogil": True}
-    return njit(parallel=True, **options)(func), njit(**options)(serial_func)
+_kernel = njit(fastmath=_FASTMATH, cache=True, nogil=True)
 
 
 @_inline
@@ -82,12 +70,13 @@ def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
         ku = u_shift[c0:c1]
         kv = v_shift[c0:c1]
         for p in range(row0, row1):
-            u_row = u[p, c0:c1, 0, 0]
-            v_row = v[p, c0:c1, 0, 0]
+            # 3-D slices keep a C-contiguous view C-contiguous for Numba.
+            u_row = u[p, c0:c1]
+            v_row = v[p, c0:c1]
             for c in range(c1 - c0):
-                dv = np.float64(v_row[c]) - kv[c]
+                dv = np.float64(v_row[c, 0, 0]) - kv[c]
                 sum_v[c] += dv
-                sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
+                sum_vu[c] += dv * (np.float64(u_row[c, 0, 0]) - ku[c])
     else:
         for q in range(row0, row1):
             a = q // n_r
@@ -120,10 +109,10 @@ def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
         k = scale[c0:c1]
         b = shift[c0:c1]
         for p in range(row0, row1):
-            x_row = x[p, c0:c1, 0, 0]
-            out_row = out[p, c0:c1, 0, 0]
+            x_row = x[p, c0:c1]
+            out_row = out[p, c0:c1]
             for c in range(c1 - c0):
-                out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
+                out_row[c, 0, 0] = (np.float64(x_row[c, 0, 0]) - m[c]) * k[c] + b[c]
     else:
         for q in range(row0, row1):
             a = q // n_r
@@ -149,12 +138,14 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
         kb = beta[c0:c1]
         kg = gamma[c0:c1]
         for p in range(row0, row1):
-            dy_row = dy[p, c0:c1, 0, 0]
-            x_row = x[p, c0:c1, 0, 0]
-            out_row = out[p, c0:c1, 0, 0]
+            dy_row = dy[p, c0:c1]
+            x_row = x[p, c0:c1]
+            out_row = out[p, c0:c1]
             for c in range(c1 - c0):
-                out_row[c] = (
-                    ka[c] * np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
+                out_row[c, 0, 0] = (
+                    ka[c] * np.float64(dy_row[c, 0, 0])
+                    + kb[c] * (np.float64(x_row[c, 0, 0]) - m[c])
+                    + kg[c]
                 )
     else:
         for q in range(row0, row1):
@@ -172,8 +163,29 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
                     out_row[s] = ka * np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg
 
 
-@_inline
-def _merge(partials):
+@_kernel
+def sums_items(u, v, u_shift, v_shift, channels_inner, geometry, partials, start, stop):
+    """Items ``start`` to ``stop`` of the ``sum(v - kv)``, ``sum((v - kv) * (u - ku))`` pass."""
+    for item in range(start, stop):
+        _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
+
+
+@_kernel
+def affine_items(x, mean, scale, shift, channels_inner, geometry, out, start, stop):
+    """Items ``start`` to ``stop`` of ``out = (x - mean) * scale + shift``."""
+    for item in range(start, stop):
+        _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out)
+
+
+@_kernel
+def grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, start, stop):
+    """Items ``start`` to ``stop`` of ``out = alpha * dy + beta * (x - mean) + gamma``."""
+    for item in range(start, stop):
+        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
+
+
+@_kernel
+def merge(partials):
     """Sum the ``(T, 2, C)`` partials over tiles, always in tile order."""
     totals = partials[0].copy()
     for tile in range(1, partials.shape[0]):
@@ -183,73 +195,44 @@ def _merge(partials):
     return totals
 
 
-def _sums(u, v, u_shift, v_shift, channels_inner, geometry, partials):
-    """Per channel ``[sum(v - kv), sum((v - kv) * (u - ku))]``, shape ``(2, C)``."""
-    for item in prange(_n_items(u.shape[1], geometry[0], geometry[3])):
-        _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
-    return _merge(partials)
-
-
-def _affine(x, mean, scale, shift, channels_inner, geometry, out):
-    """``out = (x - mean) * scale + shift`` per channel, in float64, rounded once."""
-    for item in prange(_n_items(x.shape[1], geometry[0], geometry[3])):
-        _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out)
-
-
-def _grad_input(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out):
-    """``out = alpha * dy + beta * (x - mean) + gamma`` per channel, in float64."""
-    for item in prange(_n_items(x.shape[1], geometry[0], geometry[3])):
-        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
-
-
-def _train_forward(
-    x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
-    partials, out,
-):  # fmt: skip
-    """Batch statistics, the normalised output, then the running-statistics update.
-
-    ``running_mean``/``running_var`` are updated in place unless they are empty.
-    Returns the float64 ``(mean, invstd)`` used.
-    """
-    n_channels = x.shape[1]
-    count = x.size // n_channels
-    # Sums around each channel's first value keep data far from zero precise.
-    shift = np.empty(n_channels)
-    for c in range(n_channels):
+@_kernel
+def first_values(x):
+    """Each channel's first value, in float64: the shift the statistics sums use."""
+    shift = np.empty(x.shape[1])
+    for c in range(x.shape[1]):
         shift[c] = x[0, c, 0, 0]
-    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
-        _sums_item(x, x, shift, shift, item, channels_inner, geometry, partials)
-    totals = _merge(partials)
+    return shift
+
+
+@_kernel
+def finish_forward(totals, shift, count, weight, bias, eps, running_mean, running_var, momentum):
+    """Per-channel ``(mean, invstd, scale, offset)`` from the statistics sums.
+
+    Also updates ``running_mean``/``running_var`` in place unless they are empty.
+    """
+    n_channels = shift.shape[0]
     mean = np.empty(n_channels)
-    var = np.empty(n_channels)
     invstd = np.empty(n_channels)
     scale = np.empty(n_channels)
     offset = np.empty(n_channels)
+    # The running variance takes the unbiased estimate (count > 1 in training).
+    unbiased = count / max(count - 1, 1)
     for c in range(n_channels):
         mean[c] = shift[c] + totals[0, c] / count
-        var[c] = max(totals[1, c] - totals[0, c] * totals[0, c] / count, 0.0) / count
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+        var = max(totals[1, c] - totals[0, c] * totals[0, c] / count, 0.0) / count
+        invstd[c] = 1.0 / np.sqrt(var + eps)
         scale[c] = np.float64(weight[c]) * invstd[c]
         offset[c] = bias[c]
-    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
-        _affine_item(x, mean, scale, offset, item, channels_inner, geometry, out)
-    if running_mean.size:
-        # The running variance takes the unbiased estimate (count > 1 in training).
-        unbiased = count / (count - 1)
-        for c in range(n_channels):
+        if running_mean.size:
             running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
-            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var[c] * unbiased
-    return mean, invstd
+            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var * unbiased
+    return mean, invstd, scale, offset
 
 
-def _train_backward(dy, x, mean, invstd, weight, channels_inner, geometry, partials, out):
-    """Gradient sums, then the input gradient; returns ``(sum(dy), sum(dy * (x - mean)))``."""
-    n_channels = x.shape[1]
-    count = x.size // n_channels
-    zeros = np.zeros(n_channels)
-    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
-        _sums_item(x, dy, mean, zeros, item, channels_inner, geometry, partials)
-    totals = _merge(partials)
+@_kernel
+def finish_backward(totals, count, invstd, weight):
+    """Per-channel ``(alpha, beta, gamma)`` of ``dx = alpha * dy + beta * (x - mean) + gamma``."""
+    n_channels = invstd.shape[0]
     alpha = np.empty(n_channels)
     beta = np.empty(n_channels)
     gamma = np.empty(n_channels)
@@ -258,13 +241,33 @@ def _train_backward(dy, x, mean, invstd, weight, channels_inner, geometry, parti
         alpha[c] = np.float64(weight[c]) * invstd[c]
         beta[c] = -alpha[c] * invstd[c] * invstd[c] * totals[1, c] / count
         gamma[c] = -alpha[c] * totals[0, c] / count
-    for item in prange(_n_items(n_channels, geometry[0], geometry[3])):
-        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
-    return totals[0].copy(), totals[1].copy()
+    return alpha, beta, gamma
 
 
-sums = _compile_pair(_sums)
-affine = _compile_pair(_affine)
-grad_input = _compile_pair(_grad_input)
-train_forward = _compile_pair(_train_forward)
-train_backward = _compile_pair(_train_backward)
+@_kernel
+def train_forward_serial(
+    x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
+    partials, out,
+):  # fmt: skip
+    """The whole training forward in one call, for tensors too small to share out."""
+    n_items = _n_items(x.shape[1], geometry[0], geometry[3])
+    shift = first_values(x)
+    sums_items(x, x, shift, shift, channels_inner, geometry, partials, 0, n_items)
+    mean, invstd, scale, offset = finish_forward(
+        merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
+        running_mean, running_var, momentum,
+    )  # fmt: skip
+    affine_items(x, mean, scale, offset, channels_inner, geometry, out, 0, n_items)
+    return mean, invstd
+
+
+@_kernel
+def train_backward_serial(dy, x, mean, invstd, weight, channels_inner, geometry, partials, out):
+    """The whole training backward in one call; returns the float64 ``(2, C)`` sums."""
+    n_items = _n_items(x.shape[1], geometry[0], geometry[3])
+    zeros = np.zeros(x.shape[1])
+    sums_items(x, dy, mean, zeros, channels_inner, geometry, partials, 0, n_items)
+    totals = merge(partials)
+    alpha, beta, gamma = finish_backward(totals, x.size // x.shape[1], invstd, weight)
+    grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, 0, n_items)
+    return totals

@@ -71,6 +71,11 @@ class Layout:
         object.__setattr__(self, "c_order", in_view == sorted(in_view))
 
     @property
+    def n_items(self) -> int:
+        """Work items: channel blocks times tiles."""
+        return -(-self.view_shape[1] // self.channel_block) * self.n_tiles
+
+    @property
     def geometry(self) -> tuple[int, int, int, int]:
         """The tiling the kernels take: ``(channel_block, row_block, s_chunk, n_tiles)``."""
         return (self.channel_block, self.row_block, self.s_chunk, self.n_tiles)
