@@ -136,7 +136,7 @@ class CpuBackend:
                     *ops.launch_args, partials, target,
                 )  # fmt: skip
             view = ops.view
-            shift = kernels.first_values(view)
+            shift = kernels.first_values(view, ops.layout.channels_inner)
             ops.run(kernels.sums_items, view, view, shift, shift, *ops.launch_args, partials)
             mean, invstd, scale, offset = kernels.finish_forward(
                 kernels.merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
@@ -153,7 +153,7 @@ class CpuBackend:
         """Per-channel float64 ``(mean, M2)`` (sum of squared deviations) in one pass."""
         ops = _Operands(x)
         # Sums around each channel's first value keep data far from zero precise.
-        shift = kernels.first_values(ops.view)
+        shift = kernels.first_values(ops.view, ops.layout.channels_inner)
         partials = ops.partials()
         ops.run(kernels.sums_items, ops.view, ops.view, shift, shift, *ops.launch_args, partials)
         totals = kernels.merge(partials)

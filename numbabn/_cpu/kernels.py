@@ -4,8 +4,9 @@ Every operand is a 4-D canonical view (see :mod:`numbabn._cpu.layout`):
 
 * planar ``(A, C, R, S)``: each channel is ``A * R`` rows of ``S`` elements
   (NCHW and its slices; ``S`` is the innermost, usually contiguous, axis);
-* channels-inner ``(P, C, 1, 1)``: ``P`` positions of ``C`` adjacent channels
-  (channels-last data and ``(N, C)`` matrices).
+* channels-inner ``(P, 1, 1, C)``: ``P`` positions of ``C`` adjacent channels
+  (channels-last data and ``(N, C)`` matrices); the channel axis is last there so
+  that a row of channels is a contiguous slice that LLVM vectorises.
 
 Work items are (channel block, tile) pairs whose bounds depend only on the shape,
 never on the number of threads. Channel blocks make each item read memory in
@@ -40,13 +41,21 @@ def _n_items(n_channels, channel_block, n_tiles):
 
 
 @_inline
-def _bounds(item, shape, geometry):
+def _n_channels(x, channels_inner):
+    return x.shape[3] if channels_inner else x.shape[1]
+
+
+@_inline
+def _bounds(item, shape, channels_inner, geometry):
     """Bounds of work item ``item``: ``(tile, c0, c1, row0, row1, s0, s1)``.
 
-    Rows run over ``A * R``; for channels-inner views they are the positions.
+    Rows run over ``A * R`` (planar) or over the positions (channels-inner).
     """
-    n_a, n_channels, n_r, n_s = shape
     channel_block, row_block, s_chunk, n_tiles = geometry
+    if channels_inner:
+        n_rows, n_channels, n_s = shape[0], shape[3], 1
+    else:
+        n_rows, n_channels, n_s = shape[0] * shape[2], shape[1], shape[3]
     block = item // n_tiles
     tile = item - block * n_tiles
     n_chunks = (n_s + s_chunk - 1) // s_chunk
@@ -56,13 +65,13 @@ def _bounds(item, shape, geometry):
     row0 = row_tile * row_block
     s0 = chunk * s_chunk
     c1 = min(n_channels, c0 + channel_block)
-    return tile, c0, c1, row0, min(n_a * n_r, row0 + row_block), s0, min(n_s, s0 + s_chunk)
+    return tile, c0, c1, row0, min(n_rows, row0 + row_block), s0, min(n_s, s0 + s_chunk)
 
 
 @_inline
 def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials):
     """Item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into ``partials[tile, :, c]``."""
-    tile, c0, c1, row0, row1, s0, s1 = _bounds(item, u.shape, geometry)
+    tile, c0, c1, row0, row1, s0, s1 = _bounds(item, u.shape, channels_inner, geometry)
     n_r = u.shape[2]
     sum_v = np.zeros(c1 - c0)
     sum_vu = np.zeros(c1 - c0)
@@ -70,13 +79,12 @@ def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
         ku = u_shift[c0:c1]
         kv = v_shift[c0:c1]
         for p in range(row0, row1):
-            # 3-D slices keep a C-contiguous view C-contiguous for Numba.
-            u_row = u[p, c0:c1]
-            v_row = v[p, c0:c1]
+            u_row = u[p, 0, 0, c0:c1]
+            v_row = v[p, 0, 0, c0:c1]
             for c in range(c1 - c0):
-                dv = np.float64(v_row[c, 0, 0]) - kv[c]
+                dv = np.float64(v_row[c]) - kv[c]
                 sum_v[c] += dv
-                sum_vu[c] += dv * (np.float64(u_row[c, 0, 0]) - ku[c])
+                sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
     else:
         for q in range(row0, row1):
             a = q // n_r
@@ -102,17 +110,17 @@ def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
 @_inline
 def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
     """``out = (x - mean) * scale + shift`` per channel over the item, in float64."""
-    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, geometry)
+    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
     n_r = x.shape[2]
     if channels_inner:
         m = mean[c0:c1]
         k = scale[c0:c1]
         b = shift[c0:c1]
         for p in range(row0, row1):
-            x_row = x[p, c0:c1]
-            out_row = out[p, c0:c1]
+            x_row = x[p, 0, 0, c0:c1]
+            out_row = out[p, 0, 0, c0:c1]
             for c in range(c1 - c0):
-                out_row[c, 0, 0] = (np.float64(x_row[c, 0, 0]) - m[c]) * k[c] + b[c]
+                out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
     else:
         for q in range(row0, row1):
             a = q // n_r
@@ -130,7 +138,7 @@ def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
 @_inline
 def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out):
     """``out = alpha * dy + beta * (x - mean) + gamma`` per channel over the item, in float64."""
-    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, geometry)
+    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
     n_r = x.shape[2]
     if channels_inner:
         m = mean[c0:c1]
@@ -138,14 +146,12 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
         kb = beta[c0:c1]
         kg = gamma[c0:c1]
         for p in range(row0, row1):
-            dy_row = dy[p, c0:c1]
-            x_row = x[p, c0:c1]
-            out_row = out[p, c0:c1]
+            dy_row = dy[p, 0, 0, c0:c1]
+            x_row = x[p, 0, 0, c0:c1]
+            out_row = out[p, 0, 0, c0:c1]
             for c in range(c1 - c0):
-                out_row[c, 0, 0] = (
-                    ka[c] * np.float64(dy_row[c, 0, 0])
-                    + kb[c] * (np.float64(x_row[c, 0, 0]) - m[c])
-                    + kg[c]
+                out_row[c] = (
+                    ka[c] * np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
                 )
     else:
         for q in range(row0, row1):
@@ -196,11 +202,12 @@ def merge(partials):
 
 
 @_kernel
-def first_values(x):
+def first_values(x, channels_inner):
     """Each channel's first value, in float64: the shift the statistics sums use."""
-    shift = np.empty(x.shape[1])
-    for c in range(x.shape[1]):
-        shift[c] = x[0, c, 0, 0]
+    n_channels = _n_channels(x, channels_inner)
+    shift = np.empty(n_channels)
+    for c in range(n_channels):
+        shift[c] = x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0]
     return shift
 
 
@@ -250,11 +257,12 @@ def train_forward_serial(
     partials, out,
 ):  # fmt: skip
     """The whole training forward in one call, for tensors too small to share out."""
-    n_items = _n_items(x.shape[1], geometry[0], geometry[3])
-    shift = first_values(x)
+    n_channels = _n_channels(x, channels_inner)
+    n_items = _n_items(n_channels, geometry[0], geometry[3])
+    shift = first_values(x, channels_inner)
     sums_items(x, x, shift, shift, channels_inner, geometry, partials, 0, n_items)
     mean, invstd, scale, offset = finish_forward(
-        merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
+        merge(partials), shift, x.size // n_channels, weight, bias, eps,
         running_mean, running_var, momentum,
     )  # fmt: skip
     affine_items(x, mean, scale, offset, channels_inner, geometry, out, 0, n_items)
@@ -264,10 +272,11 @@ def train_forward_serial(
 @_kernel
 def train_backward_serial(dy, x, mean, invstd, weight, channels_inner, geometry, partials, out):
     """The whole training backward in one call; returns the float64 ``(2, C)`` sums."""
-    n_items = _n_items(x.shape[1], geometry[0], geometry[3])
-    zeros = np.zeros(x.shape[1])
+    n_channels = _n_channels(x, channels_inner)
+    n_items = _n_items(n_channels, geometry[0], geometry[3])
+    zeros = np.zeros(n_channels)
     sums_items(x, dy, mean, zeros, channels_inner, geometry, partials, 0, n_items)
     totals = merge(partials)
-    alpha, beta, gamma = finish_backward(totals, x.size // x.shape[1], invstd, weight)
+    alpha, beta, gamma = finish_backward(totals, x.size // n_channels, invstd, weight)
     grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, 0, n_items)
     return totals

@@ -1,7 +1,7 @@
 """Canonical strided views of batch-norm operands, without copying.
 
 An input of shape ``(N, C, *spatial)`` and any strides is viewed either as
-``(P, C, 1, 1)`` when the channel axis is the innermost one in memory and every other
+``(P, 1, 1, C)`` when the channel axis is the innermost one in memory and every other
 axis merges into one (channels-last data, ``(N, C)`` matrices), or as
 ``(A, C, R, S)`` with the non-channel axes merged, in memory order, into at most
 three groups. The kernels in :mod:`numbabn._cpu.kernels` work on those views.
@@ -38,7 +38,7 @@ class Layout:
     Attributes
     ----------
     channels_inner : bool
-        True for the ``(P, C, 1, 1)`` view, False for ``(A, C, R, S)``.
+        True for the ``(P, 1, 1, C)`` view, False for ``(A, C, R, S)``.
     channel_block : int
         Channels per work item.
     slots : tuple of tuple of int
@@ -73,7 +73,8 @@ class Layout:
     @property
     def n_items(self) -> int:
         """Work items: channel blocks times tiles."""
-        return -(-self.view_shape[1] // self.channel_block) * self.n_tiles
+        n_channels = self.view_shape[3] if self.channels_inner else self.view_shape[1]
+        return -(-n_channels // self.channel_block) * self.n_tiles
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:
@@ -114,9 +115,9 @@ def _plan(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | None:
         n_pos = math.prod(shape[axis] for axis in axes)
         channel_block = min(n_channels, CHANNEL_BLOCK)
         row_block = max(MIN_POSITIONS, TILE_ELEMENTS // channel_block)
-        slots = (groups[0] if groups else _PAD, _CHANNEL, _PAD, _PAD)
+        slots = (groups[0] if groups else _PAD, _PAD, _PAD, _CHANNEL)
         n_tiles = -(-n_pos // row_block)
-        view_shape = (n_pos, n_channels, 1, 1)
+        view_shape = (n_pos, 1, 1, n_channels)
         return Layout(True, channel_block, slots, view_shape, row_block, 1, n_tiles)
     if len(groups) > 3:
         return None
