@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
 
         versions += f", torch {torch.__version__}"
     header = (
-        f"## numbabn CPU benchmark\n\nMachine: {_cpu_name()}, {threads} threads "
+        f"## numbabn CPU benchmark\n\nMachine: {_cpu_name()}, {os.cpu_count()} cores, "
+        f"{threads} threads "
         f"(numbabn and PyTorch alike), Python {platform.python_version()}; {versions}."
     )
     print(header.replace("## ", ""), file=sys.stderr)

@@ -1,0 +1,34 @@
+"""The user-facing commands run end to end: the demo and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_and_checks_itself():
+    result = subprocess.run(
+        [sys.executable, "-m", "numbabn"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "max |numbabn - NumPy float64 computation|" in result.stdout
+    assert result.stdout.rstrip().endswith("ok")
+
+
+@pytest.mark.slow
+def test_benchmark_command_quick(tmp_path):
+    command = [
+        sys.executable, "-m", "numbabn.bench", "--quick", "--repeat", "2",
+        "--no-startup", "--output", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for title in ("Train forward", "Backward", "Eval forward", "Peak memory"):
+        assert title in result.stdout
+    saved = json.loads((tmp_path / "cpu.json").read_text())
+    assert len(saved["results"]) == 3
+    assert all(case["seconds"]["numbabn_forward"] > 0 for case in saved["results"])
