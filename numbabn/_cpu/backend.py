@@ -137,7 +137,7 @@ class CpuBackend:
                 )  # fmt: skip
             view = ops.view
             shift = kernels.first_values(view, ops.layout.channels_inner)
-            ops.run(kernels.sums_items, view, view, shift, shift, *ops.launch_args, partials)
+            ops.run(kernels.sums_items, view, view, shift, shift, True, *ops.launch_args, partials)
             mean, invstd, scale, offset = kernels.finish_forward(
                 kernels.merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
                 running_mean, running_var, momentum,
@@ -155,7 +155,9 @@ class CpuBackend:
         # Sums around each channel's first value keep data far from zero precise.
         shift = kernels.first_values(ops.view, ops.layout.channels_inner)
         partials = ops.partials()
-        ops.run(kernels.sums_items, ops.view, ops.view, shift, shift, *ops.launch_args, partials)
+        ops.run(
+            kernels.sums_items, ops.view, ops.view, shift, shift, True, *ops.launch_args, partials
+        )
         totals = kernels.merge(partials)
         count = x.size // x.shape[1]
         mean = shift + totals[0] / count
@@ -185,7 +187,9 @@ class CpuBackend:
         partials = ops.partials()
         dy_view = ops.input_view(dy)
         zeros = np.zeros_like(mean)
-        ops.run(kernels.sums_items, ops.view, dy_view, mean, zeros, *ops.launch_args, partials)
+        ops.run(
+            kernels.sums_items, ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials
+        )
         totals = kernels.merge(partials)
         return totals[0], totals[1]
 
@@ -231,7 +235,16 @@ class CpuBackend:
                     dy_view, ops.view, mean, invstd, weight, *ops.launch_args, partials, target
                 )
             zeros = np.zeros_like(mean)
-            ops.run(kernels.sums_items, ops.view, dy_view, mean, zeros, *ops.launch_args, partials)
+            ops.run(
+                kernels.sums_items,
+                ops.view,
+                dy_view,
+                mean,
+                zeros,
+                False,
+                *ops.launch_args,
+                partials,
+            )
             totals = kernels.merge(partials)
             count = x.size // x.shape[1]
             alpha, beta, gamma = kernels.finish_backward(totals, count, invstd, weight)

@@ -69,8 +69,13 @@ def _bounds(item, shape, channels_inner, geometry):
 
 
 @_inline
-def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials):
-    """Item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into ``partials[tile, :, c]``."""
+def _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, partials):
+    """Item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into ``partials[tile, :, c]``.
+
+    With ``squares`` (``u`` is ``v``, ``ku`` is ``kv``) the second sum is
+    ``sum((v - kv) ** 2)`` and ``u`` is never read: half the loads and
+    conversions, which short rows feel.
+    """
     tile, c0, c1, row0, row1, s0, s1 = _bounds(item, u.shape, channels_inner, geometry)
     n_r = u.shape[2]
     sum_v = np.zeros(c1 - c0)
@@ -81,14 +86,21 @@ def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
         for p in range(row0, row1):
             u_row = u[p, 0, 0, c0:c1]
             v_row = v[p, 0, 0, c0:c1]
-            for c in range(c1 - c0):
-                dv = np.float64(v_row[c]) - kv[c]
-                sum_v[c] += dv
-                sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
+            if squares:
+                for c in range(c1 - c0):
+                    dv = np.float64(v_row[c]) - kv[c]
+                    sum_v[c] += dv
+                    sum_vu[c] += dv * dv
+            else:
+                for c in range(c1 - c0):
+                    dv = np.float64(v_row[c]) - kv[c]
+                    sum_v[c] += dv
+                    sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
     else:
-        for q in range(row0, row1):
-            a = q // n_r
-            r = q - a * n_r
+        # Row q is (a, r); stepped rather than divided, as rows can be short.
+        a = row0 // n_r
+        r = row0 - a * n_r
+        for _ in range(row0, row1):
             for c in range(c0, c1):
                 ku = u_shift[c]
                 kv = v_shift[c]
@@ -97,12 +109,22 @@ def _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
                 v_row = v[a, c, r, s0:s1]
                 row_v = 0.0
                 row_vu = 0.0
-                for s in range(u_row.shape[0]):
-                    dv = np.float64(v_row[s]) - kv
-                    row_v += dv
-                    row_vu += dv * (np.float64(u_row[s]) - ku)
+                if squares:
+                    for s in range(v_row.shape[0]):
+                        dv = np.float64(v_row[s]) - kv
+                        row_v += dv
+                        row_vu += dv * dv
+                else:
+                    for s in range(v_row.shape[0]):
+                        dv = np.float64(v_row[s]) - kv
+                        row_v += dv
+                        row_vu += dv * (np.float64(u_row[s]) - ku)
                 sum_v[c - c0] += row_v
                 sum_vu[c - c0] += row_vu
+            r += 1
+            if r == n_r:
+                r = 0
+                a += 1
     partials[tile, 0, c0:c1] = sum_v
     partials[tile, 1, c0:c1] = sum_vu
 
@@ -122,9 +144,10 @@ def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
             for c in range(c1 - c0):
                 out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
     else:
-        for q in range(row0, row1):
-            a = q // n_r
-            r = q - a * n_r
+        # Row q is (a, r); stepped rather than divided, as rows can be short.
+        a = row0 // n_r
+        r = row0 - a * n_r
+        for _ in range(row0, row1):
             for c in range(c0, c1):
                 m = mean[c]
                 k = scale[c]
@@ -133,6 +156,10 @@ def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
                 out_row = out[a, c, r, s0:s1]
                 for s in range(x_row.shape[0]):
                     out_row[s] = (np.float64(x_row[s]) - m) * k + b
+            r += 1
+            if r == n_r:
+                r = 0
+                a += 1
 
 
 @_inline
@@ -154,9 +181,10 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
                     ka[c] * np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
                 )
     else:
-        for q in range(row0, row1):
-            a = q // n_r
-            r = q - a * n_r
+        # Row q is (a, r); stepped rather than divided, as rows can be short.
+        a = row0 // n_r
+        r = row0 - a * n_r
+        for _ in range(row0, row1):
             for c in range(c0, c1):
                 m = mean[c]
                 ka = alpha[c]
@@ -167,13 +195,17 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
                 out_row = out[a, c, r, s0:s1]
                 for s in range(x_row.shape[0]):
                     out_row[s] = ka * np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg
+            r += 1
+            if r == n_r:
+                r = 0
+                a += 1
 
 
 @_kernel
-def sums_items(u, v, u_shift, v_shift, channels_inner, geometry, partials, start, stop):
+def sums_items(u, v, u_shift, v_shift, squares, channels_inner, geometry, partials, start, stop):
     """Items ``start`` to ``stop`` of the ``sum(v - kv)``, ``sum((v - kv) * (u - ku))`` pass."""
     for item in range(start, stop):
-        _sums_item(u, v, u_shift, v_shift, item, channels_inner, geometry, partials)
+        _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, partials)
 
 
 @_kernel
@@ -260,7 +292,7 @@ def train_forward_serial(
     n_channels = _n_channels(x, channels_inner)
     n_items = _n_items(n_channels, geometry[0], geometry[3])
     shift = first_values(x, channels_inner)
-    sums_items(x, x, shift, shift, channels_inner, geometry, partials, 0, n_items)
+    sums_items(x, x, shift, shift, True, channels_inner, geometry, partials, 0, n_items)
     mean, invstd, scale, offset = finish_forward(
         merge(partials), shift, x.size // n_channels, weight, bias, eps,
         running_mean, running_var, momentum,
@@ -275,7 +307,7 @@ def train_backward_serial(dy, x, mean, invstd, weight, channels_inner, geometry,
     n_channels = _n_channels(x, channels_inner)
     n_items = _n_items(n_channels, geometry[0], geometry[3])
     zeros = np.zeros(n_channels)
-    sums_items(x, dy, mean, zeros, channels_inner, geometry, partials, 0, n_items)
+    sums_items(x, dy, mean, zeros, False, channels_inner, geometry, partials, 0, n_items)
     totals = merge(partials)
     alpha, beta, gamma = finish_backward(totals, x.size // n_channels, invstd, weight)
     grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, 0, n_items)
