@@ -97,34 +97,36 @@ def _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, 
                     sum_v[c] += dv
                     sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
     else:
-        # Row q is (a, r); stepped rather than divided, as rows can be short.
-        a = row0 // n_r
-        r = row0 - a * n_r
-        for _ in range(row0, row1):
-            for c in range(c0, c1):
-                ku = u_shift[c]
-                kv = v_shift[c]
+        a0 = row0 // n_r
+        r0 = row0 - a0 * n_r
+        for c in range(c0, c1):
+            ku = u_shift[c]
+            kv = v_shift[c]
+            acc_v = 0.0
+            acc_vu = 0.0
+            # Row q is (a, r); stepped rather than divided, as rows can be short.
+            a = a0
+            r = r0
+            for _ in range(row0, row1):
                 # Row slices keep the inner loop simple enough for LLVM to vectorise.
-                u_row = u[a, c, r, s0:s1]
                 v_row = v[a, c, r, s0:s1]
-                row_v = 0.0
-                row_vu = 0.0
                 if squares:
                     for s in range(v_row.shape[0]):
                         dv = np.float64(v_row[s]) - kv
-                        row_v += dv
-                        row_vu += dv * dv
+                        acc_v += dv
+                        acc_vu += dv * dv
                 else:
+                    u_row = u[a, c, r, s0:s1]
                     for s in range(v_row.shape[0]):
                         dv = np.float64(v_row[s]) - kv
-                        row_v += dv
-                        row_vu += dv * (np.float64(u_row[s]) - ku)
-                sum_v[c - c0] += row_v
-                sum_vu[c - c0] += row_vu
-            r += 1
-            if r == n_r:
-                r = 0
-                a += 1
+                        acc_v += dv
+                        acc_vu += dv * (np.float64(u_row[s]) - ku)
+                r += 1
+                if r == n_r:
+                    r = 0
+                    a += 1
+            sum_v[c - c0] = acc_v
+            sum_vu[c - c0] = acc_vu
     partials[tile, 0, c0:c1] = sum_v
     partials[tile, 1, c0:c1] = sum_vu
 
