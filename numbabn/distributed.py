@@ -177,22 +177,18 @@ class SyncBatchNorm(_BatchNorm):
         total = np.zeros_like(sums)
         for rank_sums in gathered:  # in rank order: identical on every rank
             total += rank_sums
-        grad_input = self._grad_input(grad_output, x, saved, total, backend, out)
-        local_grads = {"weight": sums[1] * saved.invstd, "bias": sums[0]}
-        for name, grad in self.grads.items():
-            value = local_grads[name].astype(self.dtype)
-            self.grads[name] = value if grad is None else grad + value
-        return grad_input
-
-    def _grad_input(self, grad_output, x, saved, total, backend, out) -> np.ndarray:
         if x.size == 0:
-            return np.empty_like(x) if out is None else out
-        count = self._total_count
-        weight = np.ones(x.shape[1]) if self.weight is None else self.weight
-        alpha = weight * saved.invstd
-        beta = -alpha * saved.invstd * saved.invstd * total[1] / count
-        gamma = -alpha * total[0] / count
-        return backend.grad_input(grad_output, x, saved.mean, alpha, beta, gamma, out)
+            grad_input = np.empty_like(x) if out is None else out
+        else:
+            weight = np.ones(x.shape[1], x.dtype) if self.weight is None else self.weight
+            grad_input = backend.grad_input_from_sums(
+                grad_output, x, saved.mean, saved.invstd, weight, total, self._total_count, out
+            )
+        # This rank's share of the parameter gradients, as in PyTorch.
+        self._accumulate_grads(
+            (sums[1] * saved.invstd).astype(self.dtype), sums[0].astype(self.dtype)
+        )
+        return grad_input
 
     @classmethod
     def convert_sync_batchnorm(cls, module: Any, comm: Any = None) -> Any:

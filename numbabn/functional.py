@@ -227,8 +227,9 @@ def batch_norm_backward(
         )
     if input.size == 0:
         grad_input = np.empty_like(input) if out is None else out
-        zeros = None if weight is None else np.zeros_like(weight)
-        return grad_input, zeros, None if zeros is None else zeros.copy()
+        if weight is None:
+            return grad_input, None, None
+        return grad_input, np.zeros_like(weight), np.zeros_like(weight)
 
     mean, invstd = saved.mean, saved.invstd
     if saved.batch_stats:

@@ -214,6 +214,11 @@ class _BatchNorm:
         grad_input, grad_weight, grad_bias = batch_norm_backward(
             grad_output, x, saved, self.weight, out=out
         )
+        self._accumulate_grads(grad_weight, grad_bias)
+        return grad_input
+
+    def _accumulate_grads(self, grad_weight: np.ndarray, grad_bias: np.ndarray) -> None:
+        """Add parameter gradients to ``grads`` (kept until :meth:`zero_grad`)."""
         for name, grad in (("weight", grad_weight), ("bias", grad_bias)):
             if name not in self.grads:
                 continue
@@ -221,7 +226,6 @@ class _BatchNorm:
                 self.grads[name] = grad
             else:
                 self.grads[name] += grad
-        return grad_input
 
     # -- state_dict ---------------------------------------------------------
 

@@ -39,11 +39,12 @@ def _run_items(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     The split never changes a result: items are independent and each is always
     computed the same way.
     """
-    threads = min(numba.get_num_threads(), n_items)
-    if threads <= 1:
+    threads = numba.get_num_threads()
+    parts = min(threads, n_items)
+    if parts <= 1:
         kernel(*args, 0, n_items)
         return
-    bounds = [n_items * part // threads for part in range(threads + 1)]
+    bounds = [n_items * part // parts for part in range(parts + 1)]
     pool = _workers(threads)
     futures = [
         pool.submit(kernel, *args, start, stop)
@@ -106,6 +107,23 @@ class _Operands:
         return target, result
 
 
+def _grad_from_sums(
+    ops: _Operands,
+    dy_view: np.ndarray,
+    mean: np.ndarray,
+    invstd: np.ndarray,
+    weight: np.ndarray,
+    sums: np.ndarray,
+    count: int,
+    target: np.ndarray,
+) -> None:
+    """Write ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` into ``target``."""
+    alpha, beta, gamma = kernels.finish_backward(sums, count, invstd, weight)
+    ops.run(
+        kernels.grad_items, dy_view, ops.view, mean, alpha, beta, gamma, *ops.launch_args, target
+    )
+
+
 class CpuBackend:
     """Batch-norm passes over NumPy arrays of any strides; per-channel vectors are float64."""
 
@@ -158,11 +176,7 @@ class CpuBackend:
         ops.run(
             kernels.sums_items, ops.view, ops.view, shift, shift, True, *ops.launch_args, partials
         )
-        totals = kernels.merge(partials)
-        count = x.size // x.shape[1]
-        mean = shift + totals[0] / count
-        m2 = np.maximum(totals[1] - totals[0] * totals[0] / count, 0.0)
-        return mean, m2
+        return kernels.moments_from_sums(kernels.merge(partials), shift, x.size // x.shape[1])
 
     @staticmethod
     def affine(
@@ -194,24 +208,26 @@ class CpuBackend:
         return totals[0], totals[1]
 
     @staticmethod
-    def grad_input(
+    def grad_input_from_sums(
         dy: np.ndarray,
         x: np.ndarray,
         mean: np.ndarray,
-        alpha: np.ndarray,
-        beta: np.ndarray,
-        gamma: np.ndarray,
+        invstd: np.ndarray,
+        weight: np.ndarray,
+        sums: np.ndarray,
+        count: int,
         out: np.ndarray | None,
     ) -> np.ndarray:
-        """``alpha * dy + beta * (x - mean) + gamma`` per channel, in float64."""
+        """Input gradient through batch statistics, given ``sums = [sum(dy), sum(dy*(x-mean))]``.
+
+        ``count`` is the number of values per channel the sums cover (all ranks'
+        for SyncBatchNorm).
+        """
         ops = _Operands(x)
         dy_view = ops.input_view(dy)
 
         def kernel(target: np.ndarray) -> None:
-            ops.run(
-                kernels.grad_items, dy_view, ops.view, mean, alpha, beta, gamma,
-                *ops.launch_args, target,
-            )  # fmt: skip
+            _grad_from_sums(ops, dy_view, mean, invstd, weight, sums, count, target)
 
         return ops.write(out, kernel)[0]
 
@@ -235,23 +251,11 @@ class CpuBackend:
                     dy_view, ops.view, mean, invstd, weight, *ops.launch_args, partials, target
                 )
             zeros = np.zeros_like(mean)
-            ops.run(
-                kernels.sums_items,
-                ops.view,
-                dy_view,
-                mean,
-                zeros,
-                False,
-                *ops.launch_args,
-                partials,
-            )
+            args = (ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials)
+            ops.run(kernels.sums_items, *args)
             totals = kernels.merge(partials)
             count = x.size // x.shape[1]
-            alpha, beta, gamma = kernels.finish_backward(totals, count, invstd, weight)
-            ops.run(
-                kernels.grad_items, dy_view, ops.view, mean, alpha, beta, gamma,
-                *ops.launch_args, target,
-            )  # fmt: skip
+            _grad_from_sums(ops, dy_view, mean, invstd, weight, totals, count, target)
             return totals
 
         grad_input, totals = ops.write(out, kernel)

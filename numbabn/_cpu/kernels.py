@@ -246,21 +246,31 @@ def first_values(x, channels_inner):
 
 
 @_kernel
+def moments_from_sums(totals, shift, count):
+    """Per-channel float64 ``(mean, M2)`` from sums taken around ``shift``."""
+    mean = np.empty(shift.shape[0])
+    m2 = np.empty(shift.shape[0])
+    for c in range(shift.shape[0]):
+        mean[c] = shift[c] + totals[0, c] / count
+        m2[c] = max(totals[1, c] - totals[0, c] * totals[0, c] / count, 0.0)
+    return mean, m2
+
+
+@_kernel
 def finish_forward(totals, shift, count, weight, bias, eps, running_mean, running_var, momentum):
     """Per-channel ``(mean, invstd, scale, offset)`` from the statistics sums.
 
     Also updates ``running_mean``/``running_var`` in place unless they are empty.
     """
     n_channels = shift.shape[0]
-    mean = np.empty(n_channels)
+    mean, m2 = moments_from_sums(totals, shift, count)
     invstd = np.empty(n_channels)
     scale = np.empty(n_channels)
     offset = np.empty(n_channels)
     # The running variance takes the unbiased estimate (count > 1 in training).
     unbiased = count / max(count - 1, 1)
     for c in range(n_channels):
-        mean[c] = shift[c] + totals[0, c] / count
-        var = max(totals[1, c] - totals[0, c] * totals[0, c] / count, 0.0) / count
+        var = m2[c] / count
         invstd[c] = 1.0 / np.sqrt(var + eps)
         scale[c] = np.float64(weight[c]) * invstd[c]
         offset[c] = bias[c]
