@@ -7,6 +7,7 @@ batch statistics across MPI ranks; ``ChannelStats`` merges statistics exactly.
 
 from numbabn import functional
 from numbabn.distributed import SyncBatchNorm
+from numbabn.folding import fold_into_conv, fold_into_linear
 from numbabn.functional import SavedStats
 from numbabn.modules import (
     BatchNorm1d,
@@ -32,6 +33,8 @@ __all__ = [
     "LazyBatchNorm3d",
     "SavedStats",
     "SyncBatchNorm",
+    "fold_into_conv",
+    "fold_into_linear",
     "functional",
     "set_running_stats",
 ]
