@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import functools
+import importlib.util
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -10,29 +12,56 @@ from numbabn._cpu import CpuBackend
 
 
 class Backend(Protocol):
-    """The passes over the data that a backend provides (see :class:`CpuBackend`)."""
+    """What a backend provides (see :class:`CpuBackend` and ``CudaBackend``).
+
+    Arrays are the backend's own kind after :meth:`adopt`; per-channel
+    statistics are float64 vectors of that kind.
+    """
 
     name: str
 
+    def adopt(self, array: Any) -> Any: ...
+    def like(self, result: Any, original: Any) -> Any: ...
+    def empty_like(self, x: Any) -> Any: ...
+    def filled(self, value: float, n: int, dtype: np.dtype) -> Any: ...
+    def zeros(self, n: int, dtype: np.dtype) -> Any: ...
+    def accumulate(self, target: Any, source: Any) -> None: ...
     def train_forward(self, x, weight, bias, running_mean, running_var, momentum, eps, out): ...
-    def moments(self, x): ...
-    def affine(self, x, mean, scale, shift, out): ...
-    def grad_sums(self, dy, x, mean): ...
-    def grad_input_from_sums(self, dy, x, mean, invstd, weight, sums, count, out): ...
+    def eval_forward(self, x, running_mean, running_var, weight, bias, eps, out): ...
     def train_backward(self, dy, x, mean, invstd, weight, out): ...
+    def eval_backward(self, dy, x, mean, invstd, weight, out): ...
 
 
 _CPU = CpuBackend()
 
 
-def _backend_name(array: object) -> str:
+def is_device_array(array: object) -> bool:
+    """Whether ``array`` lives on a CUDA device (or in Numba's CUDA simulator)."""
+    return hasattr(array, "__cuda_array_interface__") or hasattr(array, "__cuda_ndarray__")
+
+
+def _kind(array: object) -> str:
     if isinstance(array, np.ndarray):
         return "cpu"
-    if hasattr(array, "__cuda_array_interface__"):
+    if is_device_array(array):
         return "cuda"
     raise TypeError(
-        f"expected a NumPy array, got {type(array).__module__}.{type(array).__qualname__}"
+        f"expected a NumPy array or a CUDA array, got "
+        f"{type(array).__module__}.{type(array).__qualname__}"
     )
+
+
+@functools.cache
+def cuda_backend() -> Backend:
+    """The CUDA backend, imported on first use so the CPU install never needs numba-cuda."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        raise ImportError(
+            "CUDA arrays need the numba-cuda package; install numbabn with the cuda extra "
+            "(pip install 'numbabn[cuda]')"
+        )
+    from numbabn._cuda import CudaBackend
+
+    return CudaBackend()
 
 
 def backend_for(**arrays: object) -> Backend:
@@ -50,7 +79,7 @@ def backend_for(**arrays: object) -> Backend:
         if array is None:
             continue
         try:
-            kind = _backend_name(array)
+            kind = _kind(array)
         except TypeError as error:
             raise TypeError(f"{name}: {error}") from None
         if chosen is None:
@@ -61,8 +90,5 @@ def backend_for(**arrays: object) -> Backend:
                 "all arrays of one call must be on the same device"
             )
     if chosen is not None and chosen[1] == "cuda":
-        raise TypeError(
-            f"{chosen[0]} is a CUDA array, and this build of numbabn has no CUDA backend; "
-            "pass NumPy arrays"
-        )
+        return cuda_backend()
     return _CPU

@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_HALF = np.dtype(np.float16)
 
 
-def check_dtype(x: np.ndarray, name: str = "input") -> None:
-    """Raise TypeError unless ``x`` is float32 or float64."""
-    if x.dtype not in SUPPORTED_DTYPES:
-        hint = " (float16 runs on the CUDA backend only)" if x.dtype == np.float16 else ""
-        raise TypeError(f"{name} has dtype {x.dtype}; numbabn supports float32 and float64{hint}")
+def param_dtype(dtype: np.dtype) -> np.dtype:
+    """Dtype of the parameters and statistics for input of ``dtype`` (float32 for float16)."""
+    return np.dtype(np.float32) if dtype == _HALF else np.dtype(dtype)
 
 
-def check_ndim(x: np.ndarray, allowed: tuple[int, ...], label: str) -> None:
+def check_dtype(x: Any, backend: str = "cpu", name: str = "input") -> None:
+    """Raise TypeError unless ``x`` is float32 or float64 (or float16 on CUDA)."""
+    if x.dtype in SUPPORTED_DTYPES or (x.dtype == _HALF and backend == "cuda"):
+        return
+    if x.dtype == _HALF:
+        raise TypeError(
+            f"{name} has dtype float16, which the CPU backend does not take: Numba's CPU "
+            "target has no float16 arithmetic, so it could not be faster than converting. "
+            "Convert with x.astype(np.float32), or pass a CUDA array for float16 on the GPU"
+        )
+    supported = "float32 and float64" + (" (and float16)" if backend == "cuda" else "")
+    raise TypeError(f"{name} has dtype {x.dtype}; numbabn supports {supported}")
+
+
+def check_ndim(x: Any, allowed: tuple[int, ...], label: str) -> None:
     """Raise PyTorch's ``expected 4D input (got 3D input)`` unless ``x.ndim`` is allowed."""
     if x.ndim not in allowed:
         raise ValueError(f"expected {label} input (got {x.ndim}D input)")
 
 
-def check_batch_size(x: np.ndarray) -> None:
+def check_batch_size(x: Any) -> None:
     """Raise PyTorch's error when training would see one value per channel."""
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
         raise ValueError(
@@ -30,20 +44,22 @@ def check_batch_size(x: np.ndarray) -> None:
         )
 
 
-def check_channel_vector(name: str, vector: np.ndarray | None, x: np.ndarray) -> None:
+def check_channel_vector(name: str, vector: Any | None, x: Any) -> None:
     """Check a per-channel vector (weight, bias, running statistics) against ``x``."""
     if vector is None:
         return
     n_channels = x.shape[1]
     if vector.ndim != 1 or vector.shape[0] != n_channels:
         raise RuntimeError(f"{name} should contain {n_channels} elements not {vector.size}")
-    if vector.dtype != x.dtype:
+    expected = param_dtype(x.dtype)
+    if vector.dtype != expected:
         raise TypeError(
-            f"{name} has dtype {vector.dtype} but the input has dtype {x.dtype}; they must match"
+            f"{name} has dtype {vector.dtype} but the input has dtype {x.dtype}; "
+            f"{name} must be {expected}"
         )
 
 
-def check_like(name: str, array: np.ndarray, x: np.ndarray, x_name: str = "input") -> None:
+def check_like(name: str, array: Any, x: Any, x_name: str = "input") -> None:
     """Check that ``array`` has the shape and dtype of ``x``."""
     if array.shape != x.shape:
         raise ValueError(
@@ -56,10 +72,10 @@ def check_like(name: str, array: np.ndarray, x: np.ndarray, x_name: str = "input
         )
 
 
-def check_out(out: np.ndarray | None, x: np.ndarray) -> None:
+def check_out(out: Any | None, x: Any) -> None:
     """Check an ``out=`` array: same shape and dtype as ``x``, writeable."""
     if out is None:
         return
     check_like("out", out, x)
-    if not out.flags.writeable:
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")

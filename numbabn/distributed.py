@@ -94,7 +94,10 @@ class SyncBatchNorm(_BatchNorm):
 
     def _check_input(self, x: np.ndarray) -> None:
         if not isinstance(x, np.ndarray):
-            raise TypeError(f"expected a NumPy array, got {type(x).__qualname__}")
+            raise TypeError(
+                f"expected a NumPy array, got {type(x).__qualname__} "
+                "(SyncBatchNorm exchanges statistics of host arrays)"
+            )
         if x.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
 
@@ -106,7 +109,7 @@ class SyncBatchNorm(_BatchNorm):
         stats, backend, error = None, None, None
         try:
             self._check_input(x)
-            backend = check_forward_args(
+            backend, _ = check_forward_args(
                 x, self.running_mean, self.running_var, self.weight, self.bias, out
             )
             stats = ChannelStats(x.shape[1])
@@ -164,7 +167,7 @@ class SyncBatchNorm(_BatchNorm):
             return super().backward(grad_output, out)
         sums, backend, error = None, None, None
         try:
-            backend = check_forward_args(x, None, None, self.weight, None, out)
+            backend, _ = check_forward_args(x, None, None, self.weight, None, out)
             if not isinstance(grad_output, np.ndarray):
                 raise TypeError(f"expected a NumPy array, got {type(grad_output).__qualname__}")
             check.check_like("grad_output", grad_output, x, "the last forward's input")

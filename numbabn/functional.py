@@ -6,8 +6,7 @@ statistics, gradients) and call these functions.
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -16,47 +15,46 @@ from numbabn._dispatch import Backend, backend_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
 
+_F64 = np.dtype(np.float64)
+
+# A NumPy array, or a CUDA array: anything with ``__cuda_array_interface__``
+# (Numba device arrays, CuPy arrays, PyTorch CUDA tensors).
+Array = Any
+
 
 class SavedStats(NamedTuple):
     """What :func:`batch_norm_backward` needs from the forward pass.
 
     Attributes
     ----------
-    mean : ndarray
-        Per-channel mean used to normalise, float64, shape ``(C,)``.
-    invstd : ndarray
+    mean : ndarray or device array
+        Per-channel mean used to normalise, float64, shape ``(C,)``, on the
+        input's device (a Numba device array for CUDA input).
+    invstd : ndarray or device array
         Per-channel ``1 / sqrt(var + eps)``, float64, shape ``(C,)``.
     batch_stats : bool
         True when ``mean`` and ``invstd`` are the batch's own (training), so
         the gradient flows through them; False when they are running statistics.
     """
 
-    mean: np.ndarray
-    invstd: np.ndarray
+    mean: Array
+    invstd: Array
     batch_stats: bool
 
 
-@functools.lru_cache(maxsize=64)
-def _filled(value: float, n_channels: int, dtype: np.dtype) -> np.ndarray:
-    """A shared constant vector standing in for a missing weight, bias or buffer."""
-    return np.full(n_channels, value, dtype)
-
-
-def _or_filled(vector: np.ndarray | None, value: float, like: np.ndarray) -> np.ndarray:
-    if vector is not None:
-        return vector
-    return _filled(value, like.shape[1], like.dtype)
-
-
 def check_forward_args(
-    input: np.ndarray,
-    running_mean: np.ndarray | None,
-    running_var: np.ndarray | None,
-    weight: np.ndarray | None,
-    bias: np.ndarray | None,
-    out: np.ndarray | None,
-) -> Backend:
-    """Validate a forward call's arrays and return the backend that serves them."""
+    input: Any,
+    running_mean: Any | None,
+    running_var: Any | None,
+    weight: Any | None,
+    bias: Any | None,
+    out: Any | None,
+) -> tuple[Backend, tuple[Any, ...]]:
+    """Validate a forward call's arrays.
+
+    Returns the backend that serves them and the arrays as that backend's own
+    kind (views, not copies), in the order given.
+    """
     backend = backend_for(
         input=input,
         running_mean=running_mean,
@@ -65,40 +63,45 @@ def check_forward_args(
         bias=bias,
         out=out,
     )
-    if input.ndim < 2:
-        raise ValueError(f"expected at least 2D input (got {input.ndim}D input)")
-    check.check_dtype(input)
+    arrays = tuple(map(backend.adopt, (input, running_mean, running_var, weight, bias, out)))
+    x, running_mean, running_var, weight, bias, out = arrays
+    if x.ndim < 2:
+        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    check.check_dtype(x, backend.name)
     for name, vector in (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("weight", weight),
         ("bias", bias),
     ):
-        check.check_channel_vector(name, vector, input)
-    check.check_out(out, input)
-    return backend
+        check.check_channel_vector(name, vector, x)
+    check.check_out(out, x)
+    return backend, arrays
 
 
 def batch_norm_forward(
-    input: np.ndarray,
-    running_mean: np.ndarray | None,
-    running_var: np.ndarray | None,
-    weight: np.ndarray | None = None,
-    bias: np.ndarray | None = None,
+    input: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, SavedStats]:
+    out: Array | None = None,
+) -> tuple[Array, SavedStats]:
     """Normalise ``input`` per channel and return what the backward pass needs.
 
     Parameters
     ----------
-    input : ndarray
-        Shape ``(N, C, *spatial)``, float32 or float64, any strides.
+    input : ndarray or CUDA array
+        Shape ``(N, C, *spatial)``, float32 or float64 (or float16 on CUDA),
+        any strides. CUDA arrays (anything with ``__cuda_array_interface__``)
+        run on the GPU, without copies; all arrays of a call must then be on it.
     running_mean, running_var : ndarray or None
-        Running statistics, shape ``(C,)``, same dtype as ``input``. Updated in
+        Running statistics, shape ``(C,)``, same dtype as ``input`` (float32
+        for float16 input). Updated in
         place when ``training`` is True (the variance with Bessel's correction):
         ``running = (1 - momentum) * running + momentum * batch_statistic``.
         Required when ``training`` is False.
@@ -115,8 +118,9 @@ def batch_norm_forward(
 
     Returns
     -------
-    output : ndarray
-        The normalised batch, laid out like ``input`` in memory.
+    output : ndarray or CUDA array
+        The normalised batch, laid out like ``input`` in memory, of the same
+        kind as ``input`` (CuPy in, CuPy out).
     saved : SavedStats
         Per-channel mean and inverse standard deviation used.
 
@@ -126,52 +130,59 @@ def batch_norm_forward(
         On a bad shape, channel count or dtype, with PyTorch's texts; nothing
         is modified then.
     """
-    backend = check_forward_args(input, running_mean, running_var, weight, bias, out)
+    backend, arrays = check_forward_args(input, running_mean, running_var, weight, bias, out)
+    x, running_mean, running_var, weight, bias, out_array = arrays
     if training:
-        check.check_batch_size(input)
+        check.check_batch_size(x)
     elif running_mean is None or running_var is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
 
-    n_channels = input.shape[1]
-    if input.size == 0:
+    n_channels = x.shape[1]
+    if x.size == 0:
         # An empty batch: empty output, running statistics untouched.
-        output = np.empty_like(input) if out is None else out
-        return output, SavedStats(np.zeros(n_channels), np.ones(n_channels), training)
+        output = backend.empty_like(x) if out is None else out_array
+        stats = (backend.filled(0.0, n_channels, _F64), backend.filled(1.0, n_channels, _F64))
+        return _returned(backend, output, input, out), SavedStats(*stats, training)
 
-    weight = _or_filled(weight, 1.0, input)
-    bias = _or_filled(bias, 0.0, input)
+    param_dtype = check.param_dtype(x.dtype)
+    weight = weight if weight is not None else backend.filled(1.0, n_channels, param_dtype)
+    bias = bias if bias is not None else backend.filled(0.0, n_channels, param_dtype)
     if training:
         update = running_mean is not None and running_var is not None
-        empty = _filled(0.0, 0, input.dtype)
         output, mean, invstd = backend.train_forward(
-            input,
+            x,
             weight,
             bias,
-            running_mean if update else empty,
-            running_var if update else empty,
+            running_mean if update else None,
+            running_var if update else None,
             momentum,
             eps,
-            out,
+            out_array,
         )
     else:
-        mean = running_mean.astype(np.float64)
-        invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-        output = backend.affine(input, mean, invstd * weight, bias.astype(np.float64), out)
-    return output, SavedStats(mean, invstd, training)
+        output, mean, invstd = backend.eval_forward(
+            x, running_mean, running_var, weight, bias, eps, out_array
+        )
+    return _returned(backend, output, input, out), SavedStats(mean, invstd, training)
+
+
+def _returned(backend: Backend, output: Any, input: Any, out: Any | None) -> Any:
+    """The caller's ``out``, or ``output`` as the kind of array ``input`` is."""
+    return out if out is not None else backend.like(output, input)
 
 
 def batch_norm(
-    input: np.ndarray,
-    running_mean: np.ndarray | None,
-    running_var: np.ndarray | None,
-    weight: np.ndarray | None = None,
-    bias: np.ndarray | None = None,
+    input: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
+    out: Array | None = None,
+) -> Array:
     """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
 
     See :func:`batch_norm_forward` for the parameters; this returns only the
@@ -184,13 +195,13 @@ def batch_norm(
 
 
 def batch_norm_backward(
-    grad_output: np.ndarray,
-    input: np.ndarray,
+    grad_output: Array,
+    input: Array,
     saved: SavedStats,
-    weight: np.ndarray | None = None,
+    weight: Array | None = None,
     *,
-    out: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    out: Array | None = None,
+) -> tuple[Array, Array | None, Array | None]:
     """Gradients of batch normalization.
 
     Parameters
@@ -215,34 +226,36 @@ def batch_norm_backward(
         dtype of ``weight``; None when ``weight`` is None.
     """
     backend = backend_for(grad_output=grad_output, input=input, weight=weight, out=out)
-    check.check_like("grad_output", grad_output, input)
-    check.check_dtype(input)
-    check.check_channel_vector("weight", weight, input)
-    check.check_out(out, input)
-    n_channels = input.shape[1]
-    if saved.mean.shape != (n_channels,):
+    dy, x, weight_array, out_array = map(backend.adopt, (grad_output, input, weight, out))
+    check.check_like("grad_output", dy, x)
+    check.check_dtype(x, backend.name)
+    check.check_channel_vector("weight", weight_array, x)
+    check.check_out(out_array, x)
+    n_channels = x.shape[1]
+    if tuple(saved.mean.shape) != (n_channels,):
         raise ValueError(
             f"saved statistics are for {saved.mean.shape[0]} channels but the input has "
             f"{n_channels}"
         )
-    if input.size == 0:
-        grad_input = np.empty_like(input) if out is None else out
+    if x.size == 0:
+        output = backend.empty_like(x) if out is None else out_array
+        grad_input = _returned(backend, output, input, out)
         if weight is None:
             return grad_input, None, None
-        return grad_input, np.zeros_like(weight), np.zeros_like(weight)
+        zeros = [backend.like(backend.zeros(n_channels, weight_array.dtype), weight) for _ in "wb"]
+        return grad_input, *zeros
 
-    mean, invstd = saved.mean, saved.invstd
     if saved.batch_stats:
-        grad_input, sum_dy, sum_dy_xmu = backend.train_backward(
-            grad_output, input, mean, invstd, _or_filled(weight, 1.0, input), out
+        if weight_array is None:
+            weight_array = backend.filled(1.0, n_channels, check.param_dtype(x.dtype))
+        grad_input, grad_weight, grad_bias = backend.train_backward(
+            dy, x, saved.mean, saved.invstd, weight_array, out_array
         )
     else:
-        zeros = np.zeros(n_channels)
-        scale = invstd if weight is None else weight * invstd
-        grad_input = backend.affine(grad_output, zeros, scale, zeros, out)
-        if weight is not None:
-            sum_dy, sum_dy_xmu = backend.grad_sums(grad_output, input, mean)
+        grad_input, grad_weight, grad_bias = backend.eval_backward(
+            dy, x, saved.mean, saved.invstd, weight_array, out_array
+        )
+    grad_input = _returned(backend, grad_input, input, out)
     if weight is None:
         return grad_input, None, None
-    grad_weight = (sum_dy_xmu * invstd).astype(weight.dtype)
-    return grad_input, grad_weight, sum_dy.astype(weight.dtype)
+    return grad_input, backend.like(grad_weight, weight), backend.like(grad_bias, weight)

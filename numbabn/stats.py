@@ -56,6 +56,8 @@ class ChannelStats:
     def update(self, x: np.ndarray) -> ChannelStats:
         """Add a batch of shape ``(N, C, *spatial)``; return self."""
         backend = backend_for(x=x)
+        if backend.name != "cpu":
+            raise TypeError(f"expected a NumPy array, got {type(x).__qualname__}")
         if x.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
         check.check_dtype(x)

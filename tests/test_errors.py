@@ -381,7 +381,7 @@ def test_torch_tensor_is_rejected(rng):
 
 
 def test_functional_not_an_array():
-    with pytest.raises(TypeError, match="input: expected a NumPy array, got builtins.list"):
+    with pytest.raises(TypeError, match="input: expected a NumPy array or a CUDA array, got builtins.list"):
         F.batch_norm([[1.0, 2.0], [3.0, 4.0]], None, None, training=True)
     with pytest.raises(TypeError, match="running_mean"):
         F.batch_norm(np.ones((2, 2)), [0.0, 0.0], np.ones(2))

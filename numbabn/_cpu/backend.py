@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -124,26 +125,55 @@ def _grad_from_sums(
     )
 
 
+def _adopt(array: np.ndarray | None) -> np.ndarray | None:
+    return array
+
+
+def _like(result: np.ndarray, original: np.ndarray) -> np.ndarray:
+    return result
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(value: float, n: int, dtype: np.dtype) -> np.ndarray:
+    """A shared constant vector standing in for a missing weight or bias (never written)."""
+    return np.full(n, value, dtype)
+
+
 class CpuBackend:
     """Batch-norm passes over NumPy arrays of any strides; per-channel vectors are float64."""
 
     name = "cpu"
+    adopt = staticmethod(_adopt)
+    like = staticmethod(_like)
+    empty_like = staticmethod(np.empty_like)
+    filled = staticmethod(_filled)
+
+    @staticmethod
+    def zeros(n: int, dtype: np.dtype) -> np.ndarray:
+        return np.zeros(n, dtype)
+
+    @staticmethod
+    def accumulate(target: np.ndarray, source: np.ndarray) -> None:
+        """``target += source`` for parameter-gradient vectors."""
+        target += source
 
     @staticmethod
     def train_forward(
         x: np.ndarray,
         weight: np.ndarray,
         bias: np.ndarray,
-        running_mean: np.ndarray,
-        running_var: np.ndarray,
+        running_mean: np.ndarray | None,
+        running_var: np.ndarray | None,
         momentum: float,
         eps: float,
         out: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalise with batch statistics; return ``(output, mean, invstd)`` (float64).
 
-        The running statistics are updated in place unless they are empty arrays.
+        The running statistics are updated in place unless they are None.
         """
+        if running_mean is None or running_var is None:
+            running_mean = running_var = _filled(0.0, 0, x.dtype)
         ops = _Operands(x)
         partials = ops.partials()
 
@@ -164,6 +194,22 @@ class CpuBackend:
             return mean, invstd
 
         output, (mean, invstd) = ops.write(out, kernel)
+        return output, mean, invstd
+
+    @staticmethod
+    def eval_forward(
+        x: np.ndarray,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        eps: float,
+        out: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Normalise with the running statistics; return ``(output, mean, invstd)``."""
+        mean = running_mean.astype(np.float64)
+        invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        output = CpuBackend.affine(x, mean, invstd * weight, bias.astype(np.float64), out)
         return output, mean, invstd
 
     @staticmethod
@@ -240,7 +286,7 @@ class CpuBackend:
         weight: np.ndarray,
         out: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Input gradient through batch statistics; return ``(dx, sum(dy), sum(dy*(x-mean)))``."""
+        """Gradients through batch statistics: ``(dx, dweight, dbias)``, in ``weight``'s dtype."""
         ops = _Operands(x)
         dy_view = ops.input_view(dy)
         partials = ops.partials()
@@ -259,4 +305,29 @@ class CpuBackend:
             return totals
 
         grad_input, totals = ops.write(out, kernel)
-        return grad_input, totals[0], totals[1]
+        return grad_input, *_param_grads(totals[0], totals[1], invstd, weight.dtype)
+
+    @staticmethod
+    def eval_backward(
+        dy: np.ndarray,
+        x: np.ndarray,
+        mean: np.ndarray,
+        invstd: np.ndarray,
+        weight: np.ndarray | None,
+        out: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Gradients through fixed statistics: ``dx = dy * weight * invstd``."""
+        zeros = np.zeros_like(mean)
+        scale = invstd if weight is None else weight * invstd
+        grad_input = CpuBackend.affine(dy, zeros, scale, zeros, out)
+        if weight is None:
+            return grad_input, None, None
+        sum_dy, sum_dy_xmu = CpuBackend.grad_sums(dy, x, mean)
+        return grad_input, *_param_grads(sum_dy, sum_dy_xmu, invstd, weight.dtype)
+
+
+def _param_grads(
+    sum_dy: np.ndarray, sum_dy_xmu: np.ndarray, invstd: np.ndarray, dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(dweight, dbias) = (sum(dy * xhat), sum(dy))`` in the parameters' dtype."""
+    return (sum_dy_xmu * invstd).astype(dtype), sum_dy.astype(dtype)

@@ -85,22 +85,30 @@ class Layout:
         """Return ``array`` viewed in this layout, or None if its strides do not allow it."""
         if self.c_order and array.flags.c_contiguous:
             return array.reshape(self.view_shape)
-        strides = []
+        strides = self.view_strides(array.shape, array.strides)
+        return None if strides is None else as_strided(array, self.view_shape, strides)
+
+    def view_strides(
+        self, shape: tuple[int, ...], strides: tuple[int, ...]
+    ) -> tuple[int, ...] | None:
+        """Strides of the view of an array of ``shape`` and ``strides``; None if it has none."""
+        merged = []
         for axes in self.slots:
             for outer, inner in zip(axes[:-1], axes[1:], strict=True):
-                if array.strides[outer] != array.shape[inner] * array.strides[inner]:
+                if strides[outer] != shape[inner] * strides[inner]:
                     return None
-            strides.append(array.strides[axes[-1]] if axes else 0)
-        return as_strided(array, self.view_shape, tuple(strides))
+            merged.append(strides[axes[-1]] if axes else 0)
+        return tuple(merged)
 
 
 def plan(x: np.ndarray) -> Layout | None:
     """Choose the canonical layout for ``x``; None when no copy-free view exists."""
-    return _plan(x.shape, x.strides)
+    return plan_strided(x.shape, x.strides)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | None:
+def plan_strided(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | None:
+    """Choose the canonical layout for an array of ``shape`` and byte ``strides``."""
     n_channels = shape[1]
     axes = [axis for axis in range(len(shape)) if axis != 1 and shape[axis] != 1]
     axes.sort(key=lambda axis: -abs(strides[axis]))

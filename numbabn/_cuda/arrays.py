@@ -1,0 +1,102 @@
+"""Device arrays: taking them in without copies, viewing, allocating, handing them back.
+
+Anything with ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays,
+PyTorch CUDA tensors) is viewed as a Numba device array over the same memory.
+Results go back to the caller as the kind of array the caller passed in.
+Under Numba's CUDA simulator, device arrays wrap host NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from typing import Any
+
+import numpy as np
+from numba import cuda
+from numba.cuda.core import config
+from numba.cuda.cudadrv import devicearray
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+
+def adopt(array: Any) -> Any:
+    """View ``array`` as a Numba device array without copying (None stays None)."""
+    if array is None or devicearray.is_cuda_ndarray(array):
+        return array
+    # Kernels run on the default stream, which orders them after the producer's
+    # work there; waiting on the host would stall the pipeline.
+    return cuda.as_cuda_array(array, sync=False)
+
+
+def like(result: Any, original: Any) -> Any:
+    """``result`` (a Numba device array) as the kind of array ``original`` is, without a copy."""
+    library = type(original).__module__.partition(".")[0]
+    if library == "cupy":
+        return sys.modules["cupy"].asarray(result)
+    if library == "torch":
+        return sys.modules["torch"].as_tensor(result, device=original.device)
+    return result
+
+
+def view(array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+    """A view of ``array`` with another shape and strides, starting at the same element."""
+    if SIMULATOR:
+        return type(array)(np.lib.stride_tricks.as_strided(array._ary, shape, strides))
+    return devicearray.DeviceNDArray(
+        shape, strides, array.dtype, stream=array.stream, gpu_data=array.gpu_data
+    )
+
+
+def empty(shape: tuple[int, ...], dtype: Any) -> Any:
+    """A new C-contiguous device array."""
+    return cuda.device_array(shape, dtype)
+
+
+def empty_like(array: Any) -> Any:
+    """A new device array shaped like ``array``, its axes in the same memory order."""
+    order = sorted(range(array.ndim), key=lambda axis: -abs(array.strides[axis]))
+    dense = empty(tuple(array.shape[axis] for axis in order), array.dtype)
+    strides = [0] * array.ndim
+    for position, axis in enumerate(order):
+        strides[axis] = dense.strides[position]
+    return view(dense, tuple(array.shape), tuple(strides))
+
+
+def to_device(array: np.ndarray) -> Any:
+    """Copy a host array to a new device array."""
+    return cuda.to_device(np.ascontiguousarray(array))
+
+
+def to_host(array: Any) -> np.ndarray:
+    """Copy a device array (any strides) to a new host array."""
+    if SIMULATOR:
+        return np.array(array._ary)
+    if array.is_c_contiguous() or array.is_f_contiguous():
+        return array.copy_to_host()
+    staged = empty(tuple(array.shape), array.dtype)
+    copy(array, staged)
+    return staged.copy_to_host()
+
+
+def as_5d(array: Any) -> Any:
+    """``array`` viewed with size-1 axes added in front, to five axes."""
+    pad = 5 - array.ndim
+    return view(array, (1,) * pad + tuple(array.shape), (0,) * pad + tuple(array.strides))
+
+
+def copy(source: Any, target: Any) -> None:
+    """``target[...] = source`` on the device, for arrays of one shape and any strides."""
+    from numbabn._cuda import kernels
+
+    n = math.prod(source.shape)
+    if n:
+        blocks = -(-n // kernels.THREADS)
+        kernels.copy_5d[blocks, kernels.THREADS](as_5d(source), as_5d(target))
+
+
+@functools.lru_cache(maxsize=64)
+def filled(value: float, n: int, dtype: np.dtype) -> Any:
+    """A shared constant device vector standing in for a missing weight or bias."""
+    return to_device(np.full(n, value, dtype))

@@ -1,0 +1,239 @@
+"""Host-side driver of the CUDA kernels: views, grids, scratch and launches."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from numbabn._cpu.layout import plan_strided
+from numbabn._cuda import arrays, kernels
+
+# Grids aim at this many blocks, each thread taking between MIN_PER_THREAD and
+# MAX_PER_THREAD values: enough blocks to fill a large GPU, enough work per
+# thread to amortise the block's reduction. Depends on the shape alone, so
+# results do not depend on the GPU.
+TARGET_BLOCKS = 2048
+MIN_PER_THREAD = 4
+MAX_PER_THREAD = 64
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """How one input shape and memory layout maps onto the kernels."""
+
+    slots_view: Any  # the CPU layout whose axis groups the view follows
+    shape: tuple[int, int, int, int]
+    channel_lanes: bool
+    per_block: int
+    n_chunks: int
+    n_groups: int
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return (self.n_chunks, self.n_groups)
+
+    def view(self, array: Any) -> Any | None:
+        """``array`` as the kernels' ``(A, C, R, S)`` operand; None if its strides do not fit."""
+        strides = self.slots_view.view_strides(tuple(array.shape), tuple(array.strides))
+        if strides is None:
+            return None
+        if self.channel_lanes:
+            strides = (strides[0], strides[3], 0, 0)
+        return arrays.view(array, self.shape, strides)
+
+
+@functools.lru_cache(maxsize=256)
+def _grid(
+    shape: tuple[int, ...], strides: tuple[int, ...], threads: int, lanes: int, target: int
+) -> _Grid | None:
+    layout = plan_strided(shape, strides)
+    if layout is None:
+        return None
+    if layout.channels_inner:
+        n_values, _, _, n_channels = layout.view_shape
+        view_shape = (n_values, n_channels, 1, 1)
+        n_groups = -(-n_channels // lanes)
+        threads_per_channel = threads // lanes
+    else:
+        a, n_channels, r, s = layout.view_shape
+        view_shape = (a, n_channels, r, s)
+        n_values = a * r * s
+        n_groups = n_channels
+        threads_per_channel = threads
+    wanted = -(-n_values * n_groups // target)
+    per_thread = min(MAX_PER_THREAD, max(MIN_PER_THREAD, -(-wanted // threads_per_channel)))
+    per_block = per_thread * threads_per_channel
+    n_chunks = max(1, -(-n_values // per_block))
+    return _Grid(layout, view_shape, layout.channels_inner, per_block, n_chunks, n_groups)
+
+
+@functools.lru_cache(maxsize=64)
+def _scratch(n_channels: int, n_chunks: int, n_groups: int) -> tuple[Any, Any]:
+    """Reused partials and group counters (the kernels leave the counters at zero).
+
+    Launches on the default stream run one after another, so one set per shape is enough.
+    """
+    partials = arrays.empty((n_channels, n_chunks, 2), np.float64)
+    counters = arrays.to_device(np.zeros(n_groups, np.int32))
+    return partials, counters
+
+
+class _Operands:
+    """``x`` viewed for the kernels, plus views of further arrays shaped like it."""
+
+    def __init__(self, x: Any) -> None:
+        grid = _grid(
+            tuple(x.shape), tuple(x.strides), kernels.THREADS, kernels.LANES, TARGET_BLOCKS
+        )
+        if grid is None:
+            # More than three separately strided axis groups: the one case that copies.
+            staged = arrays.empty(tuple(x.shape), x.dtype)
+            arrays.copy(x, staged)
+            x = staged
+            grid = _grid(
+                tuple(x.shape), tuple(x.strides), kernels.THREADS, kernels.LANES, TARGET_BLOCKS
+            )
+        self.x = x
+        self.grid = grid
+        self.view = grid.view(x)
+
+    def input_view(self, array: Any) -> Any:
+        """View another input, copying it into ``x``'s layout if its strides differ."""
+        view = self.grid.view(array)
+        if view is None:
+            staged = arrays.empty_like(self.x)
+            arrays.copy(array, staged)
+            view = self.grid.view(staged)
+        return view
+
+    def scratch(self) -> tuple[Any, Any]:
+        return _scratch(self.x.shape[1], self.grid.n_chunks, self.grid.n_groups)
+
+    def launch(self, kernel: Any, *args: Any) -> None:
+        kernel[self.grid.blocks, kernels.THREADS](*args)
+
+    def elementwise(self, x_view: Any, dy_view: Any, mode: int, coeffs: Any, out: Any) -> Any:
+        """Run the elementwise kernel into ``out`` (allocated like ``x`` when None)."""
+        target = arrays.empty_like(self.x) if out is None else out
+        view = self.grid.view(target)
+        staged = None
+        if view is None:
+            staged = arrays.empty_like(self.x)
+            view = self.grid.view(staged)
+        grid = self.grid
+        self.launch(
+            kernels.elementwise, x_view, dy_view, grid.channel_lanes, grid.per_block, mode,
+            coeffs, view,
+        )  # fmt: skip
+        if staged is not None:
+            arrays.copy(staged, target)
+        return target
+
+
+def _vector_blocks(n: int) -> tuple[int, int]:
+    return (-(-n // kernels.THREADS), kernels.THREADS)
+
+
+class CudaBackend:
+    """Batch-norm passes over device arrays; per-channel statistics are float64 device vectors."""
+
+    name = "cuda"
+    adopt = staticmethod(arrays.adopt)
+    like = staticmethod(arrays.like)
+    empty_like = staticmethod(arrays.empty_like)
+    filled = staticmethod(arrays.filled)
+
+    @staticmethod
+    def train_forward(
+        x: Any,
+        weight: Any,
+        bias: Any,
+        running_mean: Any | None,
+        running_var: Any | None,
+        momentum: float,
+        eps: float,
+        out: Any | None,
+    ) -> tuple[Any, Any, Any]:
+        """Normalise with batch statistics; return ``(output, mean, invstd)``.
+
+        The running statistics are updated in place unless they are None.
+        """
+        ops = _Operands(x)
+        coeffs = arrays.empty((4, x.shape[1]), np.float64)
+        partials, counters = ops.scratch()
+        update = running_mean is not None
+        grid = ops.grid
+        ops.launch(
+            kernels.forward_statistics, ops.view, grid.channel_lanes, grid.per_block, weight, bias,
+            running_mean if update else weight, running_var if update else weight,
+            momentum if update else -1.0, eps, coeffs, partials, counters,
+        )  # fmt: skip
+        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
+        return output, coeffs[0], coeffs[1]
+
+    @staticmethod
+    def eval_forward(
+        x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float,
+        out: Any | None,
+    ) -> tuple[Any, Any, Any]:  # fmt: skip
+        """Normalise with the running statistics; return ``(output, mean, invstd)``."""
+        ops = _Operands(x)
+        n_channels = x.shape[1]
+        coeffs = arrays.empty((4, n_channels), np.float64)
+        kernels.running_coefficients[_vector_blocks(n_channels)](
+            running_mean, running_var, weight, bias, eps, coeffs
+        )
+        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
+        return output, coeffs[0], coeffs[1]
+
+    @staticmethod
+    def _gradient_sums(
+        dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, input_grad: bool
+    ) -> tuple[_Operands, Any, Any, Any]:
+        ops = _Operands(x)
+        dy_view = ops.input_view(dy)
+        n_channels = x.shape[1]
+        coeffs = arrays.empty((4, n_channels), np.float64)
+        grads = arrays.empty((2, n_channels), weight.dtype)
+        partials, counters = ops.scratch()
+        grid = ops.grid
+        ops.launch(
+            kernels.gradient_sums, dy_view, ops.view, grid.channel_lanes, grid.per_block, mean,
+            invstd, weight, input_grad, coeffs, grads, partials, counters,
+        )  # fmt: skip
+        return ops, dy_view, coeffs, grads
+
+    @staticmethod
+    def train_backward(
+        dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, out: Any | None
+    ) -> tuple[Any, Any, Any]:
+        """Gradients through batch statistics: ``(dx, dweight, dbias)``, in ``weight``'s dtype."""
+        ops, dy_view, coeffs, grads = CudaBackend._gradient_sums(dy, x, mean, invstd, weight, True)
+        grad_input = ops.elementwise(ops.view, dy_view, kernels.GRADIENT, coeffs, out)
+        return grad_input, grads[0], grads[1]
+
+    @staticmethod
+    def eval_backward(
+        dy: Any, x: Any, mean: Any, invstd: Any, weight: Any | None, out: Any | None
+    ) -> tuple[Any, Any | None, Any | None]:
+        """Gradients through fixed statistics: ``dx = dy * weight * invstd``."""
+        n_channels = x.shape[1]
+        scale_weight = arrays.filled(1.0, n_channels, np.dtype(np.float32))
+        grads = (None, None)
+        if weight is not None:
+            scale_weight = weight
+            _, _, _, sums = CudaBackend._gradient_sums(dy, x, mean, invstd, weight, False)
+            grads = (sums[0], sums[1])
+        coeffs = arrays.empty((4, n_channels), np.float64)
+        kernels.gradient_scale[_vector_blocks(n_channels)](invstd, scale_weight, coeffs)
+        ops = _Operands(dy)
+        grad_input = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
+        return grad_input, *grads
+
+    @staticmethod
+    def accumulate(target: Any, source: Any) -> None:
+        """``target += source`` for parameter-gradient vectors."""
+        kernels.accumulate[_vector_blocks(target.shape[0])](target, source)

@@ -1,0 +1,320 @@
+"""Numba CUDA kernels.
+
+Every operand is a 4-D view ``(A, C, R, S)`` of the caller's array (see
+:mod:`numbabn._cpu.layout`; the channels-inner layout is ``(P, C, 1, 1)`` here).
+The grid is ``(chunks, channel groups)``: block ``(i, j)`` covers chunk ``i`` of
+the ``A * R * S`` values of its channel group ``j``, which is one channel for
+planar data (threads walk along ``S``) or ``LANES`` adjacent channels for
+channels-inner data (a warp reads ``LANES`` neighbouring channels at once).
+
+Reductions are deterministic without floating-point atomics: each block sums
+its values in a fixed order and writes one partial per channel; the last block
+of a channel group to finish (an integer counter tells which) adds the
+partials in block order and computes the per-channel coefficients, so a
+training pass is two launches, statistics then the elementwise pass. The grid
+depends only on the shape, never on the GPU, so results are reproducible.
+
+Values are accumulated in float64 around a per-channel shift (the channel's
+first value for the statistics, the mean for the gradient sums), which keeps
+data far from zero precise; the elementwise pass also works in float64 and
+rounds once.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float64, int32
+
+# Threads per block, and channels per block in the channels-inner layout. The
+# tests patch them small (under the simulator) so that ragged edges run.
+THREADS = 256
+LANES = 32
+
+# What the elementwise kernel computes.
+AFFINE = 0  # out = (x - c0) * c2 + c3
+GRADIENT = 1  # out = c1 * dy + c2 * (x - c0) + c3
+
+
+@cuda.jit(device=True)
+def _thread_range(channel_lanes, per_block, n_channels):
+    """This thread's channel, first value index, stop and step within the block's chunk."""
+    t = cuda.threadIdx.x
+    if channel_lanes:
+        channel = cuda.blockIdx.y * LANES + t % LANES
+        first = t // LANES
+        step = THREADS // LANES
+    else:
+        channel = cuda.blockIdx.y
+        first = t
+        step = THREADS
+    start = cuda.blockIdx.x * per_block
+    return channel, start + first, start + per_block, step, channel < n_channels
+
+
+@cuda.jit(device=True)
+def _thread_sums(v, u, kv, ku, squares, channel, k, stop, step):
+    """``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` over this thread's values."""
+    n_r = v.shape[2]
+    n_s = v.shape[3]
+    stop = min(stop, v.shape[0] * n_r * n_s)
+    a, r, s = _unravel(k, n_r, n_s)
+    da, dr, ds = _unravel(step, n_r, n_s)
+    sum_v = 0.0
+    sum_vu = 0.0
+    while k < stop:
+        dv = float64(v[a, channel, r, s]) - kv
+        sum_v += dv
+        if squares:
+            sum_vu += dv * dv
+        else:
+            sum_vu += dv * (float64(u[a, channel, r, s]) - ku)
+        k += step
+        a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
+    return sum_v, sum_vu
+
+
+@cuda.jit(device=True)
+def _unravel(k, n_r, n_s):
+    """Value ``k`` of a channel as ``(a, r, s)``."""
+    q = k // n_s
+    return q // n_r, q % n_r, k % n_s
+
+
+@cuda.jit(device=True)
+def _advance(a, r, s, da, dr, ds, n_r, n_s):
+    """``(a, r, s)`` moved on by ``(da, dr, ds)``, with carries (no division)."""
+    s += ds
+    r += dr
+    if s >= n_s:
+        s -= n_s
+        r += 1
+    a += da
+    if r >= n_r:
+        r -= n_r
+        a += 1
+    return a, r, s
+
+
+@cuda.jit(device=True)
+def _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
+    """Reduce the block's per-thread sums in a fixed order into ``partials[c, chunk]``.
+
+    Returns True in the last block of the channel group to finish; that block
+    then sees every other block's partials.
+    """
+    t = cuda.threadIdx.x
+    shared_v = cuda.shared.array(THREADS, float64)
+    shared_vu = cuda.shared.array(THREADS, float64)
+    shared_v[t] = sum_v
+    shared_vu[t] = sum_vu
+    cuda.syncthreads()
+    # Channels-inner blocks keep one sum per lane: pairs stay LANES apart.
+    keep = LANES if channel_lanes else 1
+    width = THREADS // 2
+    while width >= keep:
+        if t < width:
+            shared_v[t] += shared_v[t + width]
+            shared_vu[t] += shared_vu[t + width]
+        cuda.syncthreads()
+        width //= 2
+    channel = cuda.blockIdx.y * LANES + t if channel_lanes else cuda.blockIdx.y
+    if t < keep and channel < partials.shape[0]:
+        partials[channel, cuda.blockIdx.x, 0] = shared_v[t]
+        partials[channel, cuda.blockIdx.x, 1] = shared_vu[t]
+    return _last_block(counters)
+
+
+@cuda.jit(device=True)
+def _last_block(counters):
+    """Whether this block is the last of its channel group to have written its partials."""
+    is_last = cuda.shared.array(1, int32)
+    cuda.threadfence()
+    cuda.syncthreads()
+    if cuda.threadIdx.x == 0:
+        finished = cuda.atomic.add(counters, cuda.blockIdx.y, 1)
+        is_last[0] = 1 if finished == cuda.gridDim.x - 1 else 0
+    cuda.syncthreads()
+    return is_last[0] != 0
+
+
+@cuda.jit(device=True)
+def _totals(partials, channel):
+    """A channel's partials summed in block order."""
+    total_v = 0.0
+    total_vu = 0.0
+    for chunk in range(partials.shape[1]):
+        total_v += partials[channel, chunk, 0]
+        total_vu += partials[channel, chunk, 1]
+    return total_v, total_vu
+
+
+@cuda.jit(device=True)
+def _finishing_channel(channel_lanes, n_channels):
+    """The channel this thread finishes in the last block, or -1."""
+    t = cuda.threadIdx.x
+    if channel_lanes:
+        channel = cuda.blockIdx.y * LANES + t
+        return channel if t < LANES and channel < n_channels else -1
+    return cuda.blockIdx.y if t == 0 else -1
+
+
+@cuda.jit
+def forward_statistics(
+    x, channel_lanes, per_block, weight, bias, running_mean, running_var, momentum, eps,
+    coeffs, partials, counters,
+):  # fmt: skip
+    """Batch statistics; writes ``coeffs = [mean, invstd, weight * invstd, bias]``.
+
+    Updates the running statistics in place when ``momentum`` is not negative.
+    """
+    n_channels = x.shape[1]
+    channel, k, stop, step, active = _thread_range(channel_lanes, per_block, n_channels)
+    sum_v = 0.0
+    sum_vu = 0.0
+    if active:
+        shift = float64(x[0, channel, 0, 0])
+        sum_v, sum_vu = _thread_sums(x, x, shift, shift, True, channel, k, stop, step)
+    if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
+        return
+    c = _finishing_channel(channel_lanes, n_channels)
+    if c >= 0:
+        total_v, total_vu = _totals(partials, c)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        shift = float64(x[0, c, 0, 0])
+        mean = shift + total_v / count
+        var = max(total_vu - total_v * total_v / count, 0.0) / count
+        invstd = 1.0 / math.sqrt(var + eps)
+        coeffs[0, c] = mean
+        coeffs[1, c] = invstd
+        coeffs[2, c] = float64(weight[c]) * invstd
+        coeffs[3, c] = float64(bias[c])
+        if momentum >= 0.0:
+            # The running variance takes the unbiased estimate.
+            unbiased = var * count / max(count - 1, 1)
+            running_mean[c] = (1.0 - momentum) * float64(running_mean[c]) + momentum * mean
+            running_var[c] = (1.0 - momentum) * float64(running_var[c]) + momentum * unbiased
+    _reset_counter(counters)
+
+
+@cuda.jit(device=True)
+def _reset_counter(counters):
+    """Leave the group's counter at zero for the next launch (the scratch is reused)."""
+    if cuda.threadIdx.x == 0:
+        counters[cuda.blockIdx.y] = 0
+
+
+@cuda.jit
+def gradient_sums(
+    dy, x, channel_lanes, per_block, mean, invstd, weight, input_grad, coeffs, grads, partials,
+    counters,
+):  # fmt: skip
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel, finished into gradients.
+
+    Writes ``grads = [sum(dy * xhat), sum(dy)]`` (the weight and bias
+    gradients) and, with ``input_grad``, ``coeffs = [mean, alpha, beta, gamma]``
+    of ``dx = alpha * dy + beta * (x - mean) + gamma``, the input gradient
+    through the batch statistics.
+    """
+    n_channels = x.shape[1]
+    channel, k, stop, step, active = _thread_range(channel_lanes, per_block, n_channels)
+    sum_v = 0.0
+    sum_vu = 0.0
+    if active:
+        sum_v, sum_vu = _thread_sums(dy, x, 0.0, mean[channel], False, channel, k, stop, step)
+    if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
+        return
+    c = _finishing_channel(channel_lanes, n_channels)
+    if c >= 0:
+        sum_dy, sum_dy_xmu = _totals(partials, c)
+        grads[0, c] = sum_dy_xmu * invstd[c]
+        grads[1, c] = sum_dy
+        if input_grad:
+            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            alpha = float64(weight[c]) * invstd[c]
+            coeffs[0, c] = mean[c]
+            coeffs[1, c] = alpha
+            coeffs[2, c] = -alpha * invstd[c] * invstd[c] * sum_dy_xmu / count
+            coeffs[3, c] = -alpha * sum_dy / count
+    _reset_counter(counters)
+
+
+@cuda.jit
+def elementwise(x, dy, channel_lanes, per_block, mode, coeffs, out):
+    """``out`` from ``x`` (and ``dy``) with per-channel ``coeffs``, in float64.
+
+    ``AFFINE``: ``(x - c0) * c2 + c3``; ``GRADIENT``: ``c1 * dy + c2 * (x - c0) + c3``.
+    """
+    channel, k, stop, step, active = _thread_range(channel_lanes, per_block, x.shape[1])
+    if not active:
+        return
+    n_r = x.shape[2]
+    n_s = x.shape[3]
+    stop = min(stop, x.shape[0] * n_r * n_s)
+    a, r, s = _unravel(k, n_r, n_s)
+    da, dr, ds = _unravel(step, n_r, n_s)
+    c0 = coeffs[0, channel]
+    c1 = coeffs[1, channel]
+    c2 = coeffs[2, channel]
+    c3 = coeffs[3, channel]
+    while k < stop:
+        centred = float64(x[a, channel, r, s]) - c0
+        if mode == GRADIENT:
+            out[a, channel, r, s] = c1 * float64(dy[a, channel, r, s]) + c2 * centred + c3
+        else:
+            out[a, channel, r, s] = centred * c2 + c3
+        k += step
+        a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
+
+
+@cuda.jit
+def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
+    """Evaluation coefficients ``[mean, invstd, weight * invstd, bias]`` from running statistics."""
+    c = cuda.grid(1)
+    if c < coeffs.shape[1]:
+        invstd = 1.0 / math.sqrt(float64(running_var[c]) + eps)
+        coeffs[0, c] = float64(running_mean[c])
+        coeffs[1, c] = invstd
+        coeffs[2, c] = float64(weight[c]) * invstd
+        coeffs[3, c] = float64(bias[c])
+
+
+@cuda.jit
+def gradient_scale(invstd, weight, coeffs):
+    """Coefficients ``[0, invstd, weight * invstd, 0]`` of ``dx = dy * weight * invstd``."""
+    c = cuda.grid(1)
+    if c < coeffs.shape[1]:
+        coeffs[0, c] = 0.0
+        coeffs[1, c] = invstd[c]
+        coeffs[2, c] = float64(weight[c]) * invstd[c]
+        coeffs[3, c] = 0.0
+
+
+@cuda.jit
+def accumulate(target, source):
+    """``target += source`` for vectors."""
+    i = cuda.grid(1)
+    if i < target.shape[0]:
+        target[i] += source[i]
+
+
+@cuda.jit
+def copy_5d(source, target):
+    """``target[...] = source`` for 5-D arrays of any strides (a staging copy)."""
+    i = cuda.grid(1)
+    n4 = target.shape[4]
+    n3 = target.shape[3]
+    n2 = target.shape[2]
+    n1 = target.shape[1]
+    if i >= n1 * n2 * n3 * n4 * target.shape[0]:
+        return
+    i4 = i % n4
+    i //= n4
+    i3 = i % n3
+    i //= n3
+    i2 = i % n2
+    i //= n2
+    i1 = i % n1
+    i0 = i // n1
+    target[i0, i1, i2, i3, i4] = source[i0, i1, i2, i3, i4]
