@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test lint asv-quick bench bench-sync clean
+.PHONY: demo test test-gpu lint asv-quick bench bench-gpu bench-sync clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,24 @@ demo: $(VENV)/.installed-base
 test: $(VENV)/.installed-test lint
 	$(PY) -m pytest
 	$(MAKE) asv-quick
+
+# On a GPU machine that already has numpy, numba-cuda and pytest (and no network),
+# name its Python instead of the venv: make test-gpu GPU_PYTHON=python3
+ifdef GPU_PYTHON
+GPU_RUN := NUMBA_ENABLE_CUDASIM=0 $(GPU_PYTHON)
+GPU_DEPS :=
+else
+GPU_RUN := NUMBA_ENABLE_CUDASIM=0 $(PY)
+GPU_DEPS := $(VENV)/.installed-test
+endif
+
+## test-gpu: the CUDA backend's tests on a real NVIDIA GPU, without the simulator
+test-gpu: $(GPU_DEPS)
+	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py
+
+## bench-gpu: numbabn on the GPU beside PyTorch's CUDA batch norm and a streaming roofline
+bench-gpu: $(GPU_DEPS)
+	$(GPU_RUN) -m numbabn.bench --device cuda
 
 ## asv-quick: run each asv benchmark once in this environment (fails on a broken one)
 asv-quick: $(VENV)/.installed-test

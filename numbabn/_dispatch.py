@@ -25,6 +25,11 @@ class Backend(Protocol):
     def empty_like(self, x: Any) -> Any: ...
     def filled(self, value: float, n: int, dtype: np.dtype) -> Any: ...
     def zeros(self, n: int, dtype: np.dtype) -> Any: ...
+    def from_host(self, array: np.ndarray) -> Any: ...
+    def to_host(self, array: Any) -> np.ndarray: ...
+    def fill(self, array: Any, value: float) -> None: ...
+    def assign(self, target: Any, values: np.ndarray) -> None: ...
+    def may_share_memory(self, a: Any, b: Any) -> bool: ...
     def accumulate(self, target: Any, source: Any) -> None: ...
     def train_forward(self, x, weight, bias, running_mean, running_var, momentum, eps, out): ...
     def eval_forward(self, x, running_mean, running_var, weight, bias, eps, out): ...
@@ -62,6 +67,35 @@ def cuda_backend() -> Backend:
     from numbabn._cuda import CudaBackend
 
     return CudaBackend()
+
+
+def backend_named(device: str) -> Backend:
+    """The backend of a module placed on ``device`` ("cpu" or "cuda").
+
+    Raises
+    ------
+    ValueError
+        For ``"cuda"`` when no CUDA GPU can be used.
+    """
+    if device == "cpu":
+        return _CPU
+    from numba import cuda
+
+    backend = cuda_backend()
+    if not cuda.is_available():
+        raise ValueError(
+            "device 'cuda' is not available: Numba finds no usable CUDA GPU "
+            "(set NUMBA_ENABLE_CUDASIM=1 to run the CUDA kernels in Numba's simulator)"
+        )
+    return backend
+
+
+def array_kind(array: object) -> str | None:
+    """ "cpu" for NumPy arrays, "cuda" for CUDA arrays, None for anything else."""
+    try:
+        return _kind(array)
+    except TypeError:
+        return None
 
 
 def backend_for(**arrays: object) -> Backend:

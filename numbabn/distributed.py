@@ -54,6 +54,13 @@ def _exchange(comm: Any, local_error: Exception | None, payload: Any) -> list[An
     return [item for _, item in gathered]
 
 
+def _check_host(device: str | None) -> None:
+    if device not in (None, "cpu"):
+        raise ValueError(
+            f"SyncBatchNorm exchanges host arrays over MPI and runs on 'cpu'; got device {device!r}"
+        )
+
+
 class SyncBatchNorm(_BatchNorm):
     """Batch normalization over the whole batch spread across MPI ranks.
 
@@ -86,11 +93,17 @@ class SyncBatchNorm(_BatchNorm):
         bias: bool = True,
         comm: Any = None,
     ) -> None:
+        _check_host(device)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.comm = _world() if comm is None else comm
         self._total_count: int | None = None
+
+    def to(self, device: str) -> SyncBatchNorm:
+        """Stay on the CPU (``"cpu"``); any other device raises ValueError."""
+        _check_host(device)
+        return self
 
     def _check_input(self, x: np.ndarray) -> None:
         if not isinstance(x, np.ndarray):

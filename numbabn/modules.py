@@ -9,6 +9,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 
 from numbabn import _validation as check
+from numbabn._dispatch import array_kind, backend_named, cuda_backend
 from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
 
 __all__ = [
@@ -31,9 +32,21 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
-def _check_device(device: str | None) -> None:
-    if device not in (None, "cpu"):
-        raise ValueError(f"device {device!r} is not available; numbabn runs on 'cpu'")
+def _device_name(device: str | None) -> str:
+    """``"cpu"`` or ``"cuda"`` for a device argument (None means the CPU)."""
+    if device is None:
+        return "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not available; numbabn runs on 'cpu' or 'cuda'")
+    return device
+
+
+def _host_array(value: Any) -> np.ndarray:
+    """A state-dict value as a NumPy array (device arrays are copied to the host)."""
+    if array_kind(value) == "cuda":
+        backend = cuda_backend()
+        return backend.to_host(backend.adopt(value))
+    return np.asarray(value)
 
 
 class _BatchNorm:
@@ -54,7 +67,8 @@ class _BatchNorm:
         *,
         bias: bool = True,
     ) -> None:
-        _check_device(device)
+        self.device = _device_name(device)
+        self._backend = backend_named(self.device)
         dtype = np.dtype(np.float32 if dtype is None else dtype)
         if dtype not in check.SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; use float32 or float64")
@@ -76,11 +90,13 @@ class _BatchNorm:
             raise ValueError(f"num_features must be a non-negative integer, got {num_features}")
         self.num_features = int(num_features)
         c, dtype = self.num_features, self.dtype
-        self.weight = np.ones(c, dtype) if self.affine else None
-        self.bias = np.zeros(c, dtype) if self.has_bias else None
+        new = self._backend.from_host
+        self.weight = new(np.ones(c, dtype)) if self.affine else None
+        self.bias = new(np.zeros(c, dtype)) if self.has_bias else None
         if self.track_running_stats:
-            self.running_mean = np.zeros(c, dtype)
-            self.running_var = np.ones(c, dtype)
+            self.running_mean = new(np.zeros(c, dtype))
+            self.running_var = new(np.ones(c, dtype))
+            # A host counter on every device: momentum=None reads it each step.
             self.num_batches_tracked = np.array(0, dtype=np.int64)
         else:
             self.running_mean = self.running_var = self.num_batches_tracked = None
@@ -104,17 +120,17 @@ class _BatchNorm:
     def reset_running_stats(self) -> None:
         """Set running mean to 0, running variance to 1 and the batch counter to 0."""
         if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
+            self._backend.fill(self.running_mean, 0.0)
+            self._backend.fill(self.running_var, 1.0)
             self.num_batches_tracked[...] = 0
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, weight to 1 and bias to 0."""
         self.reset_running_stats()
         if self.weight is not None:
-            self.weight[...] = 1
+            self._backend.fill(self.weight, 1.0)
         if self.bias is not None:
-            self.bias[...] = 0
+            self._backend.fill(self.bias, 0.0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear accumulated gradients (to None, or to zeros with ``set_to_none=False``)."""
@@ -122,14 +138,57 @@ class _BatchNorm:
             if set_to_none or grad is None:
                 self.grads[name] = None
             else:
-                grad[...] = 0
+                self._backend.fill(grad, 0.0)
+
+    def to(self, device: str) -> _BatchNorm:
+        """Move parameters, running statistics and gradients to ``device``; return self.
+
+        ``device`` is ``"cpu"`` (NumPy arrays) or ``"cuda"`` (Numba device
+        arrays). The batch counter stays a host array. A pending backward is
+        dropped: call forward again on the new device.
+        """
+        target = _device_name(device)
+        if target == self.device:
+            return self
+        backend = backend_named(target)
+
+        def moved(array: Any) -> Any:
+            return None if array is None else backend.from_host(self._backend.to_host(array))
+
+        # Copy everything first, so a failure leaves the module where it was.
+        state = {key: moved(getattr(self, key)) for key in _STATE_KEYS[:4]}
+        grads = {name: moved(grad) for name, grad in self.grads.items()}
+        for key, value in state.items():
+            setattr(self, key, value)
+        self.grads = grads
+        self.device, self._backend = target, backend
+        self._saved = None
+        return self
+
+    def cpu(self) -> _BatchNorm:
+        """Same as ``to("cpu")``."""
+        return self.to("cpu")
+
+    def cuda(self) -> _BatchNorm:
+        """Same as ``to("cuda")``."""
+        return self.to("cuda")
 
     # -- forward and backward ---------------------------------------------
 
-    def _check_input(self, x: np.ndarray) -> None:
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"expected a NumPy array, got {type(x).__qualname__}")
+    def _check_input(self, x: Any) -> None:
+        self._check_kind(x, "input")
         check.check_ndim(x, self._allowed_ndims, self._ndim_label)
+
+    def _check_kind(self, x: Any, name: str) -> None:
+        """Raise TypeError unless ``x`` is an array on the module's device."""
+        kind = array_kind(x)
+        if kind is None:
+            raise TypeError(f"expected a NumPy array or a CUDA array, got {type(x).__qualname__}")
+        if kind != self.device:
+            raise TypeError(
+                f"{type(self).__name__} is on {self.device} but the {name} is a {kind} array; "
+                f"move the module with .to({kind!r}) or the {name} to {self.device}"
+            )
 
     def _momentum_factor(self) -> float:
         if self.momentum is None:
@@ -175,7 +234,9 @@ class _BatchNorm:
     def _remember(self, x: np.ndarray, saved: SavedStats, out: np.ndarray | None) -> None:
         """Keep what backward needs; note when ``out=`` wrote over the input."""
         self._saved = (x, saved)
-        self._input_overwritten = out is not None and np.may_share_memory(out, x)
+        self._input_overwritten = out is not None and self._backend.may_share_memory(
+            self._backend.adopt(out), self._backend.adopt(x)
+        )
 
     def _saved_for_backward(self) -> tuple[np.ndarray, SavedStats]:
         if self._saved is None:
@@ -208,9 +269,9 @@ class _BatchNorm:
             Gradient w.r.t. the input of the last :meth:`forward`.
         """
         x, saved = self._saved_for_backward()
-        if not isinstance(grad_output, np.ndarray):
-            raise TypeError(f"expected a NumPy array, got {type(grad_output).__qualname__}")
-        check.check_like("grad_output", grad_output, x, "the last forward's input")
+        self._check_kind(grad_output, "grad_output")
+        adopt = self._backend.adopt
+        check.check_like("grad_output", adopt(grad_output), adopt(x), "the last forward's input")
         grad_input, grad_weight, grad_bias = batch_norm_backward(
             grad_output, x, saved, self.weight, out=out
         )
@@ -225,25 +286,29 @@ class _BatchNorm:
             if self.grads[name] is None:
                 self.grads[name] = grad
             else:
-                self.grads[name] += grad
+                self._backend.accumulate(self.grads[name], grad)
 
     # -- state_dict ---------------------------------------------------------
 
     def state_dict(self) -> OrderedDict[str, np.ndarray]:
-        """Copies of the parameters and buffers under PyTorch's keys."""
-        return OrderedDict(
-            (key, getattr(self, key).copy())
-            for key in _STATE_KEYS
+        """Host (NumPy) copies of the parameters and buffers under PyTorch's keys."""
+        state = OrderedDict(
+            (key, self._backend.to_host(getattr(self, key)))
+            for key in _STATE_KEYS[:4]
             if getattr(self, key) is not None
         )
+        if self.num_batches_tracked is not None:
+            state["num_batches_tracked"] = self.num_batches_tracked.copy()
+        return state
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
     ) -> IncompatibleKeys:
         """Copy parameters and buffers from ``state_dict`` (e.g. PyTorch's, converted).
 
-        Values may be NumPy arrays or anything ``numpy.asarray`` accepts (CPU
-        tensors included). Nothing is changed unless the whole load succeeds.
+        Values may be NumPy arrays, CUDA arrays, or anything ``numpy.asarray``
+        accepts (CPU tensors included), whatever device the module is on.
+        Nothing is changed unless the whole load succeeds.
 
         Raises
         ------
@@ -252,7 +317,7 @@ class _BatchNorm:
             and on any shape mismatch.
         """
         current = {key: getattr(self, key) for key in _STATE_KEYS if getattr(self, key) is not None}
-        values = {key: np.asarray(value) for key, value in state_dict.items()}
+        values = {key: _host_array(value) for key, value in state_dict.items()}
         # Like PyTorch, a checkpoint without a batch counter loads with 0.
         if "num_batches_tracked" in current and "num_batches_tracked" not in values:
             values["num_batches_tracked"] = np.array(0, dtype=np.int64)
@@ -278,8 +343,12 @@ class _BatchNorm:
                 + "\n\t".join(errors)
             )
         for key, target in current.items():
-            if key in values:
+            if key not in values:
+                continue
+            if key == "num_batches_tracked":
                 target[...] = values[key]
+            else:
+                self._backend.assign(target, values[key])
         return IncompatibleKeys(missing, unexpected)
 
     def __repr__(self) -> str:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The CUDA backend's tests run in Numba's CUDA simulator unless told otherwise
+# (``make test-gpu`` sets NUMBA_ENABLE_CUDASIM=0); this must precede importing numba.
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 # ``reference`` is a sibling module of the tests, importable without a package.
 sys.path.insert(0, str(Path(__file__).parent))

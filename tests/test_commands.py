@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,3 +33,17 @@ def test_benchmark_command_quick(tmp_path):
     saved = json.loads((tmp_path / "cpu.json").read_text())
     assert len(saved["results"]) == 3
     assert all(case["seconds"]["numbabn_forward"] > 0 for case in saved["results"])
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_command_runs_in_the_simulator(tmp_path):
+    command = [
+        sys.executable, "-m", "numbabn.bench", "--device", "cuda", "--no-torch",
+        "--repeat", "1", "--output", str(tmp_path),
+    ]  # fmt: skip
+    environment = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "| 2x3x4x4 float32 |" in result.stdout
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert saved["results"][0]["seconds"]["numbabn_forward"] > 0

@@ -147,6 +147,18 @@ class CpuBackend:
     like = staticmethod(_like)
     empty_like = staticmethod(np.empty_like)
     filled = staticmethod(_filled)
+    from_host = staticmethod(np.copy)
+    to_host = staticmethod(np.copy)
+    may_share_memory = staticmethod(np.may_share_memory)
+
+    @staticmethod
+    def fill(array: np.ndarray, value: float) -> None:
+        array[...] = value
+
+    @staticmethod
+    def assign(target: np.ndarray, values: np.ndarray) -> None:
+        """Copy host ``values`` into ``target``."""
+        target[...] = values
 
     @staticmethod
     def zeros(n: int, dtype: np.dtype) -> np.ndarray:

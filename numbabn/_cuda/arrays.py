@@ -100,3 +100,30 @@ def copy(source: Any, target: Any) -> None:
 def filled(value: float, n: int, dtype: np.dtype) -> Any:
     """A shared constant device vector standing in for a missing weight or bias."""
     return to_device(np.full(n, value, dtype))
+
+
+def fill(array: Any, value: float) -> None:
+    """Set every element of a contiguous device array to ``value``."""
+    assign(array, np.full(tuple(array.shape), value))
+
+
+def assign(target: Any, values: np.ndarray) -> None:
+    """Copy host ``values`` into the contiguous device array ``target``."""
+    values = np.broadcast_to(values, tuple(target.shape))
+    target.copy_to_device(np.ascontiguousarray(values, target.dtype))
+
+
+def may_share_memory(a: Any, b: Any) -> bool:
+    """Whether two device arrays' memory ranges may overlap."""
+    if SIMULATOR:
+        return np.may_share_memory(a._ary, b._ary)
+    a_start, a_stop = _span(a)
+    b_start, b_stop = _span(b)
+    return a_start < b_stop and b_start < a_stop
+
+
+def _span(array: Any) -> tuple[int, int]:
+    start = array.__cuda_array_interface__["data"][0]
+    low = sum(min(0, (n - 1) * s) for n, s in zip(array.shape, array.strides, strict=True))
+    high = sum(max(0, (n - 1) * s) for n, s in zip(array.shape, array.strides, strict=True))
+    return start + low, start + high + array.dtype.itemsize

@@ -47,7 +47,10 @@ def _progress(items, description: str):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m numbabn.bench",
-        description="Time numbabn's CPU kernels beside PyTorch, plain NumPy and a roofline.",
+        description="Time numbabn's kernels beside PyTorch, plain NumPy and a roofline.",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="CPU kernels or CUDA kernels"
     )
     parser.add_argument("--quick", action="store_true", help="three small cases, fewer repeats")
     parser.add_argument("--repeat", type=int, default=None, help="samples per median")
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         "--output", type=Path, default=Path("benchmarks/results"), help="folder for the files"
     )
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        _main_gpu(args)
+        return
 
     if args.threads:
         numba.set_num_threads(args.threads)
@@ -90,6 +96,33 @@ def main(argv: list[str] | None = None) -> None:
     write_json(json_path, results, meta)
     chart = png_path if write_png(png_path, results) else "no chart: matplotlib is not installed"
     print(f"wrote {json_path}; {chart}", file=sys.stderr)
+
+
+def _main_gpu(args: argparse.Namespace) -> None:
+    """The ``--device cuda`` run: numbabn's CUDA kernels beside cuDNN and a streaming roofline."""
+    from numbabn.bench import gpu
+
+    torch = None
+    if not args.no_torch and torch_available():
+        import torch as torch_module
+
+        torch = torch_module if torch_module.cuda.is_available() else None
+    if gpu.arrays.SIMULATOR:
+        cases = gpu.SIMULATOR_CASES
+    else:
+        cases = gpu.QUICK_GPU_CASES if args.quick else gpu.GPU_CASES
+    repeat = args.repeat or (5 if args.quick else 15)
+    versions = f"numbabn {numbabn.__version__}, numba {numba.__version__}"
+    if torch is not None:
+        versions += f", torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()})"
+    header = f"## numbabn GPU benchmark\n\nGPU: {gpu.gpu_name()}; {versions}."
+    print(header.replace("## ", ""), file=sys.stderr)
+    results = [gpu.measure_gpu_case(case, repeat, torch) for case in _progress(cases, "bench")]
+    print(gpu.gpu_markdown(results, header))
+    args.output.mkdir(parents=True, exist_ok=True)
+    json_path = args.output / "gpu.json"
+    write_json(json_path, results, {"header": header, "repeat": repeat})
+    print(f"wrote {json_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

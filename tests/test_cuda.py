@@ -1,0 +1,323 @@
+"""The CUDA backend against ``reference.py`` and the CPU backend.
+
+Runs under Numba's CUDA simulator by default (tiny shapes, block sizes patched
+small so that several blocks, chunks and ragged channel groups run), and on a
+real GPU with ``make test-gpu`` (``NUMBA_ENABLE_CUDASIM=0``), which also tries
+the shapes that need real block sizes and CuPy / PyTorch CUDA arrays when
+those are installed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import reference as ref
+from conftest import make_input, random_vector, tolerances
+
+pytest.importorskip("numba_cuda")
+
+from numba import cuda  # noqa: E402
+
+import numbabn  # noqa: E402
+from numbabn import functional as F  # noqa: E402
+from numbabn._cuda import arrays, kernels  # noqa: E402
+from numbabn._cuda import backend as cuda_backend  # noqa: E402
+
+if not cuda.is_available():
+    pytest.skip("no CUDA GPU and the simulator is off", allow_module_level=True)
+
+SIMULATOR = arrays.SIMULATOR
+
+# (shape, memory layout) pairs covering 1d/2d/3d input, channels-inner and planar
+# views, slices, negative strides and a layout that needs more than one axis group.
+CASES = [
+    ((6, 3), "contiguous"),
+    ((4, 3, 7), "negative"),
+    ((3, 5, 4, 3), "contiguous"),
+    ((3, 5, 4, 3), "channels_last"),
+    ((3, 5, 4, 3), "crop"),
+    ((2, 3, 2, 3, 4), "channel_slice"),
+    ((2, 3, 2, 3, 4), "channels_last"),
+    ((7, 9, 2, 1), "fortran"),
+]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Under the simulator, blocks of 16 threads (4 channel lanes) and chunks of a few values."""
+    if SIMULATOR:
+        monkeypatch.setattr(kernels, "THREADS", 16)
+        monkeypatch.setattr(kernels, "LANES", 4)
+        monkeypatch.setattr(cuda_backend, "TARGET_BLOCKS", 8)
+        monkeypatch.setattr(cuda_backend, "MIN_PER_THREAD", 1)
+        monkeypatch.setattr(cuda_backend, "MAX_PER_THREAD", 2)
+
+
+def to_device(x: np.ndarray):
+    """A device copy of ``x`` with exactly its strides (its memory span is copied)."""
+    itemsize = x.dtype.itemsize
+    low = sum(min(0, (n - 1) * s) for n, s in zip(x.shape, x.strides, strict=True))
+    high = sum(max(0, (n - 1) * s) for n, s in zip(x.shape, x.strides, strict=True)) + itemsize
+    start = x.__array_interface__["data"][0] + low
+    span = np.frombuffer((ctypes.c_char * (high - low)).from_address(start), np.uint8).copy()
+    device = cuda.to_device(span)
+    if SIMULATOR:
+        view = np.ndarray(x.shape, x.dtype, buffer=device._ary, offset=-low, strides=x.strides)
+        return type(device)(view)
+    gpu_data = device.gpu_data.view(-low)
+    return cuda.devicearray.DeviceNDArray(x.shape, x.strides, x.dtype, gpu_data=gpu_data)
+
+
+def host(array) -> np.ndarray | None:
+    return None if array is None else arrays.to_host(array)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "layout"), CASES)
+def test_training_forward_backward(rng, shape, layout, dtype):
+    x = make_input(rng, shape, layout, dtype, loc=100.0)
+    dy = make_input(rng, shape, layout, dtype)
+    c = shape[1]
+    weight, bias = random_vector(rng, c, dtype), random_vector(rng, c, dtype, -0.5, 0.5)
+    running_mean, running_var = np.zeros(c, dtype), np.ones(c, dtype)
+    truth = ref.forward(x, weight, bias, running_mean, running_var, training=True, momentum=0.3)
+    grads = ref.backward(dy, x, truth.mean, truth.invstd, weight)
+
+    d_rm, d_rv = to_device(running_mean), to_device(running_var)
+    d_x, d_w = to_device(x), to_device(weight)
+    y, saved = F.batch_norm_forward(d_x, d_rm, d_rv, d_w, to_device(bias), True, 0.3)
+    dx, dw, db = F.batch_norm_backward(to_device(dy), d_x, saved, d_w)
+
+    tol = tolerances(dtype)
+    np.testing.assert_allclose(host(y), truth.output, **tol)
+    if layout in ("contiguous", "channels_last"):
+        assert host(y).strides == x.strides
+    np.testing.assert_allclose(host(saved.mean), truth.mean, rtol=1e-12)
+    np.testing.assert_allclose(host(saved.invstd), truth.invstd, rtol=1e-9)
+    np.testing.assert_allclose(host(d_rm), truth.running_mean, **tol)
+    np.testing.assert_allclose(host(d_rv), truth.running_var, **tol)
+    np.testing.assert_allclose(host(dx), grads.grad_input, **tol)
+    np.testing.assert_allclose(host(dw), grads.grad_weight, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(host(db), grads.grad_bias, rtol=1e-5, atol=1e-5)
+    assert host(dw).dtype == np.dtype(dtype)
+
+
+def test_grid_covers_ragged_blocks():
+    """The patched sizes give several chunks and a partial channel group."""
+    x = make_input(np.random.default_rng(0), (3, 5, 4, 3), "channels_last")
+    grid = cuda_backend._grid(
+        x.shape, x.strides, kernels.THREADS, kernels.LANES, cuda_backend.TARGET_BLOCKS
+    )
+    assert grid.channel_lanes
+    assert grid.n_chunks > 1
+    if SIMULATOR:
+        assert x.shape[1] % kernels.LANES != 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_eval_forward_backward(rng, dtype):
+    x = make_input(rng, (4, 3, 5), "contiguous", dtype)
+    dy = make_input(rng, (4, 3, 5), "contiguous", dtype)
+    weight, bias = random_vector(rng, 3, dtype), random_vector(rng, 3, dtype)
+    running_mean, running_var = random_vector(rng, 3, dtype), random_vector(rng, 3, dtype)
+    truth = ref.forward(x, weight, bias, running_mean, running_var, training=False)
+    grads = ref.backward(dy, x, truth.mean, truth.invstd, weight, batch_stats=False)
+    d_x, d_w = to_device(x), to_device(weight)
+    d_rm, d_rv = to_device(running_mean), to_device(running_var)
+    y, saved = F.batch_norm_forward(d_x, d_rm, d_rv, d_w, to_device(bias), False)
+    dx, dw, db = F.batch_norm_backward(to_device(dy), d_x, saved, d_w)
+    tol = tolerances(dtype)
+    np.testing.assert_allclose(host(y), truth.output, **tol)
+    np.testing.assert_allclose(host(dx), grads.grad_input, **tol)
+    np.testing.assert_allclose(host(dw), grads.grad_weight, **tol)
+    np.testing.assert_allclose(host(db), grads.grad_bias, **tol)
+    assert host(d_rm).tobytes() == running_mean.tobytes()
+
+
+def test_float16_input_with_float32_parameters(rng):
+    x = make_input(rng, (4, 3, 6), "contiguous", np.float16, loc=10.0)
+    dy = make_input(rng, (4, 3, 6), "contiguous", np.float16)
+    bn = numbabn.BatchNorm1d(3, device="cuda")
+    y = bn(to_device(x))
+    truth = ref.forward(x.astype(np.float64), np.ones(3), np.zeros(3), np.zeros(3), np.ones(3))
+    assert host(y).dtype == np.float16
+    np.testing.assert_allclose(host(y), truth.output, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(host(bn.running_mean), truth.running_mean, rtol=1e-6)
+    grads = ref.backward(dy.astype(np.float64), x.astype(np.float64), truth.mean, truth.invstd)
+    dx = bn.backward(to_device(dy))
+    assert host(dx).dtype == np.float16
+    np.testing.assert_allclose(host(dx), grads.grad_input, rtol=5e-3, atol=5e-3)
+    assert host(bn.grads["weight"]).dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"momentum": None},
+        {"affine": False},
+        {"track_running_stats": False},
+        {"bias": False, "dtype": np.float64},
+    ],
+    ids=["default", "momentum_none", "no_affine", "no_tracking", "no_bias"],
+)
+def test_module_sequence_matches_cpu(rng, options):
+    """train -> eval -> train, with backward after each, as the CPU module does it."""
+    on_cpu = numbabn.BatchNorm2d(3, **options)
+    on_gpu = numbabn.BatchNorm2d(3, device="cuda", **options)
+    dtype = on_cpu.dtype
+    for step, training in enumerate([True, True, False, True]):
+        on_cpu.train(training)
+        on_gpu.train(training)
+        x = make_input(rng, (2, 3, 3, 2), "channels_last" if step % 2 else "contiguous", dtype)
+        dy = make_input(rng, (2, 3, 3, 2), "contiguous", dtype)
+        tol = tolerances(dtype)
+        np.testing.assert_allclose(host(on_gpu(to_device(x))), on_cpu(x), **tol)
+        np.testing.assert_allclose(host(on_gpu.backward(to_device(dy))), on_cpu.backward(dy), **tol)
+        gpu_state, cpu_state = on_gpu.state_dict(), on_cpu.state_dict()
+        assert gpu_state.keys() == cpu_state.keys()
+        for key, value in cpu_state.items():
+            assert isinstance(gpu_state[key], np.ndarray)
+            np.testing.assert_allclose(gpu_state[key], value, **tol)
+        for name, grad in on_cpu.grads.items():
+            np.testing.assert_allclose(host(on_gpu.grads[name]), grad, rtol=1e-5, atol=1e-5)
+
+
+def test_results_repeat_bit_for_bit(rng):
+    x = to_device(make_input(rng, (5, 6, 3, 2), "channels_last", np.float32))
+    first = host(F.batch_norm(x, None, None, training=True))
+    second = host(F.batch_norm(x, None, None, training=True))
+    assert first.tobytes() == second.tobytes()
+
+
+def test_out_and_empty_batch(rng):
+    x = make_input(rng, (3, 4, 5), "contiguous", np.float32)
+    out = to_device(np.zeros_like(x))
+    result = F.batch_norm(to_device(x), None, None, training=True, out=out)
+    assert result is out
+    np.testing.assert_allclose(host(out), ref.forward(x).output, **tolerances(np.float32))
+    bn = numbabn.BatchNorm1d(4, device="cuda")
+    empty = bn(to_device(np.zeros((0, 4, 5), np.float32)))
+    assert empty.shape == (0, 4, 5)
+    assert host(bn.running_mean).tolist() == [0.0] * 4
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_state_moves_between_devices_and_pytorch(rng):
+    torch = pytest.importorskip("torch")
+    bn = numbabn.BatchNorm2d(3)
+    bn(make_input(rng, (4, 3, 2, 2)).astype(np.float32))
+    state = bn.state_dict()
+    bn.to("cuda")
+    assert bn.device == "cuda"
+    assert arrays.devicearray.is_cuda_ndarray(bn.running_mean)
+    for key, value in bn.state_dict().items():
+        assert value.tobytes() == state[key].tobytes(), key
+    theirs = torch.nn.BatchNorm2d(3)
+    theirs.load_state_dict({key: torch.from_numpy(value) for key, value in state.items()})
+    on_gpu = numbabn.BatchNorm2d(3, device="cuda")
+    on_gpu.load_state_dict({key: value.numpy() for key, value in theirs.state_dict().items()})
+    np.testing.assert_array_equal(host(on_gpu.running_var), state["running_var"])
+    bn.cpu()
+    assert isinstance(bn.weight, np.ndarray)
+    assert bn.state_dict()["running_mean"].tobytes() == state["running_mean"].tobytes()
+
+
+def test_lazy_module_on_cuda(rng):
+    bn = numbabn.LazyBatchNorm2d(device="cuda")
+    y = bn(to_device(make_input(rng, (2, 5, 3, 3), dtype=np.float32)))
+    assert type(bn) is numbabn.BatchNorm2d
+    assert bn.num_features == 5
+    assert host(y).shape == (2, 5, 3, 3)
+
+
+def _state(module) -> dict:
+    return {key: value.tobytes() for key, value in module.state_dict().items()} | {
+        "grads": {k: None if v is None else host(v).tobytes() for k, v in module.grads.items()}
+    }
+
+
+@pytest.mark.parametrize(
+    ("make_call", "exc", "match"),
+    [
+        (lambda bn, rng: bn(to_device(np.zeros((2, 3, 4), np.float32))), ValueError, "expected 4D"),
+        (
+            lambda bn, rng: bn(to_device(np.zeros((1, 3, 1, 1), np.float32))),
+            ValueError,
+            "Expected more than 1 value per channel when training",
+        ),
+        (
+            lambda bn, rng: bn(to_device(np.zeros((2, 4, 2, 2), np.float32))),
+            RuntimeError,
+            "running_mean should contain 4 elements not 3",
+        ),
+        (
+            lambda bn, rng: bn(to_device(np.zeros((2, 3, 2, 2), np.float64))),
+            TypeError,
+            "running_mean has dtype float32 but the input has dtype float64",
+        ),
+        (
+            lambda bn, rng: bn(np.zeros((2, 3, 2, 2), np.float32)),
+            TypeError,
+            "BatchNorm2d is on cuda but the input is a cpu array",
+        ),
+        (
+            lambda bn, rng: bn(to_device(np.zeros((2, 3, 2, 2), np.int32))),
+            TypeError,
+            "input has dtype int32",
+        ),
+    ],
+    ids=["ndim", "one_value", "channels", "dtype", "host_input", "int_dtype"],
+)
+def test_errors_change_nothing(rng, make_call, exc, match):
+    bn = numbabn.BatchNorm2d(3, device="cuda")
+    bn(to_device(make_input(rng, (2, 3, 2, 2), dtype=np.float32)))
+    bn.backward(to_device(make_input(rng, (2, 3, 2, 2), dtype=np.float32)))
+    before = _state(bn)
+    with pytest.raises(exc, match=match):
+        make_call(bn, rng)
+    assert _state(bn) == before
+
+
+def test_mixing_host_and_device_arrays_names_both():
+    x = to_device(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match="input is a cuda array but weight is a cpu array"):
+        F.batch_norm(x, None, None, np.ones(3, np.float32), training=True)
+
+
+@pytest.mark.skipif(SIMULATOR, reason="CuPy and PyTorch CUDA arrays need a real GPU")
+@pytest.mark.parametrize("library", ["cupy", "torch"])
+def test_foreign_arrays_in_and_out(rng, library):
+    """CuPy in, CuPy out; PyTorch CUDA tensors likewise, without copies to the host."""
+    module = pytest.importorskip(library)
+    x = make_input(rng, (4, 3, 5, 5), "channels_last", np.float32)
+    if library == "cupy":
+        device_x = module.asarray(x)
+        to_numpy = module.asnumpy
+    else:
+        if not module.cuda.is_available():
+            pytest.skip("this PyTorch has no CUDA")
+        device_x = module.from_numpy(x).cuda()
+        to_numpy = lambda t: t.cpu().numpy()  # noqa: E731
+    bn = numbabn.BatchNorm2d(3, device="cuda")
+    y = bn(device_x)
+    assert type(y) is type(device_x)
+    np.testing.assert_allclose(to_numpy(y), ref.forward(x).output, **tolerances(np.float32))
+    dx = bn.backward(y)
+    assert type(dx) is type(device_x)
+
+
+@pytest.mark.skipif(SIMULATOR, reason="real block sizes need a real GPU")
+@pytest.mark.parametrize(
+    "shape", [(32, 64, 28, 28), (64, 256, 7, 7), (8, 3, 224, 224), (4096, 100)]
+)
+def test_real_sizes(rng, shape):
+    x = make_input(rng, shape, "contiguous", np.float32, loc=1000.0)
+    truth = ref.forward(x)
+    y = host(F.batch_norm(to_device(x), None, None, training=True))
+    np.testing.assert_allclose(y, truth.output, rtol=1e-5, atol=1e-5)
+    x_cl = make_input(rng, shape, "channels_last" if len(shape) == 4 else "contiguous")
+    y_cl = host(F.batch_norm(to_device(x_cl), None, None, training=True))
+    np.testing.assert_allclose(y_cl, ref.forward(x_cl).output, rtol=1e-9, atol=1e-9)
