@@ -1,4 +1,4 @@
-"""CPU backend: Numba ``@njit(parallel=True)`` kernels."""
+"""CPU backend: serial Numba `@njit` kernels over shape-determined work items, on a thread pool."""
 
 from numbabn._cpu.backend import CpuBackend
 

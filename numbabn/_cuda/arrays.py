@@ -25,6 +25,8 @@ def adopt(array: Any) -> Any:
     """View ``array`` as a Numba device array without copying (None stays None)."""
     if array is None or devicearray.is_cuda_ndarray(array):
         return array
+    if getattr(array, "requires_grad", False):
+        array = array.detach()  # PyTorch exports no interface for tensors that require grad
     # Kernels run on the default stream, which orders them after the producer's
     # work there; waiting on the host would stall the pipeline.
     return cuda.as_cuda_array(array, sync=False)

@@ -31,6 +31,9 @@ from numba import cuda, float64, int32
 THREADS = 256
 LANES = 32
 
+# Kernels are cached on disk like the CPU ones, so a warm start compiles nothing.
+_kernel = cuda.jit(cache=True)
+
 # What the elementwise kernel computes.
 AFFINE = 0  # out = (x - c0) * c2 + c3
 GRADIENT = 1  # out = c1 * dy + c2 * (x - c0) + c3
@@ -159,7 +162,7 @@ def _finishing_channel(channel_lanes, n_channels):
     return cuda.blockIdx.y if t == 0 else -1
 
 
-@cuda.jit
+@_kernel
 def forward_statistics(
     x, channel_lanes, per_block, weight, bias, running_mean, running_var, momentum, eps,
     coeffs, partials, counters,
@@ -204,7 +207,7 @@ def _reset_counter(counters):
         counters[cuda.blockIdx.y] = 0
 
 
-@cuda.jit
+@_kernel
 def gradient_sums(
     dy, x, channel_lanes, per_block, mean, invstd, weight, input_grad, coeffs, grads, partials,
     counters,
@@ -240,7 +243,7 @@ def gradient_sums(
     _reset_counter(counters)
 
 
-@cuda.jit
+@_kernel
 def elementwise(x, dy, channel_lanes, per_block, mode, coeffs, out):
     """``out`` from ``x`` (and ``dy``) with per-channel ``coeffs``, in float64.
 
@@ -268,7 +271,7 @@ def elementwise(x, dy, channel_lanes, per_block, mode, coeffs, out):
         a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
 
 
-@cuda.jit
+@_kernel
 def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
     """Evaluation coefficients ``[mean, invstd, weight * invstd, bias]`` from running statistics."""
     c = cuda.grid(1)
@@ -280,7 +283,7 @@ def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
         coeffs[3, c] = float64(bias[c])
 
 
-@cuda.jit
+@_kernel
 def gradient_scale(invstd, weight, coeffs):
     """Coefficients ``[0, invstd, weight * invstd, 0]`` of ``dx = dy * weight * invstd``."""
     c = cuda.grid(1)
@@ -291,7 +294,7 @@ def gradient_scale(invstd, weight, coeffs):
         coeffs[3, c] = 0.0
 
 
-@cuda.jit
+@_kernel
 def accumulate(target, source):
     """``target += source`` for vectors."""
     i = cuda.grid(1)
@@ -299,7 +302,7 @@ def accumulate(target, source):
         target[i] += source[i]
 
 
-@cuda.jit
+@_kernel
 def copy_5d(source, target):
     """``target[...] = source`` for 5-D arrays of any strides (a staging copy)."""
     i = cuda.grid(1)
