@@ -70,3 +70,58 @@ class BatchNorm1d:
 
     def time_backward(self, shape, dtype):
         self.bn.backward(self.dy)
+
+
+class FusedReluResidual:
+    """``relu(bn(x) + z)`` in one pass, and its backward."""
+
+    params = ([(32, 64, 56, 56)], ["float32"])
+    param_names = ["shape", "dtype"]
+
+    def setup(self, shape, dtype):
+        self.x = _input(shape, dtype, "nchw")
+        self.z = _input(shape, dtype, "nchw")
+        self.dy = np.ones_like(self.x)
+        self.out = np.empty_like(self.x)
+        self.bn = nbn.BatchNorm2d(shape[1], dtype=dtype, activation="relu")
+        self.bn(self.x, residual=self.z)
+        self.bn.backward(self.dy)
+
+    def time_train_forward(self, shape, dtype):
+        self.bn(self.x, out=self.out, residual=self.z)
+
+    def time_backward(self, shape, dtype):
+        self.bn.backward(self.dy, out=self.out)
+
+
+class CudaBatchNorm2d:
+    """The CUDA kernels (skipped without a GPU); each timing waits for the GPU to finish."""
+
+    params = ([(32, 64, 56, 56), (256, 64, 112, 112)], ["float32"])
+    param_names = ["shape", "dtype"]
+
+    def setup(self, shape, dtype):
+        try:
+            from numba import cuda
+
+            from numbabn._cuda.arrays import SIMULATOR
+        except ImportError:
+            raise NotImplementedError("numba-cuda is not installed") from None
+        if SIMULATOR or not cuda.is_available():
+            raise NotImplementedError("no CUDA GPU")
+        self.cuda = cuda
+        self.x = cuda.to_device(_input(shape, dtype, "nchw"))
+        self.dy = cuda.to_device(np.ones(shape, dtype))
+        self.out = cuda.device_array(shape, dtype)
+        self.bn = nbn.BatchNorm2d(shape[1], dtype=dtype, device="cuda")
+        self.bn(self.x, out=self.out)
+        self.bn.backward(self.dy, out=self.out)
+        cuda.synchronize()
+
+    def time_train_forward(self, shape, dtype):
+        self.bn(self.x, out=self.out)
+        self.cuda.synchronize()
+
+    def time_backward(self, shape, dtype):
+        self.bn.backward(self.dy, out=self.out)
+        self.cuda.synchronize()

@@ -114,8 +114,12 @@ class SyncBatchNorm(_BatchNorm):
         if x.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, x: np.ndarray, out: np.ndarray | None = None, *, residual: None = None
+    ) -> np.ndarray:
         """Normalise ``x`` with whole-batch statistics (training) or running ones (eval)."""
+        if residual is not None:
+            raise ValueError("SyncBatchNorm has no fused residual add; add the residual after it")
         if not self.training:
             self._total_count = None  # a local forward: backward stays local too
             return super().forward(x, out)
@@ -175,7 +179,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def backward(self, grad_output: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """This rank's slice of the whole-batch input gradient; accumulate local grads."""
-        x, saved = self._saved_for_backward()
+        last = self._saved_for_backward()
+        x, saved = last.input, last.stats
         if self._total_count is None:
             return super().backward(grad_output, out)
         sums, backend, error = None, None, None
@@ -223,6 +228,11 @@ def _convert(item: Any, cls: type[SyncBatchNorm], comm: Any, seen: set[int]) -> 
     if isinstance(item, _BatchNorm) and not isinstance(item, SyncBatchNorm):
         if item.num_features == 0:
             raise ValueError("initialise a lazy batch-norm module before converting it")
+        if item.activation is not None or item.device != "cpu":
+            raise ValueError(
+                "SyncBatchNorm runs on the CPU without a fused activation; "
+                f"cannot convert {item!r} on {item.device}"
+            )
         synced = cls.__new__(cls)
         synced.__dict__ = item.__dict__.copy()  # the same arrays and grads dict
         synced.comm = comm

@@ -12,6 +12,7 @@ import numpy as np
 
 from numbabn import _validation as check
 from numbabn._dispatch import Backend, backend_for
+from numbabn.epilogue import check_activation, epilogue_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
 
@@ -90,6 +91,8 @@ def batch_norm_forward(
     eps: float = 1e-5,
     *,
     out: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
 ) -> tuple[Array, SavedStats]:
     """Normalise ``input`` per channel and return what the backward pass needs.
 
@@ -115,6 +118,11 @@ def batch_norm_forward(
         Added to the variance inside the square root.
     out : ndarray, optional
         Array to write the output into (shape and dtype of ``input``).
+    residual : array, optional
+        Added to the normalised output in the same pass (shape and dtype of
+        ``input``, same device), before the activation.
+    activation : {None, "relu"}
+        Applied last, in the same pass: ``relu(bn(x) + residual)``.
 
     Returns
     -------
@@ -130,8 +138,10 @@ def batch_norm_forward(
         On a bad shape, channel count or dtype, with PyTorch's texts; nothing
         is modified then.
     """
+    check_activation(activation)
     backend, arrays = check_forward_args(input, running_mean, running_var, weight, bias, out)
     x, running_mean, running_var, weight, bias, out_array = arrays
+    epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     if training:
         check.check_batch_size(x)
     elif running_mean is None or running_var is None:
@@ -145,8 +155,8 @@ def batch_norm_forward(
         return _returned(backend, output, input, out), SavedStats(*stats, training)
 
     param_dtype = check.param_dtype(x.dtype)
-    weight = weight if weight is not None else backend.filled(1.0, n_channels, param_dtype)
-    bias = bias if bias is not None else backend.filled(0.0, n_channels, param_dtype)
+    weight = _or_filled(backend, weight, 1.0, n_channels, param_dtype)
+    bias = _or_filled(backend, bias, 0.0, n_channels, param_dtype)
     if training:
         update = running_mean is not None and running_var is not None
         output, mean, invstd = backend.train_forward(
@@ -158,12 +168,24 @@ def batch_norm_forward(
             momentum,
             eps,
             out_array,
+            epilogue,
         )
     else:
         output, mean, invstd = backend.eval_forward(
-            x, running_mean, running_var, weight, bias, eps, out_array
+            x, running_mean, running_var, weight, bias, eps, out_array, epilogue
         )
     return _returned(backend, output, input, out), SavedStats(mean, invstd, training)
+
+
+def _adopt_like(backend: Backend, name: str, array: Any | None, x: Any) -> Any | None:
+    """``array`` as the backend's kind, checked to have the shape and dtype of ``x``."""
+    if array is None:
+        return None
+    if backend_for(input=x, **{name: array}) is not backend:
+        raise TypeError(f"{name} must be on the same device as the input")
+    adopted = backend.adopt(array)
+    check.check_like(name, adopted, x)
+    return adopted
 
 
 def _returned(backend: Backend, output: Any, input: Any, out: Any | None) -> Any:
@@ -182,6 +204,8 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     out: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
 ) -> Array:
     """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
 
@@ -189,8 +213,9 @@ def batch_norm(
     output. Running statistics are updated in place when ``training`` is True.
     """
     output, _ = batch_norm_forward(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, out=out
-    )
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        out=out, residual=residual, activation=activation,
+    )  # fmt: skip
     return output
 
 
@@ -201,7 +226,10 @@ def batch_norm_backward(
     weight: Array | None = None,
     *,
     out: Array | None = None,
-) -> tuple[Array, Array | None, Array | None]:
+    bias: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
+) -> tuple[Array, ...]:
     """Gradients of batch normalization.
 
     Parameters
@@ -216,14 +244,21 @@ def batch_norm_backward(
         The forward pass's weight (None for no affine parameters).
     out : ndarray, optional
         Array to write the input gradient into.
+    bias, residual, activation
+        The forward's, when it had an activation: the ReLU mask is recomputed
+        from ``input`` and ``residual`` rather than stored.
 
     Returns
     -------
     grad_input : ndarray
         Gradient w.r.t. ``input``.
     grad_weight, grad_bias : ndarray or None
-        ``sum(grad_output * xhat)`` and ``sum(grad_output)`` per channel, in the
-        dtype of ``weight``; None when ``weight`` is None.
+        ``sum(g * xhat)`` and ``sum(g)`` per channel, where ``g`` is
+        ``grad_output`` through the activation, in the dtype of ``weight``;
+        None when ``weight`` is None.
+    grad_residual : ndarray
+        Only when ``residual`` is given: the gradient w.r.t. it (``g``; with no
+        activation, ``grad_output`` itself).
     """
     backend = backend_for(grad_output=grad_output, input=input, weight=weight, out=out)
     dy, x, weight_array, out_array = map(backend.adopt, (grad_output, input, weight, out))
@@ -231,31 +266,65 @@ def batch_norm_backward(
     check.check_dtype(x, backend.name)
     check.check_channel_vector("weight", weight_array, x)
     check.check_out(out_array, x)
+    bias_array = None if bias is None else backend.adopt(bias)
+    check.check_channel_vector("bias", bias_array, x)
+    epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     n_channels = x.shape[1]
     if tuple(saved.mean.shape) != (n_channels,):
         raise ValueError(
             f"saved statistics are for {saved.mean.shape[0]} channels but the input has "
             f"{n_channels}"
         )
+    param_dtype = check.param_dtype(x.dtype)
     if x.size == 0:
         output = backend.empty_like(x) if out is None else out_array
         grad_input = _returned(backend, output, input, out)
-        if weight is None:
-            return grad_input, None, None
-        zeros = [backend.like(backend.zeros(n_channels, weight_array.dtype), weight) for _ in "wb"]
-        return grad_input, *zeros
-
-    if saved.batch_stats:
-        if weight_array is None:
-            weight_array = backend.filled(1.0, n_channels, check.param_dtype(x.dtype))
-        grad_input, grad_weight, grad_bias = backend.train_backward(
-            dy, x, saved.mean, saved.invstd, weight_array, out_array
+        grad_residual = None if residual is None else backend.like(backend.empty_like(x), residual)
+        grad_weight = grad_bias = None
+        if weight is not None:
+            grad_weight, grad_bias = (
+                backend.like(backend.zeros(n_channels, weight_array.dtype), weight) for _ in "wb"
+            )
+    elif epilogue is not None and epilogue.relu:
+        grad_input, grad_residual, grad_weight, grad_bias = backend.masked_backward(
+            dy,
+            x,
+            saved.mean,
+            saved.invstd,
+            _or_filled(backend, weight_array, 1.0, n_channels, param_dtype),
+            _or_filled(backend, bias_array, 0.0, n_channels, param_dtype),
+            saved.batch_stats,
+            epilogue,
+            out_array,
         )
+        grad_input = _returned(backend, grad_input, input, out)
+        if grad_residual is not None:
+            grad_residual = backend.like(grad_residual, residual)
     else:
-        grad_input, grad_weight, grad_bias = backend.eval_backward(
-            dy, x, saved.mean, saved.invstd, weight_array, out_array
-        )
-    grad_input = _returned(backend, grad_input, input, out)
+        if saved.batch_stats:
+            grad_input, grad_weight, grad_bias = backend.train_backward(
+                dy,
+                x,
+                saved.mean,
+                saved.invstd,
+                _or_filled(backend, weight_array, 1.0, n_channels, param_dtype),
+                out_array,
+            )
+        else:
+            grad_input, grad_weight, grad_bias = backend.eval_backward(
+                dy, x, saved.mean, saved.invstd, weight_array, out_array
+            )
+        grad_input = _returned(backend, grad_input, input, out)
+        grad_residual = grad_output
     if weight is None:
-        return grad_input, None, None
-    return grad_input, backend.like(grad_weight, weight), backend.like(grad_bias, weight)
+        grad_weight = grad_bias = None
+    elif x.size:
+        grad_weight, grad_bias = backend.like(grad_weight, weight), backend.like(grad_bias, weight)
+    if residual is None:
+        return grad_input, grad_weight, grad_bias
+    return grad_input, grad_weight, grad_bias, grad_residual
+
+
+def _or_filled(backend: Backend, vector: Any | None, value: float, n: int, dtype: Any) -> Any:
+    """``vector``, or a shared constant stand-in for a missing one."""
+    return vector if vector is not None else backend.filled(value, n, dtype)

@@ -10,6 +10,7 @@ import numpy as np
 
 from numbabn import _validation as check
 from numbabn._dispatch import array_kind, backend_named, cuda_backend
+from numbabn.epilogue import check_activation
 from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
 
 __all__ = [
@@ -41,6 +42,15 @@ def _device_name(device: str | None) -> str:
     return device
 
 
+class _Saved(NamedTuple):
+    """What the last forward left for backward (references, not copies)."""
+
+    input: Any
+    stats: SavedStats
+    residual: Any
+    overwritten: tuple[str, ...]  # arrays that out= wrote over
+
+
 def _host_array(value: Any) -> np.ndarray:
     """A state-dict value as a NumPy array (device arrays are copied to the host)."""
     if array_kind(value) == "cuda":
@@ -66,7 +76,9 @@ class _BatchNorm:
         dtype: Any = None,
         *,
         bias: bool = True,
+        activation: str | None = None,
     ) -> None:
+        check_activation(activation)
         self.device = _device_name(device)
         self._backend = backend_named(self.device)
         dtype = np.dtype(np.float32 if dtype is None else dtype)
@@ -79,10 +91,10 @@ class _BatchNorm:
         self.affine = bool(affine)
         self.has_bias = bool(affine and bias)
         self.track_running_stats = bool(track_running_stats)
+        self.activation = activation
         self.dtype = dtype
         self.training = True
-        self._saved: tuple[np.ndarray, SavedStats] | None = None
-        self._input_overwritten = False
+        self._saved: _Saved | None = None
         self._allocate(num_features)
 
     def _allocate(self, num_features: int) -> None:
@@ -196,22 +208,28 @@ class _BatchNorm:
             return 1.0 / float(self.num_batches_tracked + 1)
         return self.momentum
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         """Normalise ``x``; in training, update the running statistics.
 
         Parameters
         ----------
-        x : ndarray
-            Batch of shape ``(N, C, ...)`` (see the class for the allowed ranks).
-        out : ndarray, optional
+        x : ndarray or CUDA array
+            Batch of shape ``(N, C, ...)`` (see the class for the allowed ranks),
+            on the module's device.
+        out : array, optional
             Array to write the output into, with the shape and dtype of ``x``.
+        residual : array, optional
+            Added before the activation, in the same pass: the output is
+            ``activation(bn(x) + residual)``. Kept by reference for backward.
 
         Returns
         -------
-        ndarray
-            The normalised batch.
+        ndarray or CUDA array
+            The normalised batch, of the same kind as ``x``.
         """
         self._check_input(x)
+        if residual is not None:
+            self._check_kind(residual, "residual")
         batch_stats = self.training or self.running_mean is None
         tracking = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
@@ -225,58 +243,81 @@ class _BatchNorm:
             self._momentum_factor() if tracking else 0.0,
             self.eps,
             out=out,
+            residual=residual,
+            activation=self.activation,
         )
         if tracking:
             self.num_batches_tracked += 1
-        self._remember(x, saved, out)
+        self._remember(x, saved, out, residual)
         return output
 
-    def _remember(self, x: np.ndarray, saved: SavedStats, out: np.ndarray | None) -> None:
-        """Keep what backward needs; note when ``out=`` wrote over the input."""
-        self._saved = (x, saved)
-        self._input_overwritten = out is not None and self._backend.may_share_memory(
-            self._backend.adopt(out), self._backend.adopt(x)
-        )
+    def _remember(
+        self, x: Any, saved: SavedStats, out: Any | None, residual: Any | None = None
+    ) -> None:
+        """Keep what backward needs; note when ``out=`` wrote over an array it reads."""
+        overwritten = []
+        if out is not None:
+            adopt = self._backend.adopt
+            for name, array in (("input", x), ("residual", residual)):
+                if array is not None and self._backend.may_share_memory(adopt(out), adopt(array)):
+                    overwritten.append(name)
+        self._saved = _Saved(x, saved, residual, tuple(overwritten))
 
-    def _saved_for_backward(self) -> tuple[np.ndarray, SavedStats]:
+    def _saved_for_backward(self) -> _Saved:
         if self._saved is None:
             raise RuntimeError("backward called before forward: there is no input to differentiate")
-        x, saved = self._saved
-        if self._input_overwritten and (saved.batch_stats or self.weight is not None):
+        saved = self._saved
+        needs_input = saved.stats.batch_stats or self.weight is not None or self.activation
+        needed = [
+            name
+            for name in saved.overwritten
+            if (name == "input" and needs_input) or (name == "residual" and self.activation)
+        ]
+        if needed:
             raise RuntimeError(
-                "backward needs the last forward's input, but out= wrote the output over it; "
-                "call forward without out= aliasing the input before backward"
+                f"backward needs the last forward's {needed[0]}, but out= wrote the output over "
+                f"it; call forward without out= aliasing the {needed[0]} before backward"
             )
-        return x, saved
+        return saved
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         """Same as :meth:`forward`."""
-        return self.forward(x, out)
+        return self.forward(x, out, residual=residual)
 
-    def backward(self, grad_output: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def backward(self, grad_output: Any, out: Any | None = None) -> Any:
         """Gradient w.r.t. the last forward's input; accumulate parameter gradients.
 
         Parameters
         ----------
-        grad_output : ndarray
+        grad_output : ndarray or CUDA array
             Gradient of the loss w.r.t. the last output (same shape and dtype).
-        out : ndarray, optional
+        out : array, optional
             Array to write the input gradient into.
 
         Returns
         -------
-        ndarray
-            Gradient w.r.t. the input of the last :meth:`forward`.
+        dx or (dx, dresidual)
+            Gradient w.r.t. the input of the last :meth:`forward`, and w.r.t. its
+            residual when one was given.
         """
-        x, saved = self._saved_for_backward()
+        saved = self._saved_for_backward()
         self._check_kind(grad_output, "grad_output")
         adopt = self._backend.adopt
-        check.check_like("grad_output", adopt(grad_output), adopt(x), "the last forward's input")
-        grad_input, grad_weight, grad_bias = batch_norm_backward(
-            grad_output, x, saved, self.weight, out=out
+        check.check_like(
+            "grad_output", adopt(grad_output), adopt(saved.input), "the last forward's input"
+        )
+        grad_input, grad_weight, grad_bias, *grad_residual = batch_norm_backward(
+            grad_output,
+            saved.input,
+            saved.stats,
+            self.weight,
+            out=out,
+            bias=self.bias,
+            residual=saved.residual,
+            activation=self.activation,
         )
         self._accumulate_grads(grad_weight, grad_bias)
-        return grad_input
+        return grad_input if saved.residual is None else (grad_input, grad_residual[0])
 
     def _accumulate_grads(self, grad_weight: np.ndarray, grad_bias: np.ndarray) -> None:
         """Add parameter gradients to ``grads`` (kept until :meth:`zero_grad`)."""
@@ -355,7 +396,8 @@ class _BatchNorm:
         return (
             f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, bias={self.has_bias}, "
-            f"track_running_stats={self.track_running_stats})"
+            f"track_running_stats={self.track_running_stats}"
+            + (f", activation={self.activation!r})" if self.activation else ")")
         )
 
 
@@ -381,6 +423,9 @@ class BatchNorm1d(_BatchNorm):
         Dtype of the parameters, statistics and accepted input.
     bias : bool, default True
         With ``affine``, whether there is a bias.
+    activation : {None, "relu"}
+        Applied to the output in the same pass (``forward(x, residual=z)``
+        adds ``z`` first); backward recomputes the ReLU mask from the input.
     """
 
     _allowed_ndims = (2, 3)
@@ -422,8 +467,12 @@ class _LazyBatchNorm(_BatchNorm):
         dtype: Any = None,
         *,
         bias: bool = True,
+        activation: str | None = None,
     ) -> None:
-        super().__init__(0, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(
+            0, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, activation=activation,
+        )  # fmt: skip
 
     def _materialize_then(self, num_features: int, action: Callable[[], Any]) -> Any:
         """Become the eager class with ``num_features`` and run ``action``.
@@ -441,9 +490,9 @@ class _LazyBatchNorm(_BatchNorm):
             self._allocate(0)
             raise
 
-    def forward(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         self._check_input(x)
-        return self._materialize_then(x.shape[1], lambda: self.forward(x, out))
+        return self._materialize_then(x.shape[1], lambda: self.forward(x, out, residual=residual))
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True

@@ -172,3 +172,20 @@ def tolerances(dtype) -> dict:
     if np.dtype(dtype) == np.float32:
         return {"rtol": 2e-6, "atol": 2e-6}
     return {"rtol": 1e-10, "atol": 1e-10}
+
+
+@pytest.fixture
+def cuda_small_blocks(monkeypatch):
+    """Under the CUDA simulator, blocks of 16 threads (4 channel lanes), chunks of a few values.
+
+    Several blocks per channel, several chunks and ragged channel groups then
+    run on tiny shapes. On a real GPU the real sizes stay.
+    """
+    from numbabn._cuda import arrays, backend, kernels
+
+    if arrays.SIMULATOR:
+        monkeypatch.setattr(kernels, "THREADS", 16)
+        monkeypatch.setattr(kernels, "LANES", 4)
+        monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
+        monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)
+        monkeypatch.setattr(backend, "MAX_PER_THREAD", 2)

@@ -9,8 +9,6 @@ those are installed.
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 import reference as ref
@@ -18,17 +16,12 @@ from conftest import make_input, random_vector, tolerances
 
 pytest.importorskip("numba_cuda")
 
-from numba import cuda  # noqa: E402
+from device import SIMULATOR, host, to_device  # noqa: E402
 
 import numbabn  # noqa: E402
 from numbabn import functional as F  # noqa: E402
 from numbabn._cuda import arrays, kernels  # noqa: E402
 from numbabn._cuda import backend as cuda_backend  # noqa: E402
-
-if not cuda.is_available():
-    pytest.skip("no CUDA GPU and the simulator is off", allow_module_level=True)
-
-SIMULATOR = arrays.SIMULATOR
 
 # (shape, memory layout) pairs covering 1d/2d/3d input, channels-inner and planar
 # views, slices, negative strides and a layout that needs more than one axis group.
@@ -45,33 +38,8 @@ CASES = [
 
 
 @pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    """Under the simulator, blocks of 16 threads (4 channel lanes) and chunks of a few values."""
-    if SIMULATOR:
-        monkeypatch.setattr(kernels, "THREADS", 16)
-        monkeypatch.setattr(kernels, "LANES", 4)
-        monkeypatch.setattr(cuda_backend, "TARGET_BLOCKS", 8)
-        monkeypatch.setattr(cuda_backend, "MIN_PER_THREAD", 1)
-        monkeypatch.setattr(cuda_backend, "MAX_PER_THREAD", 2)
-
-
-def to_device(x: np.ndarray):
-    """A device copy of ``x`` with exactly its strides (its memory span is copied)."""
-    itemsize = x.dtype.itemsize
-    low = sum(min(0, (n - 1) * s) for n, s in zip(x.shape, x.strides, strict=True))
-    high = sum(max(0, (n - 1) * s) for n, s in zip(x.shape, x.strides, strict=True)) + itemsize
-    start = x.__array_interface__["data"][0] + low
-    span = np.frombuffer((ctypes.c_char * (high - low)).from_address(start), np.uint8).copy()
-    device = cuda.to_device(span)
-    if SIMULATOR:
-        view = np.ndarray(x.shape, x.dtype, buffer=device._ary, offset=-low, strides=x.strides)
-        return type(device)(view)
-    gpu_data = device.gpu_data.view(-low)
-    return cuda.devicearray.DeviceNDArray(x.shape, x.strides, x.dtype, gpu_data=gpu_data)
-
-
-def host(array) -> np.ndarray | None:
-    return None if array is None else arrays.to_host(array)
+def _small_blocks(cuda_small_blocks):
+    """Every test here runs with the simulator's small blocks."""
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

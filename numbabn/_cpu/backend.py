@@ -11,8 +11,9 @@ from typing import Any
 import numba
 import numpy as np
 
-from numbabn._cpu import kernels
+from numbabn._cpu import fused, kernels
 from numbabn._cpu.layout import Layout, plan
+from numbabn.epilogue import Epilogue
 
 # Below this many elements one thread does everything in one kernel call.
 PARALLEL_MIN_ELEMENTS = 1 << 16
@@ -91,6 +92,24 @@ class _Operands:
             kernel(*args, 0, self.n_items)
         else:
             _run_items(kernel, self.n_items, *args)
+
+    def normalise(
+        self,
+        mean: np.ndarray,
+        scale: np.ndarray,
+        shift: np.ndarray,
+        epilogue: Epilogue | None,
+        target: np.ndarray,
+    ) -> None:
+        """``target = (x - mean) * scale + shift``, then the epilogue's residual add and ReLU."""
+        if epilogue is None:
+            self.run(kernels.affine_items, self.view, mean, scale, shift, *self.launch_args, target)
+            return
+        z = self.view if epilogue.residual is None else self.input_view(epilogue.residual)
+        self.run(
+            fused.affine_act_items, self.view, z, mean, scale, shift,
+            epilogue.residual is not None, epilogue.relu, *self.launch_args, target,
+        )  # fmt: skip
 
     def write(self, out: np.ndarray | None, kernel: Callable[[np.ndarray], Any]) -> tuple:
         """Run ``kernel(out_view)``; return ``(out, kernel's result)``.
@@ -179,10 +198,12 @@ class CpuBackend:
         momentum: float,
         eps: float,
         out: np.ndarray | None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalise with batch statistics; return ``(output, mean, invstd)`` (float64).
 
-        The running statistics are updated in place unless they are None.
+        The running statistics are updated in place unless they are None. An
+        ``epilogue`` adds a residual and applies a ReLU in the same pass.
         """
         if running_mean is None or running_var is None:
             running_mean = running_var = _filled(0.0, 0, x.dtype)
@@ -190,7 +211,7 @@ class CpuBackend:
         partials = ops.partials()
 
         def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if ops.serial:
+            if ops.serial and epilogue is None:
                 return kernels.train_forward_serial(
                     ops.view, weight, bias, running_mean, running_var, momentum, eps,
                     *ops.launch_args, partials, target,
@@ -202,7 +223,7 @@ class CpuBackend:
                 kernels.merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
                 running_mean, running_var, momentum,
             )  # fmt: skip
-            ops.run(kernels.affine_items, ops.view, mean, scale, offset, *ops.launch_args, target)
+            ops.normalise(mean, scale, offset, epilogue, target)
             return mean, invstd
 
         output, (mean, invstd) = ops.write(out, kernel)
@@ -217,12 +238,69 @@ class CpuBackend:
         bias: np.ndarray,
         eps: float,
         out: np.ndarray | None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalise with the running statistics; return ``(output, mean, invstd)``."""
         mean = running_mean.astype(np.float64)
         invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-        output = CpuBackend.affine(x, mean, invstd * weight, bias.astype(np.float64), out)
-        return output, mean, invstd
+        scale, shift = invstd * weight, bias.astype(np.float64)
+        ops = _Operands(x)
+
+        def kernel(target: np.ndarray) -> None:
+            ops.normalise(mean, scale, shift, epilogue, target)
+
+        return ops.write(out, kernel)[0], mean, invstd
+
+    @staticmethod
+    def masked_backward(
+        dy: np.ndarray,
+        x: np.ndarray,
+        mean: np.ndarray,
+        invstd: np.ndarray,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        batch_stats: bool,
+        epilogue: Epilogue,
+        out: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+        """Gradients through a forward that ended in a ReLU: ``(dx, dz, dweight, dbias)``.
+
+        The ReLU mask is recomputed from ``x`` (and the residual) as the forward
+        computed it; ``dz`` (the residual's gradient, ``dy`` masked) is None
+        without a residual.
+        """
+        ops = _Operands(x)
+        dy_view = ops.input_view(dy)
+        residual = epilogue.residual
+        z_view = ops.view if residual is None else ops.input_view(residual)
+        scale, shift = invstd * weight, bias.astype(np.float64)
+        partials = ops.partials()
+        ops.run(
+            fused.masked_sums_items, dy_view, ops.view, z_view, mean, scale, shift,
+            residual is not None, *ops.launch_args, partials,
+        )  # fmt: skip
+        totals = kernels.merge(partials)
+        if batch_stats:
+            alpha, beta, gamma = kernels.finish_backward(
+                totals, x.size // x.shape[1], invstd, weight
+            )
+        else:
+            alpha, beta, gamma = scale, np.zeros_like(scale), np.zeros_like(scale)
+        grad_residual = None if residual is None else np.empty_like(x)
+        dz_view = ops.view if grad_residual is None else ops.layout.view(grad_residual)
+        if dz_view is None:  # x was copied into another layout
+            grad_residual = np.empty_like(ops.x)
+            dz_view = ops.layout.view(grad_residual)
+
+        def kernel(target: np.ndarray) -> None:
+            ops.run(
+                fused.masked_grad_items, dy_view, ops.view, z_view, mean, scale, shift, alpha,
+                beta, gamma, residual is not None, *ops.launch_args,
+                target, dz_view,
+            )  # fmt: skip
+
+        grad_input = ops.write(out, kernel)[0]
+        return grad_input, grad_residual, *_param_grads(totals[0], totals[1], invstd, weight.dtype)
 
     @staticmethod
     def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from numbabn._cpu.layout import plan_strided
 from numbabn._cuda import arrays, kernels
+from numbabn.epilogue import Epilogue
 
 # Grids aim at this many blocks, each thread taking between MIN_PER_THREAD and
 # MAX_PER_THREAD values: enough blocks to fill a large GPU, enough work per
@@ -115,7 +116,16 @@ class _Operands:
     def launch(self, kernel: Any, *args: Any) -> None:
         kernel[self.grid.blocks, kernels.THREADS](*args)
 
-    def elementwise(self, x_view: Any, dy_view: Any, mode: int, coeffs: Any, out: Any) -> Any:
+    def elementwise(
+        self,
+        x_view: Any,
+        dy_view: Any,
+        mode: int,
+        coeffs: Any,
+        out: Any,
+        epilogue: Epilogue | None = None,
+        dz: Any = None,
+    ) -> Any:
         """Run the elementwise kernel into ``out`` (allocated like ``x`` when None)."""
         target = arrays.empty_like(self.x) if out is None else out
         view = self.grid.view(target)
@@ -123,14 +133,23 @@ class _Operands:
         if view is None:
             staged = arrays.empty_like(self.x)
             view = self.grid.view(staged)
+        residual = epilogue is not None and epilogue.residual is not None
+        z_view = self.input_view(epilogue.residual) if residual else x_view
+        relu = epilogue is not None and epilogue.relu
+        dz_view = view if dz is None else self.grid.view(dz)
         grid = self.grid
         self.launch(
-            kernels.elementwise, x_view, dy_view, grid.channel_lanes, grid.per_block, mode,
-            coeffs, view,
+            kernels.elementwise, x_view, dy_view, z_view, grid.channel_lanes, grid.per_block,
+            mode, residual, relu, coeffs, view, dz_view,
         )  # fmt: skip
         if staged is not None:
             arrays.copy(staged, target)
         return target
+
+
+def _coefficients(n_channels: int) -> Any:
+    """Per-channel float64 coefficients for the elementwise kernel (see its docstring)."""
+    return arrays.empty((6, n_channels), np.float64)
 
 
 def _vector_blocks(n: int) -> tuple[int, int]:
@@ -165,13 +184,15 @@ class CudaBackend:
         momentum: float,
         eps: float,
         out: Any | None,
+        epilogue: Epilogue | None = None,
     ) -> tuple[Any, Any, Any]:
         """Normalise with batch statistics; return ``(output, mean, invstd)``.
 
-        The running statistics are updated in place unless they are None.
+        The running statistics are updated in place unless they are None. An
+        ``epilogue`` adds a residual and applies a ReLU in the same pass.
         """
         ops = _Operands(x)
-        coeffs = arrays.empty((4, x.shape[1]), np.float64)
+        coeffs = _coefficients(x.shape[1])
         partials, counters = ops.scratch()
         update = running_mean is not None
         grid = ops.grid
@@ -180,47 +201,70 @@ class CudaBackend:
             running_mean if update else weight, running_var if update else weight,
             momentum if update else -1.0, eps, coeffs, partials, counters,
         )  # fmt: skip
-        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
+        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
         return output, coeffs[0], coeffs[1]
 
     @staticmethod
     def eval_forward(
         x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float,
-        out: Any | None,
+        out: Any | None, epilogue: Epilogue | None = None,
     ) -> tuple[Any, Any, Any]:  # fmt: skip
         """Normalise with the running statistics; return ``(output, mean, invstd)``."""
         ops = _Operands(x)
         n_channels = x.shape[1]
-        coeffs = arrays.empty((4, n_channels), np.float64)
+        coeffs = _coefficients(n_channels)
         kernels.running_coefficients[_vector_blocks(n_channels)](
             running_mean, running_var, weight, bias, eps, coeffs
         )
-        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
+        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
         return output, coeffs[0], coeffs[1]
 
     @staticmethod
     def _gradient_sums(
-        dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, input_grad: bool
-    ) -> tuple[_Operands, Any, Any, Any]:
+        dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, bias: Any | None = None,
+        epilogue: Epilogue | None = None, batch_stats: bool = True,
+    ) -> tuple[_Operands, Any, Any, Any]:  # fmt: skip
         ops = _Operands(x)
         dy_view = ops.input_view(dy)
+        residual = epilogue is not None and epilogue.residual is not None
+        z_view = ops.input_view(epilogue.residual) if residual else ops.view
         n_channels = x.shape[1]
-        coeffs = arrays.empty((4, n_channels), np.float64)
+        coeffs = _coefficients(n_channels)
         grads = arrays.empty((2, n_channels), weight.dtype)
         partials, counters = ops.scratch()
         grid = ops.grid
         ops.launch(
-            kernels.gradient_sums, dy_view, ops.view, grid.channel_lanes, grid.per_block, mean,
-            invstd, weight, input_grad, coeffs, grads, partials, counters,
+            kernels.gradient_sums, dy_view, ops.view, z_view, grid.channel_lanes, grid.per_block,
+            mean, invstd, weight, weight if bias is None else bias, epilogue is not None,
+            residual, batch_stats, coeffs, grads, partials, counters,
         )  # fmt: skip
         return ops, dy_view, coeffs, grads
+
+    @staticmethod
+    def masked_backward(
+        dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, bias: Any, batch_stats: bool,
+        epilogue: Epilogue, out: Any | None,
+    ) -> tuple[Any, Any | None, Any, Any]:  # fmt: skip
+        """Gradients through a forward that ended in a ReLU: ``(dx, dz, dweight, dbias)``.
+
+        The ReLU mask is recomputed from ``x`` (and the residual) as the forward
+        computed it; ``dz`` is None without a residual.
+        """
+        ops, dy_view, coeffs, grads = CudaBackend._gradient_sums(
+            dy, x, mean, invstd, weight, bias, epilogue, batch_stats
+        )
+        dz = None if epilogue.residual is None else arrays.empty_like(ops.x)
+        grad_input = ops.elementwise(
+            ops.view, dy_view, kernels.MASKED_GRADIENT, coeffs, out, epilogue, dz
+        )
+        return grad_input, dz, grads[0], grads[1]
 
     @staticmethod
     def train_backward(
         dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, out: Any | None
     ) -> tuple[Any, Any, Any]:
         """Gradients through batch statistics: ``(dx, dweight, dbias)``, in ``weight``'s dtype."""
-        ops, dy_view, coeffs, grads = CudaBackend._gradient_sums(dy, x, mean, invstd, weight, True)
+        ops, dy_view, coeffs, grads = CudaBackend._gradient_sums(dy, x, mean, invstd, weight)
         grad_input = ops.elementwise(ops.view, dy_view, kernels.GRADIENT, coeffs, out)
         return grad_input, grads[0], grads[1]
 
@@ -234,9 +278,9 @@ class CudaBackend:
         grads = (None, None)
         if weight is not None:
             scale_weight = weight
-            _, _, _, sums = CudaBackend._gradient_sums(dy, x, mean, invstd, weight, False)
+            _, _, _, sums = CudaBackend._gradient_sums(dy, x, mean, invstd, weight)
             grads = (sums[0], sums[1])
-        coeffs = arrays.empty((4, n_channels), np.float64)
+        coeffs = _coefficients(n_channels)
         kernels.gradient_scale[_vector_blocks(n_channels)](invstd, scale_weight, coeffs)
         ops = _Operands(dy)
         grad_input = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)

@@ -35,8 +35,9 @@ LANES = 32
 _kernel = cuda.jit(cache=True)
 
 # What the elementwise kernel computes.
-AFFINE = 0  # out = (x - c0) * c2 + c3
+AFFINE = 0  # out = relu((x - c0) * c2 + c3 + z)
 GRADIENT = 1  # out = c1 * dy + c2 * (x - c0) + c3
+MASKED_GRADIENT = 2  # the same through the forward's ReLU
 
 
 @cuda.jit(device=True)
@@ -58,11 +59,7 @@ def _thread_range(channel_lanes, per_block, n_channels):
 @cuda.jit(device=True)
 def _thread_sums(v, u, kv, ku, squares, channel, k, stop, step):
     """``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` over this thread's values."""
-    n_r = v.shape[2]
-    n_s = v.shape[3]
-    stop = min(stop, v.shape[0] * n_r * n_s)
-    a, r, s = _unravel(k, n_r, n_s)
-    da, dr, ds = _unravel(step, n_r, n_s)
+    stop, n_r, n_s, a, r, s, da, dr, ds = _walk(v, k, stop, step)
     sum_v = 0.0
     sum_vu = 0.0
     while k < stop:
@@ -75,6 +72,21 @@ def _thread_sums(v, u, kv, ku, squares, channel, k, stop, step):
         k += step
         a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
     return sum_v, sum_vu
+
+
+@cuda.jit(device=True)
+def _walk(x, k, stop, step):
+    """Where a thread's walk over a channel's values starts, ends, and how it steps.
+
+    Returns the clipped stop, ``R`` and ``S``, value ``k`` as ``(a, r, s)`` and
+    ``step`` in the same form, for :func:`_advance`.
+    """
+    n_r = x.shape[2]
+    n_s = x.shape[3]
+    stop = min(stop, x.shape[0] * n_r * n_s)
+    a, r, s = _unravel(k, n_r, n_s)
+    da, dr, ds = _unravel(step, n_r, n_s)
+    return stop, n_r, n_s, a, r, s, da, dr, ds
 
 
 @cuda.jit(device=True)
@@ -207,66 +219,120 @@ def _reset_counter(counters):
         counters[cuda.blockIdx.y] = 0
 
 
+@cuda.jit(device=True)
+def _pre_activation(x, z, m, scale, shift, residual):
+    """The value before the ReLU, in float64, exactly as the forward computes it."""
+    value = (float64(x) - m) * scale + shift
+    if residual:
+        value += float64(z)
+    return value
+
+
+@cuda.jit(device=True)
+def _thread_masked_sums(dy, x, z, m, scale, shift, residual, channel, k, stop, step):
+    """``sum(g)`` and ``sum(g * (x - m))`` with ``g = dy`` where the pre-activation is positive."""
+    stop, n_r, n_s, a, r, s, da, dr, ds = _walk(x, k, stop, step)
+    sum_g = 0.0
+    sum_gx = 0.0
+    while k < stop:
+        value = _pre_activation(x[a, channel, r, s], z[a, channel, r, s], m, scale, shift, residual)
+        if value > 0.0:
+            g = float64(dy[a, channel, r, s])
+            sum_g += g
+            sum_gx += g * (float64(x[a, channel, r, s]) - m)
+        k += step
+        a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
+    return sum_g, sum_gx
+
+
 @_kernel
 def gradient_sums(
-    dy, x, channel_lanes, per_block, mean, invstd, weight, input_grad, coeffs, grads, partials,
-    counters,
+    dy, x, z, channel_lanes, per_block, mean, invstd, weight, bias, masked, residual,
+    batch_stats, coeffs, grads, partials, counters,
 ):  # fmt: skip
-    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel, finished into gradients.
+    """``sum(g)`` and ``sum(g * (x - mean))`` per channel, finished into gradients.
 
-    Writes ``grads = [sum(dy * xhat), sum(dy)]`` (the weight and bias
-    gradients) and, with ``input_grad``, ``coeffs = [mean, alpha, beta, gamma]``
-    of ``dx = alpha * dy + beta * (x - mean) + gamma``, the input gradient
-    through the batch statistics.
+    ``g`` is ``dy``, or with ``masked`` ``dy`` where the forward's ReLU input
+    ``(x - mean) * weight * invstd + bias (+ z)`` was positive. Writes
+    ``grads = [sum(g * xhat), sum(g)]`` (the weight and bias gradients) and
+    ``coeffs = [mean, alpha, beta, gamma, scale, shift]``: the input gradient is
+    ``alpha * g + beta * (x - mean) + gamma`` (through the batch statistics with
+    ``batch_stats``, else ``g * weight * invstd``), and the last two rows
+    rebuild the mask.
     """
     n_channels = x.shape[1]
     channel, k, stop, step, active = _thread_range(channel_lanes, per_block, n_channels)
     sum_v = 0.0
     sum_vu = 0.0
     if active:
-        sum_v, sum_vu = _thread_sums(dy, x, 0.0, mean[channel], False, channel, k, stop, step)
+        m = mean[channel]
+        if masked:
+            scale = float64(weight[channel]) * invstd[channel]
+            shift = float64(bias[channel])
+            sum_v, sum_vu = _thread_masked_sums(
+                dy, x, z, m, scale, shift, residual, channel, k, stop, step
+            )
+        else:
+            sum_v, sum_vu = _thread_sums(dy, x, 0.0, m, False, channel, k, stop, step)
     if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
         return
     c = _finishing_channel(channel_lanes, n_channels)
     if c >= 0:
-        sum_dy, sum_dy_xmu = _totals(partials, c)
-        grads[0, c] = sum_dy_xmu * invstd[c]
-        grads[1, c] = sum_dy
-        if input_grad:
-            # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+        sum_g, sum_gx = _totals(partials, c)
+        grads[0, c] = sum_gx * invstd[c]
+        grads[1, c] = sum_g
+        alpha = float64(weight[c]) * invstd[c]
+        coeffs[0, c] = mean[c]
+        coeffs[1, c] = alpha
+        coeffs[4, c] = alpha
+        coeffs[5, c] = float64(bias[c])
+        if batch_stats:
+            # dx = w * invstd * (g - mean(g) - xhat * mean(g * xhat))
             count = x.shape[0] * x.shape[2] * x.shape[3]
-            alpha = float64(weight[c]) * invstd[c]
-            coeffs[0, c] = mean[c]
-            coeffs[1, c] = alpha
-            coeffs[2, c] = -alpha * invstd[c] * invstd[c] * sum_dy_xmu / count
-            coeffs[3, c] = -alpha * sum_dy / count
+            coeffs[2, c] = -alpha * invstd[c] * invstd[c] * sum_gx / count
+            coeffs[3, c] = -alpha * sum_g / count
+        else:
+            coeffs[2, c] = 0.0
+            coeffs[3, c] = 0.0
     _reset_counter(counters)
 
 
 @_kernel
-def elementwise(x, dy, channel_lanes, per_block, mode, coeffs, out):
-    """``out`` from ``x`` (and ``dy``) with per-channel ``coeffs``, in float64.
+def elementwise(x, dy, z, channel_lanes, per_block, mode, residual, relu, coeffs, out, dz):
+    """``out`` from ``x`` (and ``dy``, ``z``) with per-channel ``coeffs``, in float64.
 
-    ``AFFINE``: ``(x - c0) * c2 + c3``; ``GRADIENT``: ``c1 * dy + c2 * (x - c0) + c3``.
+    ``AFFINE``: ``relu((x - c0) * c2 + c3 + z)`` (the add and ReLU as flagged);
+    ``GRADIENT``: ``c1 * dy + c2 * (x - c0) + c3``; ``MASKED_GRADIENT``: the
+    same with ``g = dy`` where ``(x - c0) * c4 + c5 (+ z)`` is positive, else 0,
+    and ``dz = g`` when ``residual``.
     """
     channel, k, stop, step, active = _thread_range(channel_lanes, per_block, x.shape[1])
     if not active:
         return
-    n_r = x.shape[2]
-    n_s = x.shape[3]
-    stop = min(stop, x.shape[0] * n_r * n_s)
-    a, r, s = _unravel(k, n_r, n_s)
-    da, dr, ds = _unravel(step, n_r, n_s)
+    stop, n_r, n_s, a, r, s, da, dr, ds = _walk(x, k, stop, step)
     c0 = coeffs[0, channel]
     c1 = coeffs[1, channel]
     c2 = coeffs[2, channel]
     c3 = coeffs[3, channel]
     while k < stop:
         centred = float64(x[a, channel, r, s]) - c0
-        if mode == GRADIENT:
-            out[a, channel, r, s] = c1 * float64(dy[a, channel, r, s]) + c2 * centred + c3
+        if mode == AFFINE:
+            value = centred * c2 + c3
+            if residual:
+                value += float64(z[a, channel, r, s])
+            out[a, channel, r, s] = max(value, 0.0) if relu else value
         else:
-            out[a, channel, r, s] = centred * c2 + c3
+            g = float64(dy[a, channel, r, s])
+            if mode == MASKED_GRADIENT:
+                pre = _pre_activation(
+                    x[a, channel, r, s], z[a, channel, r, s], c0, coeffs[4, channel],
+                    coeffs[5, channel], residual,
+                )  # fmt: skip
+                if not pre > 0.0:  # NaN too, as the CPU kernels and PyTorch have it
+                    g = 0.0
+                if residual:
+                    dz[a, channel, r, s] = g
+            out[a, channel, r, s] = c1 * g + c2 * centred + c3
         k += step
         a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 import numbabn
 from numbabn.bench.cases import DEFAULT_CASES, QUICK_CASES
+from numbabn.bench.fused import FUSED_CASES, QUICK_FUSED_CASES, fused_markdown, measure_fused
 from numbabn.bench.measure import measure_case
 from numbabn.bench.peers import torch_available
 from numbabn.bench.report import markdown, write_json, write_png
@@ -86,12 +87,18 @@ def main(argv: list[str] | None = None) -> None:
     results = [
         measure_case(case, repeat, threads, with_torch) for case in _progress(cases, "bench")
     ]
+    fused_cases = QUICK_FUSED_CASES if args.quick else FUSED_CASES
+    fused = [
+        measure_fused(case, repeat, threads, with_torch) for case in _progress(fused_cases, "fused")
+    ]
     startup = None if args.no_startup else startup_seconds()
-    report = markdown(results, header, startup)
+    report = markdown(results, header, startup) + "\n" + fused_markdown(fused)
     print(report)
 
     args.output.mkdir(parents=True, exist_ok=True)
-    meta = {"header": header, "threads": threads, "repeat": repeat, "startup": startup}
+    meta = {
+        "header": header, "threads": threads, "repeat": repeat, "startup": startup, "fused": fused,
+    }  # fmt: skip
     json_path, png_path = args.output / "cpu.json", args.output / "cpu.png"
     write_json(json_path, results, meta)
     chart = png_path if write_png(png_path, results) else "no chart: matplotlib is not installed"

@@ -1,0 +1,159 @@
+"""CPU kernels for batch norm fused with a residual add and a ReLU.
+
+Forward: ``out = relu((x - mean) * scale + shift + z)`` in one elementwise pass
+(``z`` and the ReLU each optional). Backward never stores the output: the ReLU
+mask is recomputed from ``x`` (and ``z``) with exactly the forward's float64
+arithmetic, so ``g = dy * mask`` is what the plain backward then sees. Work
+items and views are those of :mod:`numbabn._cpu.kernels`; inner loops run over
+row slices and select rather than branch, so that LLVM vectorises them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from numbabn._cpu.kernels import _bounds, _inline, _kernel
+
+
+@_inline
+def _pre_activation(x, z, m, k, b, residual):
+    """The value before the ReLU, in float64, exactly as the forward computes it."""
+    value = (np.float64(x) - m) * k + b
+    if residual:
+        value += np.float64(z)
+    return value
+
+
+@_inline
+def _masked(dy, value):
+    """``dy`` where the pre-activation is positive, else 0 (NaN counts as not positive)."""
+    return np.float64(dy) if value > 0.0 else 0.0
+
+
+@_inline
+def _affine_act_lanes(x_row, z_row, m, k, b, residual, relu, out_row):
+    """One row of adjacent channels (channels-inner): per-element coefficients."""
+    for i in range(x_row.shape[0]):
+        value = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
+        out_row[i] = max(value, 0.0) if relu else value
+
+
+@_inline
+def _affine_act_run(x_row, z_row, m, k, b, residual, relu, out_row):
+    """A run of one channel (planar): scalar coefficients."""
+    for i in range(x_row.shape[0]):
+        value = _pre_activation(x_row[i], z_row[i], m, k, b, residual)
+        out_row[i] = max(value, 0.0) if relu else value
+
+
+@_kernel
+def affine_act_items(
+    x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, start, stop
+):  # fmt: skip
+    """Items ``start`` to ``stop`` of ``out = relu((x - mean) * scale + shift + z)``."""
+    n_r = x.shape[2]
+    for item in range(start, stop):
+        _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
+        if channels_inner:
+            m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
+            for p in range(row0, row1):
+                _affine_act_lanes(
+                    x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1], m, k, b, residual, relu,
+                    out[p, 0, 0, c0:c1],
+                )  # fmt: skip
+            continue
+        a = row0 // n_r
+        r = row0 - a * n_r
+        for _ in range(row0, row1):
+            for c in range(c0, c1):
+                _affine_act_run(
+                    x[a, c, r, s0:s1], z[a, c, r, s0:s1], mean[c], scale[c], shift[c], residual,
+                    relu, out[a, c, r, s0:s1],
+                )  # fmt: skip
+            r += 1
+            if r == n_r:
+                r = 0
+                a += 1
+
+
+@_kernel
+def masked_sums_items(
+    dy, x, z, mean, scale, shift, residual, channels_inner, geometry, partials, start, stop
+):  # fmt: skip
+    """Items' ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dy * (pre-activation > 0)``."""
+    n_r = x.shape[2]
+    for item in range(start, stop):
+        tile, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
+        if channels_inner:
+            m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
+            sum_g = np.zeros(c1 - c0)
+            sum_gx = np.zeros(c1 - c0)
+            for p in range(row0, row1):
+                dy_row, x_row, z_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1]
+                for i in range(c1 - c0):
+                    pre = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
+                    g = _masked(dy_row[i], pre)
+                    sum_g[i] += g
+                    sum_gx[i] += g * (np.float64(x_row[i]) - m[i])
+            partials[tile, 0, c0:c1] = sum_g
+            partials[tile, 1, c0:c1] = sum_gx
+            continue
+        for c in range(c0, c1):
+            m, k, b = mean[c], scale[c], shift[c]
+            acc_g = 0.0
+            acc_gx = 0.0
+            a = row0 // n_r
+            r = row0 - a * n_r
+            for _ in range(row0, row1):
+                dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
+                for i in range(x_row.shape[0]):
+                    g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
+                    acc_g += g
+                    acc_gx += g * (np.float64(x_row[i]) - m)
+                r += 1
+                if r == n_r:
+                    r = 0
+                    a += 1
+            partials[tile, 0, c] = acc_g
+            partials[tile, 1, c] = acc_gx
+
+
+@_kernel
+def masked_grad_items(
+    dy, x, z, mean, scale, shift, alpha, beta, gamma, residual, channels_inner, geometry, dx,
+    dz, start, stop,
+):  # fmt: skip
+    """Items of ``dx = alpha * g + beta * (x - mean) + gamma`` and, with a residual, ``dz = g``."""
+    n_r = x.shape[2]
+    for item in range(start, stop):
+        _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
+        if channels_inner:
+            m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
+            ka, kb, kg = alpha[c0:c1], beta[c0:c1], gamma[c0:c1]
+            for p in range(row0, row1):
+                dy_row, x_row, z_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1]
+                dx_row, dz_row = dx[p, 0, 0, c0:c1], dz[p, 0, 0, c0:c1]
+                for i in range(c1 - c0):
+                    pre = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
+                    g = _masked(dy_row[i], pre)
+                    dx_row[i] = ka[i] * g + kb[i] * (np.float64(x_row[i]) - m[i]) + kg[i]
+                    if residual:
+                        dz_row[i] = g
+            continue
+        a = row0 // n_r
+        r = row0 - a * n_r
+        for _ in range(row0, row1):
+            for c in range(c0, c1):
+                m, k, b = mean[c], scale[c], shift[c]
+                ka, kb, kg = alpha[c], beta[c], gamma[c]
+                dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
+                dx_row, dz_row = dx[a, c, r, s0:s1], dz[a, c, r, s0:s1]
+                for i in range(x_row.shape[0]):
+                    g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
+                    dx_row[i] = ka * g + kb * (np.float64(x_row[i]) - m) + kg
+                    if residual:
+                        dz_row[i] = g
+            r += 1
+            if r == n_r:
+                r = 0
+                a += 1

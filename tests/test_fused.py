@@ -1,0 +1,184 @@
+"""Batch norm fused with a residual add and a ReLU, against PyTorch's unfused composition.
+
+Every case runs on the CPU kernels and on the CUDA kernels (in the simulator
+unless a GPU is used), through the modules and the functional API.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_input, random_vector, tolerances
+
+import numbabn
+from numbabn import functional as F
+
+torch = pytest.importorskip("torch")
+
+BACKENDS = ["cpu", "cuda"]
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request):
+    """ "cpu" or "cuda"; the CUDA half needs numba-cuda (the simulator is enough)."""
+    if request.param == "cuda":
+        pytest.importorskip("numba_cuda")
+        request.getfixturevalue("cuda_small_blocks")
+    return request.param
+
+
+def placed(array: np.ndarray, device: str):
+    if device == "cpu":
+        return array
+    from device import to_device
+
+    return to_device(array)
+
+
+def fetched(array, device: str) -> np.ndarray:
+    if device == "cpu":
+        return array
+    from device import host
+
+    return host(array)
+
+
+def torch_composition(x, z, dy, weight, bias, running_mean, running_var, training, momentum):
+    """relu(batch_norm(x) + z) in PyTorch, unfused; returns outputs, grads and statistics."""
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(weight, requires_grad=True)
+    tb = torch.tensor(bias, requires_grad=True)
+    rm, rv = torch.tensor(running_mean), torch.tensor(running_var)
+    y = torch.nn.functional.batch_norm(tx, rm, rv, tw, tb, training, momentum, 1e-5)
+    tz = None
+    if z is not None:
+        tz = torch.tensor(z, requires_grad=True)
+        y = y + tz
+    y = torch.relu(y)
+    y.backward(torch.tensor(dy))
+    return {
+        "y": y.detach().numpy(),
+        "dx": tx.grad.numpy(),
+        "dz": None if tz is None else tz.grad.numpy(),
+        "dw": tw.grad.numpy(),
+        "db": tb.grad.numpy(),
+        "running_mean": rm.numpy(),
+        "running_var": rv.numpy(),
+    }
+
+
+CASES = [((4, 3, 5), "contiguous"), ((3, 5, 3, 2), "channels_last"), ((6, 4), "contiguous")]
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("shape", "layout"), CASES)
+def test_module_matches_pytorch(rng, device, shape, layout, training, with_residual):
+    dtype = np.float64
+    c = shape[1]
+    x = make_input(rng, shape, layout, dtype)
+    z = make_input(rng, shape, layout, dtype, scale=0.5) if with_residual else None
+    dy = make_input(rng, shape, "contiguous", dtype)
+    bn = numbabn.BatchNorm2d if len(shape) == 4 else numbabn.BatchNorm1d
+    module = bn(c, dtype=dtype, device=device, activation="relu")
+    weight, bias = random_vector(rng, c, dtype), random_vector(rng, c, dtype, -0.5, 0.5)
+    state = {
+        "weight": weight,
+        "bias": bias,
+        "running_mean": random_vector(rng, c, dtype, -1, 1),
+        "running_var": random_vector(rng, c, dtype),
+    }
+    module.load_state_dict(state, strict=False)
+    module.train(training)
+    truth = torch_composition(
+        x, z, dy, weight, bias, state["running_mean"], state["running_var"], training, 0.1
+    )
+
+    y = module(placed(x, device), residual=None if z is None else placed(z, device))
+    grads = module.backward(placed(dy, device))
+    dx, dz = grads if with_residual else (grads, None)
+
+    tol = tolerances(dtype)
+    np.testing.assert_allclose(fetched(y, device), truth["y"], **tol)
+    np.testing.assert_allclose(fetched(dx, device), truth["dx"], **tol)
+    if with_residual:
+        np.testing.assert_allclose(fetched(dz, device), truth["dz"], **tol)
+    np.testing.assert_allclose(fetched(module.grads["weight"], device), truth["dw"], **tol)
+    np.testing.assert_allclose(fetched(module.grads["bias"], device), truth["db"], **tol)
+    after = module.state_dict()
+    np.testing.assert_allclose(after["running_mean"], truth["running_mean"], **tol)
+    np.testing.assert_allclose(after["running_var"], truth["running_var"], **tol)
+
+
+@pytest.mark.parametrize("options", [{"affine": False}, {"track_running_stats": False}])
+def test_functional_residual_without_activation(rng, device, options):
+    """bn(x) + z alone: one pass forward, and backward hands dy on as dz."""
+    x = make_input(rng, (5, 3, 4), "contiguous", np.float32)
+    z = make_input(rng, (5, 3, 4), "contiguous", np.float32)
+    dy = make_input(rng, (5, 3, 4), "contiguous", np.float32)
+    plain = numbabn.BatchNorm1d(3, **options)
+    module = numbabn.BatchNorm1d(3, device=device, **options)
+    y = module(placed(x, device), residual=placed(z, device))
+    np.testing.assert_allclose(fetched(y, device), plain(x) + z, **tolerances(np.float32))
+    dx, dz = module.backward(placed(dy, device))
+    np.testing.assert_allclose(fetched(dx, device), plain.backward(dy), **tolerances(np.float32))
+    np.testing.assert_array_equal(fetched(dz, device), dy)
+
+
+def test_functional_api_returns_the_residual_gradient(rng, device):
+    x = make_input(rng, (4, 3, 2, 2), "contiguous", np.float64)
+    z = make_input(rng, (4, 3, 2, 2), "contiguous", np.float64)
+    dy = make_input(rng, (4, 3, 2, 2), "contiguous", np.float64)
+    w, b = random_vector(rng, 3), random_vector(rng, 3, low=-0.5, high=0.5)
+    dx_, dz_, x_, w_, b_ = (placed(a, device) for a in (dy, z, x, w, b))
+    y, saved = F.batch_norm_forward(
+        x_, None, None, w_, b_, True, residual=dz_, activation="relu"
+    )  # fmt: skip
+    grads = F.batch_norm_backward(dx_, x_, saved, w_, bias=b_, residual=dz_, activation="relu")
+    assert len(grads) == 4
+    truth = torch_composition(x, z, dy, w, b, np.zeros(3), np.ones(3), True, 0.1)
+    for got, key in zip(grads, ("dx", "dw", "db", "dz"), strict=True):
+        np.testing.assert_allclose(fetched(got, device), truth[key], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(fetched(y, device), truth["y"], rtol=1e-10, atol=1e-10)
+
+
+def test_fused_gradient_against_finite_differences(rng):
+    """d/dx and d/dz of sum(r * relu(bn(x) + z)), float64, central differences."""
+    x = make_input(rng, (3, 2, 2, 2), "contiguous", np.float64)
+    z = make_input(rng, (3, 2, 2, 2), "contiguous", np.float64)
+    r = make_input(rng, (3, 2, 2, 2), "contiguous", np.float64)
+
+    def loss(x_value, z_value):
+        module = numbabn.BatchNorm2d(2, dtype=np.float64, activation="relu")
+        return float(np.sum(r * module(x_value, residual=z_value)))
+
+    module = numbabn.BatchNorm2d(2, dtype=np.float64, activation="relu")
+    module(x, residual=z)
+    dx, dz = module.backward(r)
+    step = 1e-6
+    for array, grad, which in ((x, dx, 0), (z, dz, 1)):
+        numeric = np.zeros_like(array)
+        for index in np.ndindex(array.shape):
+            plus, minus = array.copy(), array.copy()
+            plus[index] += step
+            minus[index] -= step
+            args_plus = (plus, z) if which == 0 else (x, plus)
+            args_minus = (minus, z) if which == 0 else (x, minus)
+            numeric[index] = (loss(*args_plus) - loss(*args_minus)) / (2 * step)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_errors(rng):
+    with pytest.raises(ValueError, match="activation must be None or 'relu', got 'gelu'"):
+        numbabn.BatchNorm2d(3, activation="gelu")
+    module = numbabn.BatchNorm2d(3, activation="relu")
+    x = make_input(rng, (2, 3, 2, 2), "contiguous", np.float32)
+    with pytest.raises(ValueError, match=r"residual has shape \(2, 3, 2\)"):
+        module(x, residual=np.zeros((2, 3, 2), np.float32))
+    with pytest.raises(TypeError, match="residual has dtype float64"):
+        module(x, residual=np.zeros((2, 3, 2, 2)))
+    assert int(module.num_batches_tracked) == 0
+    z = make_input(rng, (2, 3, 2, 2), "contiguous", np.float32)
+    module(x, out=z, residual=z)
+    with pytest.raises(RuntimeError, match="needs the last forward's residual"):
+        module.backward(np.ones_like(x))
