@@ -33,7 +33,7 @@ test: $(VENV)/.installed-test lint
 # On a GPU machine that already has numpy, numba-cuda and pytest (and no network),
 # name its Python instead of the venv: make test-gpu GPU_PYTHON=python3
 ifdef GPU_PYTHON
-GPU_RUN := NUMBA_ENABLE_CUDASIM=0 $(GPU_PYTHON)
+GPU_RUN := NUMBA_ENABLE_CUDASIM=0 PYTHONPATH=$(CURDIR) $(GPU_PYTHON)
 GPU_DEPS :=
 else
 GPU_RUN := NUMBA_ENABLE_CUDASIM=0 $(PY)

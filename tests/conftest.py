@@ -176,16 +176,17 @@ def tolerances(dtype) -> dict:
 
 @pytest.fixture
 def cuda_small_blocks(monkeypatch):
-    """Under the CUDA simulator, blocks of 16 threads (4 channel lanes), chunks of a few values.
+    """Several blocks, chunks and ragged channel groups on tiny shapes.
 
-    Several blocks per channel, several chunks and ragged channel groups then
-    run on tiny shapes. On a real GPU the real sizes stay.
+    Under the CUDA simulator: blocks of 16 threads (4 channel lanes) and chunks
+    of a few values. On a real GPU the block sizes are compiled in, so only the
+    chunking is made fine.
     """
     from numbabn._cuda import arrays, backend, kernels
 
     if arrays.SIMULATOR:
         monkeypatch.setattr(kernels, "THREADS", 16)
         monkeypatch.setattr(kernels, "LANES", 4)
-        monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
-        monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)
-        monkeypatch.setattr(backend, "MAX_PER_THREAD", 2)
+    monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
+    monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)
+    monkeypatch.setattr(backend, "MAX_PER_THREAD", 2)

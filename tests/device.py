@@ -22,6 +22,8 @@ SIMULATOR = arrays.SIMULATOR
 
 def to_device(x: np.ndarray):
     """A device copy of ``x`` with exactly its strides (its memory span is copied)."""
+    if x.size == 0:
+        return cuda.to_device(np.ascontiguousarray(x))
     itemsize = x.dtype.itemsize
     low = sum(min(0, (n - 1) * s) for n, s in zip(x.shape, x.strides, strict=True))
     high = sum(max(0, (n - 1) * s) for n, s in zip(x.shape, x.strides, strict=True)) + itemsize

@@ -75,9 +75,7 @@ def test_training_forward_backward(rng, shape, layout, dtype):
 def test_grid_covers_ragged_blocks():
     """The patched sizes give several chunks and a partial channel group."""
     x = make_input(np.random.default_rng(0), (3, 5, 4, 3), "channels_last")
-    grid = cuda_backend._grid(
-        x.shape, x.strides, kernels.THREADS, kernels.LANES, cuda_backend.TARGET_BLOCKS
-    )
+    grid = cuda_backend._grid_for(to_device(x))
     assert grid.channel_lanes
     assert grid.n_chunks > 1
     if SIMULATOR:

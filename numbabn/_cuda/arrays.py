@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -75,9 +76,11 @@ def to_host(array: Any) -> np.ndarray:
     """Copy a device array (any strides) to a new host array."""
     if SIMULATOR:
         return np.array(array._ary)
-    if array.is_c_contiguous() or array.is_f_contiguous():
+    dense = array.is_c_contiguous() or array.is_f_contiguous()
+    if dense and all(stride >= 0 for stride in array.strides):
         return array.copy_to_host()
-    staged = empty(tuple(array.shape), array.dtype)
+    # Staged in the source's memory order, which copy_to_host keeps.
+    staged = empty_like(array)
     copy(array, staged)
     return staged.copy_to_host()
 
@@ -88,6 +91,25 @@ def as_5d(array: Any) -> Any:
     return view(array, (1,) * pad + tuple(array.shape), (0,) * pad + tuple(array.strides))
 
 
+def configured(kernel: Any, blocks: int, threads: int) -> Any:
+    """``kernel[blocks, threads]``, made once per grid on a GPU.
+
+    numbabn sizes its grids to the data, so Numba's warning that a small grid
+    under-uses the GPU would only repeat itself for every small tensor. (The
+    simulator's kernels keep one configuration at a time: nothing to reuse.)
+    """
+    if SIMULATOR:
+        return kernel[blocks, threads]
+    return _configured(kernel, blocks, threads)
+
+
+@functools.lru_cache(maxsize=1024)
+def _configured(kernel: Any, blocks: int, threads: int) -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Grid size .* under-utilization")
+        return kernel[blocks, threads]
+
+
 def copy(source: Any, target: Any) -> None:
     """``target[...] = source`` on the device, for arrays of one shape and any strides."""
     from numbabn._cuda import kernels
@@ -95,7 +117,7 @@ def copy(source: Any, target: Any) -> None:
     n = math.prod(source.shape)
     if n:
         blocks = -(-n // kernels.THREADS)
-        kernels.copy_5d[blocks, kernels.THREADS](as_5d(source), as_5d(target))
+        configured(kernels.copy_5d, blocks, kernels.THREADS)(as_5d(source), as_5d(target))
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,6 +141,8 @@ def may_share_memory(a: Any, b: Any) -> bool:
     """Whether two device arrays' memory ranges may overlap."""
     if SIMULATOR:
         return np.may_share_memory(a._ary, b._ary)
+    if math.prod(a.shape) == 0 or math.prod(b.shape) == 0:
+        return False
     a_start, a_stop = _span(a)
     b_start, b_stop = _span(b)
     return a_start < b_stop and b_start < a_stop

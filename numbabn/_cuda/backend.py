@@ -33,8 +33,8 @@ class _Grid:
     n_groups: int
 
     @property
-    def blocks(self) -> tuple[int, int]:
-        return (self.n_chunks, self.n_groups)
+    def blocks(self) -> int:
+        return self.n_chunks * self.n_groups
 
     def view(self, array: Any) -> Any | None:
         """``array`` as the kernels' ``(A, C, R, S)`` operand; None if its strides do not fit."""
@@ -47,9 +47,9 @@ class _Grid:
 
 
 @functools.lru_cache(maxsize=256)
-def _grid(
-    shape: tuple[int, ...], strides: tuple[int, ...], threads: int, lanes: int, target: int
-) -> _Grid | None:
+def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ...]) -> _Grid | None:
+    """The grid for an input; ``sizes`` are the tunables (part of the cache key)."""
+    threads, lanes, target, min_per_thread, max_per_thread = sizes
     layout = plan_strided(shape, strides)
     if layout is None:
         return None
@@ -65,10 +65,15 @@ def _grid(
         n_groups = n_channels
         threads_per_channel = threads
     wanted = -(-n_values * n_groups // target)
-    per_thread = min(MAX_PER_THREAD, max(MIN_PER_THREAD, -(-wanted // threads_per_channel)))
+    per_thread = min(max_per_thread, max(min_per_thread, -(-wanted // threads_per_channel)))
     per_block = per_thread * threads_per_channel
     n_chunks = max(1, -(-n_values // per_block))
     return _Grid(layout, view_shape, layout.channels_inner, per_block, n_chunks, n_groups)
+
+
+def _grid_for(x: Any) -> _Grid | None:
+    sizes = (kernels.THREADS, kernels.LANES, TARGET_BLOCKS, MIN_PER_THREAD, MAX_PER_THREAD)
+    return _grid(tuple(x.shape), tuple(x.strides), sizes)
 
 
 @functools.lru_cache(maxsize=64)
@@ -86,17 +91,13 @@ class _Operands:
     """``x`` viewed for the kernels, plus views of further arrays shaped like it."""
 
     def __init__(self, x: Any) -> None:
-        grid = _grid(
-            tuple(x.shape), tuple(x.strides), kernels.THREADS, kernels.LANES, TARGET_BLOCKS
-        )
+        grid = _grid_for(x)
         if grid is None:
             # More than three separately strided axis groups: the one case that copies.
             staged = arrays.empty(tuple(x.shape), x.dtype)
             arrays.copy(x, staged)
             x = staged
-            grid = _grid(
-                tuple(x.shape), tuple(x.strides), kernels.THREADS, kernels.LANES, TARGET_BLOCKS
-            )
+            grid = _grid_for(x)
         self.x = x
         self.grid = grid
         self.view = grid.view(x)
@@ -114,7 +115,7 @@ class _Operands:
         return _scratch(self.x.shape[1], self.grid.n_chunks, self.grid.n_groups)
 
     def launch(self, kernel: Any, *args: Any) -> None:
-        kernel[self.grid.blocks, kernels.THREADS](*args)
+        arrays.configured(kernel, self.grid.blocks, kernels.THREADS)(*args)
 
     def elementwise(
         self,
@@ -152,8 +153,9 @@ def _coefficients(n_channels: int) -> Any:
     return arrays.empty((6, n_channels), np.float64)
 
 
-def _vector_blocks(n: int) -> tuple[int, int]:
-    return (-(-n // kernels.THREADS), kernels.THREADS)
+def _per_channel(kernel: Any, n: int) -> Any:
+    """``kernel`` configured with one thread per channel (at least one block)."""
+    return arrays.configured(kernel, max(1, -(-n // kernels.THREADS)), kernels.THREADS)
 
 
 class CudaBackend:
@@ -213,7 +215,7 @@ class CudaBackend:
         ops = _Operands(x)
         n_channels = x.shape[1]
         coeffs = _coefficients(n_channels)
-        kernels.running_coefficients[_vector_blocks(n_channels)](
+        _per_channel(kernels.running_coefficients, n_channels)(
             running_mean, running_var, weight, bias, eps, coeffs
         )
         output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
@@ -281,7 +283,7 @@ class CudaBackend:
             _, _, _, sums = CudaBackend._gradient_sums(dy, x, mean, invstd, weight)
             grads = (sums[0], sums[1])
         coeffs = _coefficients(n_channels)
-        kernels.gradient_scale[_vector_blocks(n_channels)](invstd, scale_weight, coeffs)
+        _per_channel(kernels.gradient_scale, n_channels)(invstd, scale_weight, coeffs)
         ops = _Operands(dy)
         grad_input = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
         return grad_input, *grads
@@ -289,4 +291,4 @@ class CudaBackend:
     @staticmethod
     def accumulate(target: Any, source: Any) -> None:
         """``target += source`` for parameter-gradient vectors."""
-        kernels.accumulate[_vector_blocks(target.shape[0])](target, source)
+        _per_channel(kernels.accumulate, target.shape[0])(target, source)

@@ -2,7 +2,7 @@
 
 Every operand is a 4-D view ``(A, C, R, S)`` of the caller's array (see
 :mod:`numbabn._cpu.layout`; the channels-inner layout is ``(P, C, 1, 1)`` here).
-The grid is ``(chunks, channel groups)``: block ``(i, j)`` covers chunk ``i`` of
+The blocks are ``(chunk, channel group)`` pairs: block ``(i, j)`` covers chunk ``i`` of
 the ``A * R * S`` values of its channel group ``j``, which is one channel for
 planar data (threads walk along ``S``) or ``LANES`` adjacent channels for
 channels-inner data (a warp reads ``LANES`` neighbouring channels at once).
@@ -41,19 +41,36 @@ MASKED_GRADIENT = 2  # the same through the forward's ReLU
 
 
 @cuda.jit(device=True)
-def _thread_range(channel_lanes, per_block, n_channels):
+def _block_position(n_chunks):
+    """This block's ``(chunk, channel group)``: the grid is one-dimensional, chunks fastest.
+
+    (A second grid axis would cap the channel groups at 65535.)
+    """
+    block = cuda.blockIdx.x
+    return block % n_chunks, block // n_chunks
+
+
+@cuda.jit(device=True)
+def _n_chunks(x, per_block):
+    n_values = x.shape[0] * x.shape[2] * x.shape[3]
+    return (n_values + per_block - 1) // per_block
+
+
+@cuda.jit(device=True)
+def _thread_range(x, channel_lanes, per_block):
     """This thread's channel, first value index, stop and step within the block's chunk."""
+    chunk, group = _block_position(_n_chunks(x, per_block))
     t = cuda.threadIdx.x
     if channel_lanes:
-        channel = cuda.blockIdx.y * LANES + t % LANES
+        channel = group * LANES + t % LANES
         first = t // LANES
         step = THREADS // LANES
     else:
-        channel = cuda.blockIdx.y
+        channel = group
         first = t
         step = THREADS
-    start = cuda.blockIdx.x * per_block
-    return channel, start + first, start + per_block, step, channel < n_channels
+    start = chunk * per_block
+    return channel, start + first, start + per_block, step, channel < x.shape[1]
 
 
 @cuda.jit(device=True)
@@ -133,22 +150,25 @@ def _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
             shared_vu[t] += shared_vu[t + width]
         cuda.syncthreads()
         width //= 2
-    channel = cuda.blockIdx.y * LANES + t if channel_lanes else cuda.blockIdx.y
+    n_chunks = partials.shape[1]
+    chunk, group = _block_position(n_chunks)
+    channel = group * LANES + t if channel_lanes else group
     if t < keep and channel < partials.shape[0]:
-        partials[channel, cuda.blockIdx.x, 0] = shared_v[t]
-        partials[channel, cuda.blockIdx.x, 1] = shared_vu[t]
-    return _last_block(counters)
+        partials[channel, chunk, 0] = shared_v[t]
+        partials[channel, chunk, 1] = shared_vu[t]
+    return _last_block(counters, group, n_chunks)
 
 
 @cuda.jit(device=True)
-def _last_block(counters):
+def _last_block(counters, group, n_chunks):
     """Whether this block is the last of its channel group to have written its partials."""
     is_last = cuda.shared.array(1, int32)
-    cuda.threadfence()
+    cuda.threadfence()  # this block's partials are visible before the count says so
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
-        finished = cuda.atomic.add(counters, cuda.blockIdx.y, 1)
-        is_last[0] = 1 if finished == cuda.gridDim.x - 1 else 0
+        finished = cuda.atomic.add(counters, group, 1)
+        cuda.threadfence()  # and the other blocks' partials are read after it
+        is_last[0] = 1 if finished == n_chunks - 1 else 0
     cuda.syncthreads()
     return is_last[0] != 0
 
@@ -165,13 +185,14 @@ def _totals(partials, channel):
 
 
 @cuda.jit(device=True)
-def _finishing_channel(channel_lanes, n_channels):
+def _finishing_channel(channel_lanes, n_channels, partials):
     """The channel this thread finishes in the last block, or -1."""
     t = cuda.threadIdx.x
+    _, group = _block_position(partials.shape[1])
     if channel_lanes:
-        channel = cuda.blockIdx.y * LANES + t
+        channel = group * LANES + t
         return channel if t < LANES and channel < n_channels else -1
-    return cuda.blockIdx.y if t == 0 else -1
+    return group if t == 0 else -1
 
 
 @_kernel
@@ -184,7 +205,7 @@ def forward_statistics(
     Updates the running statistics in place when ``momentum`` is not negative.
     """
     n_channels = x.shape[1]
-    channel, k, stop, step, active = _thread_range(channel_lanes, per_block, n_channels)
+    channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
     sum_v = 0.0
     sum_vu = 0.0
     if active:
@@ -192,7 +213,7 @@ def forward_statistics(
         sum_v, sum_vu = _thread_sums(x, x, shift, shift, True, channel, k, stop, step)
     if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
         return
-    c = _finishing_channel(channel_lanes, n_channels)
+    c = _finishing_channel(channel_lanes, n_channels, partials)
     if c >= 0:
         total_v, total_vu = _totals(partials, c)
         count = x.shape[0] * x.shape[2] * x.shape[3]
@@ -209,14 +230,14 @@ def forward_statistics(
             unbiased = var * count / max(count - 1, 1)
             running_mean[c] = (1.0 - momentum) * float64(running_mean[c]) + momentum * mean
             running_var[c] = (1.0 - momentum) * float64(running_var[c]) + momentum * unbiased
-    _reset_counter(counters)
+    _reset_counter(counters, partials)
 
 
 @cuda.jit(device=True)
-def _reset_counter(counters):
+def _reset_counter(counters, partials):
     """Leave the group's counter at zero for the next launch (the scratch is reused)."""
     if cuda.threadIdx.x == 0:
-        counters[cuda.blockIdx.y] = 0
+        counters[_block_position(partials.shape[1])[1]] = 0
 
 
 @cuda.jit(device=True)
@@ -261,7 +282,7 @@ def gradient_sums(
     rebuild the mask.
     """
     n_channels = x.shape[1]
-    channel, k, stop, step, active = _thread_range(channel_lanes, per_block, n_channels)
+    channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
     sum_v = 0.0
     sum_vu = 0.0
     if active:
@@ -276,7 +297,7 @@ def gradient_sums(
             sum_v, sum_vu = _thread_sums(dy, x, 0.0, m, False, channel, k, stop, step)
     if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
         return
-    c = _finishing_channel(channel_lanes, n_channels)
+    c = _finishing_channel(channel_lanes, n_channels, partials)
     if c >= 0:
         sum_g, sum_gx = _totals(partials, c)
         grads[0, c] = sum_gx * invstd[c]
@@ -294,7 +315,7 @@ def gradient_sums(
         else:
             coeffs[2, c] = 0.0
             coeffs[3, c] = 0.0
-    _reset_counter(counters)
+    _reset_counter(counters, partials)
 
 
 @_kernel
@@ -306,7 +327,7 @@ def elementwise(x, dy, z, channel_lanes, per_block, mode, residual, relu, coeffs
     same with ``g = dy`` where ``(x - c0) * c4 + c5 (+ z)`` is positive, else 0,
     and ``dz = g`` when ``residual``.
     """
-    channel, k, stop, step, active = _thread_range(channel_lanes, per_block, x.shape[1])
+    channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
     if not active:
         return
     stop, n_r, n_s, a, r, s, da, dr, ds = _walk(x, k, stop, step)
