@@ -98,6 +98,16 @@ def array_kind(array: object) -> str | None:
         return None
 
 
+def all_host(arrays: tuple[object, ...]) -> bool:
+    """Whether every entry is a NumPy array or None."""
+    return all(type(array) is np.ndarray or array is None for array in arrays)
+
+
+def host_backend() -> Backend:
+    """The CPU backend."""
+    return _CPU
+
+
 def backend_for(**arrays: object) -> Backend:
     """Return the backend for the given named arrays (None entries are ignored).
 
@@ -106,7 +116,7 @@ def backend_for(**arrays: object) -> Backend:
     TypeError
         If an array is of no supported kind, or host and device arrays are mixed.
     """
-    if all(type(array) is np.ndarray or array is None for array in arrays.values()):
+    if all_host(tuple(arrays.values())):
         return _CPU
     chosen: tuple[str, str] | None = None
     for name, array in arrays.items():

@@ -9,16 +9,19 @@ import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
+# Input dtype -> parameter dtype: float16 input keeps float32 parameters and statistics.
+_PARAM_DTYPES = {dtype: dtype for dtype in SUPPORTED_DTYPES} | {_HALF: np.dtype(np.float32)}
 
 
 def param_dtype(dtype: np.dtype) -> np.dtype:
     """Dtype of the parameters and statistics for input of ``dtype`` (float32 for float16)."""
-    return np.dtype(np.float32) if dtype == _HALF else np.dtype(dtype)
+    return _PARAM_DTYPES.get(dtype) or np.dtype(dtype)
 
 
 def check_dtype(x: Any, backend: str = "cpu", name: str = "input") -> None:
     """Raise TypeError unless ``x`` is float32 or float64 (or float16 on CUDA)."""
-    if x.dtype in SUPPORTED_DTYPES or (x.dtype == _HALF and backend == "cuda"):
+    dtype = x.dtype
+    if dtype in _PARAM_DTYPES and (dtype != _HALF or backend == "cuda"):
         return
     if x.dtype == _HALF:
         raise TypeError(
@@ -49,9 +52,9 @@ def check_channel_vector(name: str, vector: Any | None, x: Any) -> None:
     if vector is None:
         return
     n_channels = x.shape[1]
-    if vector.ndim != 1 or vector.shape[0] != n_channels:
+    if vector.shape != (n_channels,):
         raise RuntimeError(f"{name} should contain {n_channels} elements not {vector.size}")
-    expected = param_dtype(x.dtype)
+    expected = _PARAM_DTYPES.get(x.dtype)
     if vector.dtype != expected:
         raise TypeError(
             f"{name} has dtype {vector.dtype} but the input has dtype {x.dtype}; "

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._dispatch import Backend, backend_for
+from numbabn._dispatch import Backend, all_host, backend_for, host_backend
 from numbabn.epilogue import check_activation, epilogue_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
@@ -56,15 +56,19 @@ def check_forward_args(
     Returns the backend that serves them and the arrays as that backend's own
     kind (views, not copies), in the order given.
     """
-    backend = backend_for(
-        input=input,
-        running_mean=running_mean,
-        running_var=running_var,
-        weight=weight,
-        bias=bias,
-        out=out,
-    )
-    arrays = tuple(map(backend.adopt, (input, running_mean, running_var, weight, bias, out)))
+    arrays = (input, running_mean, running_var, weight, bias, out)
+    if all_host(arrays):  # the common case, checked first: small calls feel every microsecond
+        backend = host_backend()
+    else:
+        backend = backend_for(
+            input=input,
+            running_mean=running_mean,
+            running_var=running_var,
+            weight=weight,
+            bias=bias,
+            out=out,
+        )
+        arrays = tuple(map(backend.adopt, arrays))
     x, running_mean, running_var, weight, bias, out = arrays
     if x.ndim < 2:
         raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
