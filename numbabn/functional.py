@@ -264,14 +264,14 @@ def batch_norm_backward(
         Only when ``residual`` is given: the gradient w.r.t. it (``g``; with no
         activation, ``grad_output`` itself).
     """
-    backend = backend_for(grad_output=grad_output, input=input, weight=weight, out=out)
-    dy, x, weight_array, out_array = map(backend.adopt, (grad_output, input, weight, out))
+    backend = backend_for(grad_output=grad_output, input=input, weight=weight, bias=bias, out=out)
+    arrays = (grad_output, input, weight, bias, out)
+    dy, x, weight_array, bias_array, out_array = map(backend.adopt, arrays)
     check.check_like("grad_output", dy, x)
     check.check_dtype(x, backend.name)
     check.check_channel_vector("weight", weight_array, x)
-    check.check_out(out_array, x)
-    bias_array = None if bias is None else backend.adopt(bias)
     check.check_channel_vector("bias", bias_array, x)
+    check.check_out(out_array, x)
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     n_channels = x.shape[1]
     if tuple(saved.mean.shape) != (n_channels,):
