@@ -42,7 +42,7 @@ endif
 
 ## test-gpu: the CUDA backend's tests on a real NVIDIA GPU, without the simulator
 test-gpu: $(GPU_DEPS)
-	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py
+	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_fused.py
 
 ## bench-gpu: numbabn on the GPU beside PyTorch's CUDA batch norm and a streaming roofline
 bench-gpu: $(GPU_DEPS)

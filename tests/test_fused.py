@@ -182,3 +182,24 @@ def test_errors(rng):
     module(x, out=z, residual=z)
     with pytest.raises(RuntimeError, match="needs the last forward's residual"):
         module.backward(np.ones_like(x))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_threaded_path_on_a_large_tensor(rng, layout):
+    """Above the serial threshold the fused passes run item by item across threads."""
+    from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
+
+    shape = (4, 8, 48, 48)
+    assert np.prod(shape) >= PARALLEL_MIN_ELEMENTS
+    x = make_input(rng, shape, layout, np.float64)
+    z = make_input(rng, shape, layout, np.float64, scale=0.5)
+    dy = make_input(rng, shape, "contiguous", np.float64)
+    weight, bias = random_vector(rng, 8), random_vector(rng, 8, low=-0.5, high=0.5)
+    module = numbabn.BatchNorm2d(8, dtype=np.float64, activation="relu")
+    module.load_state_dict({"weight": weight, "bias": bias}, strict=False)
+    truth = torch_composition(x, z, dy, weight, bias, np.zeros(8), np.ones(8), True, 0.1)
+    np.testing.assert_allclose(module(x, residual=z), truth["y"], rtol=1e-10, atol=1e-10)
+    dx, dz = module.backward(dy)
+    np.testing.assert_allclose(dx, truth["dx"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(dz, truth["dz"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(module.grads["weight"], truth["dw"], rtol=1e-9, atol=1e-9)

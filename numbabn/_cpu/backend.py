@@ -216,6 +216,13 @@ class CpuBackend:
                     ops.view, weight, bias, running_mean, running_var, momentum, eps,
                     *ops.launch_args, partials, target,
                 )  # fmt: skip
+            if ops.serial:
+                residual = epilogue.residual
+                z = ops.view if residual is None else ops.input_view(residual)
+                return fused.train_forward_act_serial(
+                    ops.view, z, residual is not None, epilogue.relu, weight, bias, running_mean,
+                    running_var, momentum, eps, *ops.launch_args, partials, target,
+                )  # fmt: skip
             view = ops.view
             shift = kernels.first_values(view, ops.layout.channels_inner)
             ops.run(kernels.sums_items, view, view, shift, shift, True, *ops.launch_args, partials)

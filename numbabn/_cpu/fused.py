@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from numbabn._cpu.kernels import _bounds, _inline, _kernel
+from numbabn._cpu.kernels import _bounds, _inline, _kernel, _n_channels, _n_items, statistics_serial
 
 
 @_inline
@@ -157,3 +157,20 @@ def masked_grad_items(
             if r == n_r:
                 r = 0
                 a += 1
+
+
+@_kernel
+def train_forward_act_serial(
+    x, z, residual, relu, weight, bias, running_mean, running_var, momentum, eps,
+    channels_inner, geometry, partials, out,
+):  # fmt: skip
+    """The whole fused training forward in one call, for tensors too small to share out."""
+    mean, invstd, scale, offset = statistics_serial(
+        x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
+        partials,
+    )  # fmt: skip
+    n_items = _n_items(_n_channels(x, channels_inner), geometry[0], geometry[3])
+    affine_act_items(
+        x, z, mean, scale, offset, residual, relu, channels_inner, geometry, out, 0, n_items
+    )
+    return mean, invstd

@@ -296,19 +296,34 @@ def finish_backward(totals, count, invstd, weight):
 
 
 @_kernel
+def statistics_serial(
+    x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry, partials
+):  # fmt: skip
+    """Batch statistics and ``(mean, invstd, scale, offset)`` in one call, for small tensors.
+
+    Updates the running statistics in place unless they are empty.
+    """
+    n_channels = _n_channels(x, channels_inner)
+    n_items = _n_items(n_channels, geometry[0], geometry[3])
+    shift = first_values(x, channels_inner)
+    sums_items(x, x, shift, shift, True, channels_inner, geometry, partials, 0, n_items)
+    return finish_forward(
+        merge(partials), shift, x.size // n_channels, weight, bias, eps,
+        running_mean, running_var, momentum,
+    )  # fmt: skip
+
+
+@_kernel
 def train_forward_serial(
     x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
     partials, out,
 ):  # fmt: skip
     """The whole training forward in one call, for tensors too small to share out."""
-    n_channels = _n_channels(x, channels_inner)
-    n_items = _n_items(n_channels, geometry[0], geometry[3])
-    shift = first_values(x, channels_inner)
-    sums_items(x, x, shift, shift, True, channels_inner, geometry, partials, 0, n_items)
-    mean, invstd, scale, offset = finish_forward(
-        merge(partials), shift, x.size // n_channels, weight, bias, eps,
-        running_mean, running_var, momentum,
+    mean, invstd, scale, offset = statistics_serial(
+        x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
+        partials,
     )  # fmt: skip
+    n_items = _n_items(_n_channels(x, channels_inner), geometry[0], geometry[3])
     affine_items(x, mean, scale, offset, channels_inner, geometry, out, 0, n_items)
     return mean, invstd
 
