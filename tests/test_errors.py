@@ -352,9 +352,12 @@ def test_unsupported_dtype_functional(dtype):
         F.batch_norm(x, None, None, training=True)
 
 
-def test_float16_hint():
-    with pytest.raises(TypeError, match="float16"):
-        numbabn.BatchNorm1d(3, affine=False, track_running_stats=False)(np.ones((4, 3), np.float16))
+def test_float16_on_the_cpu_says_why_and_what_to_do():
+    module = numbabn.BatchNorm1d(3, affine=False, track_running_stats=False)
+    with pytest.raises(TypeError, match="no float16 arithmetic") as caught:
+        module(np.ones((4, 3), np.float16))
+    assert "x.astype(np.float32)" in str(caught.value)
+    assert "CUDA array" in str(caught.value)
 
 
 def test_dtype_mismatch_with_state(rng):
