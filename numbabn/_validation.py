@@ -15,22 +15,22 @@ _PARAM_DTYPES = {dtype: dtype for dtype in SUPPORTED_DTYPES} | {_HALF: np.dtype(
 
 def param_dtype(dtype: np.dtype) -> np.dtype:
     """Dtype of the parameters and statistics for input of ``dtype`` (float32 for float16)."""
-    return _PARAM_DTYPES.get(dtype) or np.dtype(dtype)
+    return _PARAM_DTYPES[dtype]
 
 
-def check_dtype(x: Any, backend: str = "cpu", name: str = "input") -> None:
+def check_dtype(x: Any, backend: str = "cpu") -> None:
     """Raise TypeError unless ``x`` is float32 or float64 (or float16 on CUDA)."""
     dtype = x.dtype
     if dtype in _PARAM_DTYPES and (dtype != _HALF or backend == "cuda"):
         return
     if x.dtype == _HALF:
         raise TypeError(
-            f"{name} has dtype float16, which the CPU backend does not take: Numba's CPU "
+            "input has dtype float16, which the CPU backend does not take: Numba's CPU "
             "target has no float16 arithmetic, so it could not be faster than converting. "
             "Convert with x.astype(np.float32), or pass a CUDA array for float16 on the GPU"
         )
     supported = "float32 and float64" + (" (and float16)" if backend == "cuda" else "")
-    raise TypeError(f"{name} has dtype {x.dtype}; numbabn supports {supported}")
+    raise TypeError(f"input has dtype {x.dtype}; numbabn supports {supported}")
 
 
 def check_ndim(x: Any, allowed: tuple[int, ...], label: str) -> None:

@@ -25,16 +25,24 @@ def _check_float_array(name: str, array: Any) -> np.ndarray:
 
 
 def _bn_parameters(bn: Any) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
-    """Running mean and variance, eps, weight and bias of ``bn`` (ones/zeros where absent)."""
-    running_mean = getattr(bn, "running_mean", None)
-    running_var = getattr(bn, "running_var", None)
-    if running_mean is None or running_var is None:
+    """Running mean and variance, eps, weight and bias of ``bn`` (ones/zeros where absent).
+
+    Read from ``bn.state_dict()``: host copies, whatever device ``bn`` is on.
+    """
+    if getattr(bn, "activation", None) is not None:
+        raise ValueError(
+            f"{type(bn).__name__} applies activation={bn.activation!r} after normalising; "
+            "only a plain batch norm folds into the layer before it"
+        )
+    state = bn.state_dict()
+    if "running_mean" not in state:
         raise ValueError(
             f"{type(bn).__name__} has no running statistics (track_running_stats=False); "
             "folding needs the running mean and variance gathered in training"
         )
-    weight = bn.weight if bn.weight is not None else np.ones_like(running_mean)
-    bias = bn.bias if bn.bias is not None else np.zeros_like(running_mean)
+    running_mean, running_var = state["running_mean"], state["running_var"]
+    weight = state.get("weight", np.ones_like(running_mean))
+    bias = state.get("bias", np.zeros_like(running_mean))
     return running_mean, running_var, bn.eps, weight, bias
 
 

@@ -12,11 +12,10 @@ import numpy as np
 
 from numbabn import _validation as check
 from numbabn._dispatch import Backend, all_host, backend_for, host_backend
-from numbabn.epilogue import check_activation, epilogue_for
+from numbabn.epilogue import epilogue_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
 
-_F64 = np.dtype(np.float64)
 
 # A NumPy array, or a CUDA array: anything with ``__cuda_array_interface__``
 # (Numba device arrays, CuPy arrays, PyTorch CUDA tensors).
@@ -142,7 +141,6 @@ def batch_norm_forward(
         On a bad shape, channel count or dtype, with PyTorch's texts; nothing
         is modified then.
     """
-    check_activation(activation)
     backend, arrays = check_forward_args(input, running_mean, running_var, weight, bias, out)
     x, running_mean, running_var, weight, bias, out_array = arrays
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
@@ -155,7 +153,7 @@ def batch_norm_forward(
     if x.size == 0:
         # An empty batch: empty output, running statistics untouched.
         output = backend.empty_like(x) if out is None else out_array
-        stats = (backend.filled(0.0, n_channels, _F64), backend.filled(1.0, n_channels, _F64))
+        stats = (backend.from_host(np.zeros(n_channels)), backend.from_host(np.ones(n_channels)))
         return _returned(backend, output, input, out), SavedStats(*stats, training)
 
     param_dtype = check.param_dtype(x.dtype)
@@ -185,8 +183,7 @@ def _adopt_like(backend: Backend, name: str, array: Any | None, x: Any) -> Any |
     """``array`` as the backend's kind, checked to have the shape and dtype of ``x``."""
     if array is None:
         return None
-    if backend_for(input=x, **{name: array}) is not backend:
-        raise TypeError(f"{name} must be on the same device as the input")
+    backend_for(input=x, **{name: array})  # raises TypeError on mixed devices
     adopted = backend.adopt(array)
     check.check_like(name, adopted, x)
     return adopted
@@ -264,7 +261,10 @@ def batch_norm_backward(
         Only when ``residual`` is given: the gradient w.r.t. it (``g``; with no
         activation, ``grad_output`` itself).
     """
-    backend = backend_for(grad_output=grad_output, input=input, weight=weight, bias=bias, out=out)
+    backend = backend_for(
+        grad_output=grad_output, input=input, weight=weight, bias=bias, out=out,
+        saved_mean=saved.mean,
+    )  # fmt: skip
     arrays = (grad_output, input, weight, bias, out)
     dy, x, weight_array, bias_array, out_array = map(backend.adopt, arrays)
     check.check_like("grad_output", dy, x)
@@ -279,54 +279,75 @@ def batch_norm_backward(
             f"saved statistics are for {saved.mean.shape[0]} channels but the input has "
             f"{n_channels}"
         )
-    param_dtype = check.param_dtype(x.dtype)
+    hands_on_dy = epilogue is not None and not epilogue.relu
+    if hands_on_dy and out_array is not None and backend.may_share_memory(out_array, dy):
+        raise ValueError(
+            "out= shares memory with grad_output, which is also returned as the residual's "
+            "gradient; pass another out= array"
+        )
+
     if x.size == 0:
-        output = backend.empty_like(x) if out is None else out_array
-        grad_input = _returned(backend, output, input, out)
-        grad_residual = None if residual is None else backend.like(backend.empty_like(x), residual)
+        grad_input = backend.empty_like(x) if out is None else out_array
+        grad_residual = backend.empty_like(x)
         grad_weight = grad_bias = None
         if weight is not None:
-            grad_weight, grad_bias = (
-                backend.like(backend.zeros(n_channels, weight_array.dtype), weight) for _ in "wb"
-            )
+            grad_weight, grad_bias = (backend.zeros(n_channels, weight_array.dtype) for _ in "wb")
     elif epilogue is not None and epilogue.relu:
         grad_input, grad_residual, grad_weight, grad_bias = backend.masked_backward(
             dy,
             x,
             saved.mean,
             saved.invstd,
-            _or_filled(backend, weight_array, 1.0, n_channels, param_dtype),
-            _or_filled(backend, bias_array, 0.0, n_channels, param_dtype),
+            _or_filled(backend, weight_array, 1.0, n_channels, check.param_dtype(x.dtype)),
+            _or_filled(backend, bias_array, 0.0, n_channels, check.param_dtype(x.dtype)),
             saved.batch_stats,
             epilogue,
             out_array,
         )
-        grad_input = _returned(backend, grad_input, input, out)
-        if grad_residual is not None:
-            grad_residual = backend.like(grad_residual, residual)
     else:
-        if saved.batch_stats:
-            grad_input, grad_weight, grad_bias = backend.train_backward(
-                dy,
-                x,
-                saved.mean,
-                saved.invstd,
-                _or_filled(backend, weight_array, 1.0, n_channels, param_dtype),
-                out_array,
-            )
-        else:
-            grad_input, grad_weight, grad_bias = backend.eval_backward(
-                dy, x, saved.mean, saved.invstd, weight_array, out_array
-            )
-        grad_input = _returned(backend, grad_input, input, out)
-        grad_residual = grad_output
+        grad_input, grad_weight, grad_bias = _plain_backward(
+            backend, dy, x, saved, weight_array, out_array
+        )
+        grad_residual = None
+    return _backward_results(
+        backend, (grad_input, grad_weight, grad_bias, grad_residual), (input, weight, residual),
+        out, grad_output,
+    )  # fmt: skip
+
+
+def _plain_backward(
+    backend: Backend, dy: Any, x: Any, saved: SavedStats, weight: Any | None, out: Any | None
+) -> tuple[Any, Any | None, Any | None]:
+    """``(dx, dweight, dbias)`` of batch norm without an activation."""
+    if saved.batch_stats:
+        stand_in = _or_filled(backend, weight, 1.0, x.shape[1], check.param_dtype(x.dtype))
+        return backend.train_backward(dy, x, saved.mean, saved.invstd, stand_in, out)
+    return backend.eval_backward(dy, x, saved.mean, saved.invstd, weight, out)
+
+
+def _backward_results(
+    backend: Backend,
+    grads: tuple[Any, Any | None, Any | None, Any | None],
+    originals: tuple[Any, Any | None, Any | None],
+    out: Any | None,
+    grad_output: Any,
+) -> tuple[Any, ...]:
+    """The backward's results as the caller's kinds of arrays, in the documented shape.
+
+    ``grad_residual`` None means the residual's gradient is ``grad_output`` itself.
+    """
+    grad_input, grad_weight, grad_bias, grad_residual = grads
+    input, weight, residual = originals
+    grad_input = _returned(backend, grad_input, input, out)
     if weight is None:
         grad_weight = grad_bias = None
-    elif x.size:
+    else:
         grad_weight, grad_bias = backend.like(grad_weight, weight), backend.like(grad_bias, weight)
     if residual is None:
         return grad_input, grad_weight, grad_bias
-    return grad_input, grad_weight, grad_bias, grad_residual
+    if grad_residual is None:
+        return grad_input, grad_weight, grad_bias, grad_output
+    return grad_input, grad_weight, grad_bias, backend.like(grad_residual, residual)
 
 
 def _or_filled(backend: Backend, vector: Any | None, value: float, n: int, dtype: Any) -> Any:

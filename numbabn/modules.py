@@ -23,7 +23,9 @@ __all__ = [
     "LazyBatchNorm3d",
 ]
 
-_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# The per-channel arrays (on the module's device), then the host batch counter.
+_ARRAY_KEYS = ("weight", "bias", "running_mean", "running_var")
+_STATE_KEYS = (*_ARRAY_KEYS, "num_batches_tracked")
 
 
 class IncompatibleKeys(NamedTuple):
@@ -168,7 +170,7 @@ class _BatchNorm:
             return None if array is None else backend.from_host(self._backend.to_host(array))
 
         # Copy everything first, so a failure leaves the module where it was.
-        state = {key: moved(getattr(self, key)) for key in _STATE_KEYS[:4]}
+        state = {key: moved(getattr(self, key)) for key in _ARRAY_KEYS}
         grads = {name: moved(grad) for name, grad in self.grads.items()}
         for key, value in state.items():
             setattr(self, key, value)
@@ -336,7 +338,7 @@ class _BatchNorm:
         """Host (NumPy) copies of the parameters and buffers under PyTorch's keys."""
         state = OrderedDict(
             (key, self._backend.to_host(getattr(self, key)))
-            for key in _STATE_KEYS[:4]
+            for key in _ARRAY_KEYS
             if getattr(self, key) is not None
         )
         if self.num_batches_tracked is not None:
@@ -418,10 +420,11 @@ class BatchNorm1d(_BatchNorm):
         Learnable per-channel weight (and bias).
     track_running_stats : bool, default True
         Keep running statistics and use them in evaluation mode.
-    device : {"cpu", None}
-        Where the state lives.
+    device : {"cpu", "cuda", None}
+        Where the state lives: NumPy arrays, or Numba device arrays on the GPU.
     dtype : float32 or float64, default float32
-        Dtype of the parameters, statistics and accepted input.
+        Dtype of the parameters and statistics, and of the accepted input
+        (float16 input too on the GPU, with float32 parameters).
     bias : bool, default True
         With ``affine``, whether there is a bias.
     activation : {None, "relu"}

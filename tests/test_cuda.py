@@ -287,3 +287,10 @@ def test_real_sizes(rng, shape):
     x_cl = make_input(rng, shape, "channels_last" if len(shape) == 4 else "contiguous")
     y_cl = host(F.batch_norm(to_device(x_cl), None, None, training=True))
     np.testing.assert_allclose(y_cl, ref.forward(x_cl).output, rtol=1e-9, atol=1e-9)
+
+
+def test_statistics_from_the_gpu_cannot_differentiate_host_arrays(rng):
+    x = make_input(rng, (4, 3, 5), "contiguous", np.float32)
+    _, saved = F.batch_norm_forward(to_device(x), None, None, training=True)
+    with pytest.raises(TypeError, match="saved_mean is a cuda array"):
+        F.batch_norm_backward(np.ones_like(x), x, saved)

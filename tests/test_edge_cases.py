@@ -188,3 +188,28 @@ def test_forward_does_not_modify_input(rng):
     module.eval()
     module(x)
     assert x.tobytes() == before.tobytes()
+
+
+def test_eval_backward_may_write_over_grad_output(rng):
+    """dweight and dbias come from grad_output before out= overwrites it."""
+    x = make_input(rng, (4, 3, 5), "contiguous", np.float64)
+    dy = make_input(rng, (4, 3, 5), "contiguous", np.float64)
+    module = numbabn.BatchNorm1d(3, dtype=np.float64).eval()
+    module(x)
+    expected = module.backward(dy.copy())
+    expected_grads = {name: grad.copy() for name, grad in module.grads.items()}
+    module.zero_grad()
+    module(x)
+    in_place = dy.copy()
+    module.backward(in_place, out=in_place)
+    np.testing.assert_array_equal(in_place, expected)
+    for name, grad in expected_grads.items():
+        np.testing.assert_array_equal(module.grads[name], grad)
+
+
+def test_empty_batch_statistics_are_fresh_arrays():
+    x = np.zeros((0, 3, 2), np.float32)
+    _, saved = F.batch_norm_forward(x, None, None, training=True)
+    saved.mean[:] = 5.0
+    _, again = F.batch_norm_forward(x, None, None, training=True)
+    assert again.mean.tolist() == [0.0, 0.0, 0.0]

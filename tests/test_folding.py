@@ -309,3 +309,9 @@ def test_weight_rank():
 def test_exported():
     assert numbabn.fold_into_conv is fold_into_conv
     assert {"fold_into_conv", "fold_into_linear"} <= set(numbabn.__all__)
+
+
+def test_a_fused_activation_does_not_fold():
+    bn = numbabn.BatchNorm2d(4, activation="relu").eval()
+    with pytest.raises(ValueError, match="activation='relu'"):
+        numbabn.fold_into_conv(np.ones((4, 2, 3, 3), np.float32), None, bn)

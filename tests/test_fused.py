@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_input, random_vector, tolerances
+from conftest import assert_same_state, make_input, random_vector, snapshot, tolerances
 
 import numbabn
 from numbabn import functional as F
@@ -203,3 +203,16 @@ def test_threaded_path_on_a_large_tensor(rng, layout):
     np.testing.assert_allclose(dx, truth["dx"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(dz, truth["dz"], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(module.grads["weight"], truth["dw"], rtol=1e-9, atol=1e-9)
+
+
+def test_residual_gradient_is_not_written_over(rng):
+    """Without an activation, grad_output is also dz: out= must not overwrite it."""
+    x = make_input(rng, (4, 3, 5), "contiguous", np.float32)
+    z = make_input(rng, (4, 3, 5), "contiguous", np.float32)
+    dy = make_input(rng, (4, 3, 5), "contiguous", np.float32)
+    module = numbabn.BatchNorm1d(3)
+    module(x, residual=z)
+    before = snapshot(module)
+    with pytest.raises(ValueError, match="out= shares memory with grad_output"):
+        module.backward(dy, out=dy)
+    assert_same_state(before, module)

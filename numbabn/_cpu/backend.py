@@ -414,13 +414,14 @@ class CpuBackend:
         out: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Gradients through fixed statistics: ``dx = dy * weight * invstd``."""
+        grads = (None, None)
+        if weight is not None:
+            # Before dx is written: out= may be dy or x.
+            sum_dy, sum_dy_xmu = CpuBackend.grad_sums(dy, x, mean)
+            grads = _param_grads(sum_dy, sum_dy_xmu, invstd, weight.dtype)
         zeros = np.zeros_like(mean)
         scale = invstd if weight is None else weight * invstd
-        grad_input = CpuBackend.affine(dy, zeros, scale, zeros, out)
-        if weight is None:
-            return grad_input, None, None
-        sum_dy, sum_dy_xmu = CpuBackend.grad_sums(dy, x, mean)
-        return grad_input, *_param_grads(sum_dy, sum_dy_xmu, invstd, weight.dtype)
+        return CpuBackend.affine(dy, zeros, scale, zeros, out), *grads
 
 
 def _param_grads(

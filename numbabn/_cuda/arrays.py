@@ -57,19 +57,32 @@ def empty(shape: tuple[int, ...], dtype: Any) -> Any:
     return cuda.device_array(shape, dtype)
 
 
+def _memory_order(array: Any) -> list[int]:
+    """The axes of ``array`` from the largest stride to the smallest."""
+    return sorted(range(array.ndim), key=lambda axis: -abs(array.strides[axis]))
+
+
+def _in_logical_order(dense: Any, order: list[int]) -> Any:
+    """View a C-contiguous array whose axes are ``order`` with its axes put back in order."""
+    shape = [0] * dense.ndim
+    strides = [0] * dense.ndim
+    for position, axis in enumerate(order):
+        shape[axis] = dense.shape[position]
+        strides[axis] = dense.strides[position]
+    return view(dense, tuple(shape), tuple(strides))
+
+
 def empty_like(array: Any) -> Any:
     """A new device array shaped like ``array``, its axes in the same memory order."""
-    order = sorted(range(array.ndim), key=lambda axis: -abs(array.strides[axis]))
-    dense = empty(tuple(array.shape[axis] for axis in order), array.dtype)
-    strides = [0] * array.ndim
-    for position, axis in enumerate(order):
-        strides[axis] = dense.strides[position]
-    return view(dense, tuple(array.shape), tuple(strides))
+    order = _memory_order(array)
+    return _in_logical_order(empty(tuple(array.shape[axis] for axis in order), array.dtype), order)
 
 
 def to_device(array: np.ndarray) -> Any:
-    """Copy a host array to a new device array."""
-    return cuda.to_device(np.ascontiguousarray(array))
+    """Copy a host array to a new device array, its axes in the same memory order."""
+    order = _memory_order(array)
+    dense = cuda.to_device(np.ascontiguousarray(array.transpose(order)))
+    return _in_logical_order(dense, order)
 
 
 def to_host(array: Any) -> np.ndarray:

@@ -280,8 +280,10 @@ class CudaBackend:
         grads = (None, None)
         if weight is not None:
             scale_weight = weight
-            _, _, _, sums = CudaBackend._gradient_sums(dy, x, mean, invstd, weight)
-            grads = (sums[0], sums[1])
+            _, _, _, param_grads = CudaBackend._gradient_sums(
+                dy, x, mean, invstd, weight, batch_stats=False
+            )
+            grads = (param_grads[0], param_grads[1])
         coeffs = _coefficients(n_channels)
         _per_channel(kernels.gradient_scale, n_channels)(invstd, scale_weight, coeffs)
         ops = _Operands(dy)

@@ -372,11 +372,10 @@ def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
 
 @_kernel
 def gradient_scale(invstd, weight, coeffs):
-    """Coefficients ``[0, invstd, weight * invstd, 0]`` of ``dx = dy * weight * invstd``."""
+    """The ``AFFINE`` coefficients ``c0 = 0, c2 = weight * invstd, c3 = 0``: ``dx = dy * c2``."""
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
         coeffs[0, c] = 0.0
-        coeffs[1, c] = invstd[c]
         coeffs[2, c] = float64(weight[c]) * invstd[c]
         coeffs[3, c] = 0.0
 

@@ -6,6 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import numbabn as nbn
+
+_MODULES = {2: nbn.BatchNorm1d, 3: nbn.BatchNorm1d, 4: nbn.BatchNorm2d, 5: nbn.BatchNorm3d}
+
+
+def module_for(ndim: int) -> type:
+    """The batch-norm module class that takes input of ``ndim`` axes."""
+    return _MODULES[ndim]
+
 
 @dataclass(frozen=True)
 class Case:

@@ -6,8 +6,7 @@ from typing import Any
 
 import numpy as np
 
-import numbabn as nbn
-from numbabn.bench.cases import Case
+from numbabn.bench.cases import Case, module_for
 from numbabn.bench.timing import median_seconds
 
 FUSED_CASES = [
@@ -18,14 +17,12 @@ FUSED_CASES = [
 ]
 QUICK_FUSED_CASES = [Case((32, 64, 56, 56)), Case((2, 16, 8, 8))]
 
-_MODULES = {2: nbn.BatchNorm1d, 3: nbn.BatchNorm1d, 4: nbn.BatchNorm2d, 5: nbn.BatchNorm3d}
-
 
 class _Unfused:
     """numbabn's batch norm, then the add and the ReLU in NumPy, as a NumPy user chains them."""
 
     def __init__(self, x: np.ndarray) -> None:
-        self.bn = _MODULES[x.ndim](x.shape[1], dtype=x.dtype)
+        self.bn = module_for(x.ndim)(x.shape[1], dtype=x.dtype)
 
     def forward(self, x: np.ndarray, z: np.ndarray) -> np.ndarray:
         y = self.bn(x)
@@ -77,7 +74,7 @@ def measure_fused(case: Case, repeat: int, threads: int, with_torch: bool) -> di
     x = case.make()
     z = case.make(seed=1)
     dy = np.ones_like(x)
-    fused = _MODULES[x.ndim](x.shape[1], dtype=x.dtype, activation="relu")
+    fused = module_for(x.ndim)(x.shape[1], dtype=x.dtype, activation="relu")
     unfused = _Unfused(x)
     times = {
         "fused_forward": median_seconds(lambda: fused(x, residual=z), repeat),

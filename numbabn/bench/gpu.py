@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-import numbabn as nbn
 from numbabn._cuda import arrays
-from numbabn.bench.cases import DEFAULT_CASES, Case
+from numbabn.bench.cases import DEFAULT_CASES, Case, module_for
 
 GPU_CASES = [*DEFAULT_CASES, Case((256, 64, 112, 112)), Case((32, 64, 56, 56), "float16")]
 QUICK_GPU_CASES = [
@@ -32,8 +31,6 @@ SIMULATOR_CASES = [Case((2, 3, 4, 4))]
 # forward reads x twice (statistics, then normalise) and writes y; backward
 # reads dy and x twice and writes dx; eval reads x and writes y.
 PASSES = {"forward": 3, "backward": 5, "forward_backward": 8, "eval": 2}
-
-_MODULES = {2: nbn.BatchNorm1d, 3: nbn.BatchNorm1d, 4: nbn.BatchNorm2d, 5: nbn.BatchNorm3d}
 
 
 @cuda.jit
@@ -95,17 +92,6 @@ def host_seconds(func: Callable[[], object], repeat: int, calls: int = 200) -> f
     return float(np.median(samples))
 
 
-def _device_input(case: Case) -> Any:
-    """The case's input on the device, with the case's memory layout."""
-    x = case.make()
-    order = sorted(range(x.ndim), key=lambda axis: -x.strides[axis])
-    dense = arrays.to_device(np.ascontiguousarray(x.transpose(order)))
-    strides = [0] * x.ndim
-    for position, axis in enumerate(order):
-        strides[axis] = dense.strides[position]
-    return arrays.view(dense, x.shape, tuple(strides))
-
-
 class TorchCuda:
     """``torch.nn.functional.batch_norm`` on the GPU (cuDNN for float32), same data."""
 
@@ -144,9 +130,9 @@ class TorchCuda:
 
 def measure_gpu_case(case: Case, repeat: int, torch: Any | None) -> dict[str, Any]:
     """Median seconds for numbabn's passes, the roofline and cuDNN on ``case``."""
-    x = _device_input(case)
+    x = arrays.to_device(case.make())
     dy = arrays.empty_like(x)
-    arrays.copy(_device_input(case), dy)
+    arrays.copy(arrays.to_device(case.make()), dy)
     out = arrays.empty_like(x)
     n = math.prod(x.shape)
     flat = arrays.empty((n,), x.dtype)
@@ -154,7 +140,7 @@ def measure_gpu_case(case: Case, repeat: int, torch: Any | None) -> dict[str, An
     sink = arrays.empty((1,), np.float64)
     blocks = _streaming_grid(n)
     param_dtype = np.float32 if case.dtype == "float16" else case.dtype
-    bn = _MODULES[x.ndim](x.shape[1], device="cuda", dtype=param_dtype)
+    bn = module_for(x.ndim)(x.shape[1], device="cuda", dtype=param_dtype)
 
     times = {
         "read": device_seconds(lambda: _read_pass[blocks](flat, sink), repeat),

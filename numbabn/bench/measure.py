@@ -6,12 +6,9 @@ from typing import Any
 
 import numpy as np
 
-import numbabn as nbn
-from numbabn.bench.cases import Case
+from numbabn.bench.cases import Case, module_for
 from numbabn.bench.peers import NumpyBatchNorm, Roofline, TorchBatchNorm
 from numbabn.bench.timing import median_seconds, peak_bytes
-
-_MODULES = {2: nbn.BatchNorm1d, 3: nbn.BatchNorm1d, 4: nbn.BatchNorm2d, 5: nbn.BatchNorm3d}
 
 
 def measure_case(case: Case, repeat: int, threads: int, with_torch: bool) -> dict[str, Any]:
@@ -19,7 +16,7 @@ def measure_case(case: Case, repeat: int, threads: int, with_torch: bool) -> dic
     x = case.make()
     dy = np.ones_like(x)
     out = np.empty_like(x)
-    bn = _MODULES[x.ndim](x.shape[1], dtype=x.dtype)
+    bn = module_for(x.ndim)(x.shape[1], dtype=x.dtype)
     result: dict[str, Any] = {"case": case.name, "bytes": case.nbytes}
     times: dict[str, float] = {}
 
