@@ -360,6 +360,22 @@ class _BatchNorm:
             With PyTorch's text, on missing or unexpected keys (when ``strict``)
             and on any shape mismatch.
         """
+        loadable, missing, unexpected = self._loadable(state_dict, strict)
+        for key, value in loadable.items():
+            target = getattr(self, key)
+            if key == "num_batches_tracked":
+                target[...] = value
+            else:
+                self._backend.assign(target, value)
+        return IncompatibleKeys(missing, unexpected)
+
+    def _loadable(
+        self, state_dict: Mapping[str, Any], strict: bool
+    ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+        """Check ``state_dict`` and convert its values to the state's dtypes, changing nothing.
+
+        Returns the host arrays to load, and the missing and unexpected keys.
+        """
         current = {key: getattr(self, key) for key in _STATE_KEYS if getattr(self, key) is not None}
         values = {key: _host_array(value) for key, value in state_dict.items()}
         # Like PyTorch, a checkpoint without a batch counter loads with 0.
@@ -375,25 +391,24 @@ class _BatchNorm:
             names = ", ".join(f'"{key}"' for key in unexpected)
             errors.append(f"Unexpected key(s) in state_dict: {names}. ")
         for key, target in current.items():
-            if key in values and values[key].shape != target.shape:
+            if key in values and values[key].shape != tuple(target.shape):
                 errors.append(
                     f"size mismatch for {key}: copying a param with shape "
                     f"{values[key].shape} from checkpoint, the shape in current model is "
-                    f"{target.shape}."
+                    f"{tuple(target.shape)}."
                 )
         if errors:
             raise RuntimeError(
                 f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                 + "\n\t".join(errors)
             )
-        for key, target in current.items():
-            if key not in values:
-                continue
-            if key == "num_batches_tracked":
-                target[...] = values[key]
-            else:
-                self._backend.assign(target, values[key])
-        return IncompatibleKeys(missing, unexpected)
+        # Converted before anything is written, so a value that cannot be changes nothing.
+        loadable = {
+            key: values[key].astype(target.dtype)
+            for key, target in current.items()
+            if key in values
+        }
+        return loadable, missing, unexpected
 
     def __repr__(self) -> str:
         return (

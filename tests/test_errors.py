@@ -465,3 +465,15 @@ def test_constructor_errors(kwargs, exc, match):
 def test_bad_num_features(num_features):
     with pytest.raises(ValueError, match="num_features"):
         numbabn.BatchNorm1d(num_features)
+
+
+def test_load_state_dict_with_a_value_that_cannot_be_converted_changes_nothing(rng):
+    module = numbabn.BatchNorm1d(3)
+    module(make_input(rng, (4, 3), "contiguous", np.float32))
+    before = snapshot(module)
+    state = module.state_dict()
+    state["weight"] = np.full(3, 2.0, np.float32)  # loaded before running_var, if loaded at all
+    state["running_var"] = np.array(["a", "b", "c"])
+    with pytest.raises(ValueError):
+        module.load_state_dict(state)
+    assert_same_state(before, module)
