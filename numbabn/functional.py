@@ -291,7 +291,8 @@ def batch_norm_backward(
         grad_residual = backend.empty_like(x)
         grad_weight = grad_bias = None
         if weight is not None:
-            grad_weight, grad_bias = (backend.zeros(n_channels, weight_array.dtype) for _ in "wb")
+            zeros = np.zeros(n_channels, weight_array.dtype)
+            grad_weight, grad_bias = backend.from_host(zeros), backend.from_host(zeros)
     elif epilogue is not None and epilogue.relu:
         grad_input, grad_residual, grad_weight, grad_bias = backend.masked_backward(
             dy,

@@ -134,17 +134,17 @@ class _BatchNorm:
     def reset_running_stats(self) -> None:
         """Set running mean to 0, running variance to 1 and the batch counter to 0."""
         if self.track_running_stats:
-            self._backend.fill(self.running_mean, 0.0)
-            self._backend.fill(self.running_var, 1.0)
+            self._backend.assign(self.running_mean, 0.0)
+            self._backend.assign(self.running_var, 1.0)
             self.num_batches_tracked[...] = 0
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, weight to 1 and bias to 0."""
         self.reset_running_stats()
         if self.weight is not None:
-            self._backend.fill(self.weight, 1.0)
+            self._backend.assign(self.weight, 1.0)
         if self.bias is not None:
-            self._backend.fill(self.bias, 0.0)
+            self._backend.assign(self.bias, 0.0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear accumulated gradients (to None, or to zeros with ``set_to_none=False``)."""
@@ -152,7 +152,7 @@ class _BatchNorm:
             if set_to_none or grad is None:
                 self.grads[name] = None
             else:
-                self._backend.fill(grad, 0.0)
+                self._backend.assign(grad, 0.0)
 
     def to(self, device: str) -> _BatchNorm:
         """Move parameters, running statistics and gradients to ``device``; return self.

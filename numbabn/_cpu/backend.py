@@ -171,17 +171,9 @@ class CpuBackend:
     may_share_memory = staticmethod(np.may_share_memory)
 
     @staticmethod
-    def fill(array: np.ndarray, value: float) -> None:
-        array[...] = value
-
-    @staticmethod
-    def assign(target: np.ndarray, values: np.ndarray) -> None:
-        """Copy host ``values`` into ``target``."""
+    def assign(target: np.ndarray, values: np.ndarray | float) -> None:
+        """Copy host ``values`` (or one value) into ``target``."""
         target[...] = values
-
-    @staticmethod
-    def zeros(n: int, dtype: np.dtype) -> np.ndarray:
-        return np.zeros(n, dtype)
 
     @staticmethod
     def accumulate(target: np.ndarray, source: np.ndarray) -> None:
@@ -211,16 +203,12 @@ class CpuBackend:
         partials = ops.partials()
 
         def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if ops.serial and epilogue is None:
-                return kernels.train_forward_serial(
-                    ops.view, weight, bias, running_mean, running_var, momentum, eps,
-                    *ops.launch_args, partials, target,
-                )  # fmt: skip
             if ops.serial:
-                residual = epilogue.residual
+                residual = None if epilogue is None else epilogue.residual
                 z = ops.view if residual is None else ops.input_view(residual)
-                return fused.train_forward_act_serial(
-                    ops.view, z, residual is not None, epilogue.relu, weight, bias, running_mean,
+                relu = epilogue is not None and epilogue.relu
+                return fused.train_forward_serial(
+                    ops.view, z, residual is not None, relu, weight, bias, running_mean,
                     running_var, momentum, eps, *ops.launch_args, partials, target,
                 )  # fmt: skip
             view = ops.view
@@ -331,11 +319,7 @@ class CpuBackend:
     ) -> np.ndarray:
         """``(x - mean) * scale + shift`` per channel, in float64, rounded once."""
         ops = _Operands(x)
-
-        def kernel(target: np.ndarray) -> None:
-            ops.run(kernels.affine_items, ops.view, mean, scale, shift, *ops.launch_args, target)
-
-        return ops.write(out, kernel)[0]
+        return ops.write(out, lambda target: ops.normalise(mean, scale, shift, None, target))[0]
 
     @staticmethod
     def grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

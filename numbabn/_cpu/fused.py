@@ -160,11 +160,14 @@ def masked_grad_items(
 
 
 @_kernel
-def train_forward_act_serial(
+def train_forward_serial(
     x, z, residual, relu, weight, bias, running_mean, running_var, momentum, eps,
     channels_inner, geometry, partials, out,
 ):  # fmt: skip
-    """The whole fused training forward in one call, for tensors too small to share out."""
+    """The whole training forward in one call, for tensors too small to share out.
+
+    With ``residual`` and ``relu`` off (``z`` is then not read) this is the plain forward.
+    """
     mean, invstd, scale, offset = statistics_serial(
         x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
         partials,

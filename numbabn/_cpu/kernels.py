@@ -16,7 +16,8 @@ so results are bit-for-bit identical whatever the thread count.
 
 The ``*_items`` kernels run a range of items and release the GIL, so the host
 side spreads ranges over threads (see :mod:`numbabn._cpu.backend`); small
-tensors take the ``*_serial`` kernels, one call for a whole pass sequence.
+tensors take the ``*_serial`` kernels, one call for a whole pass sequence (the
+forward's, with its optional residual and ReLU, is in :mod:`numbabn._cpu.fused`).
 Numba's own ``parallel=True`` is not used: its cached parallel code was seen to
 vectorise reductions in a different order than a fresh compilation, which
 would make results depend on the state of the cache.
@@ -311,21 +312,6 @@ def statistics_serial(
         merge(partials), shift, x.size // n_channels, weight, bias, eps,
         running_mean, running_var, momentum,
     )  # fmt: skip
-
-
-@_kernel
-def train_forward_serial(
-    x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
-    partials, out,
-):  # fmt: skip
-    """The whole training forward in one call, for tensors too small to share out."""
-    mean, invstd, scale, offset = statistics_serial(
-        x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
-        partials,
-    )  # fmt: skip
-    n_items = _n_items(_n_channels(x, channels_inner), geometry[0], geometry[3])
-    affine_items(x, mean, scale, offset, channels_inner, geometry, out, 0, n_items)
-    return mean, invstd
 
 
 @_kernel

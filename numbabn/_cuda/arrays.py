@@ -139,13 +139,8 @@ def filled(value: float, n: int, dtype: np.dtype) -> Any:
     return to_device(np.full(n, value, dtype))
 
 
-def fill(array: Any, value: float) -> None:
-    """Set every element of a contiguous device array to ``value``."""
-    assign(array, np.full(tuple(array.shape), value))
-
-
-def assign(target: Any, values: np.ndarray) -> None:
-    """Copy host ``values`` into the contiguous device array ``target``."""
+def assign(target: Any, values: np.ndarray | float) -> None:
+    """Copy host ``values`` (or one value) into the contiguous device array ``target``."""
     values = np.broadcast_to(values, tuple(target.shape))
     target.copy_to_device(np.ascontiguousarray(values, target.dtype))
 

@@ -168,13 +168,8 @@ class CudaBackend:
     filled = staticmethod(arrays.filled)
     from_host = staticmethod(arrays.to_device)
     to_host = staticmethod(arrays.to_host)
-    fill = staticmethod(arrays.fill)
     assign = staticmethod(arrays.assign)
     may_share_memory = staticmethod(arrays.may_share_memory)
-
-    @staticmethod
-    def zeros(n: int, dtype: np.dtype) -> Any:
-        return arrays.to_device(np.zeros(n, dtype))
 
     @staticmethod
     def train_forward(
