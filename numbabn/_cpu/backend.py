@@ -3,58 +3,18 @@
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numba
 import numpy as np
 
 from numbabn._cpu import fused, kernels
 from numbabn._cpu.layout import Layout, plan
+from numbabn._cpu.workers import run_items
 from numbabn.epilogue import Epilogue
 
 # Below this many elements one thread does everything in one kernel call.
 PARALLEL_MIN_ELEMENTS = 1 << 16
-
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _workers(threads: int) -> ThreadPoolExecutor:
-    """A shared pool with ``threads - 1`` workers (the calling thread is the other one)."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size != threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="numbabn")
-            _pool_size = threads
-        return _pool
-
-
-def _run_items(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
-    """Run ``kernel(*args, start, stop)`` over all items, split across Numba's thread count.
-
-    The split never changes a result: items are independent and each is always
-    computed the same way.
-    """
-    threads = numba.get_num_threads()
-    parts = min(threads, n_items)
-    if parts <= 1:
-        kernel(*args, 0, n_items)
-        return
-    bounds = [n_items * part // parts for part in range(parts + 1)]
-    pool = _workers(threads)
-    futures = [
-        pool.submit(kernel, *args, start, stop)
-        for start, stop in zip(bounds[1:-1], bounds[2:], strict=True)
-    ]
-    kernel(*args, bounds[0], bounds[1])
-    for future in futures:
-        future.result()
 
 
 class _Operands:
@@ -91,7 +51,7 @@ class _Operands:
         if self.serial:
             kernel(*args, 0, self.n_items)
         else:
-            _run_items(kernel, self.n_items, *args)
+            run_items(kernel, self.n_items, *args)
 
     def normalise(
         self,
