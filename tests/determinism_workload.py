@@ -28,7 +28,10 @@ CASES = [
     ("nc_wide", (300, 1030), "contiguous", np.float32),
     ("short_rows", (32, 64, 7, 7), "contiguous", np.float32),
     ("sliced", (4, 3, 130, 130), "inner_slice", np.float64),
+    ("short_rows64", (32, 64, 7, 7), "contiguous", np.float64),
 ]
+# relu(bn(x) + z): the fused kernels.
+FUSED_SHAPE = (4, 3, 130, 130)
 CLASSES = {2: numbabn.BatchNorm1d, 3: numbabn.BatchNorm1d, 4: numbabn.BatchNorm2d}
 
 
@@ -51,6 +54,20 @@ def compute() -> dict[str, np.ndarray]:
             results[f"{name}/state/{key}"] = value
         for key, value in module.grads.items():
             results[f"{name}/grad/{key}"] = value.copy()
+    results.update(compute_fused())
+    return results
+
+
+def compute_fused() -> dict[str, np.ndarray]:
+    """A fused ReLU with a residual, trained then evaluated, in float64."""
+    rng = np.random.default_rng(len(CASES))
+    module = numbabn.BatchNorm2d(FUSED_SHAPE[1], activation="relu", dtype=np.float64)
+    results = {}
+    for mode in ("train", "eval"):
+        module.train(mode == "train")
+        x, z, dy = (make_input(rng, FUSED_SHAPE, dtype=np.float64) for _ in range(3))
+        results[f"fused/{mode}/y"] = module(x, residual=z)
+        results[f"fused/{mode}/dx"], results[f"fused/{mode}/dz"] = module.backward(dy)
     return results
 
 

@@ -34,7 +34,7 @@ def assert_bit_identical(got: dict, want: dict) -> None:
             diff = np.max(np.abs(got[key].astype(np.float64) - value.astype(np.float64)))
             differences.append(f"{key} (max abs diff {diff:.3g})")
     if differences:
-        pytest.fail("differ between thread counts: " + ", ".join(differences))
+        pytest.fail("results differ: " + ", ".join(differences))
 
 
 def _compute_with_threads(n_threads: int) -> dict:
@@ -57,12 +57,9 @@ def test_repeatable():
     assert_bit_identical(_compute_with_threads(2), _compute_with_threads(2))
 
 
-@pytest.mark.slow
-def test_other_process_with_three_threads(tmp_path):
-    """A fresh interpreter with NUMBA_NUM_THREADS=3 gives the very same bytes."""
-    path = tmp_path / "results.npz"
+def _compute_in_subprocess(path: Path, **environment: str) -> dict:
     script = Path(__file__).with_name("determinism_workload.py")
-    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    env = dict(os.environ, **environment)
     completed = subprocess.run(
         [sys.executable, str(script), str(path)],
         env=env,
@@ -73,6 +70,29 @@ def test_other_process_with_three_threads(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     with np.load(path) as data:
-        theirs = {key: data[key] for key in data.files}
+        return {key: data[key] for key in data.files}
+
+
+@pytest.mark.slow
+def test_other_process_with_three_threads(tmp_path):
+    """A fresh interpreter with NUMBA_NUM_THREADS=3 gives the very same bytes."""
+    theirs = _compute_in_subprocess(tmp_path / "results.npz", NUMBA_NUM_THREADS="3")
     assert int(theirs.pop("num_threads")) == 3
     assert_bit_identical(theirs, compute())
+
+
+@pytest.mark.slow
+def test_fresh_compilation_and_cache_load_agree(tmp_path):
+    """Kernels compiled into an empty cache, then loaded from it, give the very same bytes.
+
+    The second process loads the parallel drivers from the cache, where each
+    holds its own re-optimised copy of the kernel it calls; they must still run
+    the kernel's own code (see ``numbabn._cpu.parallel``).
+    """
+    cache = str(tmp_path / "numba_cache")
+    fresh = _compute_in_subprocess(tmp_path / "fresh.npz", NUMBA_CACHE_DIR=cache)
+    cached = _compute_in_subprocess(tmp_path / "cached.npz", NUMBA_CACHE_DIR=cache)
+    fresh.pop("num_threads")
+    cached.pop("num_threads")
+    assert_bit_identical(cached, fresh)
+    assert_bit_identical(compute(), fresh)

@@ -1,4 +1,4 @@
-"""CPU backend: serial Numba `@njit` kernels over shape-determined work items, on a thread pool."""
+"""CPU backend: Numba `@njit` kernels over shape-determined work items on Numba's threads."""
 
 from numbabn._cpu.backend import CpuBackend
 

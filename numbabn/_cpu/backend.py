@@ -10,7 +10,7 @@ import numpy as np
 
 from numbabn._cpu import fused, kernels
 from numbabn._cpu.layout import Layout, plan
-from numbabn._cpu.workers import run_items
+from numbabn._cpu.parallel import run_items
 from numbabn.epilogue import Epilogue
 
 # Below this many elements one thread does everything in one kernel call.

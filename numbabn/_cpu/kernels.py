@@ -14,15 +14,10 @@ runs of kilobytes even when rows are short (7x7 feature maps). Reductions write
 one partial per (tile, channel); the partials are then summed in a fixed order,
 so results are bit-for-bit identical whatever the thread count.
 
-The ``*_items`` kernels run a range of items and release the GIL, so the host
-side spreads ranges over threads (see :mod:`numbabn._cpu.workers`); small
-tensors take the ``*_serial`` kernels, one call for a whole pass sequence (the
-forward's, with its optional residual and ReLU, is in :mod:`numbabn._cpu.fused`).
-Numba's own ``parallel=True`` is not used. A parallel region calls the kernel
-through a symbol that binds to whichever compiled copy of it was loaded first:
-the kernel's own (after a fresh compilation) or the region's re-optimised copy
-(when the region comes from the cache first). The two vectorise float64
-reductions differently, so results would depend on the state of the cache.
+The ``*_items`` kernels run a range of items; :mod:`numbabn._cpu.parallel`
+spreads the items over Numba's threads. Small tensors take the ``*_serial``
+kernels, one call for a whole pass sequence (the forward's, with its optional
+residual and ReLU, is in :mod:`numbabn._cpu.fused`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,59 @@
+"""Items spread over Numba's threads: same bytes as one call, and safe after a fork."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numba
+import numpy as np
+import pytest
+
+import numbabn
+from numbabn._cpu import kernels
+from numbabn._cpu.backend import _Operands
+from numbabn._cpu.parallel import run_items
+
+needs_two_threads = pytest.mark.skipif(
+    numba.config.NUMBA_NUM_THREADS < 2, reason="Numba was started with a single thread"
+)
+
+
+@needs_two_threads
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threads_write_what_one_call_writes(dtype):
+    x = np.random.default_rng(0).standard_normal((8, 5, 40, 41)).astype(dtype)
+    ops = _Operands(x)
+    shift = kernels.first_values(ops.view, ops.layout.channels_inner)
+    vector = np.linspace(0.5, 1.5, x.shape[1])
+    calls = {
+        "sums": (kernels.sums_items, ops.view, ops.view, shift, shift, True),
+        "affine": (kernels.affine_items, ops.view, shift, vector, vector),
+        "grad": (kernels.grad_items, ops.view, ops.view, shift, vector, vector, vector),
+    }
+    for name, (kernel, *args) in calls.items():
+        one, spread = (
+            ops.partials() if name == "sums" else np.empty_like(ops.view) for _ in range(2)
+        )
+        kernel(*args, *ops.launch_args, one, 0, ops.n_items)
+        run_items(kernel, ops.n_items, *args, *ops.launch_args, spread)
+        assert one.tobytes() == spread.tobytes(), name
+
+
+def _forward_in_child(x: np.ndarray, results: multiprocessing.Queue) -> None:
+    results.put(numbabn.BatchNorm2d(x.shape[1])(x))
+
+
+@pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="no fork on this platform"
+)
+def test_a_forked_child_still_computes_the_same_bytes():
+    x = np.random.default_rng(1).standard_normal((4, 3, 130, 130)).astype(np.float32)
+    expected = numbabn.BatchNorm2d(3)(x)  # the parent has launched its threads
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_forward_in_child, args=(x, results))
+    child.start()
+    got = results.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert got.tobytes() == expected.tobytes()
