@@ -26,9 +26,9 @@ CASES = [
     ("ncl", (3, 5, 70000), "contiguous", np.float64),
     ("nc", (70000, 3), "contiguous", np.float32),
     ("nc_wide", (300, 1030), "contiguous", np.float32),
-    ("short_rows", (32, 64, 7, 7), "contiguous", np.float32),
+    ("short_rows", (64, 64, 7, 7), "contiguous", np.float32),
     ("sliced", (4, 3, 130, 130), "inner_slice", np.float64),
-    ("short_rows64", (32, 64, 7, 7), "contiguous", np.float64),
+    ("short_rows64", (64, 64, 7, 7), "contiguous", np.float64),
 ]
 # relu(bn(x) + z): the fused kernels.
 FUSED_SHAPE = (4, 3, 130, 130)

@@ -189,7 +189,7 @@ def test_threaded_path_on_a_large_tensor(rng, layout):
     """Above the serial threshold the fused passes run item by item across threads."""
     from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
 
-    shape = (4, 8, 48, 48)
+    shape = (4, 8, 64, 64)
     assert np.prod(shape) >= PARALLEL_MIN_ELEMENTS
     x = make_input(rng, shape, layout, np.float64)
     z = make_input(rng, shape, layout, np.float64, scale=0.5)

@@ -13,8 +13,9 @@ from numbabn._cpu.layout import Layout, plan
 from numbabn._cpu.parallel import run_items
 from numbabn.epilogue import Epilogue
 
-# Below this many elements one thread does everything in one kernel call.
-PARALLEL_MIN_ELEMENTS = 1 << 16
+# Below this many elements one thread does everything in one kernel call: on two
+# cores that beat a parallel launch up to about 200 Ki elements.
+PARALLEL_MIN_ELEMENTS = 1 << 17
 
 
 class _Operands:
