@@ -197,9 +197,9 @@ class CpuBackend:
         epilogue: Epilogue | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalise with the running statistics; return ``(output, mean, invstd)``."""
-        mean = running_mean.astype(np.float64)
-        invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-        scale, shift = invstd * weight, bias.astype(np.float64)
+        mean, invstd, scale, shift = kernels.eval_coefficients(
+            running_mean, running_var, weight, bias, eps
+        )
         ops = _Operands(x)
 
         def kernel(target: np.ndarray) -> None:

@@ -279,6 +279,22 @@ def finish_forward(totals, shift, count, weight, bias, eps, running_mean, runnin
 
 
 @_kernel
+def eval_coefficients(running_mean, running_var, weight, bias, eps):
+    """Per-channel float64 ``(mean, invstd, scale, shift)`` of the eval-mode normalisation."""
+    n_channels = running_mean.shape[0]
+    mean = np.empty(n_channels)
+    invstd = np.empty(n_channels)
+    scale = np.empty(n_channels)
+    shift = np.empty(n_channels)
+    for c in range(n_channels):
+        mean[c] = running_mean[c]
+        invstd[c] = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
+        scale[c] = invstd[c] * weight[c]
+        shift[c] = bias[c]
+    return mean, invstd, scale, shift
+
+
+@_kernel
 def finish_backward(totals, count, invstd, weight):
     """Per-channel ``(alpha, beta, gamma)`` of ``dx = alpha * dy + beta * (x - mean) + gamma``."""
     n_channels = invstd.shape[0]
