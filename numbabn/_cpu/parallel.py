@@ -12,7 +12,7 @@ driver's cached object code, which was optimised a second time and can
 vectorise a float64 reduction in another order. So :func:`run_items` first calls
 the kernel itself on an empty range, which loads the kernel's own code before
 the driver can: then a fresh compilation and a cache load run the same
-instructions, and so does a one-thread call.
+instructions, and so does a direct call of the kernel over all items.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def run_items(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     """Run ``kernel(*args, start, stop)`` over items ``0`` to ``n_items`` on Numba's threads."""
     global _launched
     kernel(*args, 0, 0)  # loads the kernel's own code first: see the module docstring
-    if _serial_only or numba.get_num_threads() == 1:
+    if _serial_only:
         kernel(*args, 0, n_items)
         return
     with _launch_lock:
