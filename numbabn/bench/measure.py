@@ -29,6 +29,10 @@ def measure_case(case: Case, repeat: int, threads: int, with_torch: bool) -> dic
     times["numbabn_forward"] = median_seconds(lambda: bn(x), repeat)
     times["numbabn_backward_out"] = median_seconds(lambda: bn.backward(dy, out=out), repeat)
     times["numbabn_backward"] = median_seconds(lambda: bn.backward(dy), repeat)
+    grad = np.empty_like(x)
+    times["numbabn_forward_backward_out"] = median_seconds(
+        lambda: (bn(x, out=out), bn.backward(dy, out=grad)), repeat
+    )
     times["numbabn_forward_backward"] = median_seconds(lambda: (bn(x), bn.backward(dy)), repeat)
     result["numbabn_forward_peak"] = peak_bytes(lambda: bn(x))
     result["numbabn_forward_out_peak"] = peak_bytes(lambda: bn(x, out=out))

@@ -74,7 +74,10 @@ def markdown(results: list[dict[str, Any]], header: str, startup: dict[str, floa
         "compared with the roofline: the streaming read and read+write passes the operation",
         "cannot avoid, measured in the same run with the same threads. `× roofline` is",
         "numbabn `out=` time over roofline time (1.00 is the memory limit); `× PyTorch` and",
-        "`× NumPy` are how many times faster numbabn is than each peer.",
+        "`× NumPy` are how many times faster numbabn is than each peer. A plain call also",
+        "pays for page faults on its fresh output whenever the C library has handed that",
+        "memory back to the system between calls, which two large outputs alive at once",
+        "(forward + backward) make likelier: compare its two columns.",
         "",
     ]
     for spec in PASSES:
