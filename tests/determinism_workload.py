@@ -19,8 +19,11 @@ from conftest import make_input  # noqa: E402
 
 import numbabn  # noqa: E402
 
-# Large enough for the parallel kernels and several tiles per channel.
+# Small ones first (their one-call kernels are loaded before the parallel ones), then
+# shapes large enough for the parallel kernels and several tiles per channel.
 CASES = [
+    ("small", (2, 16, 8, 8), "contiguous", np.float64),
+    ("small32", (2, 16, 8, 8), "contiguous", np.float32),
     ("nchw", (4, 3, 130, 130), "contiguous", np.float32),
     ("nhwc", (4, 3, 130, 130), "channels_last", np.float32),
     ("ncl", (3, 5, 70000), "contiguous", np.float64),
@@ -30,8 +33,8 @@ CASES = [
     ("sliced", (4, 3, 130, 130), "inner_slice", np.float64),
     ("short_rows64", (64, 64, 7, 7), "contiguous", np.float64),
 ]
-# relu(bn(x) + z): the fused kernels.
-FUSED_SHAPE = (4, 3, 130, 130)
+# relu(bn(x) + z): the fused kernels, one-call then parallel.
+FUSED_SHAPES = [(2, 16, 8, 8), (4, 3, 130, 130)]
 CLASSES = {2: numbabn.BatchNorm1d, 3: numbabn.BatchNorm1d, 4: numbabn.BatchNorm2d}
 
 
@@ -60,14 +63,16 @@ def compute() -> dict[str, np.ndarray]:
 
 def compute_fused() -> dict[str, np.ndarray]:
     """A fused ReLU with a residual, trained then evaluated, in float64."""
-    rng = np.random.default_rng(len(CASES))
-    module = numbabn.BatchNorm2d(FUSED_SHAPE[1], activation="relu", dtype=np.float64)
     results = {}
-    for mode in ("train", "eval"):
-        module.train(mode == "train")
-        x, z, dy = (make_input(rng, FUSED_SHAPE, dtype=np.float64) for _ in range(3))
-        results[f"fused/{mode}/y"] = module(x, residual=z)
-        results[f"fused/{mode}/dx"], results[f"fused/{mode}/dz"] = module.backward(dy)
+    for seed, shape in enumerate(FUSED_SHAPES, start=len(CASES)):
+        rng = np.random.default_rng(seed)
+        module = numbabn.BatchNorm2d(shape[1], activation="relu", dtype=np.float64)
+        for mode in ("train", "eval"):
+            module.train(mode == "train")
+            x, z, dy = (make_input(rng, shape, dtype=np.float64) for _ in range(3))
+            key = f"fused{shape}/{mode}"
+            results[f"{key}/y"] = module(x, residual=z)
+            results[f"{key}/dx"], results[f"{key}/dz"] = module.backward(dy)
     return results
 
 

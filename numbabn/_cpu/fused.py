@@ -51,6 +51,15 @@ def affine_act_items(
     x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, start, stop
 ):  # fmt: skip
     """Items ``start`` to ``stop`` of ``out = relu((x - mean) * scale + shift + z)``."""
+    _affine_act_range(
+        x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, start, stop
+    )
+
+
+@_inline
+def _affine_act_range(
+    x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, start, stop
+):  # fmt: skip
     n_r = x.shape[2]
     for item in range(start, stop):
         _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
@@ -173,7 +182,7 @@ def train_forward_serial(
         partials,
     )  # fmt: skip
     n_items = _n_items(_n_channels(x, channels_inner), geometry[0], geometry[3])
-    affine_act_items(
+    _affine_act_range(
         x, z, mean, scale, offset, residual, relu, channels_inner, geometry, out, 0, n_items
     )
     return mean, invstd

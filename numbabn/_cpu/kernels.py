@@ -29,8 +29,13 @@ from numba import njit
 # are left out on purpose so NaN and inf propagate as in PyTorch.
 _FASTMATH = {"reassoc", "contract", "nsz"}
 
+# A kernel never calls another kernel: a call goes through a symbol that binds to
+# whichever compiled copy loaded first (the callee's own, or the caller's cached
+# re-optimised one), and the two can round differently. Helpers are inlined into
+# the Numba IR of their caller instead; ``_shared`` ones are also called from Python.
 _inline = njit(cache=True, inline="always")
 _kernel = njit(fastmath=_FASTMATH, cache=True, nogil=True)
+_shared = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
 
 
 @_inline
@@ -222,7 +227,7 @@ def grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, s
         _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
 
 
-@_kernel
+@_shared
 def merge(partials):
     """Sum the ``(T, 2, C)`` partials over tiles, always in tile order."""
     totals = partials[0].copy()
@@ -233,7 +238,7 @@ def merge(partials):
     return totals
 
 
-@_kernel
+@_shared
 def first_values(x, channels_inner):
     """Each channel's first value, in float64: the shift the statistics sums use."""
     n_channels = _n_channels(x, channels_inner)
@@ -243,7 +248,7 @@ def first_values(x, channels_inner):
     return shift
 
 
-@_kernel
+@_shared
 def moments_from_sums(totals, shift, count):
     """Per-channel float64 ``(mean, M2)`` from sums taken around ``shift``."""
     mean = np.empty(shift.shape[0])
@@ -254,7 +259,7 @@ def moments_from_sums(totals, shift, count):
     return mean, m2
 
 
-@_kernel
+@_shared
 def finish_forward(totals, shift, count, weight, bias, eps, running_mean, running_var, momentum):
     """Per-channel ``(mean, invstd, scale, offset)`` from the statistics sums.
 
@@ -278,7 +283,7 @@ def finish_forward(totals, shift, count, weight, bias, eps, running_mean, runnin
     return mean, invstd, scale, offset
 
 
-@_kernel
+@_shared
 def eval_coefficients(running_mean, running_var, weight, bias, eps):
     """Per-channel float64 ``(mean, invstd, scale, shift)`` of the eval-mode normalisation."""
     n_channels = running_mean.shape[0]
@@ -294,7 +299,7 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps):
     return mean, invstd, scale, shift
 
 
-@_kernel
+@_shared
 def finish_backward(totals, count, invstd, weight):
     """Per-channel ``(alpha, beta, gamma)`` of ``dx = alpha * dy + beta * (x - mean) + gamma``."""
     n_channels = invstd.shape[0]
@@ -309,7 +314,7 @@ def finish_backward(totals, count, invstd, weight):
     return alpha, beta, gamma
 
 
-@_kernel
+@_inline
 def statistics_serial(
     x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry, partials
 ):  # fmt: skip
@@ -320,7 +325,8 @@ def statistics_serial(
     n_channels = _n_channels(x, channels_inner)
     n_items = _n_items(n_channels, geometry[0], geometry[3])
     shift = first_values(x, channels_inner)
-    sums_items(x, x, shift, shift, True, channels_inner, geometry, partials, 0, n_items)
+    for item in range(n_items):
+        _sums_item(x, x, shift, shift, True, item, channels_inner, geometry, partials)
     return finish_forward(
         merge(partials), shift, x.size // n_channels, weight, bias, eps,
         running_mean, running_var, momentum,
@@ -333,8 +339,10 @@ def train_backward_serial(dy, x, mean, invstd, weight, channels_inner, geometry,
     n_channels = _n_channels(x, channels_inner)
     n_items = _n_items(n_channels, geometry[0], geometry[3])
     zeros = np.zeros(n_channels)
-    sums_items(x, dy, mean, zeros, False, channels_inner, geometry, partials, 0, n_items)
+    for item in range(n_items):
+        _sums_item(x, dy, mean, zeros, False, item, channels_inner, geometry, partials)
     totals = merge(partials)
     alpha, beta, gamma = finish_backward(totals, x.size // n_channels, invstd, weight)
-    grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, 0, n_items)
+    for item in range(n_items):
+        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
     return totals
