@@ -117,8 +117,9 @@ _serial_only = False
 
 
 def _after_fork_in_child() -> None:
+    global _launch_lock, _serial_only
+    _launch_lock = threading.Lock()  # another thread may have held it at the fork
     # GNU OpenMP cannot run parallel regions in a child forked after it started.
-    global _serial_only
     if _launched and numba.threading_layer() == "omp":
         _serial_only = True
 
