@@ -294,13 +294,14 @@ def batch_norm_backward(
             zeros = np.zeros(n_channels, weight_array.dtype)
             grad_weight, grad_bias = backend.from_host(zeros), backend.from_host(zeros)
     elif epilogue is not None and epilogue.relu:
+        param_dtype = check.param_dtype(x.dtype)
         grad_input, grad_residual, grad_weight, grad_bias = backend.masked_backward(
             dy,
             x,
             saved.mean,
             saved.invstd,
-            _or_filled(backend, weight_array, 1.0, n_channels, check.param_dtype(x.dtype)),
-            _or_filled(backend, bias_array, 0.0, n_channels, check.param_dtype(x.dtype)),
+            _or_filled(backend, weight_array, 1.0, n_channels, param_dtype),
+            _or_filled(backend, bias_array, 0.0, n_channels, param_dtype),
             saved.batch_stats,
             epilogue,
             out_array,

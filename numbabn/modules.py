@@ -261,8 +261,9 @@ class _BatchNorm:
         overwritten = []
         if out is not None:
             adopt = self._backend.adopt
+            written = adopt(out)
             for name, array in (("input", x), ("residual", residual)):
-                if array is not None and self._backend.may_share_memory(adopt(out), adopt(array)):
+                if array is not None and self._backend.may_share_memory(written, adopt(array)):
                     overwritten.append(name)
         self._saved = _Saved(x, saved, residual, tuple(overwritten))
 
