@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from numbabn._cpu.kernels import _bounds, _inline, _kernel, _n_channels, _n_items, statistics_serial
+from numbabn._cpu.kernels import (
+    _bounds,
+    _inline,
+    _kernel,
+    _n_channels,
+    _n_items,
+    _row,
+    statistics_serial,
+)
 
 
 @_inline
@@ -71,13 +79,14 @@ def _affine_act_range(
                     out[p, 0, 0, c0:c1],
                 )  # fmt: skip
             continue
+        whole = s1 - s0 == x.shape[3]
         a = row0 // n_r
         r = row0 - a * n_r
         for _ in range(row0, row1):
             for c in range(c0, c1):
                 _affine_act_run(
-                    x[a, c, r, s0:s1], z[a, c, r, s0:s1], mean[c], scale[c], shift[c], residual,
-                    relu, out[a, c, r, s0:s1],
+                    _row(x, a, c, r, s0, s1, whole), _row(z, a, c, r, s0, s1, whole), mean[c],
+                    scale[c], shift[c], residual, relu, _row(out, a, c, r, s0, s1, whole),
                 )  # fmt: skip
             r += 1
             if r == n_r:
@@ -149,14 +158,18 @@ def masked_grad_items(
                     if residual:
                         dz_row[i] = g
             continue
+        whole = s1 - s0 == x.shape[3]
         a = row0 // n_r
         r = row0 - a * n_r
         for _ in range(row0, row1):
             for c in range(c0, c1):
                 m, k, b = mean[c], scale[c], shift[c]
                 ka, kb, kg = alpha[c], beta[c], gamma[c]
-                dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
-                dx_row, dz_row = dx[a, c, r, s0:s1], dz[a, c, r, s0:s1]
+                dy_row = _row(dy, a, c, r, s0, s1, whole)
+                x_row = _row(x, a, c, r, s0, s1, whole)
+                z_row = _row(z, a, c, r, s0, s1, whole)
+                dx_row = _row(dx, a, c, r, s0, s1, whole)
+                dz_row = _row(dz, a, c, r, s0, s1, whole)
                 for i in range(x_row.shape[0]):
                     g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
                     dx_row[i] = ka * g + kb * (np.float64(x_row[i]) - m) + kg

@@ -72,6 +72,16 @@ def _bounds(item, shape, channels_inner, geometry):
 
 
 @_inline
+def _row(x, a, c, r, s0, s1, whole):
+    """Row ``(a, c, r)`` of a planar view, elements ``s0`` to ``s1``.
+
+    A whole row is indexed rather than sliced: the elementwise passes run 15-33%
+    faster that way on 7x7 rows. (The reductions do not gain, and keep slices.)
+    """
+    return x[a, c, r] if whole else x[a, c, r, s0:s1]
+
+
+@_inline
 def _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, partials):
     """Item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into ``partials[tile, :, c]``.
 
@@ -149,6 +159,7 @@ def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
             for c in range(c1 - c0):
                 out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
     else:
+        whole = s1 - s0 == x.shape[3]
         # Row q is (a, r); stepped rather than divided, as rows can be short.
         a = row0 // n_r
         r = row0 - a * n_r
@@ -157,8 +168,8 @@ def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
                 m = mean[c]
                 k = scale[c]
                 b = shift[c]
-                x_row = x[a, c, r, s0:s1]
-                out_row = out[a, c, r, s0:s1]
+                x_row = _row(x, a, c, r, s0, s1, whole)
+                out_row = _row(out, a, c, r, s0, s1, whole)
                 for s in range(x_row.shape[0]):
                     out_row[s] = (np.float64(x_row[s]) - m) * k + b
             r += 1
@@ -186,6 +197,7 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
                     ka[c] * np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
                 )
     else:
+        whole = s1 - s0 == x.shape[3]
         # Row q is (a, r); stepped rather than divided, as rows can be short.
         a = row0 // n_r
         r = row0 - a * n_r
@@ -195,9 +207,9 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
                 ka = alpha[c]
                 kb = beta[c]
                 kg = gamma[c]
-                dy_row = dy[a, c, r, s0:s1]
-                x_row = x[a, c, r, s0:s1]
-                out_row = out[a, c, r, s0:s1]
+                dy_row = _row(dy, a, c, r, s0, s1, whole)
+                x_row = _row(x, a, c, r, s0, s1, whole)
+                out_row = _row(out, a, c, r, s0, s1, whole)
                 for s in range(x_row.shape[0]):
                     out_row[s] = ka * np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg
             r += 1
