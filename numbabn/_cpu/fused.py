@@ -124,10 +124,14 @@ def masked_sums_items(
             r = row0 - a * n_r
             for _ in range(row0, row1):
                 dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
+                row_g = 0.0  # each row from zero, as in kernels._sums_item
+                row_gx = 0.0
                 for i in range(x_row.shape[0]):
                     g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
-                    acc_g += g
-                    acc_gx += g * (np.float64(x_row[i]) - m)
+                    row_g += g
+                    row_gx += g * (np.float64(x_row[i]) - m)
+                acc_g += row_g
+                acc_gx += row_gx
                 r += 1
                 if r == n_r:
                     r = 0
