@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from numbabn.bench.cases import Case, module_for
-from numbabn.bench.timing import median_seconds
+from numbabn.bench.timing import interleaved_medians
 
 FUSED_CASES = [
     Case((32, 64, 56, 56)),
@@ -64,7 +64,7 @@ class _TorchComposition:
         with self.torch.no_grad():
             self._compose()
 
-    def backward(self) -> None:
+    def forward_backward(self) -> None:
         y = self._compose()
         self.torch.autograd.grad(y, (self.x, self.z, self.weight, self.bias), self.dy)
 
@@ -76,17 +76,21 @@ def measure_fused(case: Case, repeat: int, threads: int, with_torch: bool) -> di
     dy = np.ones_like(x)
     fused = module_for(x.ndim)(x.shape[1], dtype=x.dtype, activation="relu")
     unfused = _Unfused(x)
-    times = {
-        "fused_forward": median_seconds(lambda: fused(x, residual=z), repeat),
-        "fused_backward": median_seconds(lambda: fused.backward(dy), repeat),
-        "unfused_forward": median_seconds(lambda: unfused.forward(x, z), repeat),
-        "unfused_backward": median_seconds(lambda: unfused.backward(dy), repeat),
+    fused(x, residual=z)  # each backward needs a forward first
+    unfused.forward(x, z)
+    funcs = {
+        "fused_forward": lambda: fused(x, residual=z),
+        "fused_backward": lambda: fused.backward(dy),
+        "unfused_forward": lambda: unfused.forward(x, z),
+        "unfused_backward": lambda: unfused.backward(dy),
     }
     if with_torch:
         peer = _TorchComposition(x, z, threads)
-        times["torch_forward"] = median_seconds(peer.forward, repeat)
+        funcs.update(torch_forward=peer.forward, torch_forward_backward=peer.forward_backward)
+    times = interleaved_medians(funcs, repeat)
+    if with_torch:
         # PyTorch's backward needs its forward's graph: time both, then take the forward off.
-        times["torch_backward"] = median_seconds(peer.backward, repeat) - times["torch_forward"]
+        times["torch_backward"] = times.pop("torch_forward_backward") - times["torch_forward"]
     return {"case": case.name, "bytes": case.nbytes, "seconds": times}
 
 

@@ -1,0 +1,24 @@
+"""The benchmark's sampling: every function is sampled in every round."""
+
+from __future__ import annotations
+
+import time
+
+from numbabn.bench.timing import interleaved_medians
+
+
+def test_interleaved_medians_samples_each_function_every_round():
+    order: list[str] = []
+
+    def slow(name: str):
+        def call() -> None:
+            order.append(name)
+            time.sleep(3e-3)  # longer than a sample: one timed call per sample
+
+        return call
+
+    medians = interleaved_medians({"a": slow("a"), "b": slow("b")}, repeat=3)
+    assert list(medians) == ["a", "b"]
+    assert all(value >= 3e-3 for value in medians.values())
+    # Two calibration calls each, then per round an untimed and a timed call of each in turn.
+    assert order == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
