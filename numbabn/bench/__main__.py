@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
@@ -12,23 +11,13 @@ import numba
 import numpy as np
 
 import numbabn
+from numbabn.bench import machine
 from numbabn.bench.cases import DEFAULT_CASES, QUICK_CASES
 from numbabn.bench.fused import FUSED_CASES, QUICK_FUSED_CASES, fused_markdown, measure_fused
 from numbabn.bench.measure import measure_case
 from numbabn.bench.peers import torch_available
 from numbabn.bench.report import markdown, write_json, write_png
 from numbabn.bench.startup import startup_seconds
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _progress(items, description: str):
@@ -78,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
 
         versions += f", torch {torch.__version__}"
     header = (
-        f"## numbabn CPU benchmark\n\nMachine: {_cpu_name()}, {os.cpu_count()} cores, "
+        f"## numbabn CPU benchmark\n\nMachine: {machine.describe()}, "
         f"{threads} threads "
         f"(numbabn and PyTorch alike), Python {platform.python_version()}; {versions}."
     )

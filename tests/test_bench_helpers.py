@@ -1,9 +1,11 @@
-"""The benchmark's sampling: every function is sampled in every round."""
+"""The benchmark's helpers: sampling in rounds, and the machine description."""
 
 from __future__ import annotations
 
+import os
 import time
 
+from numbabn.bench import machine
 from numbabn.bench.timing import interleaved_medians
 
 
@@ -22,3 +24,13 @@ def test_interleaved_medians_samples_each_function_every_round():
     assert all(value >= 3e-3 for value in medians.values())
     # Two calibration calls each, then per round an untimed and a timed call of each in turn.
     assert order == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+
+
+def test_machine_description_names_the_cores():
+    assert f"{os.cpu_count()} cores" in machine.describe()
+
+
+def test_cache_sizes_read_in_binary_units():
+    assert machine._readable("32768K") == "32 MiB"
+    assert machine._readable("512K") == "512 KiB"
+    assert machine._readable("1.5M") == "1.5M"
