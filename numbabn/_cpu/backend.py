@@ -230,10 +230,15 @@ class CpuBackend:
         residual = epilogue.residual
         z_view = ops.view if residual is None else ops.input_view(residual)
         scale, shift = invstd * weight, bias.astype(np.float64)
+        grad_residual = None if residual is None else np.empty_like(x)
+        dz_view = ops.view if grad_residual is None else ops.layout.view(grad_residual)
+        if dz_view is None:  # x was copied into another layout
+            grad_residual = np.empty_like(ops.x)
+            dz_view = ops.layout.view(grad_residual)
         partials = ops.partials()
         ops.run(
             fused.masked_sums_items, dy_view, ops.view, z_view, mean, scale, shift,
-            residual is not None, *ops.launch_args, partials,
+            residual is not None, *ops.launch_args, partials, dz_view,
         )  # fmt: skip
         totals = kernels.merge(partials)
         if batch_stats:
@@ -242,17 +247,19 @@ class CpuBackend:
             )
         else:
             alpha, beta, gamma = scale, np.zeros_like(scale), np.zeros_like(scale)
-        grad_residual = None if residual is None else np.empty_like(x)
-        dz_view = ops.view if grad_residual is None else ops.layout.view(grad_residual)
-        if dz_view is None:  # x was copied into another layout
-            grad_residual = np.empty_like(ops.x)
-            dz_view = ops.layout.view(grad_residual)
 
         def kernel(target: np.ndarray) -> None:
+            if residual is None:
+                ops.run(
+                    fused.masked_grad_items, dy_view, ops.view, mean, scale, shift, alpha, beta,
+                    gamma, *ops.launch_args, target,
+                )  # fmt: skip
+                return
+            # The first pass wrote the masked dy to dz: the plain gradient pass reads it
+            # in place of dy and z (two reads and a write instead of three and two).
             ops.run(
-                fused.masked_grad_items, dy_view, ops.view, z_view, mean, scale, shift, alpha,
-                beta, gamma, residual is not None, *ops.launch_args,
-                target, dz_view,
+                kernels.grad_items, dz_view, ops.view, mean, alpha, beta, gamma, *ops.launch_args,
+                target,
             )  # fmt: skip
 
         grad_input = ops.write(out, kernel)[0]

@@ -96,9 +96,13 @@ def _affine_act_range(
 
 @_kernel
 def masked_sums_items(
-    dy, x, z, mean, scale, shift, residual, channels_inner, geometry, partials, start, stop
+    dy, x, z, mean, scale, shift, residual, channels_inner, geometry, partials, dz, start, stop
 ):  # fmt: skip
-    """Items' ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dy * (pre-activation > 0)``."""
+    """Items' ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dy * (pre-activation > 0)``.
+
+    With a residual, ``g`` is also the residual's gradient: it is written to
+    ``dz``, and the second pass reads it in place of ``dy`` and ``z``.
+    """
     n_r = x.shape[2]
     for item in range(start, stop):
         tile, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
@@ -108,11 +112,14 @@ def masked_sums_items(
             sum_gx = np.zeros(c1 - c0)
             for p in range(row0, row1):
                 dy_row, x_row, z_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1]
+                dz_row = dz[p, 0, 0, c0:c1]
                 for i in range(c1 - c0):
                     pre = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
                     g = _masked(dy_row[i], pre)
                     sum_g[i] += g
                     sum_gx[i] += g * (np.float64(x_row[i]) - m[i])
+                    if residual:
+                        dz_row[i] = g
             partials[tile, 0, c0:c1] = sum_g
             partials[tile, 1, c0:c1] = sum_gx
             continue
@@ -124,12 +131,15 @@ def masked_sums_items(
             r = row0 - a * n_r
             for _ in range(row0, row1):
                 dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
+                dz_row = dz[a, c, r, s0:s1]
                 row_g = 0.0  # each row from zero, as in kernels._sums_item
                 row_gx = 0.0
                 for i in range(x_row.shape[0]):
                     g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
                     row_g += g
                     row_gx += g * (np.float64(x_row[i]) - m)
+                    if residual:
+                        dz_row[i] = g
                 acc_g += row_g
                 acc_gx += row_gx
                 r += 1
@@ -142,10 +152,9 @@ def masked_sums_items(
 
 @_kernel
 def masked_grad_items(
-    dy, x, z, mean, scale, shift, alpha, beta, gamma, residual, channels_inner, geometry, dx,
-    dz, start, stop,
+    dy, x, mean, scale, shift, alpha, beta, gamma, channels_inner, geometry, dx, start, stop
 ):  # fmt: skip
-    """Items of ``dx = alpha * g + beta * (x - mean) + gamma`` and, with a residual, ``dz = g``."""
+    """Items of ``dx = alpha * g + beta * (x - mean) + gamma`` through a ReLU (no residual)."""
     n_r = x.shape[2]
     for item in range(start, stop):
         _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
@@ -153,14 +162,11 @@ def masked_grad_items(
             m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
             ka, kb, kg = alpha[c0:c1], beta[c0:c1], gamma[c0:c1]
             for p in range(row0, row1):
-                dy_row, x_row, z_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1]
-                dx_row, dz_row = dx[p, 0, 0, c0:c1], dz[p, 0, 0, c0:c1]
+                dy_row, x_row, dx_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], dx[p, 0, 0, c0:c1]
                 for i in range(c1 - c0):
-                    pre = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
+                    pre = _pre_activation(x_row[i], x_row[i], m[i], k[i], b[i], False)
                     g = _masked(dy_row[i], pre)
                     dx_row[i] = ka[i] * g + kb[i] * (np.float64(x_row[i]) - m[i]) + kg[i]
-                    if residual:
-                        dz_row[i] = g
             continue
         whole = s1 - s0 == x.shape[3]
         a = row0 // n_r
@@ -171,14 +177,10 @@ def masked_grad_items(
                 ka, kb, kg = alpha[c], beta[c], gamma[c]
                 dy_row = _row(dy, a, c, r, s0, s1, whole)
                 x_row = _row(x, a, c, r, s0, s1, whole)
-                z_row = _row(z, a, c, r, s0, s1, whole)
                 dx_row = _row(dx, a, c, r, s0, s1, whole)
-                dz_row = _row(dz, a, c, r, s0, s1, whole)
                 for i in range(x_row.shape[0]):
-                    g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
+                    g = _masked(dy_row[i], _pre_activation(x_row[i], x_row[i], m, k, b, False))
                     dx_row[i] = ka * g + kb * (np.float64(x_row[i]) - m) + kg
-                    if residual:
-                        dz_row[i] = g
             r += 1
             if r == n_r:
                 r = 0

@@ -76,28 +76,27 @@ def _affine_act(n_items, x, z, mean, scale, shift, residual, relu, channels_inne
 
 @_driver
 def _masked_sums(
-    n_items, dy, x, z, mean, scale, shift, residual, channels_inner, geometry, partials
+    n_items, dy, x, z, mean, scale, shift, residual, channels_inner, geometry, partials, dz
 ):  # fmt: skip
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
         item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
         fused.masked_sums_items(
             dy, x, z, mean, scale, shift, residual, channels_inner, (g0, g1, g2, g3), partials,
-            item, item + 1,
+            dz, item, item + 1,
         )  # fmt: skip
 
 
 @_driver
 def _masked_grad(
-    n_items, dy, x, z, mean, scale, shift, alpha, beta, gamma, residual, channels_inner,
-    geometry, dx, dz,
+    n_items, dy, x, mean, scale, shift, alpha, beta, gamma, channels_inner, geometry, dx
 ):  # fmt: skip
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
         item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
         fused.masked_grad_items(
-            dy, x, z, mean, scale, shift, alpha, beta, gamma, residual, channels_inner,
-            (g0, g1, g2, g3), dx, dz, item, item + 1,
+            dy, x, mean, scale, shift, alpha, beta, gamma, channels_inner, (g0, g1, g2, g3), dx,
+            item, item + 1,
         )  # fmt: skip
 
 
