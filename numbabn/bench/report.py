@@ -77,7 +77,11 @@ def markdown(results: list[dict[str, Any]], header: str, startup: dict[str, floa
         "`× NumPy` are how many times faster numbabn is than each peer. A plain call also",
         "pays for page faults on its fresh output whenever the C library has handed that",
         "memory back to the system between calls, which two large outputs alive at once",
-        "(forward + backward) make likelier: compare its two columns.",
+        "(forward + backward) make likelier: compare its two columns. Each median comes",
+        "from rounds in which every timing of the case takes one sample in turn, so a slow",
+        "spell on a shared machine falls on numbabn, its peers and the roofline alike.",
+        "Tensors of 3-26 MB stay partly in the shared L3 cache, where timings of the same",
+        "command vary most from run to run.",
         "",
     ]
     for spec in PASSES:
