@@ -3,7 +3,9 @@
 Forward: ``out = relu((x - mean) * scale + shift + z)`` in one elementwise pass
 (``z`` and the ReLU each optional). Backward never stores the output: the ReLU
 mask is recomputed from ``x`` (and ``z``) with exactly the forward's float64
-arithmetic, so ``g = dy * mask`` is what the plain backward then sees. Work
+arithmetic, so ``g = dy * mask`` is what the plain backward then sees. With a
+residual, the first backward pass also writes ``g`` as ``z``'s gradient, and the
+second pass is the plain gradient kernel reading it in place of ``dy``. Work
 items and views are those of :mod:`numbabn._cpu.kernels`; inner loops run over
 row slices and select rather than branch, so that LLVM vectorises them.
 """
