@@ -216,3 +216,24 @@ def test_residual_gradient_is_not_written_over(rng):
     with pytest.raises(ValueError, match="out= shares memory with grad_output"):
         module.backward(dy, out=dy)
     assert_same_state(before, module)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 6, 5), (4, 8, 64, 64)], ids=["serial", "threaded"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual_relu"])
+def test_read_only_inputs(rng, shape, with_residual):
+    """Broadcast (read-only, zero-stride) x, z and dy give what contiguous copies give."""
+    channels = shape[1]
+    x = np.broadcast_to(rng.standard_normal((1, *shape[1:])), shape)
+    z = np.broadcast_to(rng.standard_normal((shape[0], channels, 1, 1)), shape)
+    dy = np.broadcast_to(rng.standard_normal((1, channels, 1, shape[3])), shape)
+    assert not (x.flags.writeable or z.flags.writeable or dy.flags.writeable)
+    results = []
+    for inputs in ((x, z, dy), tuple(map(np.ascontiguousarray, (x, z, dy)))):
+        module = numbabn.BatchNorm2d(channels, dtype=np.float64, activation="relu")
+        x_in, z_in, dy_in = inputs
+        y = module(x_in, residual=z_in if with_residual else None)
+        grads = module.backward(dy_in)
+        grads = grads if with_residual else (grads,)
+        results.append((y, *grads, module.grads["weight"], module.grads["bias"]))
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -231,38 +231,41 @@ class CpuBackend:
         z_view = ops.view if residual is None else ops.input_view(residual)
         scale, shift = invstd * weight, bias.astype(np.float64)
         grad_residual = None if residual is None else np.empty_like(x)
-        dz_view = ops.view if grad_residual is None else ops.layout.view(grad_residual)
-        if dz_view is None:  # x was copied into another layout
+        dz_view = None if grad_residual is None else ops.layout.view(grad_residual)
+        if grad_residual is not None and dz_view is None:  # x was copied into another layout
             grad_residual = np.empty_like(ops.x)
             dz_view = ops.layout.view(grad_residual)
         partials = ops.partials()
-        ops.run(
-            fused.masked_sums_items, dy_view, ops.view, z_view, mean, scale, shift,
-            residual is not None, *ops.launch_args, partials, dz_view,
-        )  # fmt: skip
-        totals = kernels.merge(partials)
-        if batch_stats:
-            alpha, beta, gamma = kernels.finish_backward(
-                totals, x.size // x.shape[1], invstd, weight
-            )
-        else:
-            alpha, beta, gamma = scale, np.zeros_like(scale), np.zeros_like(scale)
+        count = x.size // x.shape[1]
 
-        def kernel(target: np.ndarray) -> None:
+        def kernel(target: np.ndarray) -> np.ndarray:
+            # Without a residual the first pass writes nothing; it still takes a
+            # writable array for dz (x may be read-only), and dx is one.
+            ops.run(
+                fused.masked_sums_items, dy_view, ops.view, z_view, mean, scale, shift,
+                residual is not None, *ops.launch_args, partials,
+                target if dz_view is None else dz_view,
+            )  # fmt: skip
+            totals = kernels.merge(partials)
+            if batch_stats:
+                alpha, beta, gamma = kernels.finish_backward(totals, count, invstd, weight)
+            else:
+                alpha, beta, gamma = scale, np.zeros_like(scale), np.zeros_like(scale)
             if residual is None:
                 ops.run(
                     fused.masked_grad_items, dy_view, ops.view, mean, scale, shift, alpha, beta,
                     gamma, *ops.launch_args, target,
                 )  # fmt: skip
-                return
-            # The first pass wrote the masked dy to dz: the plain gradient pass reads it
-            # in place of dy and z (two reads and a write instead of three and two).
-            ops.run(
-                kernels.grad_items, dz_view, ops.view, mean, alpha, beta, gamma, *ops.launch_args,
-                target,
-            )  # fmt: skip
+            else:
+                # The first pass wrote the masked dy to dz: the plain gradient pass reads
+                # it in place of dy and z (two reads and a write instead of three and two).
+                ops.run(
+                    kernels.grad_items, dz_view, ops.view, mean, alpha, beta, gamma,
+                    *ops.launch_args, target,
+                )  # fmt: skip
+            return totals
 
-        grad_input = ops.write(out, kernel)[0]
+        grad_input, totals = ops.write(out, kernel)
         return grad_input, grad_residual, *_param_grads(totals[0], totals[1], invstd, weight.dtype)
 
     @staticmethod
