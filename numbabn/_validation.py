@@ -80,5 +80,10 @@ def check_out(out: Any | None, x: Any) -> None:
     if out is None:
         return
     check_like("out", out, x)
-    if isinstance(out, np.ndarray) and not out.flags.writeable:
-        raise ValueError("out is read-only; pass a writeable array")
+    check_writeable("out", out)
+
+
+def check_writeable(name: str, array: Any, why: str = "") -> None:
+    """Raise ValueError if ``array`` is a read-only NumPy array (``why`` says who writes it)."""
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        raise ValueError(f"{name} is read-only{why}; pass a writeable array")

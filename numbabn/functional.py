@@ -146,6 +146,8 @@ def batch_norm_forward(
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     if training:
         check.check_batch_size(x)
+        for name, running in (("running_mean", running_mean), ("running_var", running_var)):
+            check.check_writeable(name, running, ": training updates it in place")
     elif running_mean is None or running_var is None:
         raise RuntimeError("running_mean must be defined in evaluation mode")
 

@@ -419,6 +419,21 @@ def test_read_only_out(rng):
     expect_error(module, ValueError, "read-only", lambda: module(x, out=out))
 
 
+@pytest.mark.parametrize("frozen", ["running_mean", "running_var"])
+def test_read_only_running_statistics_in_training(frozen, rng):
+    """Training updates the running statistics in place: read-only ones are refused first."""
+    x = make_input(rng, (4, 3, 2, 2), dtype=np.float64)
+    running = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    running[frozen].flags.writeable = False
+    before = {name: array.copy() for name, array in running.items()}
+    with pytest.raises(ValueError, match=f"{frozen} is read-only: training updates it in place"):
+        F.batch_norm(x, running["running_mean"], running["running_var"], training=True)
+    for name, array in running.items():
+        np.testing.assert_array_equal(array, before[name])
+    # Evaluation only reads them.
+    F.batch_norm(x, running["running_mean"], running["running_var"], training=False)
+
+
 @pytest.mark.parametrize("variant", ["train", "no_affine", "lazy"])
 def test_backward_after_out_overwrote_the_input(variant, rng):
     module = dict(module_variants(2, rng))[variant]
