@@ -230,11 +230,13 @@ class CpuBackend:
         residual = epilogue.residual
         z_view = ops.view if residual is None else ops.input_view(residual)
         scale, shift = invstd * weight, bias.astype(np.float64)
-        grad_residual = None if residual is None else np.empty_like(x)
-        dz_view = None if grad_residual is None else ops.layout.view(grad_residual)
-        if grad_residual is not None and dz_view is None:  # x was copied into another layout
-            grad_residual = np.empty_like(ops.x)
+        grad_residual = dz_view = None
+        if residual is not None:
+            grad_residual = np.empty_like(x)
             dz_view = ops.layout.view(grad_residual)
+            if dz_view is None:  # x was copied into another layout
+                grad_residual = np.empty_like(ops.x)
+                dz_view = ops.layout.view(grad_residual)
         partials = ops.partials()
         count = x.size // x.shape[1]
 

@@ -122,7 +122,6 @@ def _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, 
     sum_v = np.zeros(c1 - c0)
     sum_vu = np.zeros(c1 - c0)
     if channels_inner:
-        ku = u_shift[c0:c1]
         kv = v_shift[c0:c1]
         # The branch on ``squares`` stays outside the position loops: rows are short
         # enough that slicing an unused ``u`` row per position would cost a third.
@@ -136,6 +135,7 @@ def _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, 
             for p in range(pairs_end, row1):
                 _square_sums(v[p, 0, 0, c0:c1], kv, sum_v, sum_vu)
         else:
+            ku = u_shift[c0:c1]
             for p in range(row0, row1):
                 _cross_sums(v[p, 0, 0, c0:c1], u[p, 0, 0, c0:c1], kv, ku, sum_v, sum_vu)
     else:
