@@ -1,14 +1,17 @@
 """SyncBatchNorm: batch statistics over the union of all MPI ranks' batches.
 
-Each training forward makes one collective (an ``allgather`` of a small header
-and the per-channel count, mean and M2) and each backward one more (the
-per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``). Only per-channel vectors
-cross; the data stays where it is. Gathered values are merged in rank order, so
-every rank computes bit-identical statistics, run after run.
+Each training forward makes one exchange (the per-channel count, mean and M2)
+and each backward one more (the per-channel ``sum(dy)`` and
+``sum(dy * (x - mean))``). An exchange is two ``Iallgather`` calls: a small
+header (whether the rank failed locally, forward or backward, channels, dtype),
+then, only when every rank's header agrees, the vectors. Only per-channel
+vectors cross; the data stays where it is. Gathered values are merged in rank
+order, so every rank computes bit-identical statistics, run after run.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -18,9 +21,25 @@ from numbabn.functional import SavedStats, check_forward_args
 from numbabn.modules import _BatchNorm
 from numbabn.stats import ChannelStats
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["ExchangeTimeout", "SyncBatchNorm"]
 
-_LOCAL_ERRORS = (ValueError, TypeError, RuntimeError)
+# Exchanges wait this long for every rank by default: torch.distributed's default
+# process-group timeout. A rank that never joins (one in eval mode while the
+# others train, one that died) then makes the others raise instead of hanging.
+DEFAULT_TIMEOUT = 1800.0
+
+_FORWARD, _BACKWARD = 1, 2
+_KINDS = {_FORWARD: "forward", _BACKWARD: "backward"}
+_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+_DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
+_TEXT_BYTES = 1024  # of each failing rank's error text that the others quote
+
+# Communicators on which an exchange timed out. Its collective is still posted,
+# so a later one would be paired with it: every later exchange there raises.
+_out_of_step: set[int] = set()
+# Requests and buffers of the timed-out exchanges: MPI may still write into
+# the buffers, so they must outlive the call.
+_abandoned: list[tuple[Any, ...]] = []
 
 
 def _world() -> Any:
@@ -37,21 +56,93 @@ class _RankFailed(RuntimeError):
     """Raised on the ranks whose own input was fine when another rank's was not."""
 
 
-def _exchange(comm: Any, local_error: Exception | None, payload: Any) -> list[Any]:
-    """Allgather ``payload``; if any rank failed locally, raise on every rank.
+class ExchangeTimeout(RuntimeError):
+    """A SyncBatchNorm exchange did not hear from every rank within its timeout."""
 
-    The failing rank re-raises its own exception; the others raise an error
-    that names it, instead of waiting forever in a collective it never joins.
+
+def _comm_key(comm: Any) -> int:
+    return comm.py2f()
+
+
+def _wait(
+    comm: Any, request: Any, deadline: float | None, timeout: float | None, kind: int, keep: tuple
+) -> None:
+    """Complete ``request``, or raise :class:`ExchangeTimeout` after ``deadline``."""
+    if deadline is None:
+        request.Wait()
+        return
+    spin_until = time.monotonic() + 1e-3
+    while not request.Test():
+        now = time.monotonic()
+        if now > deadline:
+            _out_of_step.add(_comm_key(comm))
+            _abandoned.append((request, *keep))
+            raise ExchangeTimeout(
+                f"SyncBatchNorm {_KINDS[kind]}: not every rank joined the statistics exchange "
+                f"within {timeout:g} s. All ranks must call forward and backward in the same "
+                "order, in training mode (a rank in eval mode exchanges nothing); the "
+                "communicator is now out of step and later exchanges on it raise"
+            )
+        if now > spin_until:  # a peer is slow: stop spinning on a shared core
+            time.sleep(1e-4)
+
+
+def _exchange(
+    comm: Any,
+    kind: int,
+    local_error: Exception | None,
+    header: tuple[int, int],
+    payload: np.ndarray | None,
+    timeout: float | None,
+) -> np.ndarray:
+    """Gather every rank's float64 ``payload`` as rows, in rank order; raise on every rank
+    if any rank failed locally or the ranks disagree.
+
+    ``header`` is ``(channels, dtype code)``. First every rank shares whether it
+    failed, the exchange's ``kind`` and its header; only when all agree do the
+    payloads cross, so a rank that fails never leaves the others waiting in a
+    collective it does not join. The failing rank re-raises its own exception;
+    the others raise an error that names it.
     """
-    message = None if local_error is None else f"{type(local_error).__name__}: {local_error}"
-    gathered = comm.allgather((message, payload))
-    failures = [(rank, text) for rank, (text, _) in enumerate(gathered) if text is not None]
-    if local_error is not None:
-        raise local_error
-    if failures:
-        details = "; ".join(f"rank {rank}: {text}" for rank, text in failures)
+    if _comm_key(comm) in _out_of_step:
+        raise ExchangeTimeout(
+            "an earlier SyncBatchNorm exchange on this communicator timed out; its ranks are "
+            "out of step and no exchange can be trusted: restart the job"
+        )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    mine = np.array([local_error is not None, kind, *header], dtype=np.int64)
+    headers = np.empty((comm.Get_size(), mine.size), dtype=np.int64)
+    _wait(comm, comm.Iallgather(mine, headers), deadline, timeout, kind, (mine, headers))
+    if headers[:, 0].any():
+        # Every rank saw the failure, so every rank joins this exchange of the texts.
+        text = "" if local_error is None else f"{type(local_error).__name__}: {local_error}"
+        mine = np.zeros(_TEXT_BYTES, dtype=np.uint8)
+        encoded = text.encode()[:_TEXT_BYTES]
+        mine[: len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
+        texts = np.empty((comm.Get_size(), _TEXT_BYTES), dtype=np.uint8)
+        _wait(comm, comm.Iallgather(mine, texts), deadline, timeout, kind, (mine, texts))
+        if local_error is not None:
+            raise local_error
+        quoted = [row.tobytes().rstrip(b"\0").decode(errors="replace") for row in texts]
+        details = "; ".join(
+            f"rank {rank}: {text}" for rank, text in enumerate(quoted) if headers[rank, 0]
+        )
         raise _RankFailed(f"SyncBatchNorm failed on another rank ({details})")
-    return [item for _, item in gathered]
+    if (headers[:, 1] != kind).any():
+        described = ", ".join(
+            f"rank {rank}: {_KINDS.get(int(other), '?')}"
+            for rank, other in enumerate(headers[:, 1])
+        )
+        raise RuntimeError(f"SyncBatchNorm ranks are out of step ({described})")
+    if (headers[:, 2:] != headers[0, 2:]).any():
+        described = ", ".join(
+            f"rank {rank}: {channels} channels {_DTYPE_NAMES.get(int(dtype), '?')}"
+            for rank, (channels, dtype) in enumerate(headers[:, 2:])
+        )
+        raise ValueError(f"SyncBatchNorm ranks disagree on the input ({described})")
+    gathered = np.empty((comm.Get_size(), payload.size), dtype=np.float64)
+    _wait(comm, comm.Iallgather(payload, gathered), deadline, timeout, kind, (payload, gathered))
+    return gathered
 
 
 def _check_host(device: str | None) -> None:
@@ -78,6 +169,18 @@ class SyncBatchNorm(_BatchNorm):
         As :class:`numbabn.BatchNorm1d`.
     comm : mpi4py communicator, optional
         The ranks that share statistics; ``MPI.COMM_WORLD`` by default.
+    timeout : float or None
+        Seconds an exchange waits for every rank (30 minutes by default, as
+        ``torch.distributed``; None waits forever). Past it the waiting ranks
+        raise :class:`ExchangeTimeout`, and every later exchange on ``comm``
+        raises too: the unfinished collective would pair with the next one.
+
+    Notes
+    -----
+    A local failure on one rank (a wrong shape, dtype or channel count, a
+    backward without a forward) makes every rank raise, and the call changes
+    no state anywhere. NaN or infinite data on one rank makes the affected
+    channels' statistics NaN on every rank, as in PyTorch.
     """
 
     def __init__(
@@ -92,12 +195,14 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
         comm: Any = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         _check_host(device)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.comm = _world() if comm is None else comm
+        self.timeout = timeout
         self._total_count: int | None = None
 
     def to(self, device: str) -> SyncBatchNorm:
@@ -121,31 +226,29 @@ class SyncBatchNorm(_BatchNorm):
         if residual is not None:
             raise ValueError("SyncBatchNorm has no fused residual add; add the residual after it")
         if not self.training:
+            output = super().forward(x, out)
             self._total_count = None  # a local forward: backward stays local too
-            return super().forward(x, out)
-        stats, backend, error = None, None, None
+            return output
+        payload, backend, error, header = None, None, None, (-1, -1)
         try:
             self._check_input(x)
             backend, _ = check_forward_args(
                 x, self.running_mean, self.running_var, self.weight, self.bias, out
             )
-            stats = ChannelStats(x.shape[1])
-            if x.size:
-                stats._merge_moments(x.size // x.shape[1], *backend.moments(x))
-        except _LOCAL_ERRORS as caught:
+            count = x.size // x.shape[1] if x.size else 0
+            mean, m2 = backend.moments(x) if count else (np.zeros(x.shape[1]),) * 2
+            payload = np.concatenate([[count], mean, m2])
+            header = (x.shape[1], _DTYPE_CODES[x.dtype])
+        except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
-        header = None if error else (x.shape[1], str(x.dtype))
-        gathered = _exchange(self.comm, error, (header, None if error else stats.to_dict()))
-        headers = [item[0] for item in gathered]
-        if any(other != header for other in headers):
-            described = ", ".join(
-                f"rank {rank}: {channels} channels {dtype}"
-                for rank, (channels, dtype) in enumerate(headers)
-            )
-            raise ValueError(f"SyncBatchNorm ranks disagree on the input ({described})")
-        total = ChannelStats(x.shape[1])
-        for _, state in gathered:
-            total.merge(ChannelStats.from_dict(state))
+        gathered = _exchange(self.comm, _FORWARD, error, header, payload, self.timeout)
+        n_channels = x.shape[1]
+        total = ChannelStats(n_channels)
+        # In rank order: identical on every rank. NaN or infinite data make their
+        # channels' statistics NaN, as in PyTorch: no warning for that.
+        with np.errstate(invalid="ignore"):
+            for row in gathered:
+                total._merge_moments(int(row[0]), row[1 : 1 + n_channels], row[1 + n_channels :])
         if total.count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, "
@@ -179,12 +282,15 @@ class SyncBatchNorm(_BatchNorm):
 
     def backward(self, grad_output: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """This rank's slice of the whole-batch input gradient; accumulate local grads."""
-        last = self._saved_for_backward()
-        x, saved = last.input, last.stats
-        if self._total_count is None:
+        # A training forward's backward exchanges; so does a training-mode backward
+        # without a forward, so that its error reaches the ranks waiting for it.
+        exchanging = self.training if self._saved is None else self._total_count is not None
+        if not exchanging:
             return super().backward(grad_output, out)
-        sums, backend, error = None, None, None
+        sums, backend, error, header = None, None, None, (-1, -1)
         try:
+            last = self._saved_for_backward()
+            x, saved = last.input, last.stats
             backend, _ = check_forward_args(x, None, None, self.weight, None, out)
             if not isinstance(grad_output, np.ndarray):
                 raise TypeError(f"expected a NumPy array, got {type(grad_output).__qualname__}")
@@ -192,12 +298,14 @@ class SyncBatchNorm(_BatchNorm):
             sums = np.zeros((2, x.shape[1]))
             if x.size:
                 sums[...] = backend.grad_sums(grad_output, x, saved.mean)
-        except _LOCAL_ERRORS as caught:
+            header = (x.shape[1], _DTYPE_CODES[x.dtype])
+        except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
-        gathered = _exchange(self.comm, error, sums)
+        payload = None if sums is None else sums.ravel()
+        gathered = _exchange(self.comm, _BACKWARD, error, header, payload, self.timeout)
         total = np.zeros_like(sums)
         for rank_sums in gathered:  # in rank order: identical on every rank
-            total += rank_sums
+            total += rank_sums.reshape(sums.shape)
         if x.size == 0:
             grad_input = np.empty_like(x) if out is None else out
         else:
@@ -236,6 +344,7 @@ def _convert(item: Any, cls: type[SyncBatchNorm], comm: Any, seen: set[int]) -> 
         synced = cls.__new__(cls)
         synced.__dict__ = item.__dict__.copy()  # the same arrays and grads dict
         synced.comm = comm
+        synced.timeout = DEFAULT_TIMEOUT
         synced._total_count = None
         return synced
     if id(item) in seen or isinstance(item, np.ndarray | str | bytes | int | float):
