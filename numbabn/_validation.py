@@ -1,16 +1,44 @@
-"""Checks shared by the functional API and the modules, with PyTorch's error texts."""
+"""Checks shared by the functional API and the modules, with PyTorch's error texts.
+
+The checks run in PyTorch's order, so a call with several faults reports the
+one PyTorch would: the batch size and ``eps`` first (``F.batch_norm``), then
+the argument types, then the channel counts, the presence of the running
+statistics, the input dtype and the parameter dtypes (ATen's ``batch_norm``).
+"""
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
+_FLOAT = np.dtype(np.float32)
 # Input dtype -> parameter dtype: float16 input keeps float32 parameters and statistics.
-_PARAM_DTYPES = {dtype: dtype for dtype in SUPPORTED_DTYPES} | {_HALF: np.dtype(np.float32)}
+_PARAM_DTYPES = {dtype: dtype for dtype in SUPPORTED_DTYPES} | {_HALF: _FLOAT}
+# PyTorch's names of the scalar types that NumPy has too, as its messages spell them.
+_TORCH_NAMES = {
+    np.dtype(np.bool_): "Bool",
+    np.dtype(np.uint8): "Byte",
+    np.dtype(np.int8): "Char",
+    np.dtype(np.int16): "Short",
+    np.dtype(np.uint16): "UInt16",
+    np.dtype(np.int32): "Int",
+    np.dtype(np.uint32): "UInt32",
+    np.dtype(np.int64): "Long",
+    np.dtype(np.uint64): "UInt64",
+    _HALF: "Half",
+    _FLOAT: "Float",
+    np.dtype(np.float64): "Double",
+    np.dtype(np.complex64): "ComplexFloat",
+    np.dtype(np.complex128): "ComplexDouble",
+}
+# What PyTorch's argument parser takes for a ``float`` argument.
+_FLOAT_LIKE = (float, int, np.floating, np.integer, np.bool_)
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
 
 
 def param_dtype(dtype: np.dtype) -> np.dtype:
@@ -18,19 +46,51 @@ def param_dtype(dtype: np.dtype) -> np.dtype:
     return _PARAM_DTYPES[dtype]
 
 
-def check_dtype(x: Any, backend: str = "cpu") -> None:
-    """Raise TypeError unless ``x`` is float32 or float64 (or float16 on CUDA)."""
-    dtype = x.dtype
-    if dtype in _PARAM_DTYPES and (dtype != _HALF or backend == "cuda"):
-        return
-    if x.dtype == _HALF:
+def type_name(value: Any) -> str:
+    """The type's name as CPython's ``tp_name`` spells it: ``str``, ``numpy.float64``."""
+    kind = type(value)
+    if kind.__module__ == "builtins" or kind.__flags__ & _HEAPTYPE:
+        return kind.__name__
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def torch_dtype_name(dtype: np.dtype) -> str:
+    """PyTorch's name of ``dtype`` (``Float``, ``Long``), or NumPy's where PyTorch has none."""
+    return _TORCH_NAMES.get(np.dtype(dtype), np.dtype(dtype).name)
+
+
+# -- construction --------------------------------------------------------------------
+
+
+def check_num_features(num_features: Any, factory: str) -> int:
+    """``num_features`` as an int, or PyTorch's error from ``torch.<factory>(num_features)``.
+
+    ``factory`` is ``"empty"`` when the module has affine parameters (PyTorch
+    allocates them first) and ``"zeros"`` when it has only running statistics.
+    """
+    if isinstance(num_features, (list, tuple)):
+        # PyTorch takes a size list here (a module of that shape); numbabn takes a count.
+        raise TypeError(f"num_features must be an int, got {type_name(num_features)}")
+    if isinstance(num_features, (bool, np.bool_)):
+        count = None
+    else:
+        try:
+            count = operator.index(num_features)
+        except TypeError:
+            count = None
+    if count is None:
         raise TypeError(
-            "input has dtype float16, which the CPU backend does not take: Numba's CPU "
-            "target has no float16 arithmetic, so it could not be faster than converting. "
-            "Convert with x.astype(np.float32), or pass a CUDA array for float16 on the GPU"
+            f"{factory}(): argument 'size' (position 1) must be tuple of ints, "
+            f"not {type_name(num_features)}"
         )
-    supported = "float32 and float64" + (" (and float16)" if backend == "cuda" else "")
-    raise TypeError(f"input has dtype {x.dtype}; numbabn supports {supported}")
+    if count < 0:
+        if factory == "zeros":
+            raise RuntimeError("zeros: Dimension size must be non-negative.")
+        raise RuntimeError(f"Trying to create tensor with negative dimension {count}: [{count}]")
+    return count
+
+
+# -- call: F.batch_norm's own checks ----------------------------------------------------
 
 
 def check_ndim(x: Any, allowed: tuple[int, ...], label: str) -> None:
@@ -47,13 +107,158 @@ def check_batch_size(x: Any) -> None:
         )
 
 
+def check_eps(eps: Any, training: Any) -> None:
+    """Raise PyTorch's ValueError for ``eps <= 0`` in training and ``eps < 0`` otherwise.
+
+    The comparisons are PyTorch's, so an ``eps`` that cannot be compared with a
+    float raises the same TypeError. NaN passes, as in PyTorch.
+    """
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def check_scalar_args(training: Any, momentum: Any, eps: Any) -> None:
+    """Raise PyTorch's TypeError unless ``training`` is a bool and the others are floats."""
+    if not isinstance(training, bool):
+        raise TypeError(
+            "batch_norm(): argument 'training' (position 6) must be bool, "
+            f"not {type_name(training)}"
+        )
+    for name, position, value in (("momentum", 7, momentum), ("eps", 8, eps)):
+        if not isinstance(value, _FLOAT_LIKE):
+            raise TypeError(
+                f"batch_norm(): argument '{name}' (position {position}) must be float, "
+                f"not {type_name(value)}"
+            )
+
+
+# -- call: ATen's checks ------------------------------------------------------------------
+
+
+def channel_vectors(
+    x: Any,
+    running_mean: Any | None,
+    running_var: Any | None,
+    weight: Any | None,
+    bias: Any | None,
+    training: bool,
+) -> tuple[Any | None, Any | None]:
+    """Check the per-channel arrays' sizes and presence; return weight and bias as ``(C,)``.
+
+    Like PyTorch, a size is a number of elements: a weight or bias of shape
+    ``(C, 1)`` is used as ``(C,)`` (running statistics must be 1-D; see
+    :func:`check_param_dtypes`).
+    """
+    n_channels = x.shape[1]
+    for name, vector in (("running_mean", running_mean), ("running_var", running_var)):
+        if vector is not None:
+            check_channel_count(name, vector, n_channels)
+        elif not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    for name, vector in (("weight", weight), ("bias", bias)):
+        if vector is not None:
+            check_channel_count(name, vector, n_channels)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    return flat_vector(weight, n_channels), flat_vector(bias, n_channels)
+
+
+def check_channel_count(name: str, vector: Any, n_channels: int) -> None:
+    """Raise PyTorch's ``weight should contain 3 elements not 4`` on a wrong size."""
+    if vector.size != n_channels:
+        raise RuntimeError(f"{name} should contain {n_channels} elements not {vector.size}")
+
+
+def flat_vector(vector: Any | None, n_channels: int) -> Any | None:
+    """``vector`` (``n_channels`` elements, any shape) as shape ``(n_channels,)``."""
+    if vector is None or vector.shape == (n_channels,):
+        return vector
+    return vector.reshape(n_channels)
+
+
+def check_dtype(x: Any, backend: str = "cpu") -> None:
+    """Raise unless ``x`` is float32 or float64 (or float16 on CUDA).
+
+    PyTorch's NotImplementedError for the dtypes it has a kernel name for;
+    TypeError for float16 on the CPU (PyTorch takes it; numbabn does not) and
+    for dtypes PyTorch has no tensors of.
+    """
+    dtype = x.dtype
+    if dtype in _PARAM_DTYPES and (dtype != _HALF or backend == "cuda"):
+        return
+    if dtype == _HALF:
+        raise TypeError(
+            "input has dtype float16, which the CPU backend does not take: Numba's CPU "
+            "target has no float16 arithmetic, so it could not be faster than converting. "
+            "Convert with x.astype(np.float32), or pass a CUDA array for float16 on the GPU"
+        )
+    if dtype in _TORCH_NAMES:
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_TORCH_NAMES[dtype]}'")
+    supported = "float32 and float64" + (" (and float16)" if backend == "cuda" else "")
+    raise TypeError(f"input has dtype {x.dtype}; numbabn supports {supported}")
+
+
+def check_param_dtypes(
+    x: Any,
+    running_mean: Any | None,
+    running_var: Any | None,
+    weight: Any | None,
+    bias: Any | None,
+    training: bool,
+) -> None:
+    """Raise PyTorch's RuntimeError when a parameter's dtype or a statistic's rank is wrong.
+
+    As in PyTorch's CPU kernels: when the first of weight, bias, running_mean,
+    running_var that is given has the input's dtype, each of the others must
+    too (``expected scalar type Float but found Double``); otherwise every one
+    must be float32 and the input float16 (``mixed dtype (CPU): ...``). The
+    running statistics must be 1-D (``TensorAccessor expected 1 dims but
+    tensor has 2``). The order is the kernels' order of reading them.
+    """
+    given = [vector for vector in (weight, bias, running_mean, running_var) if vector is not None]
+    if not given:
+        return
+    if given[0].dtype != x.dtype:  # PyTorch's "mixed type": float32 parameters for float16
+        if any(vector.dtype != _FLOAT for vector in given):
+            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+        if x.dtype != _HALF:
+            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+        for vector in (running_mean, running_var):
+            _check_rank(vector)
+        return
+    order = (running_mean, running_var, bias) if training else (bias, running_mean, running_var)
+    for vector in order:
+        if vector is None:
+            continue
+        if vector is not bias:
+            _check_rank(vector)
+        if vector.dtype != x.dtype:
+            raise RuntimeError(
+                f"expected scalar type {torch_dtype_name(x.dtype)} "
+                f"but found {torch_dtype_name(vector.dtype)}"
+            )
+    if x.dtype == _HALF:
+        raise TypeError(
+            "float16 input takes float32 weight, bias and running statistics, as in PyTorch's "
+            "mixed precision; convert them with .astype(np.float32)"
+        )
+
+
+def _check_rank(vector: Any | None) -> None:
+    if vector is not None and vector.ndim != 1:
+        raise RuntimeError(f"TensorAccessor expected 1 dims but tensor has {vector.ndim}")
+
+
+# -- numbabn's own arrays ---------------------------------------------------------------
+
+
 def check_channel_vector(name: str, vector: Any | None, x: Any) -> None:
-    """Check a per-channel vector (weight, bias, running statistics) against ``x``."""
+    """Check a per-channel vector against ``x``: ``C`` elements, the parameter dtype."""
     if vector is None:
         return
-    n_channels = x.shape[1]
-    if vector.shape != (n_channels,):
-        raise RuntimeError(f"{name} should contain {n_channels} elements not {vector.size}")
+    check_channel_count(name, vector, x.shape[1])
     expected = _PARAM_DTYPES.get(x.dtype)
     if vector.dtype != expected:
         raise TypeError(

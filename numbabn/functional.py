@@ -49,11 +49,22 @@ def check_forward_args(
     weight: Any | None,
     bias: Any | None,
     out: Any | None,
+    training: Any = True,
+    momentum: Any = 0.1,
+    eps: Any = 1e-5,
+    *,
+    check_batch: bool = False,
 ) -> tuple[Backend, tuple[Any, ...]]:
-    """Validate a forward call's arrays.
+    """Validate a forward call's arguments, in PyTorch's order and with its errors.
+
+    ``check_batch`` adds PyTorch's "more than 1 value per channel" check when
+    ``training`` (SyncBatchNorm leaves it out: it counts the whole batch).
 
     Returns the backend that serves them and the arrays as that backend's own
-    kind (views, not copies), in the order given.
+    kind (views, not copies), in the order given; weight and bias come back
+    with shape ``(C,)`` (PyTorch takes any shape with ``C`` elements), except
+    for an empty input, whose per-channel arrays are not checked (as in
+    PyTorch) and come back as given.
     """
     arrays = (input, running_mean, running_var, weight, bias, out)
     if all_host(arrays):  # the common case, checked first: small calls feel every microsecond
@@ -71,16 +82,20 @@ def check_forward_args(
     x, running_mean, running_var, weight, bias, out = arrays
     if x.ndim < 2:
         raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    # torch.nn.functional.batch_norm's checks, then its argument parser's.
+    if check_batch and training:
+        check.check_batch_size(x)
+    check.check_eps(eps, training)
+    check.check_scalar_args(training, momentum, eps)
+    if x.size == 0:  # ATen returns an empty batch before any other check but the dtype's
+        check.check_dtype(x, backend.name)
+        check.check_out(out, x)
+        return backend, arrays
+    weight, bias = check.channel_vectors(x, running_mean, running_var, weight, bias, training)
     check.check_dtype(x, backend.name)
-    for name, vector in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        check.check_channel_vector(name, vector, x)
+    check.check_param_dtypes(x, running_mean, running_var, weight, bias, training)
     check.check_out(out, x)
-    return backend, arrays
+    return backend, (x, running_mean, running_var, weight, bias, out)
 
 
 def batch_norm_forward(
@@ -110,15 +125,19 @@ def batch_norm_forward(
         for float16 input). Updated in
         place when ``training`` is True (the variance with Bessel's correction):
         ``running = (1 - momentum) * running + momentum * batch_statistic``.
-        Required when ``training`` is False.
+        Both or neither; required when ``training`` is False.
     weight, bias : ndarray or None
-        Affine parameters, shape ``(C,)``; None means 1 and 0.
+        Affine parameters, ``C`` elements (shape ``(C,)``, or any shape with
+        ``C`` elements, as in PyTorch); None means 1 and 0.
     training : bool
-        Use the batch's statistics (True) or the running ones (False).
+        Use the batch's statistics (True) or the running ones (False). A
+        Python bool, as PyTorch requires.
     momentum : float
-        Weight of the batch statistic in the running-statistics update.
+        Weight of the batch statistic in the running-statistics update; any
+        real number, as in PyTorch (the update above is applied as written).
     eps : float
-        Added to the variance inside the square root.
+        Added to the variance inside the square root: positive in training,
+        non-negative otherwise.
     out : ndarray, optional
         Array to write the output into (shape and dtype of ``input``).
     residual : array, optional
@@ -137,19 +156,19 @@ def batch_norm_forward(
 
     Raises
     ------
-    ValueError, RuntimeError, TypeError
-        On a bad shape, channel count or dtype, with PyTorch's texts; nothing
-        is modified then.
+    ValueError, RuntimeError, TypeError, NotImplementedError
+        On a bad shape, channel count, dtype or argument, with PyTorch's
+        exception types and texts, in PyTorch's order; nothing is modified then.
     """
-    backend, arrays = check_forward_args(input, running_mean, running_var, weight, bias, out)
+    backend, arrays = check_forward_args(
+        input, running_mean, running_var, weight, bias, out, training, momentum, eps,
+        check_batch=True,
+    )  # fmt: skip
     x, running_mean, running_var, weight, bias, out_array = arrays
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     if training:
-        check.check_batch_size(x)
         for name, running in (("running_mean", running_mean), ("running_var", running_var)):
             check.check_writeable(name, running, ": training updates it in place")
-    elif running_mean is None or running_var is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
 
     n_channels = x.shape[1]
     if x.size == 0:
@@ -161,18 +180,11 @@ def batch_norm_forward(
     param_dtype = check.param_dtype(x.dtype)
     weight = _or_filled(backend, weight, 1.0, n_channels, param_dtype)
     bias = _or_filled(backend, bias, 0.0, n_channels, param_dtype)
+    # Python floats for the kernels: one compiled signature whatever number type was given.
+    momentum, eps = float(momentum), float(eps)
     if training:
-        update = running_mean is not None and running_var is not None
         output, mean, invstd = backend.train_forward(
-            x,
-            weight,
-            bias,
-            running_mean if update else None,
-            running_var if update else None,
-            momentum,
-            eps,
-            out_array,
-            epilogue,
+            x, weight, bias, running_mean, running_var, momentum, eps, out_array, epilogue
         )
     else:
         output, mean, invstd = backend.eval_forward(
@@ -244,7 +256,8 @@ def batch_norm_backward(
     saved : SavedStats
         Returned by :func:`batch_norm_forward` for that input.
     weight : ndarray or None
-        The forward pass's weight (None for no affine parameters).
+        The forward pass's weight (None for no affine parameters); the
+        parameter gradients have its shape.
     out : ndarray, optional
         Array to write the input gradient into.
     bias, residual, activation
@@ -276,6 +289,8 @@ def batch_norm_backward(
     check.check_out(out_array, x)
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     n_channels = x.shape[1]
+    weight_array = check.flat_vector(weight_array, n_channels)
+    bias_array = check.flat_vector(bias_array, n_channels)
     if tuple(saved.mean.shape) != (n_channels,):
         raise ValueError(
             f"saved statistics are for {saved.mean.shape[0]} channels but the input has "
@@ -346,6 +361,9 @@ def _backward_results(
     if weight is None:
         grad_weight = grad_bias = None
     else:
+        shape = tuple(weight.shape)  # the forward's weight may have any shape of C elements
+        if tuple(grad_weight.shape) != shape:
+            grad_weight, grad_bias = grad_weight.reshape(shape), grad_bias.reshape(shape)
         grad_weight, grad_bias = backend.like(grad_weight, weight), backend.like(grad_bias, weight)
     if residual is None:
         return grad_input, grad_weight, grad_bias

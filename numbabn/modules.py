@@ -86,9 +86,8 @@ class _BatchNorm:
         dtype = np.dtype(np.float32 if dtype is None else dtype)
         if dtype not in check.SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; use float32 or float64")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-        self.eps = float(eps)
+        # Kept as given and checked at each call, as in PyTorch.
+        self.eps = eps
         self.momentum = momentum
         self.affine = bool(affine)
         self.has_bias = bool(affine and bias)
@@ -100,10 +99,17 @@ class _BatchNorm:
         self._allocate(num_features)
 
     def _allocate(self, num_features: int) -> None:
-        if num_features < 0 or int(num_features) != num_features:
-            raise ValueError(f"num_features must be a non-negative integer, got {num_features}")
-        self.num_features = int(num_features)
-        c, dtype = self.num_features, self.dtype
+        """Create the parameters and statistics of ``num_features`` channels.
+
+        ``num_features`` is checked as PyTorch's allocation of them checks it;
+        without any, PyTorch keeps it unchecked and unused, and so does this.
+        """
+        if self.affine:
+            num_features = check.check_num_features(num_features, "empty")
+        elif self.track_running_stats:
+            num_features = check.check_num_features(num_features, "zeros")
+        self.num_features = num_features
+        c, dtype = num_features, self.dtype
         new = self._backend.from_host
         self.weight = new(np.ones(c, dtype)) if self.affine else None
         self.bias = new(np.zeros(c, dtype)) if self.has_bias else None
@@ -235,6 +241,11 @@ class _BatchNorm:
         batch_stats = self.training or self.running_mean is None
         tracking = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
+        # PyTorch passes momentum (0.0 for None) on every call, so its type is always checked.
+        if tracking:
+            momentum = self._momentum_factor()
+        else:
+            momentum = 0.0 if self.momentum is None else self.momentum
         output, saved = batch_norm_forward(
             x,
             self.running_mean if use_running else None,
@@ -242,7 +253,7 @@ class _BatchNorm:
             self.weight,
             self.bias,
             batch_stats,
-            self._momentum_factor() if tracking else 0.0,
+            momentum,
             self.eps,
             out=out,
             residual=residual,
@@ -428,10 +439,13 @@ class BatchNorm1d(_BatchNorm):
     num_features : int
         Number of channels ``C``.
     eps : float, default 1e-5
-        Added to the variance inside the square root.
+        Added to the variance inside the square root; checked at each call,
+        as in PyTorch: positive in training, non-negative in evaluation.
     momentum : float or None, default 0.1
-        Weight of the new batch in the running statistics; None for a
-        cumulative average over all batches seen.
+        Weight of the new batch in the running statistics,
+        ``running = (1 - momentum) * running + momentum * batch``, for any real
+        number, as in PyTorch; None for a cumulative average over all batches
+        seen.
     affine : bool, default True
         Learnable per-channel weight (and bias).
     track_running_stats : bool, default True

@@ -120,9 +120,12 @@ def test_large_eps(rng):
 
 
 def test_two_values_per_channel():
-    """The smallest training batch: biased variance for normalising, unbiased for the stats."""
+    """The smallest training batch: biased variance for normalising, unbiased for the stats.
+
+    Training takes a positive eps only, as in PyTorch; 1e-300 vanishes next to the variance.
+    """
     x = np.array([[1.0, 10.0], [3.0, -10.0]])
-    module = numbabn.BatchNorm1d(2, momentum=1.0, eps=0.0, dtype=np.float64)
+    module = numbabn.BatchNorm1d(2, momentum=1.0, eps=1e-300, dtype=np.float64)
     np.testing.assert_allclose(module(x), [[-1.0, 1.0], [1.0, -1.0]], rtol=1e-15)
     np.testing.assert_allclose(module.running_var, [2.0, 200.0], rtol=1e-15)
 

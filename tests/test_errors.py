@@ -129,8 +129,8 @@ def test_channel_mismatch_functional(rng):
     assert np.all(rm == 0) and np.all(rv == 1)
     with pytest.raises(RuntimeError, match=re.escape("bias should contain 3 elements not 2")):
         F.batch_norm(x, np.zeros(3), np.ones(3), np.ones(3), np.zeros(2))
-    with pytest.raises(RuntimeError, match="weight should contain 3 elements"):
-        F.batch_norm(x, np.zeros(3), np.ones(3), np.ones((3, 1)))
+    # As in PyTorch, the count is of elements: a (3, 1) weight is a weight of 3.
+    F.batch_norm(x, np.zeros(3), np.ones(3), np.ones((3, 1)))
 
 
 # -- one value per channel ------------------------------------------------------------
@@ -332,23 +332,31 @@ def test_load_state_dict_message_matches_torch():
 # -- dtypes and non-arrays ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "dtype", [np.int64, np.int32, np.complex128, np.complex64, np.float16, bool]
-)
+# PyTorch's NotImplementedError with its names of the dtypes; float16 is numbabn's own refusal.
+UNSUPPORTED = [
+    (np.int64, NotImplementedError, "\"batch_norm\" not implemented for 'Long'"),
+    (np.int32, NotImplementedError, "\"batch_norm\" not implemented for 'Int'"),
+    (np.complex128, NotImplementedError, "\"batch_norm\" not implemented for 'ComplexDouble'"),
+    (np.complex64, NotImplementedError, "\"batch_norm\" not implemented for 'ComplexFloat'"),
+    (bool, NotImplementedError, "\"batch_norm\" not implemented for 'Bool'"),
+    (np.float16, TypeError, "input has dtype float16"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "exc", "message"), UNSUPPORTED)
 @pytest.mark.parametrize("dim", [1, 2, 3])
-def test_unsupported_dtype(dim, dtype, rng):
+def test_unsupported_dtype(dim, dtype, exc, message, rng):
     x = np.ones(GOOD_SHAPE[dim], dtype)
-    name = np.dtype(dtype).name
     for variant, module in module_variants(dim, rng):
-        expect_error(module, TypeError, rf"\b{name}\b", lambda m=module: m(x))
+        expect_error(module, exc, re.escape(message), lambda m=module: m(x))
         if variant.startswith("lazy"):
             _lazy_stays_lazy(module, LAZY[dim])
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.complex128, np.float16])
-def test_unsupported_dtype_functional(dtype):
+@pytest.mark.parametrize(("dtype", "exc", "message"), UNSUPPORTED)
+def test_unsupported_dtype_functional(dtype, exc, message):
     x = np.ones((4, 3), dtype)
-    with pytest.raises(TypeError, match=np.dtype(dtype).name):
+    with pytest.raises(exc, match=re.escape(message)):
         F.batch_norm(x, None, None, training=True)
 
 
@@ -363,7 +371,8 @@ def test_float16_on_the_cpu_says_why_and_what_to_do():
 def test_dtype_mismatch_with_state(rng):
     module = trained(2, rng)  # float32 state
     x = make_input(rng, (4, 3, 2, 2))  # float64 input
-    expect_error(module, TypeError, "float64", lambda: module(x))
+    message = "mixed dtype (CPU): all inputs must share same datatype."
+    expect_error(module, RuntimeError, re.escape(message), lambda: module(x))
 
 
 @pytest.mark.parametrize(
@@ -462,8 +471,6 @@ def test_eval_without_running_stats_functional(rng):
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        ({"momentum": 1.5}, ValueError, "momentum"),
-        ({"momentum": -0.1}, ValueError, "momentum"),
         ({"dtype": np.int32}, TypeError, "int32"),
         ({"dtype": np.float16}, TypeError, "float16"),
         ({"device": "tpu"}, ValueError, "tpu"),
@@ -476,9 +483,15 @@ def test_constructor_errors(kwargs, exc, match):
         numbabn.LazyBatchNorm2d(**kwargs)
 
 
-@pytest.mark.parametrize("num_features", [-1, 2.5])
-def test_bad_num_features(num_features):
-    with pytest.raises(ValueError, match="num_features"):
+@pytest.mark.parametrize(
+    ("num_features", "exc", "message"),
+    [
+        (-1, RuntimeError, "Trying to create tensor with negative dimension -1: [-1]"),
+        (2.5, TypeError, "empty(): argument 'size' (position 1) must be tuple of ints, not float"),
+    ],
+)
+def test_bad_num_features(num_features, exc, message):
+    with pytest.raises(exc, match=re.escape(message)):
         numbabn.BatchNorm1d(num_features)
 
 

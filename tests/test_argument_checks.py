@@ -1,0 +1,680 @@
+"""Every argument check PyTorch makes, as a table: numbabn raises what PyTorch raises.
+
+Each row makes the same call on PyTorch (the oracle) and on numbabn. Either
+both raise the same exception type with the same message, or both succeed
+with the same output, running statistics and batch counter. A failed numbabn
+call must leave its module, or the arrays passed to the functional API,
+exactly as they were (PyTorch itself counts the batch and materialises lazy
+modules before some of its checks; numbabn does neither).
+
+A row with a ``deviation`` records where numbabn knowingly differs, and why:
+it then asserts numbabn's own error (``ours``) and, via ``translate``, how
+PyTorch's message maps onto it where only the wording of a value differs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import assert_same_state, snapshot
+
+import numbabn
+from numbabn import functional as F
+
+torch = pytest.importorskip("torch")
+TF = torch.nn.functional
+
+NAN, INF = float("nan"), float("inf")
+TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+@dataclass
+class Case:
+    """One row: the same call on PyTorch and on numbabn.
+
+    ``ours`` builds the numbabn call and returns ``(call, watched)``: ``watched``
+    is the module, or the tuple of arrays, that a failed call must not change.
+    """
+
+    id: str
+    theirs: Callable[[], Any]
+    ours: Callable[[], tuple[Callable[[], Any], Any]]
+    deviation: str | None = None  # why numbabn differs from PyTorch here
+    expect: tuple[type[BaseException], str] | None = None  # numbabn's error and its start
+    translate: Callable[[str], str] | None = None  # PyTorch's message in numbabn's words
+
+
+def _tensor(value: Any) -> Any:
+    return torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+
+
+def _host(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().numpy()
+    return value
+
+
+def _data(shape: tuple[int, ...], dtype: Any = np.float32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    return np.ones(shape, dtype)
+
+
+def _vec(n: int | tuple[int, ...], fill: float, dtype: Any = np.float32) -> np.ndarray:
+    return np.full(n, fill, dtype)
+
+
+# -- functional rows ---------------------------------------------------------------------
+
+
+def functional(
+    id: str,
+    x: Any = (4, 3),
+    rm: Any = 3,
+    rv: Any = 3,
+    w: Any = None,
+    b: Any = None,
+    training: Any = True,
+    momentum: Any = 0.1,
+    eps: Any = 1e-5,
+    **deviation: Any,
+) -> Case:
+    """``F.batch_norm`` on both libraries; ints and tuples stand for float32 arrays."""
+    if isinstance(x, tuple):
+        x = _data(x)
+    vectors = [
+        _vec(v, fill) if isinstance(v, (int, tuple)) else v
+        for v, fill in ((rm, 0.5), (rv, 2.0), (w, 1.5), (b, -0.5))
+    ]
+
+    def theirs() -> tuple[Any, ...]:
+        rm, rv, w, b = map(_tensor, vectors)
+        out = TF.batch_norm(_tensor(x), rm, rv, w, b, training, momentum, eps)
+        return out, rm, rv
+
+    def ours() -> tuple[Callable[[], Any], Any]:
+        rm, rv, w, b = (v.copy() if isinstance(v, np.ndarray) else v for v in vectors)
+        xx = x.copy() if isinstance(x, np.ndarray) else x
+
+        def call() -> tuple[Any, ...]:
+            return F.batch_norm(xx, rm, rv, w, b, training, momentum, eps), rm, rv
+
+        return call, (rm, rv, w, b)
+
+    return Case(id, theirs, ours, **deviation)
+
+
+# -- module rows -------------------------------------------------------------------------
+
+
+def module(
+    id: str,
+    kind: str,
+    args: tuple[Any, ...] = (3,),
+    kwargs: dict[str, Any] | None = None,
+    x: Any = (4, 3),
+    train: bool = True,
+    warm: tuple[int, ...] | None = None,
+    dtype: Any = np.float32,
+    **deviation: Any,
+) -> Case:
+    """Build ``kind`` on both libraries (``warm``: one good step first), then call it on ``x``."""
+    kwargs = kwargs or {}
+    if isinstance(x, tuple):
+        x = _data(x)
+    warm_x = None if warm is None else _data(warm, dtype, seed=1)
+
+    def theirs() -> tuple[Any, ...]:
+        m = getattr(torch.nn, kind)(*args, dtype=TORCH_DTYPES[np.dtype(dtype)], **kwargs)
+        if warm_x is not None:
+            m(_tensor(warm_x))
+        m.train(train)
+        return m(_tensor(x)), m.running_mean, m.running_var, m.num_batches_tracked
+
+    def ours() -> tuple[Callable[[], Any], Any]:
+        m = getattr(numbabn, kind)(*args, dtype=dtype, **kwargs)
+        if warm_x is not None:
+            m(warm_x)
+            m.backward(np.ones_like(warm_x))
+        m.train(train)
+
+        def call() -> tuple[Any, ...]:
+            return m(x), m.running_mean, m.running_var, m.num_batches_tracked
+
+        return call, m
+
+    return Case(id, theirs, ours, **deviation)
+
+
+def construct(id: str, kind: str, *args: Any, **kwargs: Any) -> Case:
+    """Construction alone (``deviation``, ``expect`` and ``translate`` are the Case's)."""
+    row_keys = ("deviation", "expect", "translate")
+    row = {key: kwargs.pop(key) for key in row_keys if key in kwargs}
+
+    def theirs() -> None:
+        getattr(torch.nn, kind)(*args, **kwargs)
+
+    def ours() -> tuple[Callable[[], Any], Any]:
+        def call() -> None:
+            getattr(numbabn, kind)(*args, **kwargs)
+
+        return call, None
+
+    return Case(id, theirs, ours, **row)
+
+
+def _size_as_tuple(message: str) -> str:
+    """``torch.Size([1, 3])`` as NumPy writes the shape: ``(1, 3)``."""
+
+    def as_tuple(match: re.Match[str]) -> str:
+        dims = [d.strip() for d in match.group(1).split(",") if d.strip()]
+        return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+    return re.sub(r"torch\.Size\(\[([^\]]*)\]\)", as_tuple, message)
+
+
+NOT_AN_ARRAY = (
+    "numbabn takes NumPy or CUDA arrays; PyTorch's parser (or, in training, its "
+    "input.size() call) names Tensor instead"
+)
+BELOW_2D = (
+    "PyTorch reads input.size(1) of a 1-D input past its end (its message quotes a "
+    "meaningless channel count) or fails with IndexError on 0-D input; numbabn says "
+    "what is wrong"
+)
+FLOAT16_CPU = (
+    "Numba's CPU target has no float16 arithmetic: numbabn says to convert (float16 "
+    "runs on the CUDA backend)"
+)
+SIZE_TUPLE = "the size is NumPy's shape tuple rather than a torch.Size; the sentence is the same"
+
+CASES = [
+    # -- construction: num_features, as torch.empty / torch.zeros check it --------------
+    construct("num_features=-1", "BatchNorm1d", -1),
+    construct("num_features=-1 affine=False", "BatchNorm1d", -1, affine=False),
+    construct("num_features=np.int64(-2)", "BatchNorm2d", np.int64(-2)),
+    construct("num_features=2.5", "BatchNorm1d", 2.5),
+    construct("num_features=3.0", "BatchNorm1d", 3.0),
+    construct("num_features=np.float64(3)", "BatchNorm3d", np.float64(3.0)),
+    construct("num_features=True", "BatchNorm1d", True),
+    construct("num_features=np.True_", "BatchNorm1d", np.True_),
+    construct("num_features='3'", "BatchNorm1d", "3"),
+    construct("num_features=None", "BatchNorm1d", None),
+    construct("num_features=3+0j", "BatchNorm1d", 3 + 0j),
+    construct("num_features=2.5 affine=False", "BatchNorm1d", 2.5, affine=False),
+    construct("num_features=2.5 bias=False", "BatchNorm1d", 2.5, bias=False),
+    construct("num_features=np.int64(3)", "BatchNorm1d", np.int64(3)),
+    construct("num_features=0", "BatchNorm2d", 0),
+    construct(
+        "num_features=-1 unused (no affine, no stats)",
+        "BatchNorm1d",
+        -1,
+        affine=False,
+        track_running_stats=False,
+    ),
+    construct(
+        "num_features='a' unused (no affine, no stats)",
+        "BatchNorm1d",
+        "a",
+        affine=False,
+        track_running_stats=False,
+    ),
+    construct(
+        "num_features=[3]",
+        "BatchNorm1d",
+        [3],
+        deviation="PyTorch takes a size list here; numbabn takes a count of channels",
+        expect=(TypeError, "num_features must be an int, got list"),
+    ),
+    # eps and momentum are kept as given and checked at call time
+    construct("eps=-1 accepted at construction", "BatchNorm1d", 3, eps=-1.0),
+    construct("eps='a' accepted at construction", "BatchNorm1d", 3, eps="a"),
+    construct("momentum=1.5 accepted at construction", "BatchNorm1d", 3, momentum=1.5),
+    construct("momentum='a' accepted at construction", "LazyBatchNorm1d", momentum="a"),
+    # -- module calls: eps ------------------------------------------------------------------
+    module("eps=0 train", "BatchNorm1d", kwargs={"eps": 0.0}),
+    module("eps=0 (int) train", "BatchNorm1d", kwargs={"eps": 0}),
+    module("eps=0 eval", "BatchNorm1d", kwargs={"eps": 0.0}, train=False),
+    module(
+        "eps=0 eval without running stats",
+        "BatchNorm1d",
+        kwargs={"eps": 0.0, "track_running_stats": False},
+        train=False,
+    ),
+    module("eps=-1 train", "BatchNorm2d", kwargs={"eps": -1.0}, x=(2, 3, 2, 2)),
+    module("eps=-1 eval", "BatchNorm1d", kwargs={"eps": -1.0}, train=False),
+    module("eps=-1e-5 eval", "BatchNorm3d", kwargs={"eps": -1e-5}, x=(2, 3, 1, 2, 2), train=False),
+    module("eps=-1 eval empty batch", "BatchNorm1d", kwargs={"eps": -1.0}, x=(0, 3), train=False),
+    module("eps=-1 lazy stays lazy", "LazyBatchNorm1d", (), {"eps": -1.0}),
+    module("eps=nan train", "BatchNorm1d", kwargs={"eps": NAN}),
+    module("eps=inf eval", "BatchNorm1d", kwargs={"eps": INF}, train=False),
+    module("eps='a' train", "BatchNorm1d", kwargs={"eps": "a"}),
+    module("eps='a' eval", "BatchNorm1d", kwargs={"eps": "a"}, train=False),
+    module("eps=None train", "BatchNorm1d", kwargs={"eps": None}),
+    module("eps=Fraction train", "BatchNorm1d", kwargs={"eps": Fraction(1, 1000)}),
+    module("eps=True train", "BatchNorm1d", kwargs={"eps": True}),
+    # -- module calls: momentum ---------------------------------------------------------------
+    module("momentum=1.5 train", "BatchNorm1d", kwargs={"momentum": 1.5}, warm=(4, 3)),
+    module("momentum=-0.1 train", "BatchNorm1d", kwargs={"momentum": -0.1}),
+    module("momentum=2 (int) train", "BatchNorm2d", kwargs={"momentum": 2}, x=(2, 3, 2, 2)),
+    module("momentum=nan train", "BatchNorm1d", kwargs={"momentum": NAN}),
+    module("momentum=inf train", "BatchNorm1d", kwargs={"momentum": INF}),
+    module("momentum=1.5 eval", "BatchNorm1d", kwargs={"momentum": 1.5}, train=False),
+    module("momentum=-1 lazy", "LazyBatchNorm1d", (), {"momentum": -1.0}),
+    module("momentum=None eval", "BatchNorm1d", kwargs={"momentum": None}, train=False),
+    module("momentum='a' train", "BatchNorm1d", kwargs={"momentum": "a"}),
+    module("momentum='a' eval", "BatchNorm1d", kwargs={"momentum": "a"}, train=False),
+    module(
+        "momentum='a' without running stats",
+        "BatchNorm1d",
+        kwargs={"momentum": "a", "track_running_stats": False},
+    ),
+    module("momentum=Fraction train", "BatchNorm1d", kwargs={"momentum": Fraction(1, 2)}),
+    module("momentum=np.float32 train", "BatchNorm1d", kwargs={"momentum": np.float32(0.5)}),
+    # -- module calls: shapes ----------------------------------------------------------------
+    module("2d module, 3D input", "BatchNorm2d", x=(4, 3, 5), warm=(4, 3, 2, 2)),
+    module("1d module, 4D input", "BatchNorm1d", x=(2, 3, 4, 5)),
+    module("3d module, 4D input, lazy", "LazyBatchNorm3d", (), x=(2, 3, 4, 5)),
+    module("channel count 4 vs 3 train", "BatchNorm1d", x=(4, 4), warm=(4, 3)),
+    module("channel count 4 vs 3 eval", "BatchNorm1d", x=(4, 4), train=False),
+    module(
+        "channel count without running stats",
+        "BatchNorm1d",
+        kwargs={"track_running_stats": False},
+        x=(4, 4),
+    ),
+    module(
+        "channel count without any state",
+        "BatchNorm1d",
+        kwargs={"track_running_stats": False, "affine": False},
+        x=(4, 4),
+    ),
+    module(
+        "one value per channel train",
+        "BatchNorm2d",
+        x=(1, 3, 1, 1),
+        warm=(2, 3, 1, 1),
+        deviation=SIZE_TUPLE,
+        translate=_size_as_tuple,
+    ),
+    module(
+        "one value per channel lazy",
+        "LazyBatchNorm1d",
+        (),
+        x=(1, 3),
+        deviation=SIZE_TUPLE,
+        translate=_size_as_tuple,
+    ),
+    module("one value per channel eval", "BatchNorm1d", x=(1, 3), train=False),
+    module(
+        "one value per channel eval without running stats",
+        "BatchNorm1d",
+        kwargs={"track_running_stats": False},
+        x=(1, 3),
+        train=False,
+        deviation=SIZE_TUPLE,
+        translate=_size_as_tuple,
+    ),
+    module("empty batch train", "BatchNorm1d", x=(0, 3), warm=(4, 3)),
+    module("empty batch eval", "BatchNorm2d", x=(0, 3, 2, 2), train=False),
+    module("empty batch, wrong channel count", "BatchNorm1d", x=(0, 4)),
+    module("empty spatial train", "BatchNorm1d", x=(2, 3, 0)),
+    module(
+        "zero channels with affine parameters",
+        "BatchNorm1d",
+        (0,),
+        x=(4, 0),
+        deviation="PyTorch's empty-input path reads weight[0] and fails on a zero-channel "
+        "weight; an empty output is well defined",
+        expect=None,
+    ),
+    module("zero channels without affine", "BatchNorm1d", (0,), {"affine": False}, x=(4, 0)),
+    module(
+        "1-D input to a lazy module",
+        "LazyBatchNorm1d",
+        (),
+        x=(5,),
+        deviation="PyTorch infers num_features from input.shape[1] before checking the rank "
+        "(IndexError); numbabn checks the rank first and stays lazy",
+        expect=(ValueError, "expected 2D or 3D input (got 1D input)"),
+    ),
+    # -- module calls: dtypes ----------------------------------------------------------------
+    module("float64 input, float32 module", "BatchNorm1d", x=_data((4, 3), np.float64)),
+    module(
+        "float64 input, float32 module, eval",
+        "BatchNorm1d",
+        x=_data((4, 3), np.float64),
+        train=False,
+    ),
+    module(
+        "float64 input, float32 module, no affine",
+        "BatchNorm1d",
+        kwargs={"affine": False},
+        x=_data((4, 3), np.float64),
+    ),
+    module(
+        "float64 input, module without any state",
+        "BatchNorm1d",
+        kwargs={"affine": False, "track_running_stats": False},
+        x=_data((4, 3), np.float64),
+    ),
+    module("float32 input, float64 module", "BatchNorm1d", dtype=np.float64),
+    module(
+        "float32 input, float64 module without bias",
+        "BatchNorm1d",
+        kwargs={"bias": False},
+        dtype=np.float64,
+    ),
+    module("int64 input", "BatchNorm1d", x=np.ones((4, 3), np.int64), warm=(4, 3)),
+    module("bool input, lazy", "LazyBatchNorm1d", (), x=np.ones((4, 3), bool)),
+    module("complex input", "BatchNorm1d", x=np.ones((4, 3), np.complex64)),
+    module(
+        "float16 input on the CPU",
+        "BatchNorm1d",
+        x=np.ones((4, 3), np.float16),
+        deviation=FLOAT16_CPU,
+        expect=(TypeError, "input has dtype float16"),
+    ),
+    # -- functional: argument types -------------------------------------------------------
+    functional("training=None", training=None),
+    functional("training=1", training=1),
+    functional("training='yes'", training="yes"),
+    functional("training=np.True_", training=np.True_),
+    functional("training=0 on an empty batch", x=(0, 3), training=0),
+    functional("momentum=None", momentum=None),
+    functional("momentum=None in eval", momentum=None, training=False),
+    functional("momentum='a'", momentum="a"),
+    functional("momentum=Fraction", momentum=Fraction(1, 2)),
+    functional("momentum=0-d array", momentum=np.array(0.1)),
+    functional("momentum=np.float16", momentum=np.float16(0.5)),
+    functional("momentum=np.int64(1)", momentum=np.int64(1)),
+    functional("momentum=1.5", momentum=1.5),
+    functional("momentum=-1", momentum=-1),
+    functional("momentum=nan", momentum=NAN),
+    functional("eps=0 train", eps=0.0),
+    functional("eps=0 train, constant input", x=np.ones((4, 3), np.float32), eps=0.0),
+    functional("eps=0 eval", eps=0.0, training=False),
+    functional("eps=-1 eval", eps=-1.0, training=False),
+    functional("eps=-1 train without running stats", rm=None, rv=None, eps=-1.0),
+    functional("eps='a' eval", eps="a", training=False),
+    functional("eps=Fraction", eps=Fraction(1, 1000)),
+    functional("eps=0-d array", eps=np.array(1e-3)),
+    functional("eps=np.float32", eps=np.float32(1e-3)),
+    functional("training=None, eps=-1", training=None, eps=-1.0),
+    # -- functional: running statistics ------------------------------------------------------
+    functional("train without running stats", rm=None, rv=None),
+    functional("train with running_mean only", rv=None),
+    functional("train with running_var only", rm=None),
+    functional("eval without running stats", rm=None, rv=None, training=False),
+    functional("eval with running_mean only", rv=None, training=False),
+    functional("eval with running_var only", rm=None, training=False),
+    functional("train, running_mean only, of the wrong size", rm=4, rv=None),
+    functional("eval, running_var only, of the wrong size", rm=None, rv=4, training=False),
+    # -- functional: sizes ---------------------------------------------------------------------
+    functional("running_mean of 4", rm=4),
+    functional("running_var of 2, eval", rv=2, training=False),
+    functional("weight of 2", w=2),
+    functional("bias of 4", w=3, b=4),
+    functional("running_var and weight wrong, eval", rv=2, w=1, training=False),
+    functional("weight of 1, no running stats", rm=None, rv=None, w=1, b=1),
+    functional("weight (3, 1)", w=(3, 1), b=(1, 3)),
+    functional("weight (3, 1) eval, 3D input", x=(2, 3, 4), w=(3, 1), b=(1, 3, 1), training=False),
+    functional("weight 0-d, one channel", x=(4, 1), rm=1, rv=1, w=np.array(2.0, np.float32)),
+    functional("running_mean (3, 1)", rm=(3, 1)),
+    functional("running_var (1, 3) eval", rv=(1, 3), training=False),
+    functional("running_mean 0-d, one channel", x=(4, 1), rm=np.array(0.0, np.float32), rv=1),
+    functional("running_mean (3, 1) and running_var of 2", rm=(3, 1), rv=2),
+    # -- functional: dtypes ----------------------------------------------------------------------
+    functional("weight float64", w=np.ones(3)),
+    functional("bias float64 after a float32 weight", w=3, b=np.zeros(3)),
+    functional("running_mean float64", rm=np.zeros(3)),
+    functional("running_mean float64 eval, weight float32", rm=np.zeros(3), w=3, training=False),
+    functional("running stats int64, weight float32", rm=np.zeros(3, np.int64), w=3),
+    functional("running_var int32, weight float32", rv=np.ones(3, np.int32), w=3),
+    functional("running_var uint8, weight float32", rv=np.ones(3, np.uint8), w=3),
+    functional("running_mean complex", rm=np.zeros(3, np.complex64)),
+    functional(
+        "bias float64 and running_mean float16, train",
+        w=3,
+        b=np.zeros(3),
+        rm=np.zeros(3, np.float16),
+    ),
+    functional(
+        "bias float64 and running_mean float16, eval",
+        w=3,
+        b=np.zeros(3),
+        rm=np.zeros(3, np.float16),
+        training=False,
+    ),
+    functional("float64 input, everything float32", x=_data((4, 3), np.float64), w=3, b=3),
+    functional(
+        "float64 input, running_mean float64, rest float32",
+        x=_data((4, 3), np.float64),
+        rm=np.zeros(3),
+        w=3,
+        b=3,
+    ),
+    functional("running_mean (3, 1) float64 after a float32 weight", rm=np.zeros((3, 1)), w=3),
+    functional("running_var float64 (3, 1) eval", rv=np.ones((3, 1)), w=3, training=False),
+    *[
+        functional(f"{np.dtype(dtype).name} input", x=np.ones((4, 3), dtype), rm=None, rv=None)
+        for dtype in (
+            np.int64,
+            np.int32,
+            np.int16,
+            np.int8,
+            np.uint8,
+            np.uint16,
+            np.uint32,
+            np.uint64,
+            bool,
+            np.complex64,
+            np.complex128,
+        )
+    ],
+    functional(
+        "int64 input, eval without running stats",
+        x=np.ones((4, 3), np.int64),
+        rm=None,
+        rv=None,
+        training=False,
+    ),
+    functional(
+        "float16 input on the CPU",
+        x=np.ones((4, 3), np.float16),
+        rm=None,
+        rv=None,
+        deviation=FLOAT16_CPU,
+        expect=(TypeError, "input has dtype float16"),
+    ),
+    # -- functional: the order of the checks ---------------------------------------------------
+    functional(
+        "one value per channel before a wrong running_mean",
+        x=(1, 3),
+        rm=4,
+        deviation=SIZE_TUPLE,
+        translate=_size_as_tuple,
+    ),
+    functional(
+        "one value per channel before eps",
+        x=(1, 3, 1),
+        eps=-1.0,
+        deviation=SIZE_TUPLE,
+        translate=_size_as_tuple,
+    ),
+    functional("eps before a wrong running_mean", rm=4, eps=-1.0),
+    functional(
+        "eps before the input dtype", x=np.ones((4, 3), np.int64), eps=-1.0, rm=None, rv=None
+    ),
+    functional("momentum type before sizes", rm=4, momentum="a"),
+    functional("sizes before the input dtype", x=np.ones((4, 3), np.int64), rm=4),
+    functional("running stats pair before the input dtype", x=np.ones((4, 3), np.int64), rv=None),
+    functional("running stats pair before parameter dtypes", rm=np.zeros(3), rv=None),
+    functional("input dtype before parameter dtypes", x=np.ones((4, 3), np.int64), w=np.ones(3)),
+    functional("parameter dtypes before rank", rm=(3, 1), w=np.ones(3)),
+    # -- functional: empty batches (ATen returns before its other checks) ---------------------
+    functional("empty batch", x=(0, 3)),
+    functional("empty batch eval", x=(0, 3), training=False),
+    functional(
+        "empty batch eval without running stats", x=(0, 3), rm=None, rv=None, training=False
+    ),
+    functional("empty batch, running_mean only", x=(0, 3), rv=None),
+    functional("empty batch, running stats of 4", x=(0, 3), rm=4, rv=4),
+    functional("empty batch, running_mean (3, 1)", x=(0, 3), rm=(3, 1), rv=(3, 1)),
+    functional("empty batch, float64 weight", x=(0, 3), w=np.ones(3)),
+    functional("empty batch, eps=-1", x=(0, 3), eps=-1.0),
+    functional("empty channels", x=(4, 0), rm=0, rv=0),
+    functional("empty spatial", x=(2, 3, 0)),
+    functional("one sample, empty spatial", x=(1, 3, 0)),
+    functional(
+        "empty batch of int64",
+        x=np.ones((0, 3), np.int64),
+        rm=None,
+        rv=None,
+        deviation="numbabn checks the input dtype even when there is nothing to normalise",
+        expect=(NotImplementedError, "\"batch_norm\" not implemented for 'Long'"),
+    ),
+    functional(
+        "zero channels with a weight",
+        x=(4, 0),
+        rm=None,
+        rv=None,
+        w=0,
+        deviation="PyTorch's empty-input path reads weight[0] and fails on a zero-channel "
+        "weight; an empty output is well defined",
+    ),
+    # -- functional: ranks and non-arrays (numbabn's own errors) --------------------------------
+    functional(
+        "1-D input",
+        x=(3,),
+        deviation=BELOW_2D,
+        expect=(ValueError, "expected at least 2D input (got 1D input)"),
+    ),
+    functional(
+        "0-D input",
+        x=np.array(1.0, np.float32),
+        rm=None,
+        rv=None,
+        deviation=BELOW_2D,
+        expect=(ValueError, "expected at least 2D input (got 0D input)"),
+    ),
+    functional(
+        "list input",
+        x=[[1.0, 2.0], [3.0, 4.0]],
+        rm=2,
+        rv=2,
+        deviation=NOT_AN_ARRAY,
+        expect=(TypeError, "input: expected a NumPy array or a CUDA array, got builtins.list"),
+    ),
+    functional(
+        "list weight",
+        w=[1.0, 1.0, 1.0],
+        deviation=NOT_AN_ARRAY,
+        expect=(TypeError, "weight: expected a NumPy array or a CUDA array, got builtins.list"),
+    ),
+]
+
+
+def _outcome(call: Callable[[], Any]) -> tuple[type[BaseException] | None, Any]:
+    try:
+        return None, call()
+    except Exception as error:  # the row compares whatever was raised
+        return type(error), error
+
+
+def _snapshot(watched: Any) -> Any:
+    if watched is None:
+        return None
+    if isinstance(watched, tuple):
+        return [None if a is None else np.array(a, copy=True) for a in watched]
+    return snapshot(watched)
+
+
+def _assert_unchanged(before: Any, watched: Any, lazy_class: type | None) -> None:
+    if watched is None:
+        return
+    if isinstance(watched, tuple):
+        for old, new in zip(before, watched, strict=True):
+            if old is not None:
+                new = np.asarray(new)
+                assert old.dtype == new.dtype and old.tobytes() == new.tobytes()
+        return
+    assert_same_state(before, watched)
+    if lazy_class is not None:
+        assert type(watched) is lazy_class and watched.num_features == 0
+
+
+def _assert_same_results(theirs: Any, ours: Any) -> None:
+    if theirs is None:  # construction
+        assert ours is None
+        return
+    for t, o in zip(theirs, ours, strict=True):
+        t = _host(t)
+        if t is None:
+            assert o is None
+            continue
+        o = np.asarray(o)
+        assert o.shape == tuple(t.shape)
+        np.testing.assert_allclose(o, t, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_same_check_as_pytorch(case: Case) -> None:
+    their_error, their_value = _outcome(case.theirs)
+    call, watched = case.ours()
+    lazy_class = type(watched) if type(watched).__name__.startswith("Lazy") else None
+    before = _snapshot(watched)
+    our_error, our_value = _outcome(call)
+
+    if case.deviation is not None and case.expect is not None:
+        assert our_error is case.expect[0], our_value
+        assert str(our_value).startswith(case.expect[1])
+    elif case.deviation is not None and case.translate is None:
+        # numbabn accepts what PyTorch refuses by accident; the result must be sound.
+        assert their_error is not None, "PyTorch accepts this now: drop the deviation"
+        assert our_error is None, our_value
+        return
+    elif their_error is None:
+        assert our_error is None, f"numbabn raised {our_error.__name__}: {our_value}"
+        _assert_same_results(their_value, our_value)
+        return
+    else:
+        message = str(their_value)
+        if case.translate is not None:
+            message = case.translate(message)
+        assert our_error is their_error, f"{our_error}: {our_value} vs PyTorch's {message}"
+        assert str(our_value) == message
+    _assert_unchanged(before, watched, lazy_class)
+
+
+def test_every_deviation_says_why() -> None:
+    for case in CASES:
+        if case.expect is not None or case.translate is not None:
+            assert case.deviation, case.id
+
+
+def test_backward_gives_gradients_in_the_weights_shape(rng) -> None:
+    """A weight of shape (C, 1), which PyTorch's forward takes, gets gradients of that shape.
+
+    (PyTorch's own backward then fails; the gradients are those of the flat weight.)
+    """
+    x = rng.standard_normal((4, 3, 2))
+    weight, bias = rng.uniform(0.5, 1.5, (3, 1)), rng.uniform(-1, 1, (3, 1))
+    dy = rng.standard_normal(x.shape)
+    tx = torch.from_numpy(x).requires_grad_()
+    tw = torch.from_numpy(weight.ravel()).requires_grad_()
+    tb = torch.from_numpy(bias.ravel()).requires_grad_()
+    TF.batch_norm(tx, None, None, tw, tb, training=True).backward(torch.from_numpy(dy))
+    _, saved = F.batch_norm_forward(x, None, None, weight, bias, training=True)
+    dx, dw, db = F.batch_norm_backward(dy, x, saved, weight, bias=bias)
+    assert dw.shape == weight.shape and db.shape == bias.shape
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dw.ravel(), tw.grad.numpy(), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(db.ravel(), tb.grad.numpy(), rtol=1e-9, atol=1e-9)
