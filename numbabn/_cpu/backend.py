@@ -256,8 +256,11 @@ class CpuBackend:
             if residual is None:
                 ops.run(
                     fused.masked_grad_items, dy_view, ops.view, mean, scale, shift, alpha, beta,
-                    gamma, *ops.launch_args, target,
+                    gamma, batch_stats, *ops.launch_args, target,
                 )  # fmt: skip
+            elif not batch_stats:
+                # dx = dz * alpha: x must not enter (0 * (x - mean) is NaN for infinite x).
+                ops.run(kernels.affine_items, dz_view, beta, alpha, gamma, *ops.launch_args, target)
             else:
                 # The first pass wrote the masked dy to dz: the plain gradient pass reads
                 # it in place of dy and z (two reads and a write instead of three and two).

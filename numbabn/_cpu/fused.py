@@ -36,8 +36,18 @@ def _pre_activation(x, z, m, k, b, residual):
 
 @_inline
 def _masked(dy, value):
-    """``dy`` where the pre-activation is positive, else 0 (NaN counts as not positive)."""
-    return np.float64(dy) if value > 0.0 else 0.0
+    """``dy`` unless the pre-activation is 0 or below.
+
+    A NaN pre-activation passes ``dy`` on, as PyTorch's ReLU backward does (it
+    zeroes the gradient where ``output <= 0``, which NaN is not).
+    """
+    return 0.0 if value <= 0.0 else np.float64(dy)
+
+
+@_inline
+def _relu(value):
+    """``value`` clamped below at 0; NaN stays NaN (written out rather than left to max())."""
+    return 0.0 if value < 0.0 else value
 
 
 @_inline
@@ -45,7 +55,7 @@ def _affine_act_lanes(x_row, z_row, m, k, b, residual, relu, out_row):
     """One row of adjacent channels (channels-inner): per-element coefficients."""
     for i in range(x_row.shape[0]):
         value = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
-        out_row[i] = max(value, 0.0) if relu else value
+        out_row[i] = _relu(value) if relu else value
 
 
 @_inline
@@ -53,7 +63,7 @@ def _affine_act_run(x_row, z_row, m, k, b, residual, relu, out_row):
     """A run of one channel (planar): scalar coefficients."""
     for i in range(x_row.shape[0]):
         value = _pre_activation(x_row[i], z_row[i], m, k, b, residual)
-        out_row[i] = max(value, 0.0) if relu else value
+        out_row[i] = _relu(value) if relu else value
 
 
 @_kernel
@@ -154,9 +164,14 @@ def masked_sums_items(
 
 @_kernel
 def masked_grad_items(
-    dy, x, mean, scale, shift, alpha, beta, gamma, channels_inner, geometry, dx, start, stop
+    dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, channels_inner, geometry, dx,
+    start, stop,
 ):  # fmt: skip
-    """Items of ``dx = alpha * g + beta * (x - mean) + gamma`` through a ReLU (no residual)."""
+    """Items of ``dx = (g + beta * (x - mean) + gamma) * alpha`` through a ReLU (no residual).
+
+    Without ``batch_stats`` (fixed statistics) ``dx = g * alpha``: ``x`` enters
+    only the mask, so an infinite ``x`` does not make ``0 * inf``.
+    """
     n_r = x.shape[2]
     for item in range(start, stop):
         _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
@@ -168,7 +183,9 @@ def masked_grad_items(
                 for i in range(c1 - c0):
                     pre = _pre_activation(x_row[i], x_row[i], m[i], k[i], b[i], False)
                     g = _masked(dy_row[i], pre)
-                    dx_row[i] = ka[i] * g + kb[i] * (np.float64(x_row[i]) - m[i]) + kg[i]
+                    if batch_stats:
+                        g += kb[i] * (np.float64(x_row[i]) - m[i]) + kg[i]
+                    dx_row[i] = g * ka[i]
             continue
         whole = s1 - s0 == x.shape[3]
         a = row0 // n_r
@@ -182,7 +199,9 @@ def masked_grad_items(
                 dx_row = _row(dx, a, c, r, s0, s1, whole)
                 for i in range(x_row.shape[0]):
                     g = _masked(dy_row[i], _pre_activation(x_row[i], x_row[i], m, k, b, False))
-                    dx_row[i] = ka * g + kb * (np.float64(x_row[i]) - m) + kg
+                    if batch_stats:
+                        g += kb * (np.float64(x_row[i]) - m) + kg
+                    dx_row[i] = g * ka
             r += 1
             if r == n_r:
                 r = 0

@@ -215,7 +215,11 @@ def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
 
 @_inline
 def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out):
-    """``out = alpha * dy + beta * (x - mean) + gamma`` per channel over the item, in float64."""
+    """``out = (dy + beta * (x - mean) + gamma) * alpha`` per channel over the item, in float64.
+
+    ``alpha`` (the weight times invstd) multiplies last, as in PyTorch: with an
+    infinite weight the gradient is then infinite rather than ``inf - inf``.
+    """
     _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
     n_r = x.shape[2]
     if channels_inner:
@@ -229,8 +233,8 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
             out_row = out[p, 0, 0, c0:c1]
             for c in range(c1 - c0):
                 out_row[c] = (
-                    ka[c] * np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
-                )
+                    np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
+                ) * ka[c]
     else:
         whole = s1 - s0 == x.shape[3]
         # Row q is (a, r); stepped rather than divided, as rows can be short.
@@ -246,7 +250,7 @@ def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, 
                 x_row = _row(x, a, c, r, s0, s1, whole)
                 out_row = _row(out, a, c, r, s0, s1, whole)
                 for s in range(x_row.shape[0]):
-                    out_row[s] = ka * np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg
+                    out_row[s] = (np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg) * ka
             r += 1
             if r == n_r:
                 r = 0
@@ -269,7 +273,7 @@ def affine_items(x, mean, scale, shift, channels_inner, geometry, out, start, st
 
 @_kernel
 def grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, start, stop):
-    """Items ``start`` to ``stop`` of ``out = alpha * dy + beta * (x - mean) + gamma``."""
+    """Items ``start`` to ``stop`` of ``out = (dy + beta * (x - mean) + gamma) * alpha``."""
     for item in range(start, stop):
         _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
 
@@ -287,11 +291,16 @@ def merge(partials):
 
 @_shared
 def first_values(x, channels_inner):
-    """Each channel's first value, in float64: the shift the statistics sums use."""
+    """Each channel's first value, in float64: the shift the statistics sums use.
+
+    A non-finite first value gives a shift of 0 instead: ``inf - inf`` would make
+    the mean NaN where PyTorch's is infinite.
+    """
     n_channels = _n_channels(x, channels_inner)
     shift = np.empty(n_channels)
     for c in range(n_channels):
-        shift[c] = x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0]
+        value = np.float64(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
+        shift[c] = value if np.isfinite(value) else 0.0
     return shift
 
 
@@ -302,7 +311,10 @@ def moments_from_sums(totals, shift, count):
     m2 = np.empty(shift.shape[0])
     for c in range(shift.shape[0]):
         mean[c] = shift[c] + totals[0, c] / count
-        m2[c] = max(totals[1, c] - totals[0, c] * totals[0, c] / count, 0.0)
+        m2[c] = totals[1, c] - totals[0, c] * totals[0, c] / count
+        # Rounding can leave M2 a little below 0; the clamp keeps NaN (max() need not).
+        if m2[c] < 0.0:
+            m2[c] = 0.0
     return mean, m2
 
 
@@ -348,16 +360,16 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps):
 
 @_shared
 def finish_backward(totals, count, invstd, weight):
-    """Per-channel ``(alpha, beta, gamma)`` of ``dx = alpha * dy + beta * (x - mean) + gamma``."""
+    """Per-channel ``(alpha, beta, gamma)`` of ``dx = (dy + beta * (x - mean) + gamma) * alpha``."""
     n_channels = invstd.shape[0]
     alpha = np.empty(n_channels)
     beta = np.empty(n_channels)
     gamma = np.empty(n_channels)
     for c in range(n_channels):
-        # dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+        # dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd, factored as PyTorch does
         alpha[c] = np.float64(weight[c]) * invstd[c]
-        beta[c] = -alpha[c] * invstd[c] * invstd[c] * totals[1, c] / count
-        gamma[c] = -alpha[c] * totals[0, c] / count
+        beta[c] = -invstd[c] * invstd[c] * totals[1, c] / count
+        gamma[c] = -totals[0, c] / count
     return alpha, beta, gamma
 
 

@@ -89,14 +89,15 @@ def _masked_sums(
 
 @_driver
 def _masked_grad(
-    n_items, dy, x, mean, scale, shift, alpha, beta, gamma, channels_inner, geometry, dx
+    n_items, dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, channels_inner,
+    geometry, dx,
 ):  # fmt: skip
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
         item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
         fused.masked_grad_items(
-            dy, x, mean, scale, shift, alpha, beta, gamma, channels_inner, (g0, g1, g2, g3), dx,
-            item, item + 1,
+            dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, channels_inner,
+            (g0, g1, g2, g3), dx, item, item + 1,
         )  # fmt: skip
 
 
