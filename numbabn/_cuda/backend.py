@@ -251,9 +251,8 @@ class CudaBackend:
             dy, x, mean, invstd, weight, bias, epilogue, batch_stats
         )
         dz = None if epilogue.residual is None else arrays.empty_like(ops.x)
-        grad_input = ops.elementwise(
-            ops.view, dy_view, kernels.MASKED_GRADIENT, coeffs, out, epilogue, dz
-        )
+        mode = kernels.MASKED_GRADIENT if batch_stats else kernels.MASKED_SCALE
+        grad_input = ops.elementwise(ops.view, dy_view, mode, coeffs, out, epilogue, dz)
         return grad_input, dz, grads[0], grads[1]
 
     @staticmethod

@@ -36,8 +36,25 @@ _kernel = cuda.jit(cache=True)
 
 # What the elementwise kernel computes.
 AFFINE = 0  # out = relu((x - c0) * c2 + c3 + z)
-GRADIENT = 1  # out = c1 * dy + c2 * (x - c0) + c3
+GRADIENT = 1  # out = (dy + c2 * (x - c0) + c3) * c1
 MASKED_GRADIENT = 2  # the same through the forward's ReLU
+MASKED_SCALE = 3  # out = g * c1, g = dy through the forward's ReLU (fixed statistics)
+
+# NaN must propagate as in PyTorch: no float max()/min() anywhere (on the GPU
+# they lower to PTX max/min, which return the operand that is not NaN); clamps
+# and the ReLU are written as comparisons that NaN fails.
+
+
+@cuda.jit(device=True)
+def _finite_or_zero(value):
+    """``value``, or 0 when it is infinite or NaN (a shift must not make ``inf - inf``)."""
+    return value if math.isfinite(value) else 0.0
+
+
+@cuda.jit(device=True)
+def _relu(value):
+    """``value`` clamped below at 0; NaN stays NaN."""
+    return 0.0 if value < 0.0 else value
 
 
 @cuda.jit(device=True)
@@ -209,7 +226,7 @@ def forward_statistics(
     sum_v = 0.0
     sum_vu = 0.0
     if active:
-        shift = float64(x[0, channel, 0, 0])
+        shift = _finite_or_zero(float64(x[0, channel, 0, 0]))
         sum_v, sum_vu = _thread_sums(x, x, shift, shift, True, channel, k, stop, step)
     if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
         return
@@ -217,9 +234,12 @@ def forward_statistics(
     if c >= 0:
         total_v, total_vu = _totals(partials, c)
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        shift = float64(x[0, c, 0, 0])
+        shift = _finite_or_zero(float64(x[0, c, 0, 0]))
         mean = shift + total_v / count
-        var = max(total_vu - total_v * total_v / count, 0.0) / count
+        m2 = total_vu - total_v * total_v / count
+        if m2 < 0.0:  # rounding; NaN stays NaN
+            m2 = 0.0
+        var = m2 / count
         invstd = 1.0 / math.sqrt(var + eps)
         coeffs[0, c] = mean
         coeffs[1, c] = invstd
@@ -251,16 +271,19 @@ def _pre_activation(x, z, m, scale, shift, residual):
 
 @cuda.jit(device=True)
 def _thread_masked_sums(dy, x, z, m, scale, shift, residual, channel, k, stop, step):
-    """``sum(g)`` and ``sum(g * (x - m))`` with ``g = dy`` where the pre-activation is positive."""
+    """``sum(g)`` and ``sum(g * (x - m))`` with ``g = dy`` unless the pre-activation is 0 or below.
+
+    A NaN pre-activation passes ``dy`` on, as PyTorch's ReLU backward does.
+    """
     stop, n_r, n_s, a, r, s, da, dr, ds = _walk(x, k, stop, step)
     sum_g = 0.0
     sum_gx = 0.0
     while k < stop:
         value = _pre_activation(x[a, channel, r, s], z[a, channel, r, s], m, scale, shift, residual)
-        if value > 0.0:
-            g = float64(dy[a, channel, r, s])
-            sum_g += g
-            sum_gx += g * (float64(x[a, channel, r, s]) - m)
+        g = 0.0 if value <= 0.0 else float64(dy[a, channel, r, s])
+        # Masked values still add 0 * (x - m): NaN for infinite x, as in PyTorch.
+        sum_g += g
+        sum_gx += g * (float64(x[a, channel, r, s]) - m)
         k += step
         a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
     return sum_g, sum_gx
@@ -273,13 +296,13 @@ def gradient_sums(
 ):  # fmt: skip
     """``sum(g)`` and ``sum(g * (x - mean))`` per channel, finished into gradients.
 
-    ``g`` is ``dy``, or with ``masked`` ``dy`` where the forward's ReLU input
-    ``(x - mean) * weight * invstd + bias (+ z)`` was positive. Writes
+    ``g`` is ``dy``, or with ``masked`` ``dy`` unless the forward's ReLU input
+    ``(x - mean) * weight * invstd + bias (+ z)`` was 0 or below. Writes
     ``grads = [sum(g * xhat), sum(g)]`` (the weight and bias gradients) and
     ``coeffs = [mean, alpha, beta, gamma, scale, shift]``: the input gradient is
-    ``alpha * g + beta * (x - mean) + gamma`` (through the batch statistics with
-    ``batch_stats``, else ``g * weight * invstd``), and the last two rows
-    rebuild the mask.
+    ``(g + beta * (x - mean) + gamma) * alpha`` (through the batch statistics
+    with ``batch_stats``, else ``g * weight * invstd``), and the last two rows
+    rebuild the mask. ``alpha`` multiplies last, as in PyTorch.
     """
     n_channels = x.shape[1]
     channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
@@ -308,10 +331,10 @@ def gradient_sums(
         coeffs[4, c] = alpha
         coeffs[5, c] = float64(bias[c])
         if batch_stats:
-            # dx = w * invstd * (g - mean(g) - xhat * mean(g * xhat))
+            # dx = (g - mean(g) - xhat * mean(g * xhat)) * w * invstd
             count = x.shape[0] * x.shape[2] * x.shape[3]
-            coeffs[2, c] = -alpha * invstd[c] * invstd[c] * sum_gx / count
-            coeffs[3, c] = -alpha * sum_g / count
+            coeffs[2, c] = -invstd[c] * invstd[c] * sum_gx / count
+            coeffs[3, c] = -sum_g / count
         else:
             coeffs[2, c] = 0.0
             coeffs[3, c] = 0.0
@@ -323,9 +346,10 @@ def elementwise(x, dy, z, channel_lanes, per_block, mode, residual, relu, coeffs
     """``out`` from ``x`` (and ``dy``, ``z``) with per-channel ``coeffs``, in float64.
 
     ``AFFINE``: ``relu((x - c0) * c2 + c3 + z)`` (the add and ReLU as flagged);
-    ``GRADIENT``: ``c1 * dy + c2 * (x - c0) + c3``; ``MASKED_GRADIENT``: the
-    same with ``g = dy`` where ``(x - c0) * c4 + c5 (+ z)`` is positive, else 0,
-    and ``dz = g`` when ``residual``.
+    ``GRADIENT``: ``(dy + c2 * (x - c0) + c3) * c1``; ``MASKED_GRADIENT``: the
+    same with ``g = dy`` unless ``(x - c0) * c4 + c5 (+ z)`` is 0 or below (NaN
+    passes, as in PyTorch), and ``dz = g`` when ``residual``; ``MASKED_SCALE``:
+    ``g * c1`` (``x`` only enters the mask).
     """
     channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
     if not active:
@@ -341,19 +365,22 @@ def elementwise(x, dy, z, channel_lanes, per_block, mode, residual, relu, coeffs
             value = centred * c2 + c3
             if residual:
                 value += float64(z[a, channel, r, s])
-            out[a, channel, r, s] = max(value, 0.0) if relu else value
+            out[a, channel, r, s] = _relu(value) if relu else value
         else:
             g = float64(dy[a, channel, r, s])
-            if mode == MASKED_GRADIENT:
+            if mode != GRADIENT:
                 pre = _pre_activation(
                     x[a, channel, r, s], z[a, channel, r, s], c0, coeffs[4, channel],
                     coeffs[5, channel], residual,
                 )  # fmt: skip
-                if not pre > 0.0:  # NaN too, as the CPU kernels and PyTorch have it
+                if pre <= 0.0:  # NaN passes dy on, as PyTorch's ReLU backward does
                     g = 0.0
                 if residual:
                     dz[a, channel, r, s] = g
-            out[a, channel, r, s] = c1 * g + c2 * centred + c3
+            if mode == MASKED_SCALE:
+                out[a, channel, r, s] = g * c1  # 0 * (x - c0) would be NaN for infinite x
+            else:
+                out[a, channel, r, s] = (g + c2 * centred + c3) * c1
         k += step
         a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
 
@@ -363,7 +390,9 @@ def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
     """Evaluation coefficients ``[mean, invstd, weight * invstd, bias]`` from running statistics."""
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
-        invstd = 1.0 / math.sqrt(float64(running_var[c]) + eps)
+        var = float64(running_var[c]) + eps
+        # NaN for a negative variance, as on the GPU (the simulator's sqrt would raise).
+        invstd = 1.0 / math.sqrt(var) if var >= 0.0 else math.nan
         coeffs[0, c] = float64(running_mean[c])
         coeffs[1, c] = invstd
         coeffs[2, c] = float64(weight[c]) * invstd
