@@ -400,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     sample()
     for begin, end in zip(boundaries[:-1], boundaries[1:], strict=True):
         workers.run(int(end - begin), done)
-        leaked += [bytearray(int(args.inject_leak_kb * 1024)) for _ in range(end - begin)]
+        if args.inject_leak_kb:
+            leaked += [bytearray(int(args.inject_leak_kb * 1024)) for _ in range(end - begin)]
         done += int(end - begin)
         sample()
         print(
