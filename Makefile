@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-gpu lint asv-quick bench bench-gpu bench-sync clean
+.PHONY: demo test fuzz soak test-gpu lint asv-quick bench bench-gpu bench-sync clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ demo: $(VENV)/.installed-base
 test: $(VENV)/.installed-test lint
 	$(PY) -m pytest
 	$(MAKE) asv-quick
+
+## fuzz: the generated cases against PyTorch with fresh random examples, many more of them
+fuzz: $(VENV)/.installed-test
+	NUMBABN_HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -p no:cacheprovider tests/test_properties.py
+
+## soak: 50,000 mixed calls from several threads; resident memory, threads and files stay flat
+soak: $(VENV)/.installed-test
+	$(PY) tests/soak_workload.py --calls 50000
 
 # On a GPU machine that already has numpy, numba-cuda and pytest (and no network),
 # name its Python instead of the venv: make test-gpu GPU_PYTHON=python3

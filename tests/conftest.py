@@ -19,6 +19,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 SEED = 20240607
 
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    pass
+else:
+    _GENERATED = {
+        "deadline": None,  # first calls compile kernels
+        "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+        "print_blob": True,
+    }
+    # make test: the same examples every run, within a fixed budget.
+    settings.register_profile("ci", max_examples=120, derandomize=True, **_GENERATED)
+    # make fuzz: fresh random examples, many more of them.
+    settings.register_profile("fuzz", max_examples=4000, **_GENERATED)
+    settings.load_profile(os.environ.get("NUMBABN_HYPOTHESIS_PROFILE", "ci"))
+
 # Every way of laying out an input of a given logical shape that the tests try.
 # Each entry maps a name to a builder ``(base_maker, shape) -> array`` where
 # ``base_maker(shape)`` returns a fresh C-contiguous array of that shape.
