@@ -43,6 +43,26 @@ def as_tensor(array: np.ndarray, requires_grad: bool = False) -> Any:
     return torch.tensor(np.array(array, np.float64, order="C"), requires_grad=requires_grad)
 
 
+def agree(ours: Any, theirs: Any, dtype: np.dtype, what: str) -> None:
+    """numbabn's array against a tensor: shape, ``dtype``, NaN/Inf pattern, values."""
+    if theirs is None:
+        assert ours is None, f"{what}: numbabn has a value, PyTorch has None"
+        return
+    assert ours is not None, f"{what}: numbabn has None"
+    expected = theirs.detach().numpy()
+    ours = np.asarray(ours)
+    assert ours.shape == expected.shape, f"{what}: shape {ours.shape}"
+    assert ours.dtype == dtype, f"{what}: dtype {ours.dtype}"
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected), f"{what}: NaN")
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(ours[~finite], expected[~finite], f"{what}: Inf")
+    rtol = RTOL[dtype]
+    scale = max(1.0, float(np.max(np.abs(expected[finite]), initial=0.0)))
+    np.testing.assert_allclose(
+        ours[finite], expected[finite], rtol=rtol, atol=rtol * scale, err_msg=what
+    )
+
+
 @dataclass(frozen=True)
 class Kind:
     """A module class of numbabn beside PyTorch's, and the input ranks it takes."""
@@ -144,27 +164,7 @@ class Twins:
     # -- comparisons -----------------------------------------------------
 
     def agree(self, ours: Any, theirs: Any, what: str) -> None:
-        """numbabn's array against a tensor: same shape and dtype, NaN/Inf pattern, values."""
-        if theirs is None:
-            assert ours is None, f"{what}: numbabn has a value, PyTorch has None\n{self.trail}"
-            return
-        assert ours is not None, f"{what}: numbabn has None\n{self.trail}"
-        expected = theirs.detach().numpy() if hasattr(theirs, "detach") else np.asarray(theirs)
-        ours = np.asarray(ours)
-        assert ours.shape == expected.shape, f"{what}: shape\n{self.trail}"
-        assert ours.dtype == self.dtype, f"{what}: dtype {ours.dtype}\n{self.trail}"
-        np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected), f"{what}: NaN")
-        finite = np.isfinite(expected)
-        np.testing.assert_array_equal(ours[~finite], expected[~finite], f"{what}: Inf")
-        rtol = RTOL[self.dtype]
-        scale = max(1.0, float(np.max(np.abs(expected[finite]), initial=0.0)))
-        np.testing.assert_allclose(
-            ours[finite],
-            expected[finite],
-            rtol=rtol,
-            atol=rtol * scale,
-            err_msg=f"{what}\n{self.trail}",
-        )
+        agree(ours, theirs, self.dtype, f"{what}\n{self.trail}")
 
     @property
     def trail(self) -> str:
@@ -355,7 +355,9 @@ def twins(draw: st.DrawFn) -> Twins:
     ndim = draw(st.sampled_from(kind.ndims), label="ndim")
     channels = draw(st.integers(1, 70) | st.sampled_from([1, 2, 3]), label="channels")
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64]), label="dtype"))
-    momentum = draw(st.none() | st.sampled_from([0.1, 0.0, 1.0]) | st.floats(0.0, 1.0))
+    momentum = draw(
+        st.none() | st.sampled_from([0.1, 0.0, 1.0]) | st.floats(-0.5, 1.5), label="momentum"
+    )
     eps = draw(st.sampled_from([1e-5, 1e-3]) | st.floats(1e-6, 1.0), label="eps")
     affine = draw(st.booleans(), label="affine")
     bias = draw(st.booleans(), label="bias")
@@ -423,3 +425,47 @@ def test_call_sequences_agree_with_pytorch(pair: Twins, data: st.DataObject) -> 
         else:
             pair.reset(step)
         pair.agree_state()
+
+
+@given(st.data())
+def test_functional_batch_norm_agrees_with_pytorch(data: st.DataObject) -> None:
+    """``numbabn.functional.batch_norm`` against ``torch.nn.functional.batch_norm``."""
+    ndim = data.draw(st.integers(2, 5), label="ndim")
+    channels = data.draw(st.integers(1, 70), label="channels")
+    shape = data.draw(shapes(ndim, channels), label="shape")
+    dtype = np.dtype(data.draw(st.sampled_from([np.float32, np.float64]), label="dtype"))
+    layout = data.draw(st.sampled_from(LAYOUT_NAMES), label="layout")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x = build(shape, layout, dtype, rng.standard_normal(shape) + 2.0)
+
+    def vector(name: str, low: float, high: float) -> np.ndarray | None:
+        present = data.draw(st.booleans(), label=name)
+        return rng.uniform(low, high, channels).astype(dtype) if present else None
+
+    running_mean, running_var = vector("running_mean", -1, 1), vector("running_var", 0.5, 2)
+    weight, bias = vector("weight", 0.5, 1.5), vector("bias", -1, 1)
+    training = data.draw(st.booleans(), label="training")
+    momentum = data.draw(st.sampled_from([0.1, 0.0, 1.0]) | st.floats(-0.5, 1.5), label="momentum")
+    eps = data.draw(st.sampled_from([1e-5, 0.0, -1e-3]) | st.floats(1e-6, 1.0), label="eps")
+
+    def tensor(array: np.ndarray | None) -> Any:
+        return None if array is None else as_tensor(array)
+
+    theirs_stats = [tensor(running_mean), tensor(running_var)]
+    ours_stats = [None if v is None else v.copy() for v in (running_mean, running_var)]
+    try:
+        expected = torch.nn.functional.batch_norm(
+            as_tensor(x), *theirs_stats, tensor(weight), tensor(bias), training, momentum, eps
+        )
+    except Exception as error:
+        with pytest.raises(type(error)):
+            numbabn.functional.batch_norm(x, *ours_stats, weight, bias, training, momentum, eps)
+        for ours, before in zip(ours_stats, (running_mean, running_var), strict=True):
+            assert ours is None or ours.tobytes() == before.tobytes()
+        return
+    y = numbabn.functional.batch_norm(x, *ours_stats, weight, bias, training, momentum, eps)
+    agree(y, expected, dtype, "output")
+    for name, ours, theirs in zip(
+        ("running_mean", "running_var"), ours_stats, theirs_stats, strict=True
+    ):
+        agree(ours, theirs, dtype, name)
