@@ -3,7 +3,7 @@
 This is the truth the fast kernels are tested against. Every quantity is
 computed per channel, with an explicit loop over channels and the textbook
 two-pass formulas, in float64 whatever the input dtype. Nothing here is
-clever; if it reads like the formulas in DESIGN.md section 2, it is right.
+clever; if it reads like the formulas in docs/design.md (Formulas), it is right.
 
 Inputs have shape ``(N, C, *spatial)``; statistics are per channel ``c`` over
 ``x[:, c, ...]``.

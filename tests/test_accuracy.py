@@ -6,8 +6,10 @@ with the float64 two-pass reference on the same float32 values:
 
 * numbabn NCHW: max |error| 2.32e-7, channels-last 2.29e-7: half an ulp of
   the output, i.e. the float64 result rounded once to float32;
-* PyTorch 2.13 CPU: 6.8e-4 NCHW, 1.8e-2 channels-last (DESIGN.md quotes
-  8e-4 and 9e-3).
+* PyTorch 2.13 CPU: 6.8e-4 NCHW, 1.8e-2 channels-last (earlier measurements
+  on another machine gave 8e-4 and 9e-3).
+
+docs/design.md (Accuracy arithmetic) explains the numbers.
 
 The test prints the measured errors (``pytest -s`` shows them).
 """
