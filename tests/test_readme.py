@@ -1,0 +1,117 @@
+"""Every ```python block of README.md runs, so the documentation cannot drift from the code.
+
+Each block runs on its own, in a fresh namespace, in a temporary working directory:
+the README's sections are read one at a time, so every example states its own
+imports and data. A block that cannot run stand-alone (it needs mpiexec, a GPU,
+or names only the reader has) is marked in the README on the line before it::
+
+    <!-- skip: needs a CUDA GPU -->
+
+and is reported as a skip with that reason. Test ids name the block's line and
+section, e.g. ``L24-quickstart``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+FENCE = re.compile(r"^```(\w*)\s*$")
+SKIP = re.compile(r"^<!--\s*skip:\s*(.*?)\s*-->\s*$")
+HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$")
+
+# Blocks of the API section, which lists signatures rather than runnable code, await
+# their skip markers there. Keyed by a line of the block; remove an entry once the
+# README marks (or runs) that block.
+_SIGNATURES = "API signature summary (its skip marker is pending in the README)"
+AWAITING_MARKER = {
+    "bn = nbn.BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True,": _SIGNATURES,
+    "y = F.batch_norm(x, running_mean, running_var, weight=None, bias=None,": _SIGNATURES,
+}
+
+
+class Block(NamedTuple):
+    line: int  # 1-based line of the first code line
+    section: str
+    code: str
+    skip: str | None  # the marker's reason, if any
+
+
+def readme_blocks(text: str) -> list[Block]:
+    """The README's ```python blocks, with their section and skip marker."""
+    blocks = []
+    section = ""
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        fence = FENCE.match(line)
+        if fence is None:
+            heading = HEADING.match(line)
+            if heading:
+                section = heading.group(1)
+            index += 1
+            continue
+        end = index + 1
+        while end < len(lines) and not FENCE.match(lines[end]):
+            end += 1
+        if fence.group(1) == "python":
+            before = [text_line for text_line in lines[:index] if text_line.strip()]
+            marker = SKIP.match(before[-1]) if before else None
+            code = "\n".join(lines[index + 1 : end])
+            blocks.append(Block(index + 2, section, code, marker.group(1) if marker else None))
+        index = end + 1
+    return blocks
+
+
+def _slug(section: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")[:40]
+
+
+BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+
+
+def test_readme_has_python_blocks():
+    assert len(BLOCKS) >= 5
+
+
+def test_skip_markers_sit_before_python_blocks():
+    """A marker not directly followed by a ```python block would silently skip nothing."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        if SKIP.match(line):
+            following = [text for text in lines[number + 1 :] if text.strip()]
+            assert following and following[0].strip() == "```python", (
+                f"README.md:{number + 1}: skip marker without a ```python block after it"
+            )
+
+
+def _awaiting(block: Block) -> str | None:
+    lines = block.code.splitlines()
+    return next((AWAITING_MARKER[line] for line in lines if line in AWAITING_MARKER), None)
+
+
+def test_awaiting_marker_entries_are_current():
+    """Entries leave AWAITING_MARKER once the README marks the block or the block changes."""
+    unmarked = {line for block in BLOCKS if block.skip is None for line in block.code.splitlines()}
+    stale = set(AWAITING_MARKER) - unmarked
+    assert not stale, f"remove from AWAITING_MARKER: {sorted(stale)}"
+
+
+@pytest.mark.parametrize(
+    "block", BLOCKS, ids=[f"L{block.line}-{_slug(block.section)}" for block in BLOCKS]
+)
+def test_readme_block_runs(block: Block, tmp_path, monkeypatch):
+    if block.skip is not None:
+        pytest.skip(f"README.md:{block.line - 1}: {block.skip}")
+    if _awaiting(block) is not None:
+        pytest.skip(f"README.md:{block.line - 1}: {_awaiting(block)}")
+    monkeypatch.chdir(tmp_path)
+    # Padding puts the code at its README line numbers in tracebacks.
+    source = "\n" * (block.line - 1) + block.code
+    exec(compile(source, "<README.md>", "exec"), {"__name__": "__readme__"})
