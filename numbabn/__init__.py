@@ -20,6 +20,7 @@ from numbabn.modules import (
 )
 from numbabn.stats import ChannelStats, set_running_stats
 
+# The one definition of the version: pyproject.toml reads it, CHANGELOG.md records it.
 __version__ = "0.1.0"
 
 __all__ = [
