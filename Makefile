@@ -9,15 +9,15 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed-base: pyproject.toml | $(PY)
+$(VENV)/.installed-base: pyproject.toml numbabn/__init__.py | $(PY)
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(PY)
+$(VENV)/.installed-test: pyproject.toml numbabn/__init__.py | $(PY)
 	$(PIP) -e ".[test]"
 	touch $@
 
-$(VENV)/.installed-bench: pyproject.toml | $(PY)
+$(VENV)/.installed-bench: pyproject.toml numbabn/__init__.py | $(PY)
 	$(PIP) -e ".[test,bench]"
 	touch $@
 
