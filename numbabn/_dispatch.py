@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -41,8 +43,91 @@ class Backend(Protocol):
 # SyncBatchNorm and ChannelStats also use the CPU backend's moments, affine,
 # grad_sums and grad_input_from_sums: the passes of a statistics exchange.
 
+_DLPACK_CPU = 1  # kDLCPU, DLPack's device type of host memory
 
-_CPU = CpuBackend()
+ACCEPTED = (
+    "a NumPy array, another CPU array (one exporting DLPack or the NumPy array interface: "
+    "a PyTorch CPU tensor, a JAX CPU array, a numpy.memmap) or a CUDA array"
+)
+
+
+def host_view(array: Any) -> Any:
+    """A host array of any library as a NumPy array over the same memory (None stays None).
+
+    Plain ndarrays come back as they are; ndarray subclasses (``numpy.memmap``)
+    as plain ndarray views; other arrays through DLPack or the NumPy array
+    interface, never copied. A read-only export (a JAX array) gives a
+    read-only view, which serves as an input but not as ``out=``.
+
+    Raises
+    ------
+    TypeError
+        For masked arrays (the kernels would ignore the mask) and PyTorch
+        tensors that require grad (they export nothing).
+    """
+    if array is None or type(array) is np.ndarray:
+        return array
+    if isinstance(array, np.ndarray):
+        if isinstance(array, np.ma.MaskedArray):
+            raise TypeError(
+                "masked arrays are not supported: batch norm would ignore the mask; "
+                "pass array.filled(value) or array.data"
+            )
+        return array.view(np.ndarray)
+    if getattr(array, "requires_grad", False):
+        raise TypeError(
+            "a tensor that requires grad cannot be shared without a copy (it exports no "
+            "DLPack); pass tensor.detach(): numbabn computes gradients in backward(), "
+            "outside PyTorch's autograd"
+        )
+    if hasattr(array, "__dlpack__"):
+        try:
+            return np.from_dlpack(array)
+        except BufferError as error:
+            name = _type_name(array)
+            raise TypeError(f"{name} cannot be viewed as a NumPy array: {error}") from None
+    return np.asarray(array)  # the NumPy array interface: a view, not a copy
+
+
+# Per array type: the function that wraps a NumPy array as that type, or None.
+_IMPORTERS: dict[type, Callable[[np.ndarray], Any] | None] = {}
+
+
+def host_like(result: np.ndarray, original: Any) -> Any:
+    """``result`` as the kind of host array ``original`` is, without a copy.
+
+    NumPy arrays and their subclasses give plain ndarrays. Other arrays are
+    rebuilt through DLPack with their library's ``from_dlpack``: the array-API
+    namespace's (``x.__array_namespace__()``, as JAX arrays have), else the
+    top-level module's (``torch.from_dlpack``); an array that offers neither
+    gives an ndarray.
+    """
+    if isinstance(original, np.ndarray):
+        return result
+    kind = type(original)
+    if kind not in _IMPORTERS:
+        _IMPORTERS[kind] = _importer(original)
+    importer = _IMPORTERS[kind]
+    return result if importer is None else importer(result)
+
+
+def _importer(original: Any) -> Callable[[np.ndarray], Any] | None:
+    if not hasattr(original, "__dlpack__"):
+        return None
+    if hasattr(original, "__array_namespace__"):
+        return getattr(original.__array_namespace__(), "from_dlpack", None)
+    module = sys.modules.get(type(original).__module__.partition(".")[0])
+    return getattr(module, "from_dlpack", None)
+
+
+class HostBackend(CpuBackend):
+    """The CPU backend, taking host arrays of any library (see :func:`host_view`)."""
+
+    adopt = staticmethod(host_view)
+    like = staticmethod(host_like)
+
+
+_CPU = HostBackend()
 
 
 def is_device_array(array: object) -> bool:
@@ -50,15 +135,40 @@ def is_device_array(array: object) -> bool:
     return hasattr(array, "__cuda_array_interface__") or hasattr(array, "__cuda_ndarray__")
 
 
-def _kind(array: object) -> str:
+def _type_name(array: object) -> str:
+    return f"{type(array).__module__}.{type(array).__qualname__}"
+
+
+def _is_host_array(array: object) -> bool:
+    """Whether ``array`` offers CPU memory through the NumPy array interface or DLPack."""
+    if hasattr(array, "__array_interface__") or hasattr(array, "__array_struct__"):
+        return True
+    device = getattr(array, "__dlpack_device__", None)
+    if device is None or not hasattr(array, "__dlpack__"):
+        return False
+    return int(device()[0]) == _DLPACK_CPU
+
+
+def kind_of(array: object) -> str:
+    """ "cpu" for host arrays (see :func:`host_view`), "cuda" for CUDA arrays.
+
+    Raises
+    ------
+    TypeError
+        For anything else, saying what is accepted.
+    """
     if isinstance(array, np.ndarray):
         return "cpu"
     if is_device_array(array):
         return "cuda"
-    raise TypeError(
-        f"expected a NumPy array or a CUDA array, got "
-        f"{type(array).__module__}.{type(array).__qualname__}"
-    )
+    if _is_host_array(array):
+        return "cpu"
+    hint = ""
+    if isinstance(array, (list, tuple)):
+        hint = "; convert it with numpy.asarray(x, dtype=numpy.float32)"
+    elif hasattr(array, "__dlpack__"):
+        hint = "; DLPack is taken for CPU memory (GPU arrays through __cuda_array_interface__)"
+    raise TypeError(f"expected {ACCEPTED}, got {_type_name(array)}{hint}")
 
 
 @functools.cache
@@ -96,15 +206,15 @@ def backend_named(device: str) -> Backend:
 
 
 def array_kind(array: object) -> str | None:
-    """ "cpu" for NumPy arrays, "cuda" for CUDA arrays, None for anything else."""
+    """:func:`kind_of`, or None for anything that is not an array."""
     try:
-        return _kind(array)
+        return kind_of(array)
     except TypeError:
         return None
 
 
 def all_host(arrays: tuple[object, ...]) -> bool:
-    """Whether every entry is a NumPy array or None."""
+    """Whether every entry is a plain NumPy array or None (the fast path: nothing to adopt)."""
     return all(type(array) is np.ndarray or array is None for array in arrays)
 
 
@@ -128,7 +238,7 @@ def backend_for(**arrays: object) -> Backend:
         if array is None:
             continue
         try:
-            kind = _kind(array)
+            kind = kind_of(array)
         except TypeError as error:
             raise TypeError(f"{name}: {error}") from None
         if chosen is None:

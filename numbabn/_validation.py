@@ -18,7 +18,7 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
 _FLOAT = np.dtype(np.float32)
 # Input dtype -> parameter dtype: float16 input keeps float32 parameters and statistics.
-_PARAM_DTYPES = {dtype: dtype for dtype in SUPPORTED_DTYPES} | {_HALF: _FLOAT}
+PARAM_DTYPES = {dtype: dtype for dtype in SUPPORTED_DTYPES} | {_HALF: _FLOAT}
 # PyTorch's names of the scalar types that NumPy has too, as its messages spell them.
 _TORCH_NAMES = {
     np.dtype(np.bool_): "Bool",
@@ -43,7 +43,7 @@ _HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
 
 def param_dtype(dtype: np.dtype) -> np.dtype:
     """Dtype of the parameters and statistics for input of ``dtype`` (float32 for float16)."""
-    return _PARAM_DTYPES[dtype]
+    return PARAM_DTYPES[dtype]
 
 
 def type_name(value: Any) -> str:
@@ -186,7 +186,7 @@ def check_dtype(x: Any, backend: str = "cpu") -> None:
     for dtypes PyTorch has no tensors of.
     """
     dtype = x.dtype
-    if dtype in _PARAM_DTYPES and (dtype != _HALF or backend == "cuda"):
+    if dtype in PARAM_DTYPES and (dtype != _HALF or backend == "cuda"):
         return
     if dtype == _HALF:
         raise TypeError(
@@ -222,9 +222,11 @@ def check_param_dtypes(
         return
     if given[0].dtype != x.dtype:  # PyTorch's "mixed type": float32 parameters for float16
         if any(vector.dtype != _FLOAT for vector in given):
-            raise RuntimeError("mixed dtype (CPU): expect parameter to have scalar type of Float")
+            raise _param_dtype_error(
+                "mixed dtype (CPU): expect parameter to have scalar type of Float"
+            )
         if x.dtype != _HALF:
-            raise RuntimeError("mixed dtype (CPU): all inputs must share same datatype.")
+            raise _param_dtype_error("mixed dtype (CPU): all inputs must share same datatype.")
         for vector in (running_mean, running_var):
             _check_rank(vector)
         return
@@ -235,7 +237,7 @@ def check_param_dtypes(
         if vector is not bias:
             _check_rank(vector)
         if vector.dtype != x.dtype:
-            raise RuntimeError(
+            raise _param_dtype_error(
                 f"expected scalar type {torch_dtype_name(x.dtype)} "
                 f"but found {torch_dtype_name(vector.dtype)}"
             )
@@ -244,6 +246,18 @@ def check_param_dtypes(
             "float16 input takes float32 weight, bias and running statistics, as in PyTorch's "
             "mixed precision; convert them with .astype(np.float32)"
         )
+
+
+def _param_dtype_error(text: str) -> RuntimeError:
+    """PyTorch's RuntimeError for a parameter dtype, marked so modules can explain it."""
+    error = RuntimeError(text)
+    error.param_dtype_mismatch = True  # type: ignore[attr-defined]
+    return error
+
+
+def is_param_dtype_error(error: BaseException) -> bool:
+    """Whether ``error`` is :func:`check_param_dtypes`'s dtype error (not a rank error)."""
+    return getattr(error, "param_dtype_mismatch", False)
 
 
 def _check_rank(vector: Any | None) -> None:
@@ -259,7 +273,7 @@ def check_channel_vector(name: str, vector: Any | None, x: Any) -> None:
     if vector is None:
         return
     check_channel_count(name, vector, x.shape[1])
-    expected = _PARAM_DTYPES.get(x.dtype)
+    expected = PARAM_DTYPES.get(x.dtype)
     if vector.dtype != expected:
         raise TypeError(
             f"{name} has dtype {vector.dtype} but the input has dtype {x.dtype}; "

@@ -17,8 +17,10 @@ from numbabn.epilogue import epilogue_for
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
 
 
-# A NumPy array, or a CUDA array: anything with ``__cuda_array_interface__``
-# (Numba device arrays, CuPy arrays, PyTorch CUDA tensors).
+# A host array, used in place: a NumPy array, or any array exporting DLPack or the
+# NumPy array interface on the CPU (PyTorch CPU tensors, JAX CPU arrays); or a CUDA
+# array: anything with ``__cuda_array_interface__`` (Numba device arrays, CuPy
+# arrays, PyTorch CUDA tensors). Results come back as the kind of array given.
 Array = Any
 
 
@@ -116,10 +118,14 @@ def batch_norm_forward(
 
     Parameters
     ----------
-    input : ndarray or CUDA array
+    input : array
         Shape ``(N, C, *spatial)``, float32 or float64 (or float16 on CUDA),
-        any strides. CUDA arrays (anything with ``__cuda_array_interface__``)
-        run on the GPU, without copies; all arrays of a call must then be on it.
+        any strides. Host arrays of any library that exports DLPack or the
+        NumPy array interface (PyTorch CPU tensors, JAX CPU arrays,
+        ``numpy.memmap``) are used in place, as are CUDA arrays (anything with
+        ``__cuda_array_interface__``), which run on the GPU; all arrays of a
+        call must be on one side. Read-only arrays serve as inputs, not as
+        ``out`` or as running statistics updated in training.
     running_mean, running_var : ndarray or None
         Running statistics, shape ``(C,)``, same dtype as ``input`` (float32
         for float16 input). Updated in
@@ -148,9 +154,10 @@ def batch_norm_forward(
 
     Returns
     -------
-    output : ndarray or CUDA array
+    output : array
         The normalised batch, laid out like ``input`` in memory, of the same
-        kind as ``input`` (CuPy in, CuPy out).
+        kind as ``input`` (CuPy in, CuPy out; a PyTorch tensor for a PyTorch
+        tensor; a plain ndarray for an ndarray subclass), or ``out`` itself.
     saved : SavedStats
         Per-channel mean and inverse standard deviation used.
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._dispatch import array_kind, backend_named, cuda_backend
+from numbabn._dispatch import array_kind, backend_named, cuda_backend, kind_of
 from numbabn.epilogue import check_activation
 from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
 
@@ -42,6 +42,14 @@ def _device_name(device: str | None) -> str:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not available; numbabn runs on 'cpu' or 'cuda'")
     return device
+
+
+def _module_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as a NumPy dtype of parameters and statistics (float32 or float64)."""
+    dtype = np.dtype(dtype)
+    if dtype not in check.SUPPORTED_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported; use float32 or float64")
+    return dtype
 
 
 class _Saved(NamedTuple):
@@ -83,9 +91,7 @@ class _BatchNorm:
         check_activation(activation)
         self.device = _device_name(device)
         self._backend = backend_named(self.device)
-        dtype = np.dtype(np.float32 if dtype is None else dtype)
-        if dtype not in check.SUPPORTED_DTYPES:
-            raise TypeError(f"dtype {dtype} is not supported; use float32 or float64")
+        dtype = _module_dtype(np.float32 if dtype is None else dtype)
         # Kept as given and checked at each call, as in PyTorch.
         self.eps = eps
         self.momentum = momentum
@@ -160,20 +166,43 @@ class _BatchNorm:
             else:
                 self._backend.assign(grad, 0.0)
 
-    def to(self, device: str) -> _BatchNorm:
-        """Move parameters, running statistics and gradients to ``device``; return self.
+    def to(self, device: Any = None, dtype: Any = None) -> _BatchNorm:
+        """Move and/or convert parameters, running statistics and gradients; return self.
 
-        ``device`` is ``"cpu"`` (NumPy arrays) or ``"cuda"`` (Numba device
-        arrays). The batch counter stays a host array. A pending backward is
-        dropped: call forward again on the new device.
+        Parameters
+        ----------
+        device : {"cpu", "cuda"} or dtype, optional
+            ``"cpu"`` (NumPy arrays) or ``"cuda"`` (Numba device arrays). A
+            dtype here is taken as ``dtype``, as ``torch.nn.Module.to`` does:
+            ``bn.to(np.float64)``.
+        dtype : float32 or float64, optional
+            New dtype of the parameters, running statistics and gradients
+            (the batch counter stays int64).
+
+        Notes
+        -----
+        Everything is converted before anything changes, so a failure leaves
+        the module as it was. The arrays are replaced, not changed in place:
+        take :meth:`parameters` again after converting. A pending backward is
+        dropped: call forward again.
         """
-        target = _device_name(device)
-        if target == self.device:
+        if device is not None and not isinstance(device, str):
+            device, dtype = None, device  # bn.to(np.float64)
+        return self._convert(
+            self.device if device is None else _device_name(device),
+            self.dtype if dtype is None else _module_dtype(dtype),
+        )
+
+    def _convert(self, target: str, new_dtype: np.dtype) -> _BatchNorm:
+        """Put the state on device ``target`` with dtype ``new_dtype`` (see :meth:`to`)."""
+        if target == self.device and new_dtype == self.dtype:
             return self
         backend = backend_named(target)
 
         def moved(array: Any) -> Any:
-            return None if array is None else backend.from_host(self._backend.to_host(array))
+            if array is None:
+                return None
+            return backend.from_host(self._backend.to_host(array).astype(new_dtype, copy=False))
 
         # Copy everything first, so a failure leaves the module where it was.
         state = {key: moved(getattr(self, key)) for key in _ARRAY_KEYS}
@@ -181,9 +210,17 @@ class _BatchNorm:
         for key, value in state.items():
             setattr(self, key, value)
         self.grads = grads
-        self.device, self._backend = target, backend
+        self.device, self._backend, self.dtype = target, backend, new_dtype
         self._saved = None
         return self
+
+    def double(self) -> _BatchNorm:
+        """Same as ``to(dtype=np.float64)``."""
+        return self._convert(self.device, np.dtype(np.float64))
+
+    def float(self) -> _BatchNorm:
+        """Same as ``to(dtype=np.float32)``."""
+        return self._convert(self.device, np.dtype(np.float32))
 
     def cpu(self) -> _BatchNorm:
         """Same as ``to("cpu")``."""
@@ -196,14 +233,17 @@ class _BatchNorm:
     # -- forward and backward ---------------------------------------------
 
     def _check_input(self, x: Any) -> None:
-        self._check_kind(x, "input")
+        """Check the rank of ``x``, an input already viewed as the backend's kind of array."""
         check.check_ndim(x, self._allowed_ndims, self._ndim_label)
+
+    def _adopt(self, array: Any, name: str) -> Any:
+        """``array`` viewed as the backend's kind, after checking it is on the module's device."""
+        self._check_kind(array, name)
+        return self._backend.adopt(array)
 
     def _check_kind(self, x: Any, name: str) -> None:
         """Raise TypeError unless ``x`` is an array on the module's device."""
-        kind = array_kind(x)
-        if kind is None:
-            raise TypeError(f"expected a NumPy array or a CUDA array, got {type(x).__qualname__}")
+        kind = kind_of(x)  # TypeError, naming what is accepted, for anything else
         if kind != self.device:
             raise TypeError(
                 f"{type(self).__name__} is on {self.device} but the {name} is a {kind} array; "
@@ -221,9 +261,11 @@ class _BatchNorm:
 
         Parameters
         ----------
-        x : ndarray or CUDA array
+        x : array
             Batch of shape ``(N, C, ...)`` (see the class for the allowed ranks),
-            on the module's device.
+            on the module's device: on the CPU a NumPy array or any host array
+            exporting DLPack or the NumPy array interface (a PyTorch CPU tensor,
+            a JAX CPU array, a ``numpy.memmap``), used in place, not copied.
         out : array, optional
             Array to write the output into, with the shape and dtype of ``x``.
         residual : array, optional
@@ -232,10 +274,19 @@ class _BatchNorm:
 
         Returns
         -------
-        ndarray or CUDA array
-            The normalised batch, of the same kind as ``x``.
+        array
+            The normalised batch, of the same kind as ``x`` (a PyTorch tensor
+            for a PyTorch tensor; a plain ndarray for an ndarray subclass), or
+            ``out`` itself.
+
+        Raises
+        ------
+        RuntimeError
+            PyTorch's text when ``x`` has another dtype than the module's
+            parameters, followed by the module's dtype and how to convert either.
         """
-        self._check_input(x)
+        array = self._adopt(x, "input")
+        self._check_input(array)
         if residual is not None:
             self._check_kind(residual, "residual")
         batch_stats = self.training or self.running_mean is None
@@ -246,24 +297,50 @@ class _BatchNorm:
             momentum = self._momentum_factor()
         else:
             momentum = 0.0 if self.momentum is None else self.momentum
-        output, saved = batch_norm_forward(
-            x,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            batch_stats,
-            momentum,
-            self.eps,
-            out=out,
-            residual=residual,
-            activation=self.activation,
-        )
+        try:
+            output, saved = batch_norm_forward(
+                array,
+                self.running_mean if use_running else None,
+                self.running_var if use_running else None,
+                self.weight,
+                self.bias,
+                batch_stats,
+                momentum,
+                self.eps,
+                out=out,
+                residual=residual,
+                activation=self.activation,
+            )
+        except RuntimeError as error:
+            self._explain_dtype_mismatch(error, array.dtype)
+            raise
         if tracking:
             # Item assignment: several times cheaper than += on a 0-d array.
             self.num_batches_tracked[()] = self.num_batches_tracked[()] + 1
         self._remember(x, saved, out, residual)
-        return output
+        return output if out is not None else self._backend.like(output, x)
+
+    def _explain_dtype_mismatch(self, error: RuntimeError, dtype: np.dtype) -> None:
+        """Add to PyTorch's text of a parameter-dtype error what to do about it.
+
+        The text stays PyTorch's first (searchable, and what PyTorch raises);
+        the module's name, both dtypes and both remedies follow.
+        """
+        if not check.is_param_dtype_error(error):
+            return
+        wanted = check.PARAM_DTYPES.get(dtype)
+        text = error.args[0]
+        text += ("" if text.endswith(".") else ".") + (
+            f" {type(self).__name__} has {self.dtype} parameters and running statistics "
+            f"but the input is {dtype}: "
+        )
+        if wanted is not None:
+            method = ".double()" if wanted == np.float64 else ".float()"
+            text += (
+                f"construct the module with dtype=np.{wanted} (or convert it with {method} "
+                f"or .to(dtype=np.{wanted})), or "
+            )
+        error.args = (f"{text}convert the input to {self.dtype}",)
 
     def _remember(
         self, x: Any, saved: SavedStats, out: Any | None, residual: Any | None = None
@@ -304,16 +381,18 @@ class _BatchNorm:
 
         Parameters
         ----------
-        grad_output : ndarray or CUDA array
-            Gradient of the loss w.r.t. the last output (same shape and dtype).
+        grad_output : array
+            Gradient of the loss w.r.t. the last output (same shape and dtype),
+            any kind of array :meth:`forward` takes.
         out : array, optional
             Array to write the input gradient into.
 
         Returns
         -------
         dx or (dx, dresidual)
-            Gradient w.r.t. the input of the last :meth:`forward`, and w.r.t. its
-            residual when one was given.
+            Gradient w.r.t. the input of the last :meth:`forward` (of that
+            input's kind), and w.r.t. its residual when one was given. The
+            parameter gradients accumulate in :attr:`grads` as NumPy arrays.
         """
         saved = self._saved_for_backward()
         self._check_kind(grad_output, "grad_output")
@@ -343,6 +422,42 @@ class _BatchNorm:
                 self.grads[name] = grad
             else:
                 self._backend.accumulate(self.grads[name], grad)
+
+    # -- parameters and buffers ------------------------------------------------
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        """``(name, array)`` for ``weight`` and ``bias`` (those the module has), as PyTorch.
+
+        The arrays are the module's own (not copies): an optimiser updates them
+        in place, ``p -= lr * bn.grads[name]``, with the gradient under the same
+        name in :attr:`grads` (None until a backward). ``prefix`` is put before
+        each name with a dot, as PyTorch's.
+        """
+        for name in ("weight", "bias"):
+            array = getattr(self, name)
+            if array is not None:
+                yield (f"{prefix}.{name}" if prefix else name), array
+
+    def parameters(self) -> Iterator[Any]:
+        """The parameter arrays of :meth:`named_parameters`: ``weight``, then ``bias``."""
+        for _, array in self.named_parameters():
+            yield array
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        """``(name, array)`` for ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+
+        Those the module has (none without ``track_running_stats``); the
+        module's own arrays, as :meth:`named_parameters`.
+        """
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            array = getattr(self, name)
+            if array is not None:
+                yield (f"{prefix}.{name}" if prefix else name), array
+
+    def buffers(self) -> Iterator[Any]:
+        """The arrays of :meth:`named_buffers`."""
+        for _, array in self.named_buffers():
+            yield array
 
     # -- state_dict ---------------------------------------------------------
 
@@ -525,8 +640,11 @@ class _LazyBatchNorm(_BatchNorm):
             raise
 
     def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
-        self._check_input(x)
-        return self._materialize_then(x.shape[1], lambda: self.forward(x, out, residual=residual))
+        array = self._adopt(x, "input")
+        self._check_input(array)
+        return self._materialize_then(
+            array.shape[1], lambda: self.forward(x, out, residual=residual)
+        )
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True

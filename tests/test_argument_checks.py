@@ -181,9 +181,36 @@ def _size_as_tuple(message: str) -> str:
 
 
 NOT_AN_ARRAY = (
-    "numbabn takes NumPy or CUDA arrays; PyTorch's parser (or, in training, its "
-    "input.size() call) names Tensor instead"
+    "numbabn takes arrays (NumPy, other host arrays, CUDA arrays); PyTorch's parser (or, in "
+    "training, its input.size() call) names Tensor instead"
 )
+LIST_ERROR = (
+    "expected a NumPy array, another CPU array (one exporting DLPack or the NumPy array "
+    "interface: a PyTorch CPU tensor, a JAX CPU array, a numpy.memmap) or a CUDA array, "
+    "got builtins.list; convert it with numpy.asarray(x, dtype=numpy.float32)"
+)
+MODULE_DTYPE = (
+    "a module's parameter-dtype error is PyTorch's text, then which module, both dtypes "
+    "and both remedies"
+)
+
+
+def _explained(kind: str, module_dtype: Any, input_dtype: Any) -> Callable[[str], str]:
+    """PyTorch's message for a module call, followed by numbabn's explanation."""
+    module_dtype, input_dtype = np.dtype(module_dtype), np.dtype(input_dtype)
+    method = ".double()" if input_dtype == np.float64 else ".float()"
+
+    def explained(message: str) -> str:
+        return (
+            f"{message}{'' if message.endswith('.') else '.'} {kind} has {module_dtype} "
+            f"parameters and running statistics but the input is {input_dtype}: construct "
+            f"the module with dtype=np.{input_dtype} (or convert it with {method} or "
+            f".to(dtype=np.{input_dtype})), or convert the input to {module_dtype}"
+        )
+
+    return explained
+
+
 BELOW_2D = (
     "PyTorch reads input.size(1) of a 1-D input past its end (its message quotes a "
     "meaningless channel count) or fails with IndexError on 0-D input; numbabn says "
@@ -346,18 +373,36 @@ CASES = [
         expect=(ValueError, "expected 2D or 3D input (got 1D input)"),
     ),
     # -- module calls: dtypes ----------------------------------------------------------------
-    module("float64 input, float32 module", "BatchNorm1d", x=_data((4, 3), np.float64)),
+    module(
+        "float64 input, float32 module",
+        "BatchNorm1d",
+        x=_data((4, 3), np.float64),
+        deviation=MODULE_DTYPE,
+        translate=_explained("BatchNorm1d", np.float32, np.float64),
+    ),
     module(
         "float64 input, float32 module, eval",
         "BatchNorm1d",
         x=_data((4, 3), np.float64),
         train=False,
+        deviation=MODULE_DTYPE,
+        translate=_explained("BatchNorm1d", np.float32, np.float64),
     ),
     module(
         "float64 input, float32 module, no affine",
         "BatchNorm1d",
         kwargs={"affine": False},
         x=_data((4, 3), np.float64),
+        deviation=MODULE_DTYPE,
+        translate=_explained("BatchNorm1d", np.float32, np.float64),
+    ),
+    module(
+        "float64 input, float32 lazy module",
+        "LazyBatchNorm2d",
+        (),
+        x=_data((2, 3, 2, 2), np.float64),
+        deviation=MODULE_DTYPE,
+        translate=_explained("BatchNorm2d", np.float32, np.float64),
     ),
     module(
         "float64 input, module without any state",
@@ -365,12 +410,20 @@ CASES = [
         kwargs={"affine": False, "track_running_stats": False},
         x=_data((4, 3), np.float64),
     ),
-    module("float32 input, float64 module", "BatchNorm1d", dtype=np.float64),
+    module(
+        "float32 input, float64 module",
+        "BatchNorm1d",
+        dtype=np.float64,
+        deviation=MODULE_DTYPE,
+        translate=_explained("BatchNorm1d", np.float64, np.float32),
+    ),
     module(
         "float32 input, float64 module without bias",
         "BatchNorm1d",
         kwargs={"bias": False},
         dtype=np.float64,
+        deviation=MODULE_DTYPE,
+        translate=_explained("BatchNorm1d", np.float64, np.float32),
     ),
     module("int64 input", "BatchNorm1d", x=np.ones((4, 3), np.int64), warm=(4, 3)),
     module("bool input, lazy", "LazyBatchNorm1d", (), x=np.ones((4, 3), bool)),
@@ -571,13 +624,13 @@ CASES = [
         rm=2,
         rv=2,
         deviation=NOT_AN_ARRAY,
-        expect=(TypeError, "input: expected a NumPy array or a CUDA array, got builtins.list"),
+        expect=(TypeError, f"input: {LIST_ERROR}"),
     ),
     functional(
         "list weight",
         w=[1.0, 1.0, 1.0],
         deviation=NOT_AN_ARRAY,
-        expect=(TypeError, "weight: expected a NumPy array or a CUDA array, got builtins.list"),
+        expect=(TypeError, f"weight: {LIST_ERROR}"),
     ),
 ]
 
