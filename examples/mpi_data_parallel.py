@@ -63,8 +63,8 @@ for epoch in range(1, 6):
         grad_w1 = allreduce_sum(x.T @ d_h)
         w1 -= learning_rate * grad_w1
         w2 -= learning_rate * grad_w2
-        bn.weight -= learning_rate * allreduce_sum(bn.grads["weight"])
-        bn.bias -= learning_rate * allreduce_sum(bn.grads["bias"])
+        for name, param in bn.named_parameters():  # the module's own arrays, updated in place
+            param -= learning_rate * allreduce_sum(bn.grads[name])
 
     loss = allreduce_sum(loss_sum) / len(points)
     accuracy = allreduce_sum(correct) / allreduce_sum(seen)

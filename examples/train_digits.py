@@ -17,8 +17,9 @@ settings learn it::
 
 Everything but the batch norm is written below in NumPy: linear layers, ReLU, softmax
 cross-entropy and SGD with momentum. ``numbabn.BatchNorm1d`` provides the forward and
-backward passes, the parameter gradients (``bn.grads``) and the running statistics
-used in evaluation mode.
+backward passes, its parameters (``bn.named_parameters()``, live arrays), their
+gradients (``bn.grads``, under the same names) and the running statistics used in
+evaluation mode.
 
 What it shows: the unscaled inputs make the plain network's first activations and
 gradients large, so at the learning rate used (0.03) it trains slowly and erratically,
@@ -101,8 +102,8 @@ class Linear:
         self.grads["bias"] = dy.sum(axis=0)
         return dy @ self.weight
 
-    def params(self) -> list[tuple[object, str]]:
-        return [(self, "weight"), (self, "bias")]
+    def named_parameters(self) -> list[tuple[str, np.ndarray]]:
+        return [("weight", self.weight), ("bias", self.bias)]
 
 
 class ReLU:
@@ -113,15 +114,8 @@ class ReLU:
     def backward(self, dy: np.ndarray) -> np.ndarray:
         return dy * self.mask
 
-    def params(self) -> list[tuple[object, str]]:
+    def named_parameters(self) -> list[tuple[str, np.ndarray]]:
         return []
-
-
-class BatchNorm(nbn.BatchNorm1d):
-    """``numbabn.BatchNorm1d`` with the ``params`` listing the optimiser uses."""
-
-    def params(self) -> list[tuple[object, str]]:
-        return [(self, "weight"), (self, "bias")]
 
 
 class Network:
@@ -130,7 +124,7 @@ class Network:
         first = Linear(64, HIDDEN, rng)
         second = Linear(HIDDEN, HIDDEN, rng)
         last = Linear(HIDDEN, 10, rng)
-        norm = (lambda: [BatchNorm(HIDDEN)]) if batch_norm else (lambda: [])
+        norm = (lambda: [nbn.BatchNorm1d(HIDDEN)]) if batch_norm else (lambda: [])
         self.layers = [first, *norm(), ReLU(), second, *norm(), ReLU(), last]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -142,18 +136,27 @@ class Network:
         for layer in reversed(self.layers):
             dy = layer.backward(dy)
 
-    def params(self) -> list[tuple[object, str]]:
-        return [param for layer in self.layers for param in layer.params()]
+    def params(self) -> list[tuple[np.ndarray, dict, str]]:
+        """``(array, grads, name)`` of every parameter; its gradient is ``grads[name]``.
+
+        ``numbabn.BatchNorm1d.named_parameters()`` yields the module's own weight
+        and bias arrays under PyTorch's names, the keys of its ``grads``.
+        """
+        return [
+            (param, layer.grads, name)
+            for layer in self.layers
+            for name, param in layer.named_parameters()
+        ]
 
     def train(self, mode: bool = True) -> None:
         for layer in self.layers:
-            if isinstance(layer, BatchNorm):
+            if isinstance(layer, nbn.BatchNorm1d):
                 layer.train(mode)
 
     def zero_grad(self) -> None:
         # numbabn accumulates parameter gradients across backward calls until cleared.
         for layer in self.layers:
-            if isinstance(layer, BatchNorm):
+            if isinstance(layer, nbn.BatchNorm1d):
                 layer.zero_grad()
 
 
@@ -170,15 +173,15 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.nda
 class SGD:
     """Stochastic gradient descent with (PyTorch-style) momentum."""
 
-    def __init__(self, params: list[tuple[object, str]], lr: float, momentum: float) -> None:
+    def __init__(self, params: list[tuple[np.ndarray, dict, str]], lr: float, momentum: float):
         self.params, self.lr, self.momentum = params, lr, momentum
-        self.velocity = [np.zeros_like(getattr(owner, name)) for owner, name in params]
+        self.velocity = [np.zeros_like(param) for param, _, _ in params]
 
     def step(self) -> None:
-        for (owner, name), velocity in zip(self.params, self.velocity, strict=True):
+        for (param, grads, name), velocity in zip(self.params, self.velocity, strict=True):
             velocity *= self.momentum
-            velocity += owner.grads[name]
-            getattr(owner, name)[...] -= self.lr * velocity
+            velocity += grads[name]
+            param -= self.lr * velocity  # in place: the layer's own array
 
 
 def accuracy(net: Network, images: np.ndarray, labels: np.ndarray) -> float:
@@ -220,7 +223,7 @@ def fold(net: Network) -> list[tuple[np.ndarray, np.ndarray]]:
     folded = []
     for layer, after in zip(net.layers, [*net.layers[1:], None], strict=True):
         if isinstance(layer, Linear):
-            if isinstance(after, BatchNorm):
+            if isinstance(after, nbn.BatchNorm1d):
                 folded.append(nbn.fold_into_linear(layer.weight, layer.bias, after))
             else:
                 folded.append((layer.weight, layer.bias))
