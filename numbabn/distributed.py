@@ -71,7 +71,9 @@ def _wait(
     if deadline is None:
         request.Wait()
         return
-    spin_until = time.monotonic() + 1e-3
+    # Poll like MPI's own blocking wait; once a peer is clearly late (10 ms), poll every
+    # 0.1 ms so that a long wait leaves the core to others (1% at most on the wait).
+    spin_until = time.monotonic() + 0.01
     while not request.Test():
         now = time.monotonic()
         if now > deadline:
@@ -83,7 +85,7 @@ def _wait(
                 "order, in training mode (a rank in eval mode exchanges nothing); the "
                 "communicator is now out of step and later exchanges on it raise"
             )
-        if now > spin_until:  # a peer is slow: stop spinning on a shared core
+        if now > spin_until:
             time.sleep(1e-4)
 
 
