@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import assert_same_state, snapshot
@@ -188,3 +192,16 @@ def test_hand_written_sgd_on_parameters_matches_torch_optim_sgd(momentum):
         assert name == their_name
         np.testing.assert_allclose(p, q.detach().numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), rtol=1e-12)
+
+
+def test_quickstart_example_runs():
+    """The new user's walk-through: the float64 call, a tensor round trip, SGD on parameters()."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("RuntimeError: mixed dtype (CPU)") and "BatchNorm2d" in lines[0]
+    assert lines[1:4] == ["float64 float32", "Tensor Tensor ndarray", "True"]
+    assert "'weight': array([2. , 0.5, 1. , 3. ]" in lines[4]
