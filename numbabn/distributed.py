@@ -200,6 +200,8 @@ class SyncBatchNorm(_BatchNorm):
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         _check_host(device)
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )

@@ -19,7 +19,10 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import numbabn as nbn
 
 pytest.importorskip("mpi4py")
 HERE = Path(__file__).parent
@@ -126,3 +129,23 @@ def test_launches_cover_every_scenario():
     assert sorted(sum(LAUNCHES, [])) == sorted(EXPECTED)
     for name in EXPECTED:
         assert f"def {name}()" in workload
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan")])
+def test_timeout_must_be_positive(timeout):
+    from mpi4py import MPI
+
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        nbn.SyncBatchNorm(3, timeout=timeout, comm=MPI.COMM_SELF)
+
+
+def test_waiting_forever_or_with_a_timeout_gives_the_same_bits():
+    from mpi4py import MPI
+
+    x = np.random.default_rng(3).standard_normal((5, 3, 4))
+    results = []
+    for timeout in (None, 10.0):
+        module = nbn.SyncBatchNorm(3, dtype=np.float64, timeout=timeout, comm=MPI.COMM_SELF)
+        results.append((module(x), module.backward(np.cos(x)), module.running_var.copy()))
+    for a, b in zip(*results, strict=True):
+        assert a.tobytes() == b.tobytes()
