@@ -25,15 +25,6 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 SKIP = re.compile(r"^<!--\s*skip:\s*(.*?)\s*-->\s*$")
 HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*$")
 
-# Blocks of the API section, which lists signatures rather than runnable code, await
-# their skip markers there. Keyed by a line of the block; remove an entry once the
-# README marks (or runs) that block.
-_SIGNATURES = "API signature summary (its skip marker is pending in the README)"
-AWAITING_MARKER = {
-    "bn = nbn.BatchNorm2d(num_features, eps=1e-5, momentum=0.1, affine=True,": _SIGNATURES,
-    "y = F.batch_norm(x, running_mean, running_var, weight=None, bias=None,": _SIGNATURES,
-}
-
 
 class Block(NamedTuple):
     line: int  # 1-based line of the first code line
@@ -91,26 +82,12 @@ def test_skip_markers_sit_before_python_blocks():
             )
 
 
-def _awaiting(block: Block) -> str | None:
-    lines = block.code.splitlines()
-    return next((AWAITING_MARKER[line] for line in lines if line in AWAITING_MARKER), None)
-
-
-def test_awaiting_marker_entries_are_current():
-    """Entries leave AWAITING_MARKER once the README marks the block or the block changes."""
-    unmarked = {line for block in BLOCKS if block.skip is None for line in block.code.splitlines()}
-    stale = set(AWAITING_MARKER) - unmarked
-    assert not stale, f"remove from AWAITING_MARKER: {sorted(stale)}"
-
-
 @pytest.mark.parametrize(
     "block", BLOCKS, ids=[f"L{block.line}-{_slug(block.section)}" for block in BLOCKS]
 )
 def test_readme_block_runs(block: Block, tmp_path, monkeypatch):
     if block.skip is not None:
         pytest.skip(f"README.md:{block.line - 1}: {block.skip}")
-    if _awaiting(block) is not None:
-        pytest.skip(f"README.md:{block.line - 1}: {_awaiting(block)}")
     monkeypatch.chdir(tmp_path)
     # Padding puts the code at its README line numbers in tracebacks.
     source = "\n" * (block.line - 1) + block.code
