@@ -57,7 +57,12 @@ class _RankFailed(RuntimeError):
 
 
 class ExchangeTimeout(RuntimeError):
-    """A SyncBatchNorm exchange did not hear from every rank within its timeout."""
+    """A SyncBatchNorm exchange did not hear from every rank within its timeout.
+
+    The unfinished collective stays posted, so the communicator cannot be used
+    for SyncBatchNorm again, and ``MPI_Finalize`` may wait on it: end the job
+    with ``comm.Abort()``.
+    """
 
 
 def _comm_key(comm: Any) -> int:
@@ -109,7 +114,7 @@ def _exchange(
     if _comm_key(comm) in _out_of_step:
         raise ExchangeTimeout(
             "an earlier SyncBatchNorm exchange on this communicator timed out; its ranks are "
-            "out of step and no exchange can be trusted: restart the job"
+            "out of step and no exchange can be trusted: end the job with comm.Abort()"
         )
     deadline = None if timeout is None else time.monotonic() + timeout
     mine = np.array([local_error is not None, kind, *header], dtype=np.int64)
