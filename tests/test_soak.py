@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def soak(*args: str) -> subprocess.CompletedProcess[str]:
+    # Numba's own thread count, so that the threaded kernels run on several threads.
     env = {key: value for key, value in os.environ.items() if key != "NUMBA_NUM_THREADS"}
     command = [sys.executable, str(WORKLOAD), *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env)
