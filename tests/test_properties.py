@@ -259,10 +259,7 @@ class Twins:
         if self.kind.fused and data.draw(st.booleans(), label="residual"):
             residual_layout = data.draw(st.sampled_from(LAYOUT_NAMES), label="residual layout")
             residual = build(shape, residual_layout, self.dtype, self.rng.standard_normal(shape))
-        out = None
-        if data.draw(st.booleans(), label="out"):
-            out_layout = data.draw(st.sampled_from(LAYOUT_NAMES[:-1]), label="out layout")
-            out = build(shape, out_layout, self.dtype, np.zeros(shape))
+        out = self.draw_out(data, shape, "out")
         tx = as_tensor(x, requires_grad=True)
         tz = None if residual is None else as_tensor(residual, requires_grad=True)
 
@@ -288,16 +285,20 @@ class Twins:
         self.agree(y, ty, "output")
         self.last = {"x": x, "tx": tx, "tz": tz, "ty": ty, "shape": shape}
 
+    def draw_out(self, data: st.DataObject, shape: tuple[int, ...], label: str) -> Any:
+        """None, or a writeable ``out=`` array of any layout."""
+        if not data.draw(st.booleans(), label=label):
+            return None
+        layout = data.draw(st.sampled_from(LAYOUT_NAMES[:-1]), label=f"{label} layout")
+        return build(shape, layout, self.dtype, np.zeros(shape))
+
     def backward(self, data: st.DataObject) -> None:
         if self.last is None:
             return
         shape = self.last["shape"]
         layout = data.draw(st.sampled_from(LAYOUT_NAMES), label="dy layout")
         dy = build(shape, layout, self.dtype, self.rng.standard_normal(shape))
-        out = None
-        if data.draw(st.booleans(), label="dx out"):
-            out_layout = data.draw(st.sampled_from(LAYOUT_NAMES[:-1]), label="dx out layout")
-            out = build(shape, out_layout, self.dtype, np.zeros(shape))
+        out = self.draw_out(data, shape, "dx out")
         tx, tz = self.last["tx"], self.last["tz"]
 
         def theirs() -> Any:
