@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from numbabn._cpu import CpuBackend
+from numbabn.epilogue import Epilogue
 
 
 class Backend(Protocol):
@@ -32,12 +33,23 @@ class Backend(Protocol):
     def may_share_memory(self, a: Any, b: Any) -> bool: ...
     def accumulate(self, target: Any, source: Any) -> None: ...
     def train_forward(
-        self, x, weight, bias, running_mean, running_var, momentum, eps, out, epilogue=None
-    ): ...
-    def eval_forward(self, x, running_mean, running_var, weight, bias, eps, out, epilogue=None): ...
-    def train_backward(self, dy, x, mean, invstd, weight, out): ...
-    def eval_backward(self, dy, x, mean, invstd, weight, out): ...
-    def masked_backward(self, dy, x, mean, invstd, weight, bias, batch_stats, epilogue, out): ...
+        self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,
+        momentum: float, eps: float, out: Any | None, epilogue: Epilogue | None = None,
+    ) -> tuple[Any, Any, Any]: ...  # fmt: skip
+    def eval_forward(
+        self, x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float,
+        out: Any | None, epilogue: Epilogue | None = None,
+    ) -> tuple[Any, Any, Any]: ...  # fmt: skip
+    def train_backward(
+        self, dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, out: Any | None
+    ) -> tuple[Any, Any, Any]: ...
+    def eval_backward(
+        self, dy: Any, x: Any, mean: Any, invstd: Any, weight: Any | None, out: Any | None
+    ) -> tuple[Any, Any | None, Any | None]: ...
+    def masked_backward(
+        self, dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, bias: Any,
+        batch_stats: bool, epilogue: Epilogue, out: Any | None,
+    ) -> tuple[Any, Any | None, Any, Any]: ...  # fmt: skip
 
 
 # SyncBatchNorm and ChannelStats also use the CPU backend's moments, affine,

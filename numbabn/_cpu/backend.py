@@ -28,6 +28,7 @@ class _Operands:
             # More than three separate strided groups: the one case that copies.
             x = np.ascontiguousarray(x)
             layout = plan(x)
+            assert layout is not None  # a C-contiguous array always has a layout
         self.x = x
         self.layout: Layout = layout
         self.view = layout.view(x)
@@ -41,7 +42,13 @@ class _Operands:
         if view is None:
             staged = np.empty_like(self.x)
             staged[...] = array
-            view = self.layout.view(staged)
+            view = self.staged_view(staged)
+        return view
+
+    def staged_view(self, staged: np.ndarray) -> np.ndarray:
+        """View ``staged``, an ``np.empty_like(self.x)``: its strides always fit the layout."""
+        view = self.layout.view(staged)
+        assert view is not None
         return view
 
     def partials(self) -> np.ndarray:
@@ -83,7 +90,7 @@ class _Operands:
         if view is not None:
             return target, kernel(view)
         staged = np.empty_like(self.x)
-        result = kernel(self.layout.view(staged))
+        result = kernel(self.staged_view(staged))
         target[...] = staged
         return target, result
 
@@ -127,9 +134,17 @@ class CpuBackend:
     like = staticmethod(_like)
     empty_like = staticmethod(np.empty_like)
     filled = staticmethod(_filled)
-    from_host = staticmethod(np.copy)
-    to_host = staticmethod(np.copy)
     may_share_memory = staticmethod(np.may_share_memory)
+
+    @staticmethod
+    def from_host(array: np.ndarray) -> np.ndarray:
+        """A copy of host ``array`` (this backend's arrays are host arrays)."""
+        return np.copy(array)
+
+    @staticmethod
+    def to_host(array: np.ndarray) -> np.ndarray:
+        """A copy of ``array`` that the caller owns."""
+        return np.copy(array)
 
     @staticmethod
     def assign(target: np.ndarray, values: np.ndarray | float) -> None:
@@ -374,7 +389,7 @@ class CpuBackend:
         out: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Gradients through fixed statistics: ``dx = dy * weight * invstd``."""
-        grads = (None, None)
+        grads: tuple[np.ndarray | None, np.ndarray | None] = (None, None)
         if weight is not None:
             # Before dx is written: out= may be dy or x.
             sum_dy, sum_dy_xmu = CpuBackend.grad_sums(dy, x, mean)

@@ -27,8 +27,8 @@ RUN_ELEMENTS = 2048
 CHANNEL_BLOCK = 512
 MIN_POSITIONS = 256
 
-_CHANNEL = (1,)
-_PAD = ()
+_CHANNEL: tuple[int, ...] = (1,)
+_PAD: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

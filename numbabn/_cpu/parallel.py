@@ -101,7 +101,7 @@ def _masked_grad(
         )  # fmt: skip
 
 
-_DRIVERS = {
+_DRIVERS: dict[Callable[..., None], Callable[..., None]] = {
     kernels.sums_items: _sums,
     kernels.affine_items: _affine,
     kernels.grad_items: _grad,
