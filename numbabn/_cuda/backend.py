@@ -98,8 +98,9 @@ class _Operands:
             arrays.copy(x, staged)
             x = staged
             grid = _grid_for(x)
+            assert grid is not None  # a freshly allocated array always has a grid
         self.x = x
-        self.grid = grid
+        self.grid: _Grid = grid
         self.view = grid.view(x)
 
     def input_view(self, array: Any) -> Any:
@@ -134,14 +135,14 @@ class _Operands:
         if view is None:
             staged = arrays.empty_like(self.x)
             view = self.grid.view(staged)
-        residual = epilogue is not None and epilogue.residual is not None
-        z_view = self.input_view(epilogue.residual) if residual else x_view
+        residual = None if epilogue is None else epilogue.residual
+        z_view = x_view if residual is None else self.input_view(residual)
         relu = epilogue is not None and epilogue.relu
         dz_view = view if dz is None else self.grid.view(dz)
         grid = self.grid
         self.launch(
             kernels.elementwise, x_view, dy_view, z_view, grid.channel_lanes, grid.per_block,
-            mode, residual, relu, coeffs, view, dz_view,
+            mode, residual is not None, relu, coeffs, view, dz_view,
         )  # fmt: skip
         if staged is not None:
             arrays.copy(staged, target)
@@ -223,8 +224,8 @@ class CudaBackend:
     ) -> tuple[_Operands, Any, Any, Any]:  # fmt: skip
         ops = _Operands(x)
         dy_view = ops.input_view(dy)
-        residual = epilogue is not None and epilogue.residual is not None
-        z_view = ops.input_view(epilogue.residual) if residual else ops.view
+        residual = None if epilogue is None else epilogue.residual
+        z_view = ops.view if residual is None else ops.input_view(residual)
         n_channels = x.shape[1]
         coeffs = _coefficients(n_channels)
         grads = arrays.empty((2, n_channels), weight.dtype)
@@ -233,7 +234,7 @@ class CudaBackend:
         ops.launch(
             kernels.gradient_sums, dy_view, ops.view, z_view, grid.channel_lanes, grid.per_block,
             mean, invstd, weight, weight if bias is None else bias, epilogue is not None,
-            residual, batch_stats, coeffs, grads, partials, counters,
+            residual is not None, batch_stats, coeffs, grads, partials, counters,
         )  # fmt: skip
         return ops, dy_view, coeffs, grads
 
