@@ -234,12 +234,13 @@ def check_param_dtypes(
     for vector in order:
         if vector is None:
             continue
+        dtype = vector.dtype
         if vector is not bias:
             _check_rank(vector)
-        if vector.dtype != x.dtype:
+        if dtype != x.dtype:
             raise _param_dtype_error(
                 f"expected scalar type {torch_dtype_name(x.dtype)} "
-                f"but found {torch_dtype_name(vector.dtype)}"
+                f"but found {torch_dtype_name(dtype)}"
             )
     if x.dtype == _HALF:
         raise TypeError(

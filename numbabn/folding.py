@@ -129,7 +129,7 @@ def fold_into_conv(
     if bias is None:
         bias = np.zeros_like(running_mean)
     inv_std = 1.0 / np.sqrt(running_var + eps)
-    shape = (1, -1) if transpose else (-1, 1)
+    shape: tuple[int, ...] = (1, -1) if transpose else (-1, 1)
     shape += (1,) * (weight.ndim - 2)
     folded_weight = (weight * (bn_weight * inv_std).reshape(shape)).astype(weight_dtype)
     folded_bias = ((bias - running_mean) * inv_std * bn_weight + bn_bias).astype(bias_dtype)

@@ -315,6 +315,7 @@ def batch_norm_backward(
         grad_residual = backend.empty_like(x)
         grad_weight = grad_bias = None
         if weight is not None:
+            assert weight_array is not None  # adopted from weight
             zeros = np.zeros(n_channels, weight_array.dtype)
             grad_weight, grad_bias = backend.from_host(zeros), backend.from_host(zeros)
     elif epilogue is not None and epilogue.relu:
@@ -368,6 +369,7 @@ def _backward_results(
     if weight is None:
         grad_weight = grad_bias = None
     else:
+        assert grad_weight is not None and grad_bias is not None  # computed when weight is given
         shape = tuple(weight.shape)  # the forward's weight may have any shape of C elements
         if tuple(grad_weight.shape) != shape:
             grad_weight, grad_bias = grad_weight.reshape(shape), grad_bias.reshape(shape)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from numbabn import _validation as check
+from numbabn._cpu import CpuBackend
 from numbabn._dispatch import backend_for
 
 __all__ = ["ChannelStats", "set_running_stats"]
@@ -56,7 +57,7 @@ class ChannelStats:
     def update(self, x: np.ndarray) -> ChannelStats:
         """Add a batch of shape ``(N, C, *spatial)``; return self."""
         backend = backend_for(x=x)
-        if backend.name != "cpu":
+        if not isinstance(backend, CpuBackend):
             raise TypeError(f"expected a NumPy array, got {type(x).__qualname__}")
         if x.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
