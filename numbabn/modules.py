@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -12,6 +13,9 @@ from numbabn import _validation as check
 from numbabn._dispatch import array_kind, backend_named, cuda_backend, kind_of
 from numbabn.epilogue import check_activation
 from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = [
     "BatchNorm1d",
@@ -75,6 +79,14 @@ class _BatchNorm:
     _allowed_ndims: ClassVar[tuple[int, ...]]
     _ndim_label: ClassVar[str]
 
+    # Parameters and running statistics: arrays on the module's device, or None.
+    weight: Any | None
+    bias: Any | None
+    running_mean: Any | None
+    running_var: Any | None
+    # A host int64 0-d array on every device; None without running statistics.
+    num_batches_tracked: np.ndarray | None
+
     def __init__(
         self,
         num_features: int,
@@ -134,12 +146,12 @@ class _BatchNorm:
 
     # -- modes and resets -------------------------------------------------
 
-    def train(self, mode: bool = True) -> _BatchNorm:
+    def train(self, mode: bool = True) -> Self:
         """Set training mode (batch statistics, running-statistics updates); return self."""
         self.training = bool(mode)
         return self
 
-    def eval(self) -> _BatchNorm:
+    def eval(self) -> Self:
         """Set evaluation mode (running statistics); return self."""
         return self.train(False)
 
@@ -148,6 +160,7 @@ class _BatchNorm:
         if self.track_running_stats:
             self._backend.assign(self.running_mean, 0.0)
             self._backend.assign(self.running_var, 1.0)
+            assert self.num_batches_tracked is not None  # allocated with the statistics
             self.num_batches_tracked[...] = 0
 
     def reset_parameters(self) -> None:
@@ -166,7 +179,7 @@ class _BatchNorm:
             else:
                 self._backend.assign(grad, 0.0)
 
-    def to(self, device: Any = None, dtype: Any = None) -> _BatchNorm:
+    def to(self, device: Any = None, dtype: Any = None) -> Self:
         """Move and/or convert parameters, running statistics and gradients; return self.
 
         Parameters
@@ -193,7 +206,7 @@ class _BatchNorm:
             self.dtype if dtype is None else _module_dtype(dtype),
         )
 
-    def _convert(self, target: str, new_dtype: np.dtype) -> _BatchNorm:
+    def _convert(self, target: str, new_dtype: np.dtype) -> Self:
         """Put the state on device ``target`` with dtype ``new_dtype`` (see :meth:`to`)."""
         if target == self.device and new_dtype == self.dtype:
             return self
@@ -214,19 +227,19 @@ class _BatchNorm:
         self._saved = None
         return self
 
-    def double(self) -> _BatchNorm:
+    def double(self) -> Self:
         """Same as ``to(dtype=np.float64)``."""
         return self._convert(self.device, np.dtype(np.float64))
 
-    def float(self) -> _BatchNorm:
+    def float(self) -> Self:
         """Same as ``to(dtype=np.float32)``."""
         return self._convert(self.device, np.dtype(np.float32))
 
-    def cpu(self) -> _BatchNorm:
+    def cpu(self) -> Self:
         """Same as ``to("cpu")``."""
         return self.to("cpu")
 
-    def cuda(self) -> _BatchNorm:
+    def cuda(self) -> Self:
         """Same as ``to("cuda")``."""
         return self.to("cuda")
 
@@ -250,9 +263,10 @@ class _BatchNorm:
                 f"move the module with .to({kind!r}) or the {name} to {self.device}"
             )
 
-    def _momentum_factor(self) -> float:
+    def _momentum_factor(self) -> builtins.float:  # "float" here names the method
         if self.momentum is None:
             # Cumulative moving average over the batches seen so far.
+            assert self.num_batches_tracked is not None  # called when tracking statistics
             return 1.0 / float(self.num_batches_tracked + 1)
         return self.momentum
 
@@ -316,7 +330,9 @@ class _BatchNorm:
             raise
         if tracking:
             # Item assignment: several times cheaper than += on a 0-d array.
-            self.num_batches_tracked[()] = self.num_batches_tracked[()] + 1
+            counter = self.num_batches_tracked
+            assert counter is not None  # tracking: allocated with the statistics
+            counter[()] = counter[()] + 1
         self._remember(x, saved, out, residual)
         return output if out is not None else self._backend.like(output, x)
 
@@ -631,11 +647,12 @@ class _LazyBatchNorm(_BatchNorm):
         """
         lazy_class = type(self)
         self._allocate(num_features)
-        self.__class__ = self._becomes
+        module: _BatchNorm = self  # it stops being a lazy module
+        module.__class__ = self._becomes
         try:
             return action()
         except BaseException:
-            self.__class__ = lazy_class
+            module.__class__ = lazy_class
             self._allocate(0)
             raise
 
