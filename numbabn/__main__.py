@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numba
 import numpy as np
 
 import numbabn as nbn
 
+_T = TypeVar("_T")
 
-def _numpy_batch_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float):
+
+def _numpy_batch_norm(
+    x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float
+) -> np.ndarray:
     """Training-mode batch norm written the way a NumPy user would, in float64."""
     x64 = x.astype(np.float64)
     mean = x64.mean(axis=(0, 2, 3), keepdims=True)
@@ -18,7 +24,7 @@ def _numpy_batch_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: 
     return (x64 - mean) / np.sqrt(var + eps) * weight[:, None, None] + bias[:, None, None]
 
 
-def _timed(func, *args, repeat: int = 1):
+def _timed(func: Callable[..., _T], *args: Any, repeat: int = 1) -> tuple[_T, float]:
     """Result of the last call and the median milliseconds over ``repeat`` calls."""
     times = []
     for _ in range(repeat):
@@ -40,8 +46,13 @@ def main() -> None:
     print(f"input {shape} float32, {x.nbytes / 1e6:.1f} MB")
 
     bn = nbn.BatchNorm2d(shape[1])
-    bn.weight[...] = rng.uniform(0.5, 1.5, shape[1])
-    bn.bias[...] = rng.normal(0.0, 0.1, shape[1])
+    # Affine and tracking running statistics: the module has all of its arrays.
+    weight, bias, running_mean = bn.weight, bn.bias, bn.running_mean
+    running_var, batches_tracked = bn.running_var, bn.num_batches_tracked
+    assert weight is not None and bias is not None and batches_tracked is not None
+    assert running_mean is not None and running_var is not None
+    weight[...] = rng.uniform(0.5, 1.5, shape[1])
+    bias[...] = rng.normal(0.0, 0.1, shape[1])
 
     dy = rng.standard_normal(shape).astype(np.float32)
     _, compile_ms = _timed(lambda: (bn(x), bn.backward(dy)))
@@ -50,12 +61,12 @@ def main() -> None:
     bn.zero_grad()
 
     y, forward_ms = _timed(bn, x, repeat=5)
-    error = np.abs(y - _numpy_batch_norm(x, bn.weight, bn.bias, bn.eps)).max()
+    error = np.abs(y - _numpy_batch_norm(x, weight, bias, bn.eps)).max()
     print(f"train forward: {forward_ms:.1f} ms (median of 5)")
     print(f"max |numbabn - NumPy float64 computation| = {error:.2e}")
     if error > 1e-5:
         raise SystemExit("the output does not match the NumPy computation")
-    means = y.mean(axis=(0, 2, 3)) - bn.bias
+    means = y.mean(axis=(0, 2, 3)) - bias
     print(f"output per-channel mean minus bias: max {np.abs(means).max():.1e} (expected ~0)")
 
     _, backward_ms = _timed(bn.backward, dy, repeat=5)
@@ -72,18 +83,20 @@ def main() -> None:
         residual = y - target
         loss = 0.5 * float(np.mean(residual * residual))
         bn.backward(residual / per_channel)  # gradient of the per-channel mean loss
-        bn.weight -= 0.5 * bn.grads["weight"]
-        bn.bias -= 0.5 * bn.grads["bias"]
+        grad_weight, grad_bias = bn.grads["weight"], bn.grads["bias"]
+        assert grad_weight is not None and grad_bias is not None  # backward set them
+        weight -= 0.5 * grad_weight  # in place: the module's own arrays
+        bias -= 0.5 * grad_bias
         print(
-            f"  step {step}: loss {loss:.4f}, weight[0] {bn.weight[0]:.3f}, "
-            f"bias[0] {bn.bias[0]:+.3f}, batches tracked {int(bn.num_batches_tracked)}, "
-            f"running_mean[0] {bn.running_mean[0]:+.3f} (batch mean {x[:, 0].mean():+.3f})"
+            f"  step {step}: loss {loss:.4f}, weight[0] {weight[0]:.3f}, "
+            f"bias[0] {bias[0]:+.3f}, batches tracked {int(batches_tracked)}, "
+            f"running_mean[0] {running_mean[0]:+.3f} (batch mean {x[:, 0].mean():+.3f})"
         )
 
     bn.eval()
     y_eval, eval_ms = _timed(bn, x, repeat=5)
-    expected = (x[:, :1] - bn.running_mean[0]) / np.sqrt(bn.running_var[0] + bn.eps)
-    expected = expected * bn.weight[0] + bn.bias[0]
+    expected = (x[:, :1] - running_mean[0]) / np.sqrt(running_var[0] + bn.eps)
+    expected = expected * weight[0] + bias[0]
     print(
         f"eval forward (running statistics): {eval_ms:.1f} ms, channel 0 max error "
         f"{np.abs(y_eval[:, :1] - expected).max():.1e}"
