@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numba
@@ -12,7 +13,7 @@ import numpy as np
 
 import numbabn
 from numbabn.bench import machine
-from numbabn.bench.cases import DEFAULT_CASES, QUICK_CASES
+from numbabn.bench.cases import DEFAULT_CASES, QUICK_CASES, Case
 from numbabn.bench.fused import FUSED_CASES, QUICK_FUSED_CASES, fused_markdown, measure_fused
 from numbabn.bench.measure import measure_case
 from numbabn.bench.peers import torch_available
@@ -20,7 +21,7 @@ from numbabn.bench.report import markdown, write_json, write_png
 from numbabn.bench.startup import startup_seconds
 
 
-def _progress(items, description: str):
+def _progress(items: Sequence[Case], description: str) -> Iterator[Case]:
     try:
         from tqdm import tqdm
     except ImportError:

@@ -34,7 +34,7 @@ PASSES = {"forward": 3, "backward": 5, "forward_backward": 8, "eval": 2}
 
 
 @cuda.jit
-def _read_pass(x, sink):
+def _read_pass(x: Any, sink: Any) -> None:
     total = 0.0
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, x.shape[0], stride):
@@ -44,7 +44,7 @@ def _read_pass(x, sink):
 
 
 @cuda.jit
-def _read_write_pass(x, out):
+def _read_write_pass(x: Any, out: Any) -> None:
     start, stride = cuda.grid(1), cuda.gridsize(1)
     for i in range(start, x.shape[0], stride):
         out[i] = 2 * x[i] + 1

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numba import njit, prange
 
+if TYPE_CHECKING:
+    import torch
+
 
 @njit(parallel=True, fastmath={"reassoc"}, cache=True)
-def _read_pass(flat):
+def _read_pass(flat: np.ndarray) -> float:
     total = 0.0
     for i in prange(flat.shape[0]):
         total += flat[i]
@@ -15,7 +20,7 @@ def _read_pass(flat):
 
 
 @njit(parallel=True, cache=True)
-def _read_write_pass(flat, out):
+def _read_write_pass(flat: np.ndarray, out: np.ndarray) -> None:
     for i in prange(flat.shape[0]):
         out[i] = 2 * flat[i] + 1
 
@@ -92,7 +97,7 @@ class TorchBatchNorm:
         self.running_var = torch.ones(channels, dtype=dtype)
         self.dy = torch.ones_like(self.x)
 
-    def _batch_norm(self, training: bool):
+    def _batch_norm(self, training: bool) -> torch.Tensor:
         return self.torch.nn.functional.batch_norm(
             self.x, self.running_mean, self.running_var, self.weight, self.bias, training
         )

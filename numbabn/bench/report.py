@@ -103,10 +103,13 @@ def markdown(results: list[dict[str, Any]], header: str, startup: dict[str, floa
                 f"{_ratio(row['speedup_numpy'])} |"
             )
             if result["bytes"] >= 1e6:
-                worst["vs_roofline"] = max(worst.get("vs_roofline", 0.0), row["vs_roofline"])
+                vs_roofline = row["vs_roofline"]
+                assert vs_roofline is not None  # pass_rows always computes it
+                worst["vs_roofline"] = max(worst.get("vs_roofline", 0.0), vs_roofline)
                 for key in ("speedup_torch", "speedup_numpy"):
-                    if row[key] is not None:
-                        worst[key] = min(worst.get(key, float("inf")), row[key])
+                    speedup = row[key]
+                    if speedup is not None:
+                        worst[key] = min(worst.get(key, float("inf")), speedup)
         summary = ", ".join(f"{key} {value:.2f}" for key, value in worst.items())
         lines += ["", f"Worst over cases of 1 MB or more: {summary}.", ""]
     lines += [

@@ -8,6 +8,7 @@ and merges) on rank 0.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import numpy as np
 from mpi4py import MPI
@@ -30,14 +31,16 @@ def main(argv: list[str] | None = None) -> None:
         plain = nbn.BatchNorm2d(shape[1])
         synced = nbn.SyncBatchNorm(shape[1], comm=comm)
 
-        def step(module, x=x, dy=dy):
+        def step(
+            module: nbn.BatchNorm2d | nbn.SyncBatchNorm, x: np.ndarray = x, dy: np.ndarray = dy
+        ) -> None:
             module(x)
             module.backward(dy)
 
         timings = []
         for module in (plain, synced):
             comm.Barrier()
-            seconds = median_seconds(lambda module=module: step(module), args.repeat)
+            seconds = median_seconds(functools.partial(step, module), args.repeat)
             timings.append(max(comm.allgather(seconds)))  # the slowest rank sets the pace
         rows.append((shape, *timings))
     if comm.Get_rank() == 0:
