@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from numbabn import _validation as check
+from numbabn._cpu import CpuBackend
+from numbabn._dispatch import Backend
 from numbabn.functional import SavedStats, check_forward_args
 from numbabn.modules import _BatchNorm
 from numbabn.stats import ChannelStats
@@ -69,8 +71,19 @@ def _comm_key(comm: Any) -> int:
     return comm.py2f()
 
 
+def _host(backend: Backend) -> CpuBackend:
+    """The backend of a call on host arrays: the only arrays SyncBatchNorm takes."""
+    assert isinstance(backend, CpuBackend)
+    return backend
+
+
 def _wait(
-    comm: Any, request: Any, deadline: float | None, timeout: float | None, kind: int, keep: tuple
+    comm: Any,
+    request: Any,
+    deadline: float | None,
+    timeout: float | None,
+    kind: int,
+    keep: tuple[Any, ...],
 ) -> None:
     """Complete ``request``, or raise :class:`ExchangeTimeout` after ``deadline``."""
     if deadline is None:
@@ -147,6 +160,7 @@ def _exchange(
             for rank, (channels, dtype) in enumerate(headers[:, 2:])
         )
         raise ValueError(f"SyncBatchNorm ranks disagree on the input ({described})")
+    assert payload is not None  # given whenever this rank did not fail
     gathered = np.empty((comm.Get_size(), payload.size), dtype=np.float64)
     _wait(comm, comm.Iallgather(payload, gathered), deadline, timeout, kind, (payload, gathered))
     return gathered
@@ -214,7 +228,8 @@ class SyncBatchNorm(_BatchNorm):
         self.timeout = timeout
         self._total_count: int | None = None
 
-    def to(self, device: str) -> SyncBatchNorm:
+    # Narrower than _BatchNorm.to: a device alone, and only the CPU.
+    def to(self, device: str) -> SyncBatchNorm:  # type: ignore[override]
         """Stay on the CPU (``"cpu"``); any other device raises ValueError."""
         _check_host(device)
         return self
@@ -241,9 +256,10 @@ class SyncBatchNorm(_BatchNorm):
         payload, backend, error, header = None, None, None, (-1, -1)
         try:
             self._check_input(x)
-            backend, _ = check_forward_args(
+            checked, _ = check_forward_args(
                 x, self.running_mean, self.running_var, self.weight, self.bias, out
             )
+            backend = _host(checked)
             count = x.size // x.shape[1] if x.size else 0
             mean, m2 = backend.moments(x) if count else (np.zeros(x.shape[1]),) * 2
             payload = np.concatenate([[count], mean, m2])
@@ -263,9 +279,12 @@ class SyncBatchNorm(_BatchNorm):
                 "Expected more than 1 value per channel when training, "
                 f"got input size {tuple(x.shape)} over all ranks"
             )
+        assert backend is not None  # _exchange raised otherwise
         return self._normalise(x, out, backend, total)
 
-    def _normalise(self, x: np.ndarray, out: np.ndarray | None, backend: Any, total: ChannelStats):
+    def _normalise(
+        self, x: np.ndarray, out: np.ndarray | None, backend: CpuBackend, total: ChannelStats
+    ) -> np.ndarray:
         n_channels = x.shape[1]
         tracking = self.track_running_stats
         if total.count == 0:
@@ -277,6 +296,7 @@ class SyncBatchNorm(_BatchNorm):
             bias = np.zeros(n_channels) if self.bias is None else self.bias
             output = backend.affine(x, total.mean, invstd * weight, bias.astype(np.float64), out)
             if tracking:
+                assert self.running_mean is not None and self.running_var is not None
                 factor = self._momentum_factor()
                 self.running_mean[...] = (1 - factor) * self.running_mean + factor * total.mean
                 self.running_var[...] = (
@@ -284,6 +304,7 @@ class SyncBatchNorm(_BatchNorm):
                 ) * self.running_var + factor * total.unbiased_var
             saved = SavedStats(total.mean, invstd, True)
         if tracking:
+            assert self.num_batches_tracked is not None
             self.num_batches_tracked += 1
         self._remember(x, saved, out)
         self._total_count = total.count
@@ -300,7 +321,7 @@ class SyncBatchNorm(_BatchNorm):
         try:
             last = self._saved_for_backward()
             x, saved = last.input, last.stats
-            backend, _ = check_forward_args(x, None, None, self.weight, None, out)
+            backend = _host(check_forward_args(x, None, None, self.weight, None, out)[0])
             if not isinstance(grad_output, np.ndarray):
                 raise TypeError(f"expected a NumPy array, got {type(grad_output).__qualname__}")
             check.check_like("grad_output", grad_output, x, "the last forward's input")
@@ -312,6 +333,8 @@ class SyncBatchNorm(_BatchNorm):
             error = caught
         payload = None if sums is None else sums.ravel()
         gathered = _exchange(self.comm, _BACKWARD, error, header, payload, self.timeout)
+        # _exchange raised unless this rank's forward and checks went through.
+        assert sums is not None and backend is not None and self._total_count is not None
         total = np.zeros_like(sums)
         for rank_sums in gathered:  # in rank order: identical on every rank
             total += rank_sums.reshape(sums.shape)
