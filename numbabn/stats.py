@@ -78,12 +78,32 @@ class ChannelStats:
         return self._merge_moments(other.count, other.mean, other.m2)
 
     def _merge_moments(self, count: int, mean: np.ndarray, m2: np.ndarray) -> ChannelStats:
+        """Add ``count`` values per channel with these means and M2 (Chan et al.).
+
+        A channel where either mean is not finite (data with NaN or infinities)
+        gets PyTorch's statistics of the whole data: the count-weighted mean
+        (+-inf, or NaN for NaN or infinities of both signs) and an M2 of NaN.
+        Chan's update would subtract the infinite means (NaN). Finite channels
+        take Chan's update as written, bit for bit.
+        """
         if count == 0:
             return self
         total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+        if np.isfinite(mean).all() and np.isfinite(self.mean).all():
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (count / total)
+            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):
+                delta = mean - self.mean
+                merged_mean = self.mean + delta * (count / total)
+                merged_m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
+                weighted = (
+                    mean if self.count == 0 else (self.mean * self.count + mean * count) / total
+                )
+            nonfinite = ~(np.isfinite(mean) & np.isfinite(self.mean))
+            self.mean = np.where(nonfinite, weighted, merged_mean)
+            self.m2 = np.where(nonfinite, np.nan, merged_m2)
         self.count = total
         return self
 

@@ -96,3 +96,85 @@ def test_data_parallel_example_runs():
     assert "identical on all ranks: True" in result.stdout
     final_accuracy = float(result.stdout.split("accuracy ")[-2].split()[0])
     assert final_accuracy > 0.7
+
+
+# Where one channel holds non-finite values: PyTorch's mean is +-inf for infinities of
+# one sign and NaN otherwise; its variance is NaN.
+NONFINITE = {
+    "inf": [((2, 1, 3), np.inf)],
+    "-inf": [((4, 1, 0), -np.inf)],
+    "nan": [((1, 1, 2), np.nan)],
+    "inf and -inf": [((0, 1, 1), np.inf), ((5, 1, 2), -np.inf)],
+    "inf twice": [((0, 1, 1), np.inf), ((5, 1, 2), np.inf)],
+    "inf and nan": [((0, 1, 1), np.inf), ((3, 1, 2), np.nan)],
+}
+
+
+def _with_nonfinite(case: str) -> np.ndarray:
+    x = np.random.default_rng(5).standard_normal((6, 3, 4)) + 2.0
+    for index, value in NONFINITE[case]:
+        x[index] = value
+    return x
+
+
+def _torch_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's output and running statistics of one training step on ``x``."""
+    torch = pytest.importorskip("torch")
+    bn = torch.nn.BatchNorm1d(x.shape[1], dtype=torch.float64)
+    y = bn(torch.from_numpy(x)).detach().numpy()
+    return y, bn.running_mean.numpy(), bn.running_var.numpy()
+
+
+def _assert_same_pattern(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    """Same NaN and +-inf positions, and the finite values to float64 rounding."""
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{what}: NaN")
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want), err_msg=f"{what}: +inf")
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want), err_msg=f"{what}: -inf")
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-12, atol=1e-12, err_msg=what)
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+@pytest.mark.parametrize("pieces", [(6,), (2, 4), (1, 2, 3), (0, 3, 0, 1, 2)])
+def test_channel_stats_merge_of_nonfinite_data_gives_pytorchs_mean(case, pieces):
+    x = _with_nonfinite(case)
+    _, running_mean, running_var = _torch_stats(x)
+    merged = nbn.ChannelStats(3)
+    with np.errstate(all="raise"):  # no warning either
+        for chunk in np.split(x, np.cumsum(pieces)[:-1]):
+            merged.merge(nbn.ChannelStats(3).update(chunk))
+    assert merged.count == 6 * 4
+    # The running statistics hold 0.1 of the batch's: the same pattern of NaN and inf.
+    _assert_same_pattern(merged.mean * 0.1, running_mean, "mean")
+    _assert_same_pattern(0.9 + merged.unbiased_var * 0.1, running_var, "variance")
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+def test_sync_with_one_rank_on_nonfinite_data_is_pytorch(case):
+    from mpi4py import MPI
+
+    x = _with_nonfinite(case)
+    y_torch, running_mean, running_var = _torch_stats(x)
+    synced = nbn.SyncBatchNorm(3, dtype=np.float64, comm=MPI.COMM_SELF)
+    y = synced(x)
+    _assert_same_pattern(y, y_torch, "output")
+    _assert_same_pattern(synced.running_mean, running_mean, "running_mean")
+    _assert_same_pattern(synced.running_var, running_var, "running_var")
+
+
+def test_merge_of_finite_statistics_is_unchanged_bit_for_bit():
+    """The finite path is Chan et al.'s formulas exactly as written (results are pinned)."""
+    rng = np.random.default_rng(9)
+    parts = [rng.standard_normal((n, 5, 3)) * 7 + 1e3 for n in (3, 1, 4)]
+    merged = nbn.ChannelStats(5)
+    expected_mean, expected_m2, count = np.zeros(5), np.zeros(5), 0
+    for part in parts:
+        stats = nbn.ChannelStats(5).update(part)
+        merged.merge(stats)
+        total = count + stats.count
+        delta = stats.mean - expected_mean
+        expected_mean = expected_mean + delta * (stats.count / total)
+        expected_m2 = expected_m2 + stats.m2 + delta * delta * (count * stats.count / total)
+        count = total
+    assert merged.mean.tobytes() == expected_mean.tobytes()
+    assert merged.m2.tobytes() == expected_m2.tobytes()
