@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,25 @@ def test_merge_of_finite_statistics_is_unchanged_bit_for_bit():
         count = total
     assert merged.mean.tobytes() == expected_mean.tobytes()
     assert merged.m2.tobytes() == expected_m2.tobytes()
+
+
+def test_bench_sync_makes_the_count_of_calls_every_rank_agrees_on():
+    """A timing sample makes the most calls any rank needs: each call is a collective."""
+    pytest.importorskip("mpi4py")
+    from numbabn.bench.sync import agreed_median_seconds
+
+    class SlowerRankElsewhere:
+        """A communicator where another rank needs 50 calls per sample."""
+
+        def allreduce(self, value, op):
+            return max(value, 50)
+
+    calls = []
+
+    def step() -> None:  # 3 ms: one call per sample would do on this rank
+        calls.append(1)
+        time.sleep(3e-3)
+
+    agreed_median_seconds(SlowerRankElsewhere(), step, repeat=3)
+    # Two calls size the sample; each of the 3 samples has an untimed call, then 50 timed.
+    assert len(calls) == 2 + 3 * (1 + 50)

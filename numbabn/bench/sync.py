@@ -2,21 +2,43 @@
 
 Times train forward + backward of SyncBatchNorm and of plain BatchNorm2d on the
 same per-rank batch, side by side, and prints the difference (the collectives
-and merges) on rank 0.
+and merges) on rank 0. Every rank makes the same number of calls per timing
+sample (the most any rank needs), as every SyncBatchNorm call is a collective.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
 import numbabn as nbn
-from numbabn.bench.timing import median_seconds
+from numbabn.bench.timing import _calls_per_sample
 
 SHAPES = [(4, 64, 56, 56), (16, 256, 14, 14), (16, 2048, 7, 7), (2, 16, 8, 8)]
+
+
+def agreed_median_seconds(comm: Any, func: Callable[[], object], repeat: int) -> float:
+    """Median wall time of one call of ``func``, the same number of calls on every rank.
+
+    Each rank sizes a sample from its own timing of ``func``; the ranks then take
+    the largest count, so that they make the same calls (a rank that made fewer
+    exchanges than the others would leave them waiting for ever).
+    """
+    calls = comm.allreduce(_calls_per_sample(func), op=MPI.MAX)
+    samples = []
+    for _ in range(repeat):
+        func()
+        start = time.perf_counter()
+        for _ in range(calls):
+            func()
+        samples.append((time.perf_counter() - start) / calls)
+    return float(np.median(samples))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         timings = []
         for module in (plain, synced):
             comm.Barrier()
-            seconds = median_seconds(functools.partial(step, module), args.repeat)
+            seconds = agreed_median_seconds(comm, functools.partial(step, module), args.repeat)
             timings.append(max(comm.allgather(seconds)))  # the slowest rank sets the pace
         rows.append((shape, *timings))
     if comm.Get_rank() == 0:
