@@ -68,11 +68,12 @@ bench: $(VENV)/.installed-bench
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check numbabn tests benchmarks examples
 	$(VENV)/bin/ruff format --check numbabn tests benchmarks examples
+	$(VENV)/bin/mypy
 
 ## bench-sync: cost of SyncBatchNorm's exchange on 2 ranks, beside plain BatchNorm2d
 bench-sync: $(VENV)/.installed-test
 	NUMBA_NUM_THREADS=1 $(VENV)/bin/mpiexec -n 2 $(PY) -m numbabn.bench.sync
 
 clean:
-	rm -rf $(VENV) .asv .pytest_cache .ruff_cache
+	rm -rf $(VENV) .asv .pytest_cache .ruff_cache .mypy_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
