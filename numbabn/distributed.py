@@ -12,16 +12,19 @@ order, so every rank computes bit-identical statistics, run after run.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from numbabn import _validation as check
 from numbabn._cpu import CpuBackend
-from numbabn._dispatch import Backend
+from numbabn._dispatch import Backend, kind_of
 from numbabn.functional import SavedStats, check_forward_args
 from numbabn.modules import _BatchNorm
 from numbabn.stats import ChannelStats
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 __all__ = ["ExchangeTimeout", "SyncBatchNorm"]
 
@@ -198,10 +201,17 @@ class SyncBatchNorm(_BatchNorm):
 
     Notes
     -----
+    Arguments are checked as ``torch.nn.SyncBatchNorm`` checks them, with its
+    texts and in its order (``eps`` and ``momentum`` at each call), except
+    that "more than 1 value per channel" counts the values of all ranks, so
+    it comes after the other checks. Any host array is taken, as by the other
+    modules, and results come back as the caller's kind of array.
+
     A local failure on one rank (a wrong shape, dtype or channel count, a
     backward without a forward) makes every rank raise, and the call changes
-    no state anywhere. NaN or infinite data on one rank makes the affected
-    channels' statistics NaN on every rank, as in PyTorch.
+    no state anywhere. NaN or infinite data on one rank give every rank
+    PyTorch's statistics of the whole batch: the affected channels' variance
+    is NaN, their mean infinite for infinite data of one sign and NaN otherwise.
     """
 
     def __init__(
@@ -228,25 +238,44 @@ class SyncBatchNorm(_BatchNorm):
         self.timeout = timeout
         self._total_count: int | None = None
 
-    # Narrower than _BatchNorm.to: a device alone, and only the CPU.
-    def to(self, device: str) -> SyncBatchNorm:  # type: ignore[override]
-        """Stay on the CPU (``"cpu"``); any other device raises ValueError."""
-        _check_host(device)
-        return self
+    def to(self, device: Any = None, dtype: Any = None) -> Self:
+        """Convert the parameters, running statistics and gradients; stay on the CPU.
 
-    def _check_input(self, x: np.ndarray) -> None:
-        if not isinstance(x, np.ndarray):
-            raise TypeError(
-                f"expected a NumPy array, got {type(x).__qualname__} "
-                "(SyncBatchNorm exchanges statistics of host arrays)"
-            )
+        As :meth:`numbabn.BatchNorm1d.to`: ``to(np.float64)``,
+        ``to(dtype=np.float32)``, ``to("cpu", np.float64)``; return self.
+
+        Raises
+        ------
+        ValueError
+            For any device other than ``"cpu"``.
+        """
+        if device is None or isinstance(device, str):
+            _check_host(device)
+        return super().to(device, dtype)
+
+    def _check_input(self, x: Any) -> None:
+        """``torch.nn.SyncBatchNorm``'s checks of the input's rank and channels."""
         if x.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+        if x.shape[1] == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def forward(
-        self, x: np.ndarray, out: np.ndarray | None = None, *, residual: None = None
-    ) -> np.ndarray:
-        """Normalise ``x`` with whole-batch statistics (training) or running ones (eval)."""
+    def _check_kind(self, x: Any, name: str) -> None:
+        """Raise TypeError unless ``x`` is a host array (SyncBatchNorm exchanges host data)."""
+        kind = kind_of(x)  # TypeError, naming what is accepted, for anything else
+        if kind != "cpu":
+            raise TypeError(
+                f"SyncBatchNorm exchanges statistics of host arrays but the {name} is a {kind} "
+                f"array; move the {name} to the CPU"
+            )
+
+    def forward(self, x: Any, out: Any | None = None, *, residual: None = None) -> Any:
+        """Normalise ``x`` with whole-batch statistics (training) or running ones (eval).
+
+        ``x`` and ``out`` are host arrays of any library, as for
+        :meth:`numbabn.BatchNorm1d.forward`; the output is of the kind of ``x``,
+        or ``out`` itself.
+        """
         if residual is not None:
             raise ValueError("SyncBatchNorm has no fused residual add; add the residual after it")
         if not self.training:
@@ -254,37 +283,63 @@ class SyncBatchNorm(_BatchNorm):
             self._total_count = None  # a local forward: backward stays local too
             return output
         payload, backend, error, header = None, None, None, (-1, -1)
+        array: Any = None
+        out_array: Any = None
         try:
-            self._check_input(x)
-            checked, _ = check_forward_args(
-                x, self.running_mean, self.running_var, self.weight, self.bias, out
-            )
-            backend = _host(checked)
-            count = x.size // x.shape[1] if x.size else 0
-            mean, m2 = backend.moments(x) if count else (np.zeros(x.shape[1]),) * 2
+            array = self._adopt(x, "input")
+            self._check_input(array)
+            backend, array, out_array = self._checked_args(array, out)
+            count = array.size // array.shape[1] if array.size else 0
+            mean, m2 = backend.moments(array) if count else (np.zeros(array.shape[1]),) * 2
             payload = np.concatenate([[count], mean, m2])
-            header = (x.shape[1], _DTYPE_CODES[x.dtype])
+            header = (array.shape[1], _DTYPE_CODES[array.dtype])
         except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
         gathered = _exchange(self.comm, _FORWARD, error, header, payload, self.timeout)
-        n_channels = x.shape[1]
+        n_channels = array.shape[1]
         total = ChannelStats(n_channels)
-        # In rank order: identical on every rank. NaN or infinite data make their
-        # channels' statistics NaN, as in PyTorch: no warning for that.
-        with np.errstate(invalid="ignore"):
-            for row in gathered:
-                total._merge_moments(int(row[0]), row[1 : 1 + n_channels], row[1 + n_channels :])
+        for row in gathered:  # in rank order: identical on every rank
+            total._merge_moments(int(row[0]), row[1 : 1 + n_channels], row[1 + n_channels :])
         if total.count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, "
-                f"got input size {tuple(x.shape)} over all ranks"
+                f"got input size {tuple(array.shape)} over all ranks"
             )
         assert backend is not None  # _exchange raised otherwise
-        return self._normalise(x, out, backend, total)
+        output, saved = self._normalise(array, out_array, backend, total)
+        self._remember(x, saved, out)
+        self._total_count = total.count
+        return out if out is not None else self._backend.like(output, x)
+
+    def _checked_args(self, x: np.ndarray, out: Any | None) -> tuple[CpuBackend, np.ndarray, Any]:
+        """Check a training call's arguments as PyTorch's SyncBatchNorm passes them on.
+
+        Without a process group, ``torch.nn.SyncBatchNorm`` is ``F.batch_norm``
+        with the running-average factor as ``momentum``: the same checks, texts
+        and order (the batch size apart, counted over all ranks later).
+        Returns the backend, the input and ``out`` as NumPy arrays.
+        """
+        if self.track_running_stats:
+            momentum = self._momentum_factor()
+        else:
+            momentum = 0.0 if self.momentum is None else self.momentum
+        try:
+            checked, arrays = check_forward_args(
+                x, self.running_mean, self.running_var, self.weight, self.bias, out,
+                True, momentum, self.eps,
+            )  # fmt: skip
+        except RuntimeError as error:
+            self._explain_dtype_mismatch(error, x.dtype)
+            raise
+        return _host(checked), arrays[0], arrays[-1]
 
     def _normalise(
         self, x: np.ndarray, out: np.ndarray | None, backend: CpuBackend, total: ChannelStats
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, SavedStats]:
+        """Normalise ``x`` with ``total``; update the running statistics and counter.
+
+        Returns the output (``out`` when given) and what backward needs.
+        """
         n_channels = x.shape[1]
         tracking = self.track_running_stats
         if total.count == 0:
@@ -306,28 +361,35 @@ class SyncBatchNorm(_BatchNorm):
         if tracking:
             assert self.num_batches_tracked is not None
             self.num_batches_tracked += 1
-        self._remember(x, saved, out)
-        self._total_count = total.count
-        return output
+        return output, saved
 
-    def backward(self, grad_output: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """This rank's slice of the whole-batch input gradient; accumulate local grads."""
+    def backward(self, grad_output: Any, out: Any | None = None) -> Any:
+        """This rank's slice of the whole-batch input gradient; accumulate local grads.
+
+        ``grad_output`` and ``out`` are host arrays of any library; the gradient
+        is of the kind of the last forward's input, or ``out`` itself.
+        """
         # A training forward's backward exchanges; so does a training-mode backward
         # without a forward, so that its error reaches the ranks waiting for it.
         exchanging = self.training if self._saved is None else self._total_count is not None
         if not exchanging:
             return super().backward(grad_output, out)
         sums, backend, error, header = None, None, None, (-1, -1)
+        x: Any = None
+        dy: Any = None
+        out_array: Any = None
         try:
             last = self._saved_for_backward()
-            x, saved = last.input, last.stats
-            backend = _host(check_forward_args(x, None, None, self.weight, None, out)[0])
-            if not isinstance(grad_output, np.ndarray):
-                raise TypeError(f"expected a NumPy array, got {type(grad_output).__qualname__}")
-            check.check_like("grad_output", grad_output, x, "the last forward's input")
+            saved = last.stats
+            checked, arrays = check_forward_args(last.input, None, None, self.weight, None, out)
+            backend = _host(checked)
+            x, out_array = arrays[0], arrays[-1]
+            self._check_kind(grad_output, "grad_output")
+            dy = backend.adopt(grad_output)
+            check.check_like("grad_output", dy, x, "the last forward's input")
             sums = np.zeros((2, x.shape[1]))
             if x.size:
-                sums[...] = backend.grad_sums(grad_output, x, saved.mean)
+                sums[...] = backend.grad_sums(dy, x, saved.mean)
             header = (x.shape[1], _DTYPE_CODES[x.dtype])
         except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
@@ -339,17 +401,17 @@ class SyncBatchNorm(_BatchNorm):
         for rank_sums in gathered:  # in rank order: identical on every rank
             total += rank_sums.reshape(sums.shape)
         if x.size == 0:
-            grad_input = np.empty_like(x) if out is None else out
+            grad_input = np.empty_like(x) if out is None else out_array
         else:
             weight = np.ones(x.shape[1], x.dtype) if self.weight is None else self.weight
             grad_input = backend.grad_input_from_sums(
-                grad_output, x, saved.mean, saved.invstd, weight, total, self._total_count, out
+                dy, x, saved.mean, saved.invstd, weight, total, self._total_count, out_array
             )
         # This rank's share of the parameter gradients, as in PyTorch.
         self._accumulate_grads(
             (sums[1] * saved.invstd).astype(self.dtype), sums[0].astype(self.dtype)
         )
-        return grad_input
+        return out if out is not None else self._backend.like(grad_input, last.input)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: Any, comm: Any = None) -> Any:

@@ -125,7 +125,11 @@ def module(
     dtype: Any = np.float32,
     **deviation: Any,
 ) -> Case:
-    """Build ``kind`` on both libraries (``warm``: one good step first), then call it on ``x``."""
+    """Build ``kind`` on both libraries (``warm``: one good step first), then call it on ``x``.
+
+    numbabn's SyncBatchNorm gets one rank (``MPI.COMM_SELF``); PyTorch's, without a
+    process group, is ``F.batch_norm`` with its own checks of the input first.
+    """
     kwargs = kwargs or {}
     if isinstance(x, tuple):
         x = _data(x)
@@ -139,7 +143,8 @@ def module(
         return m(_tensor(x)), m.running_mean, m.running_var, m.num_batches_tracked
 
     def ours() -> tuple[Callable[[], Any], Any]:
-        m = getattr(numbabn, kind)(*args, dtype=dtype, **kwargs)
+        extra = {"comm": _one_rank()} if kind == "SyncBatchNorm" else {}
+        m = getattr(numbabn, kind)(*args, dtype=dtype, **kwargs, **extra)
         if warm_x is not None:
             m(warm_x)
             m.backward(np.ones_like(warm_x))
@@ -151,6 +156,11 @@ def module(
         return call, m
 
     return Case(id, theirs, ours, **deviation)
+
+
+def _one_rank() -> Any:
+    """``MPI.COMM_SELF``: SyncBatchNorm on one rank (skips the row without mpi4py)."""
+    return pytest.importorskip("mpi4py.MPI").COMM_SELF
 
 
 def construct(id: str, kind: str, *args: Any, **kwargs: Any) -> Case:
@@ -221,6 +231,10 @@ FLOAT16_CPU = (
     "runs on the CUDA backend)"
 )
 SIZE_TUPLE = "the size is NumPy's shape tuple rather than a torch.Size; the sentence is the same"
+OVER_ALL_RANKS = (
+    "SyncBatchNorm counts the values of all ranks, after exchanging them: its message says "
+    "so, and the size is NumPy's shape tuple"
+)
 
 CASES = [
     # -- construction: num_features, as torch.empty / torch.zeros check it --------------
@@ -434,6 +448,55 @@ CASES = [
         x=np.ones((4, 3), np.float16),
         deviation=FLOAT16_CPU,
         expect=(TypeError, "input has dtype float16"),
+    ),
+    # -- SyncBatchNorm calls (one rank): the same checks, but the batch size over all ranks --
+    module("sync eps=0 train", "SyncBatchNorm", x=(4, 3, 2), kwargs={"eps": 0.0}),
+    module("sync eps=0 (int) train", "SyncBatchNorm", kwargs={"eps": 0}),
+    module("sync eps=-1 train", "SyncBatchNorm", kwargs={"eps": -1.0}, x=(2, 3, 2, 2)),
+    module("sync eps=-1 eval", "SyncBatchNorm", kwargs={"eps": -1.0}, train=False),
+    module("sync eps=0 eval", "SyncBatchNorm", kwargs={"eps": 0.0}, train=False),
+    module("sync eps=nan train", "SyncBatchNorm", kwargs={"eps": NAN}),
+    module("sync eps='a' train", "SyncBatchNorm", kwargs={"eps": "a"}),
+    module("sync eps=None train", "SyncBatchNorm", kwargs={"eps": None}),
+    module("sync eps=-1 empty batch", "SyncBatchNorm", kwargs={"eps": -1.0}, x=(0, 3)),
+    module("sync momentum='a' train", "SyncBatchNorm", kwargs={"momentum": "a"}),
+    module(
+        "sync momentum='a' without running stats",
+        "SyncBatchNorm",
+        kwargs={"momentum": "a", "track_running_stats": False},
+    ),
+    module("sync momentum=Fraction train", "SyncBatchNorm", kwargs={"momentum": Fraction(1, 2)}),
+    module("sync momentum=1.5 train", "SyncBatchNorm", kwargs={"momentum": 1.5}, warm=(4, 3)),
+    module("sync momentum=None train", "SyncBatchNorm", kwargs={"momentum": None}, warm=(4, 3)),
+    module("sync momentum=np.float32 train", "SyncBatchNorm", kwargs={"momentum": np.float32(0.5)}),
+    module("sync momentum='a' eval", "SyncBatchNorm", kwargs={"momentum": "a"}, train=False),
+    module("sync 1-D input", "SyncBatchNorm", x=(4,)),
+    module("sync zero channels", "SyncBatchNorm", (0,), {"affine": False}, x=(4, 0)),
+    module("sync channel count 4 vs 3 train", "SyncBatchNorm", x=(4, 4), warm=(4, 3)),
+    module("sync empty batch train", "SyncBatchNorm", x=(0, 3, 2), warm=(4, 3, 2)),
+    module("sync int64 input", "SyncBatchNorm", x=np.ones((4, 3), np.int64)),
+    module(
+        "sync float64 input, float32 module",
+        "SyncBatchNorm",
+        x=_data((4, 3), np.float64),
+        deviation=MODULE_DTYPE,
+        translate=_explained("SyncBatchNorm", np.float32, np.float64),
+    ),
+    module(
+        "sync one value per channel train",
+        "SyncBatchNorm",
+        x=(1, 3, 1),
+        deviation=OVER_ALL_RANKS,
+        translate=lambda message: _size_as_tuple(message) + " over all ranks",
+    ),
+    module(
+        "sync eps before one value per channel",
+        "SyncBatchNorm",
+        kwargs={"eps": -1.0},
+        x=(1, 3),
+        deviation="SyncBatchNorm counts the values per channel over all ranks, after the "
+        "exchange, so it checks the other arguments first",
+        expect=(ValueError, "batch_norm eps must be positive during training, but got -1.0"),
     ),
     # -- functional: argument types -------------------------------------------------------
     functional("training=None", training=None),

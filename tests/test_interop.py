@@ -166,6 +166,80 @@ def test_torch_dtype_mismatch_is_the_module_error():
         numbabn.BatchNorm1d(3)(torch.ones(4, 3, dtype=torch.float64))
 
 
+# -- SyncBatchNorm (one rank) ----------------------------------------------------------------
+
+
+def _one_rank_sync(**kwargs) -> numbabn.SyncBatchNorm:
+    mpi = pytest.importorskip("mpi4py.MPI")
+    return numbabn.SyncBatchNorm(3, comm=mpi.COMM_SELF, **kwargs)
+
+
+def test_sync_batchnorm_takes_torch_tensors_in_training(rng):
+    x, dy = _data(rng), _data(rng)
+    synced, reference = _one_rank_sync(), numbabn.BatchNorm2d(3)
+    t = torch.from_numpy(x.copy())
+    y = synced(t)
+    assert type(y) is torch.Tensor and y.dtype == torch.float32
+    np.testing.assert_allclose(y.numpy(), reference(x.copy()), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(synced.running_var, reference.running_var, rtol=1e-6)
+    # backward keeps a reference to the caller's tensor, not a copy of it.
+    assert np.shares_memory(synced._backend.adopt(synced._saved.input), t.numpy())
+    dx = synced.backward(torch.from_numpy(dy.copy()))
+    assert type(dx) is torch.Tensor
+    np.testing.assert_allclose(dx.numpy(), reference.backward(dy.copy()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(synced.grads["weight"], reference.grads["weight"], rtol=1e-5)
+    assert type(synced.grads["weight"]) is np.ndarray
+
+
+def test_sync_batchnorm_writes_torch_out_in_place(rng):
+    x, dy = torch.from_numpy(_data(rng)), torch.from_numpy(_data(rng))
+    synced = _one_rank_sync()
+    out = torch.empty(x.shape)
+    assert synced(x, out) is out
+    np.testing.assert_array_equal(out.numpy(), synced(x).numpy())
+    grad_out = torch.empty(x.shape)
+    assert synced.backward(dy, grad_out) is grad_out
+    synced(x)
+    np.testing.assert_array_equal(grad_out.numpy(), synced.backward(dy).numpy())
+
+
+def test_sync_batchnorm_with_other_host_arrays(rng):
+    x = _data(rng)
+    synced = _one_rank_sync()
+    y = synced(DLPackOnly(x))
+    assert type(y) is np.ndarray
+    np.testing.assert_allclose(y, _expected(x)[0], rtol=1e-6, atol=1e-6)
+    assert type(synced.backward(DLPackOnly(np.ones_like(x)))) is np.ndarray
+    assert type(synced(WithNamespace(x))) is WithNamespace
+
+
+def test_sync_batchnorm_refuses_non_arrays_and_tensors_that_require_grad():
+    synced = _one_rank_sync()
+    with pytest.raises(TypeError, match="got builtins.list"):
+        synced([[1.0, 2.0, 3.0]] * 4)
+    with pytest.raises(TypeError, match=r"tensor\.detach\(\)"):
+        synced(torch.ones(4, 3, requires_grad=True))
+    synced(torch.ones(4, 3))
+    with pytest.raises(TypeError, match="got builtins.str"):
+        synced.backward("abc")
+
+
+def test_sync_batchnorm_to_converts_the_dtype_and_stays_on_the_cpu(rng):
+    synced = _one_rank_sync()
+    assert synced.to(np.float64) is synced and synced.running_var.dtype == np.float64
+    assert synced.to(dtype=np.float32).weight.dtype == np.float32
+    assert synced.to("cpu", np.float64).dtype == np.float64
+    assert synced.to() is synced and synced.to("cpu") is synced
+    y = synced(torch.from_numpy(_data(rng, dtype=np.float64)))
+    assert y.dtype == torch.float64
+    for device in ("cuda", "tpu"):
+        with pytest.raises(ValueError, match="runs on 'cpu'"):
+            synced.to(device)
+        with pytest.raises(ValueError, match="runs on 'cpu'"):
+            synced.to(device, np.float32)
+    assert synced.dtype == np.float64
+
+
 # -- other host arrays --------------------------------------------------------------------
 
 
