@@ -656,6 +656,18 @@ class _LazyBatchNorm(_BatchNorm):
             self._allocate(0)
             raise
 
+    def reset_running_stats(self) -> None:
+        """Raise PyTorch's ValueError: there are no statistics before the first input."""
+        if self.track_running_stats:
+            raise ValueError(
+                "Attempted to use an uninitialized parameter in reset_running_stats. This "
+                "error happens when you are using a `LazyModule`: call forward with a batch "
+                "first to initialize the parameters"
+            )
+
+    def reset_parameters(self) -> None:
+        """Nothing to reset before the first input (as in PyTorch)."""
+
     def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         array = self._adopt(x, "input")
         self._check_input(array)

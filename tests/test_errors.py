@@ -506,3 +506,25 @@ def test_load_state_dict_with_a_value_that_cannot_be_converted_changes_nothing(r
     with pytest.raises(ValueError):
         module.load_state_dict(state)
     assert_same_state(before, module)
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_resets_of_a_lazy_module_before_its_first_input_are_pytorchs(track):
+    """reset_running_stats raises (PyTorch's statistics do not exist yet); reset_parameters
+    does nothing. Found by the generated call sequences."""
+    torch = pytest.importorskip("torch")
+    ours = numbabn.LazyBatchNorm2d(track_running_stats=track)
+    theirs = torch.nn.LazyBatchNorm2d(track_running_stats=track)
+    theirs.reset_parameters()
+    ours.reset_parameters()
+    before = snapshot(ours)
+    if track:
+        with pytest.raises(ValueError, match="Attempted to use an uninitialized parameter"):
+            theirs.reset_running_stats()
+        with pytest.raises(ValueError, match="Attempted to use an uninitialized parameter"):
+            ours.reset_running_stats()
+    else:
+        theirs.reset_running_stats()
+        ours.reset_running_stats()
+    assert_same_state(before, ours)
+    assert ours.num_features == 0

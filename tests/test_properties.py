@@ -231,8 +231,8 @@ class Twins:
                 ours_call()
             if before is not None:
                 assert_same_state(before, self.ours)
-            if pristine is not None:  # still lazy: a fresh twin
-                self.theirs = pristine
+            if pristine is not None:  # still lazy: a fresh twin in the same mode
+                self.theirs = pristine.train(self.theirs.training)
             elif counter is not None:
                 counter.copy_(counted)
             self.log[-1] += f" [both raise {type(theirs_error).__name__}]"
@@ -332,10 +332,8 @@ class Twins:
         self.theirs.zero_grad(set_to_none)
 
     def reset(self, which: str) -> None:
-        self.log.append(which)
-        getattr(self.ours, which)()
-        getattr(self.theirs, which)()
-        self.last = None  # PyTorch's graph saw the parameters change in place
+        if self.both(which, getattr(self.ours, which), getattr(self.theirs, which)):
+            self.last = None  # PyTorch's graph saw the parameters change in place
 
     def round_trip(self) -> None:
         """numbabn's state into PyTorch's module and back: nothing changes on the way."""
