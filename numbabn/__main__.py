@@ -1,7 +1,12 @@
-"""``python -m numbabn``: normalise a batch, check it against NumPy, train a few steps."""
+"""``python -m numbabn``: normalise a batch, check it against NumPy, train a few steps.
+
+``python -m numbabn warmup [--dtype float32 float64]`` compiles every CPU kernel
+into Numba's cache instead (see :mod:`numbabn.warmup`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -105,5 +110,27 @@ def main() -> None:
     print("ok")
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Parse the command line: no subcommand runs the demo, ``warmup`` the warm-up."""
+    parser = argparse.ArgumentParser(
+        prog="python -m numbabn", description="Without a command: run the demo."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{warmup}")
+    warm = commands.add_parser(
+        "warmup",
+        help="compile every CPU kernel into Numba's on-disk cache",
+        description="Compile every CPU kernel into Numba's on-disk cache (NUMBA_CACHE_DIR "
+        "to put it elsewhere), for container builds and job prologues.",
+    )
+    from numbabn import warmup
+
+    warmup.add_arguments(warm)
+    args = parser.parse_args(argv)
+    if args.command == "warmup":
+        warmup.main(args)
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

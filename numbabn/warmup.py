@@ -1,0 +1,441 @@
+"""Compile every CPU kernel specialisation into Numba's on-disk cache ahead of time.
+
+``python -m numbabn warmup [--dtype float32 float64]`` runs this module: for
+container image builds and cluster job prologues, so that jobs start with every
+kernel they can need already compiled.
+
+Numba compiles one specialisation per combination of argument types: the dtype,
+whether each array view is C-contiguous or strided, whether it is read-only, and
+the serial or threaded path. Rather than listing those signatures by hand (they
+would drift from the code), the warm-up drives the public API over a small list
+of representative calls, one per code path and operand kind, on tiny arrays
+(below and above :data:`numbabn._cpu.backend.PARALLEL_MIN_ELEMENTS`).
+
+Concurrent warm-ups on one cache (``mpiexec -n 64 python -m numbabn warmup``)
+take turns on a lock file in the cache directory: the first compiles, the others
+then load what it saved instead of compiling the same kernels at the same time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import numpy as np
+
+from numbabn import functional
+from numbabn._cpu import CpuBackend, fused, kernels, parallel
+from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
+from numbabn.modules import BatchNorm1d, BatchNorm2d
+from numbabn.stats import ChannelStats
+
+__all__ = ["WarmupReport", "cache_dir", "compile_counts", "main", "warmup"]
+
+DTYPES = ("float32", "float64")
+_LOCK_NAME = "numbabn-warmup.lock"
+
+# Channel count and spatial size of the two tensor sizes: one-call serial kernels
+# below PARALLEL_MIN_ELEMENTS elements, threaded drivers above.
+_CHANNELS = 8
+_SIZES = {"serial": (2, 8), "threaded": (2, 96)}
+assert 2 * _CHANNELS * 8 * 8 < PARALLEL_MIN_ELEMENTS <= 2 * _CHANNELS * 96 * 96
+
+
+def _dispatchers() -> Iterator[Any]:
+    """Every Numba dispatcher of the CPU backend."""
+    for module in (kernels, fused, parallel):
+        for value in vars(module).values():
+            if hasattr(value, "stats") and hasattr(value, "py_func"):
+                yield value
+
+
+def compile_counts() -> tuple[int, int]:
+    """``(compiled, loaded)``: signatures compiled and loaded from the cache so far.
+
+    Summed over the CPU backend's dispatchers in this process (Numba's cache
+    misses and hits).
+    """
+    compiled = loaded = 0
+    for dispatcher in _dispatchers():
+        stats = dispatcher.stats
+        compiled += sum(stats.cache_misses.values())
+        loaded += sum(stats.cache_hits.values())
+    return compiled, loaded
+
+
+def cache_dir() -> str:
+    """The directory where Numba caches the CPU kernels (created if missing).
+
+    ``NUMBA_CACHE_DIR`` when set, else the ``__pycache__`` beside the installed
+    sources, else (a read-only install) Numba's per-user cache directory.
+    """
+    dispatcher: Any = kernels.sums_items
+    path = str(dispatcher._cache.cache_path)  # Numba's FunctionCache knows its locator
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+# -- the representative calls -----------------------------------------------------------
+
+
+def _shape(size: str, ndim: int = 4) -> tuple[int, ...]:
+    n, side = _SIZES[size]
+    if ndim == 2:
+        return (n * side * side, _CHANNELS)
+    if ndim == 3:
+        return (n, _CHANNELS, side * side)
+    return (n, _CHANNELS, side, side)
+
+
+def _channels_last(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A transposed C-contiguous ``(N, *spatial, C)`` array of ``shape``'s logical axes."""
+    order = (0, *range(2, len(shape)), 1)
+    stored = np.empty(tuple(shape[axis] for axis in order), data.dtype)
+    view = stored.transpose(np.argsort(order))
+    view[...] = data
+    return view
+
+
+# Memory layouts of the inputs (and gradients, residuals, outputs): each selects its
+# own kernel specialisations through the C-contiguous, Fortran or strided views it
+# gives, and read-only arrays are yet other argument types.
+_ANY_RANK = ("contiguous", "fortran", "batch slice", "channel slice", "reversed")
+_SPATIAL = (
+    "channels-last", "inner slice", "crop", "channels-last slice", "channels-last reversed",
+    "channels-last strided",
+)  # fmt: skip
+_READ_ONLY = ("read-only", "broadcast")
+_KINDS = _ANY_RANK + _SPATIAL + _READ_ONLY
+
+
+def _make(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, kind: str) -> Any:
+    """Random data of logical ``shape`` whose memory layout is ``kind``."""
+    ndim = len(shape)
+    every = (slice(None, None, 2),) * (ndim - 2)
+
+    def data(logical: tuple[int, ...]) -> np.ndarray:
+        return rng.standard_normal(logical).astype(dtype)
+
+    if kind == "contiguous":
+        return data(shape)
+    if kind == "fortran":
+        return np.asfortranarray(data(shape))
+    if kind == "batch slice":
+        return data((2 * shape[0], *shape[1:]))[::2]
+    if kind == "channel slice":
+        return data((shape[0], 2 * shape[1], *shape[2:]))[:, ::2]
+    if kind == "reversed":
+        return data(shape)[(slice(None, None, -1),) * ndim]
+    if kind == "channels-last":
+        return _channels_last(data(shape), shape)
+    if kind == "inner slice":
+        return data((*shape[:2], *(2 * n for n in shape[2:])))[(slice(None),) * 2 + every]
+    if kind == "crop":
+        n_crop = min(2, ndim - 2)
+        big = shape[: ndim - n_crop] + tuple(n + 2 for n in shape[ndim - n_crop :])
+        return data(big)[(Ellipsis,) + (slice(1, -1),) * n_crop]
+    if kind == "channels-last slice":
+        big = (shape[0], shape[1], 2 * shape[2], *shape[3:])
+        return _channels_last(data(big), big)[:, :, ::2]
+    if kind == "channels-last reversed":
+        return _channels_last(data(shape), shape)[::-1, :, ::-1]
+    if kind == "channels-last strided":
+        big = (2 * shape[0], shape[1], *(2 * n for n in shape[2:]))
+        return _channels_last(data(big), big)[(slice(None, None, 2), slice(None)) + every]
+    if kind == "read-only":
+        array = data(shape)
+        array.setflags(write=False)
+        return array
+    if kind == "broadcast":  # read-only, with a zero stride
+        return np.broadcast_to(data((1, *shape[1:])), shape)
+    raise ValueError(kind)
+
+
+def _module_steps(
+    module: Any, x: Any, dy: Any, residual: Any | None = None, out: Any | None = None
+) -> None:
+    """Training forward and backward, then eval forward and backward."""
+    for training in (True, False):
+        module.train(training)
+        module(x, out, residual=residual)
+        module.backward(dy)
+
+
+def _plain(dtype: np.dtype, size: str, kind: str) -> None:
+    rng = np.random.default_rng(0)
+    shape = _shape(size)
+    x = _make(rng, shape, dtype, kind)
+    bn = BatchNorm2d(_CHANNELS, dtype=dtype)
+    # The gradient laid out like the input, and a fresh C-contiguous one.
+    for dy_kind in dict.fromkeys((kind, "contiguous")):
+        _module_steps(bn, x, _make(rng, shape, dtype, dy_kind))
+
+
+def _fused(dtype: np.dtype, size: str, kind: str) -> None:
+    rng = np.random.default_rng(0)
+    shape = _shape(size)
+    x = _make(rng, shape, dtype, kind)
+    bn = BatchNorm2d(_CHANNELS, activation="relu", dtype=dtype)
+    for other in dict.fromkeys((kind, "contiguous")):
+        dy = _make(rng, shape, dtype, other)
+        _module_steps(bn, x, dy)
+        _module_steps(bn, x, dy, residual=_make(rng, shape, dtype, other))
+
+
+def _in_place(dtype: np.dtype, size: str, kind: str) -> None:
+    """``out=`` arrays laid out like the input, in the forward and the backward."""
+    rng = np.random.default_rng(0)
+    shape = _shape(size)
+    x = _make(rng, shape, dtype, kind)
+    for activation in (None, "relu"):
+        bn = BatchNorm2d(_CHANNELS, activation=activation, dtype=dtype)
+        for training in (True, False):
+            bn.train(training)
+            bn(x, _make(rng, shape, dtype, kind))
+            bn.backward(_make(rng, shape, dtype, kind), _make(rng, shape, dtype, kind))
+
+
+def _other_ranks(dtype: np.dtype, size: str) -> None:
+    """2-D ``(N, C)`` and 3-D ``(N, C, L)`` input, as ``BatchNorm1d`` takes it."""
+    rng = np.random.default_rng(0)
+    for ndim in (2, 3):
+        shape = _shape(size, ndim)
+        bn = BatchNorm1d(_CHANNELS, dtype=dtype)
+        for kind in _ANY_RANK + (_SPATIAL[:1] if ndim == 3 else ()):
+            x = _make(rng, shape, dtype, kind)
+            for dy_kind in dict.fromkeys((kind, "contiguous")):
+                _module_steps(bn, x, _make(rng, shape, dtype, dy_kind))
+
+
+def _functional(dtype: np.dtype, size: str) -> None:
+    """The functional API without parameters or running statistics, ``ChannelStats``
+    and the passes of ``SyncBatchNorm``'s exchange (here on one process)."""
+    rng = np.random.default_rng(0)
+    shape = _shape(size)
+    for kind in ("contiguous", "crop"):
+        x = _make(rng, shape, dtype, kind)
+        dy = _make(rng, shape, dtype, "contiguous")
+        for activation in (None, "relu"):
+            y, saved = functional.batch_norm_forward(
+                x, None, None, training=True, activation=activation
+            )
+            functional.batch_norm_backward(dy, x, saved, activation=activation)
+            functional.batch_norm_backward(
+                dy, x, saved, np.ones(_CHANNELS, dtype), activation=activation
+            )
+        ChannelStats(_CHANNELS).update(x)
+        # SyncBatchNorm: moments, affine, grad_sums and grad_input_from_sums.
+        mean, m2 = CpuBackend.moments(x)
+        invstd = 1.0 / np.sqrt(m2 / (x.size // _CHANNELS) + 1e-5)
+        CpuBackend.affine(x, mean, invstd * np.ones(_CHANNELS), np.zeros(_CHANNELS), None)
+        sums = np.array(CpuBackend.grad_sums(dy, x, mean))
+        weight = np.ones(_CHANNELS, dtype)
+        count = x.size // _CHANNELS
+        CpuBackend.grad_input_from_sums(dy, x, mean, invstd, weight, sums, count, None)
+
+
+@dataclass(frozen=True)
+class _Case:
+    label: str
+    run: Callable[[np.dtype, str], None]
+
+
+def _cases() -> list[_Case]:
+    cases = [
+        _Case(f"forward and backward ({kind})", functools.partial(_plain, kind=kind))
+        for kind in _KINDS
+    ]
+    cases += [
+        _Case(f"fused ReLU and residual ({kind})", functools.partial(_fused, kind=kind))
+        for kind in _KINDS
+    ]
+    cases += [
+        _Case(f"in place, out=x ({kind})", functools.partial(_in_place, kind=kind))
+        for kind in _ANY_RANK + _SPATIAL
+    ]
+    cases.append(_Case("2-D and 3-D input", _other_ranks))
+    cases.append(_Case("functional API, ChannelStats, SyncBatchNorm passes", _functional))
+    return cases
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+@dataclass
+class WarmupReport:
+    """What :func:`warmup` did.
+
+    Attributes
+    ----------
+    seconds : dict of str to float
+        Wall time per dtype.
+    total_seconds : float
+        Wall time of the whole warm-up, waiting for the lock included.
+    compiled, loaded : int
+        Kernel signatures compiled (and saved) and signatures loaded from the cache.
+    cache_dir : str
+        The cache directory in use.
+    waited_seconds : float
+        Time spent waiting for another process's warm-up on the same cache.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    total_seconds: float = 0.0
+    compiled: int = 0
+    loaded: int = 0
+    cache_dir: str = ""
+    waited_seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A few lines for people: time per dtype, total, counts and the cache directory."""
+        lines = [f"  {dtype}: {seconds:.1f} s" for dtype, seconds in self.seconds.items()]
+        if self.waited_seconds >= 0.1:
+            lines.append(f"  waited {self.waited_seconds:.1f} s for another warm-up")
+        lines.append(
+            f"  total {self.total_seconds:.1f} s: {self.compiled} kernel signatures compiled, "
+            f"{self.loaded} loaded from the cache"
+        )
+        lines.append(f"  cache: {self.cache_dir}")
+        return "warm-up done\n" + "\n".join(lines)
+
+
+class _TextProgress:
+    """One line per step on ``stream``, rewritten in place on a terminal."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total = total
+        self.stream = stream
+        self.done = 0
+
+    def start(self, label: str) -> None:
+        pass
+
+    def finish(self, label: str, seconds: float) -> None:
+        self.done += 1
+        width = len(str(self.total))
+        line = f"[{self.done:>{width}}/{self.total}] {label} {seconds:.1f} s"
+        if self.stream.isatty():
+            self.stream.write("\r\033[K" + line + ("\n" if self.done == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class _TqdmProgress(_TextProgress):
+    """A tqdm bar (tqdm is not a dependency: used when it is installed)."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        super().__init__(total, stream)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, file=stream, unit="step")
+
+    def start(self, label: str) -> None:
+        self.bar.set_description_str(label)
+
+    def finish(self, label: str, seconds: float) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress(total: int, stream: TextIO) -> _TextProgress:
+    try:
+        return _TqdmProgress(total, stream)
+    except ImportError:
+        return _TextProgress(total, stream)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str) -> Iterator[None]:
+    """Hold an exclusive lock on a file in ``directory`` (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(os.path.join(directory, _LOCK_NAME), "a") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def warmup(
+    dtypes: Sequence[str] = DTYPES, progress: bool = True, stream: TextIO | None = None
+) -> WarmupReport:
+    """Compile (or load) every CPU kernel specialisation the given dtypes can need.
+
+    Parameters
+    ----------
+    dtypes : sequence of {"float32", "float64"}
+        Input dtypes to warm up.
+    progress : bool
+        Show a progress bar (tqdm when installed, else one line per step).
+    stream : file, optional
+        Where the progress goes; ``sys.stderr`` by default.
+
+    Returns
+    -------
+    WarmupReport
+        Times per dtype, counts of compiled and loaded signatures, the cache directory.
+    """
+    for name in dtypes:
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    stream = sys.stderr if stream is None else stream
+    start = time.perf_counter()
+    report = WarmupReport(cache_dir=cache_dir())
+    before = compile_counts()
+    steps = [(name, size, case) for name in dtypes for size in _SIZES for case in _cases()]
+    bar = _progress(len(steps), stream) if progress else None
+    with _exclusive(report.cache_dir):
+        report.waited_seconds = time.perf_counter() - start
+        try:
+            for name, size, case in steps:
+                label = f"{name} {size} {case.label}"
+                if bar is not None:
+                    bar.start(label)
+                step_start = time.perf_counter()
+                case.run(np.dtype(name), size)
+                seconds = time.perf_counter() - step_start
+                report.seconds[name] = report.seconds.get(name, 0.0) + seconds
+                if bar is not None:
+                    bar.finish(label, seconds)
+        finally:
+            if bar is not None:
+                bar.close()
+    after = compile_counts()
+    report.compiled, report.loaded = after[0] - before[0], after[1] - before[1]
+    report.total_seconds = time.perf_counter() - start
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``warmup`` subcommand's options."""
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=DTYPES,
+        default=list(DTYPES),
+        help="input dtypes to compile the kernels for (default: both)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Run the warm-up the parsed command line asks for and print its summary."""
+    report = warmup(tuple(dict.fromkeys(args.dtype)), progress=not args.quiet)
+    print(report.summary())
