@@ -45,7 +45,8 @@ _LOCK_NAME = "numbabn-warmup.lock"
 # below PARALLEL_MIN_ELEMENTS elements, threaded drivers above.
 _CHANNELS = 8
 _SIZES = {"serial": (2, 8), "threaded": (2, 96)}
-assert 2 * _CHANNELS * 8 * 8 < PARALLEL_MIN_ELEMENTS <= 2 * _CHANNELS * 96 * 96
+assert _SIZES["serial"][0] * _CHANNELS * _SIZES["serial"][1] ** 2 < PARALLEL_MIN_ELEMENTS
+assert _SIZES["threaded"][0] * _CHANNELS * _SIZES["threaded"][1] ** 2 >= PARALLEL_MIN_ELEMENTS
 
 
 def _dispatchers() -> Iterator[Any]:
@@ -215,8 +216,11 @@ def _other_ranks(dtype: np.dtype, size: str) -> None:
 
 
 def _functional(dtype: np.dtype, size: str) -> None:
-    """The functional API without parameters or running statistics, ``ChannelStats``
-    and the passes of ``SyncBatchNorm``'s exchange (here on one process)."""
+    """The functional API, ``ChannelStats`` and ``SyncBatchNorm``'s passes.
+
+    The functional calls go without parameters or running statistics; the
+    passes of ``SyncBatchNorm``'s exchange run here on one process.
+    """
     rng = np.random.default_rng(0)
     shape = _shape(size)
     for kind in ("contiguous", "crop"):
@@ -257,7 +261,7 @@ def _cases() -> list[_Case]:
         for kind in _KINDS
     ]
     cases += [
-        _Case(f"in place, out=x ({kind})", functools.partial(_in_place, kind=kind))
+        _Case(f"out= buffers ({kind})", functools.partial(_in_place, kind=kind))
         for kind in _ANY_RANK + _SPATIAL
     ]
     cases.append(_Case("2-D and 3-D input", _other_ranks))
