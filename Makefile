@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test fuzz soak test-gpu lint asv-quick bench bench-gpu bench-sync clean
+.PHONY: demo test test-long fuzz soak test-gpu lint asv-quick bench bench-gpu bench-sync clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ demo: $(VENV)/.installed-base
 
 ## test: lint, run the whole test suite, then every asv benchmark once
 test: $(VENV)/.installed-test lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not long"
 	$(MAKE) asv-quick
+
+## test-long: the tests that take minutes each (a warm-up of every kernel into an empty cache)
+test-long: $(VENV)/.installed-test
+	$(PY) -m pytest -m long
 
 ## fuzz: the generated cases against PyTorch with fresh random examples, many more of them
 fuzz: $(VENV)/.installed-test

@@ -86,8 +86,9 @@ def _fetched(array, device):
     return host(array)
 
 
-# Every CUDA case runs in ``make test``; the quick run takes a subset (the simulator is slow).
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.slow)]
+# ``make test`` runs the CUDA kernels on every scenario (test_cuda_quick); the whole grid
+# on CUDA takes minutes in the simulator, so it runs in ``make test-long``.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.long)]
 
 
 @pytest.fixture

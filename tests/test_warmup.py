@@ -106,7 +106,7 @@ def warm_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return cache, _run(command, cache, NUMBA_NUM_THREADS="1")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
 def test_ranks_warm_up_an_empty_shared_cache_at_once(warm_cache):
     """Every rank finishes; one compiles and, after it, the others load what it saved."""
@@ -117,7 +117,7 @@ def test_ranks_warm_up_an_empty_shared_cache_at_once(warm_cache):
     assert compiled[:-1] == [0] * (RANKS - 1) and compiled[-1] > 0, printed
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_nothing_compiles_after_warmup(warm_cache):
     """A wide mix of float32 calls in a fresh process loads every kernel from the cache."""
     cache, _ = warm_cache
