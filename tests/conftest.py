@@ -30,7 +30,7 @@ else:
         "print_blob": True,
     }
     # make test: the same examples every run, within a fixed budget.
-    settings.register_profile("ci", max_examples=120, derandomize=True, **_GENERATED)
+    settings.register_profile("ci", max_examples=60, derandomize=True, **_GENERATED)
     # make fuzz: fresh random examples, many more of them.
     settings.register_profile("fuzz", max_examples=4000, **_GENERATED)
     settings.load_profile(os.environ.get("NUMBABN_HYPOTHESIS_PROFILE", "ci"))
