@@ -126,6 +126,10 @@ LAYOUT_NAMES = (
     "channels_last_strided",
     "broadcast",
 )
+# Layouts of the arrays that go with an input (residual, dy, out=): one of each kind
+# Numba compiles separately (contiguous, strided, reversed, read-only), since every
+# combination of kinds across a call's arrays is a kernel variant to compile.
+COMPANION_LAYOUTS = ("contiguous", "channels_last", "negative", "broadcast")
 
 
 def build(shape: tuple[int, ...], layout: str, dtype: np.dtype, values: np.ndarray) -> np.ndarray:
@@ -257,7 +261,7 @@ class Twins:
         x = build(shape, layout, self.dtype, values)
         residual = None
         if self.kind.fused and data.draw(st.booleans(), label="residual"):
-            residual_layout = data.draw(st.sampled_from(LAYOUT_NAMES), label="residual layout")
+            residual_layout = data.draw(st.sampled_from(COMPANION_LAYOUTS), label="residual layout")
             residual = build(shape, residual_layout, self.dtype, self.rng.standard_normal(shape))
         out = self.draw_out(data, shape, "out")
         tx = as_tensor(x, requires_grad=True)
@@ -289,14 +293,14 @@ class Twins:
         """None, or a writeable ``out=`` array of any layout."""
         if not data.draw(st.booleans(), label=label):
             return None
-        layout = data.draw(st.sampled_from(LAYOUT_NAMES[:-1]), label=f"{label} layout")
+        layout = data.draw(st.sampled_from(COMPANION_LAYOUTS[:-1]), label=f"{label} layout")
         return build(shape, layout, self.dtype, np.zeros(shape))
 
     def backward(self, data: st.DataObject) -> None:
         if self.last is None:
             return
         shape = self.last["shape"]
-        layout = data.draw(st.sampled_from(LAYOUT_NAMES), label="dy layout")
+        layout = data.draw(st.sampled_from(COMPANION_LAYOUTS), label="dy layout")
         dy = build(shape, layout, self.dtype, self.rng.standard_normal(shape))
         out = self.draw_out(data, shape, "dx out")
         tx, tz = self.last["tx"], self.last["tz"]
