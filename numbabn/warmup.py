@@ -33,6 +33,7 @@ import numpy as np
 from numbabn import functional
 from numbabn._cpu import CpuBackend, fused, kernels, parallel
 from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
+from numbabn._layouts import LAYOUTS_ANY, LAYOUTS_SPATIAL, make_layout
 from numbabn.modules import BatchNorm1d, BatchNorm2d
 from numbabn.stats import ChannelStats
 
@@ -95,68 +96,26 @@ def _shape(size: str, ndim: int = 4) -> tuple[int, ...]:
     return (n, _CHANNELS, side, side)
 
 
-def _channels_last(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A transposed C-contiguous ``(N, *spatial, C)`` array of ``shape``'s logical axes."""
-    order = (0, *range(2, len(shape)), 1)
-    stored = np.empty(tuple(shape[axis] for axis in order), data.dtype)
-    view = stored.transpose(np.argsort(order))
-    view[...] = data
-    return view
-
-
 # Memory layouts of the inputs (and gradients, residuals, outputs): each selects its
 # own kernel specialisations through the C-contiguous, Fortran or strided views it
 # gives, and read-only arrays are yet other argument types.
-_ANY_RANK = ("contiguous", "fortran", "batch slice", "channel slice", "reversed")
-_SPATIAL = (
-    "channels-last", "inner slice", "crop", "channels-last slice", "channels-last reversed",
-    "channels-last strided",
-)  # fmt: skip
-_READ_ONLY = ("read-only", "broadcast")
-_KINDS = _ANY_RANK + _SPATIAL + _READ_ONLY
+_READ_ONLY = ("read_only", "broadcast")
+_KINDS = LAYOUTS_ANY + LAYOUTS_SPATIAL + _READ_ONLY
 
 
 def _make(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype, kind: str) -> Any:
     """Random data of logical ``shape`` whose memory layout is ``kind``."""
-    ndim = len(shape)
-    every = (slice(None, None, 2),) * (ndim - 2)
 
     def data(logical: tuple[int, ...]) -> np.ndarray:
         return rng.standard_normal(logical).astype(dtype)
 
-    if kind == "contiguous":
-        return data(shape)
-    if kind == "fortran":
-        return np.asfortranarray(data(shape))
-    if kind == "batch slice":
-        return data((2 * shape[0], *shape[1:]))[::2]
-    if kind == "channel slice":
-        return data((shape[0], 2 * shape[1], *shape[2:]))[:, ::2]
-    if kind == "reversed":
-        return data(shape)[(slice(None, None, -1),) * ndim]
-    if kind == "channels-last":
-        return _channels_last(data(shape), shape)
-    if kind == "inner slice":
-        return data((*shape[:2], *(2 * n for n in shape[2:])))[(slice(None),) * 2 + every]
-    if kind == "crop":
-        n_crop = min(2, ndim - 2)
-        big = shape[: ndim - n_crop] + tuple(n + 2 for n in shape[ndim - n_crop :])
-        return data(big)[(Ellipsis,) + (slice(1, -1),) * n_crop]
-    if kind == "channels-last slice":
-        big = (shape[0], shape[1], 2 * shape[2], *shape[3:])
-        return _channels_last(data(big), big)[:, :, ::2]
-    if kind == "channels-last reversed":
-        return _channels_last(data(shape), shape)[::-1, :, ::-1]
-    if kind == "channels-last strided":
-        big = (2 * shape[0], shape[1], *(2 * n for n in shape[2:]))
-        return _channels_last(data(big), big)[(slice(None, None, 2), slice(None)) + every]
-    if kind == "read-only":
+    if kind == "read_only":
         array = data(shape)
         array.setflags(write=False)
         return array
     if kind == "broadcast":  # read-only, with a zero stride
         return np.broadcast_to(data((1, *shape[1:])), shape)
-    raise ValueError(kind)
+    return make_layout(data, shape, kind)
 
 
 def _module_steps(
@@ -209,7 +168,7 @@ def _other_ranks(dtype: np.dtype, size: str) -> None:
     for ndim in (2, 3):
         shape = _shape(size, ndim)
         bn = BatchNorm1d(_CHANNELS, dtype=dtype)
-        for kind in _ANY_RANK + (_SPATIAL[:1] if ndim == 3 else ()):
+        for kind in LAYOUTS_ANY + (LAYOUTS_SPATIAL[:1] if ndim == 3 else ()):
             x = _make(rng, shape, dtype, kind)
             for dy_kind in dict.fromkeys((kind, "contiguous")):
                 _module_steps(bn, x, _make(rng, shape, dtype, dy_kind))
@@ -262,7 +221,7 @@ def _cases() -> list[_Case]:
     ]
     cases += [
         _Case(f"out= buffers ({kind})", functools.partial(_in_place, kind=kind))
-        for kind in _ANY_RANK + _SPATIAL
+        for kind in LAYOUTS_ANY + LAYOUTS_SPATIAL
     ]
     cases.append(_Case("2-D and 3-D input", _other_ranks))
     cases.append(_Case("functional API, ChannelStats, SyncBatchNorm passes", _functional))
