@@ -319,10 +319,7 @@ class SyncBatchNorm(_BatchNorm):
         and order (the batch size apart, counted over all ranks later).
         Returns the backend, the input and ``out`` as NumPy arrays.
         """
-        if self.track_running_stats:
-            momentum = self._momentum_factor()
-        else:
-            momentum = 0.0 if self.momentum is None else self.momentum
+        momentum = self._momentum_argument(self.track_running_stats)
         try:
             checked, arrays = check_forward_args(
                 x, self.running_mean, self.running_var, self.weight, self.bias, out,

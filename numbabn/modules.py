@@ -28,8 +28,10 @@ __all__ = [
 ]
 
 # The per-channel arrays (on the module's device), then the host batch counter.
-_ARRAY_KEYS = ("weight", "bias", "running_mean", "running_var")
-_STATE_KEYS = (*_ARRAY_KEYS, "num_batches_tracked")
+_PARAMETER_KEYS = ("weight", "bias")
+_BUFFER_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+_ARRAY_KEYS = (*_PARAMETER_KEYS, *_BUFFER_KEYS[:2])
+_STATE_KEYS = (*_PARAMETER_KEYS, *_BUFFER_KEYS)
 
 
 class IncompatibleKeys(NamedTuple):
@@ -263,6 +265,16 @@ class _BatchNorm:
                 f"move the module with .to({kind!r}) or the {name} to {self.device}"
             )
 
+    def _momentum_argument(self, tracking: bool) -> Any:
+        """The ``momentum`` a call passes on: the running-average factor when tracking.
+
+        As PyTorch, a call passes a momentum (0.0 for None) even when nothing is
+        tracked, so its type is checked on every call.
+        """
+        if tracking:
+            return self._momentum_factor()
+        return 0.0 if self.momentum is None else self.momentum
+
     def _momentum_factor(self) -> builtins.float:  # "float" here names the method
         if self.momentum is None:
             # Cumulative moving average over the batches seen so far.
@@ -306,11 +318,7 @@ class _BatchNorm:
         batch_stats = self.training or self.running_mean is None
         tracking = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
-        # PyTorch passes momentum (0.0 for None) on every call, so its type is always checked.
-        if tracking:
-            momentum = self._momentum_factor()
-        else:
-            momentum = 0.0 if self.momentum is None else self.momentum
+        momentum = self._momentum_argument(tracking)
         try:
             output, saved = batch_norm_forward(
                 array,
@@ -449,15 +457,11 @@ class _BatchNorm:
         name in :attr:`grads` (None until a backward). ``prefix`` is put before
         each name with a dot, as PyTorch's.
         """
-        for name in ("weight", "bias"):
-            array = getattr(self, name)
-            if array is not None:
-                yield (f"{prefix}.{name}" if prefix else name), array
+        return self._named(_PARAMETER_KEYS, prefix)
 
     def parameters(self) -> Iterator[Any]:
         """The parameter arrays of :meth:`named_parameters`: ``weight``, then ``bias``."""
-        for _, array in self.named_parameters():
-            yield array
+        return (array for _, array in self.named_parameters())
 
     def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
         """``(name, array)`` for ``running_mean``, ``running_var`` and ``num_batches_tracked``.
@@ -465,15 +469,17 @@ class _BatchNorm:
         Those the module has (none without ``track_running_stats``); the
         module's own arrays, as :meth:`named_parameters`.
         """
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            array = getattr(self, name)
-            if array is not None:
-                yield (f"{prefix}.{name}" if prefix else name), array
+        return self._named(_BUFFER_KEYS, prefix)
 
     def buffers(self) -> Iterator[Any]:
         """The arrays of :meth:`named_buffers`."""
-        for _, array in self.named_buffers():
-            yield array
+        return (array for _, array in self.named_buffers())
+
+    def _named(self, keys: tuple[str, ...], prefix: str) -> Iterator[tuple[str, Any]]:
+        for name in keys:
+            array = getattr(self, name)
+            if array is not None:
+                yield (f"{prefix}.{name}" if prefix else name), array
 
     # -- state_dict ---------------------------------------------------------
 
