@@ -96,3 +96,31 @@ def test_fresh_compilation_and_cache_load_agree(tmp_path):
     cached.pop("num_threads")
     assert_bit_identical(cached, fresh)
     assert_bit_identical(compute(), fresh)
+
+
+def test_every_cpu_function_is_cached_under_the_package_digest():
+    """A change in any CPU source retires every cached CPU function, not only its own file's."""
+    from numbabn._cpu import jit
+    from numbabn.warmup import _dispatchers
+
+    stamps = {d._cache._cache_file._source_stamp for d in _dispatchers()}
+    assert stamps == {("numbabn._cpu", jit.source_digest())}
+
+
+def test_source_digest_covers_every_source(tmp_path, monkeypatch):
+    from numbabn._cpu import jit
+
+    for path in jit.SOURCES.glob("*.py"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(jit, "SOURCES", tmp_path)
+    jit.source_digest.cache_clear()
+    try:
+        before = jit.source_digest()
+        for path in sorted(tmp_path.glob("*.py")):
+            original = path.read_bytes()
+            path.write_bytes(original + b"\n")
+            jit.source_digest.cache_clear()
+            assert jit.source_digest() != before, path.name
+            path.write_bytes(original)
+    finally:
+        jit.source_digest.cache_clear()

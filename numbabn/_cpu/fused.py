@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from numbabn._cpu.jit import inline as _inline
+from numbabn._cpu.jit import kernel as _kernel
 from numbabn._cpu.kernels import (
     _bounds,
-    _inline,
-    _kernel,
     _n_channels,
     _n_items,
     _row,
+    _store_partials,
     statistics_serial,
 )
 
@@ -132,8 +133,7 @@ def masked_sums_items(
                     sum_gx[i] += g * (np.float64(x_row[i]) - m[i])
                     if residual:
                         dz_row[i] = g
-            partials[tile, 0, c0:c1] = sum_g
-            partials[tile, 1, c0:c1] = sum_gx
+            _store_partials(partials, tile, c0, sum_g, sum_gx)
             continue
         for c in range(c0, c1):
             m, k, b = mean[c], scale[c], shift[c]

@@ -23,19 +23,10 @@ residual and ReLU, is in :mod:`numbabn._cpu.fused`).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-# ``reassoc`` lets LLVM vectorise floating-point reductions. ``nnan``/``ninf``
-# are left out on purpose so NaN and inf propagate as in PyTorch.
-_FASTMATH = {"reassoc", "contract", "nsz"}
-
-# A kernel never calls another kernel: a call goes through a symbol that binds to
-# whichever compiled copy loaded first (the callee's own, or the caller's cached
-# re-optimised one), and the two can round differently. Helpers are inlined into
-# the Numba IR of their caller instead; ``_shared`` ones are also called from Python.
-_inline = njit(cache=True, inline="always")
-_kernel = njit(fastmath=_FASTMATH, cache=True, nogil=True)
-_shared = njit(fastmath=_FASTMATH, cache=True, nogil=True, inline="always")
+from numbabn._cpu.jit import inline as _inline
+from numbabn._cpu.jit import kernel as _kernel
+from numbabn._cpu.jit import shared as _shared
 
 
 @_inline
@@ -175,8 +166,19 @@ def _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, 
                     a += 1
             sum_v[c - c0] = acc_v
             sum_vu[c - c0] = acc_vu
-    partials[tile, 0, c0:c1] = sum_v
-    partials[tile, 1, c0:c1] = sum_vu
+    _store_partials(partials, tile, c0, sum_v, sum_vu)
+
+
+@_inline
+def _store_partials(partials, tile, c0, sum_a, sum_b):
+    """Write an item's two per-channel sums to ``partials[tile, :, c0:]``.
+
+    An element loop, not a slice assignment: Numba's array-to-slice assignment
+    drags in shape checks whose error formatting costs seconds of compilation.
+    """
+    for i in range(sum_a.shape[0]):
+        partials[tile, 0, c0 + i] = sum_a[i]
+        partials[tile, 1, c0 + i] = sum_b[i]
 
 
 @_inline
@@ -281,8 +283,8 @@ def grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, s
 @_shared
 def merge(partials):
     """Sum the ``(T, 2, C)`` partials over tiles, always in tile order."""
-    totals = partials[0].copy()
-    for tile in range(1, partials.shape[0]):
+    totals = np.zeros(partials.shape[1:])
+    for tile in range(partials.shape[0]):
         for k in range(2):
             for c in range(partials.shape[2]):
                 totals[k, c] += partials[tile, k, c]

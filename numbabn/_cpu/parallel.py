@@ -24,11 +24,10 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from numbabn._cpu import fused, kernels
-
-_driver = njit(parallel=True, cache=True, nogil=True)
+from numbabn._cpu.jit import driver as _driver
 
 
 @_driver
