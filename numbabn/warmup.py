@@ -4,12 +4,12 @@
 container image builds and cluster job prologues, so that jobs start with every
 kernel they can need already compiled.
 
-Numba compiles one specialisation per combination of argument types: the dtype,
-whether each array view is C-contiguous or strided, whether it is read-only, and
-the serial or threaded path. Rather than listing those signatures by hand (they
-would drift from the code), the warm-up drives the public API over a small list
-of representative calls, one per code path and operand kind, on tiny arrays
-(below and above :data:`numbabn._cpu.backend.PARALLEL_MIN_ELEMENTS`).
+Each kernel has two compiled variants per dtype (every operand C-contiguous, or
+any other mix of layouts: see :mod:`numbabn._cpu.jit`), and the serial and
+threaded paths have kernels of their own. Rather than listing those signatures
+by hand (they would drift from the code), the warm-up drives the public API over
+a small list of representative calls, one per code path and operand kind, on
+tiny arrays (below and above :data:`numbabn._cpu.backend.PARALLEL_MIN_ELEMENTS`).
 
 Concurrent warm-ups on one cache (``mpiexec -n 64 python -m numbabn warmup``)
 take turns on a lock file in the cache directory: the first compiles, the others
@@ -96,9 +96,9 @@ def _shape(size: str, ndim: int = 4) -> tuple[int, ...]:
     return (n, _CHANNELS, side, side)
 
 
-# Memory layouts of the inputs (and gradients, residuals, outputs): each selects its
-# own kernel specialisations through the C-contiguous, Fortran or strided views it
-# gives, and read-only arrays are yet other argument types.
+# Memory layouts of the inputs (and gradients, residuals, outputs), read-only ones
+# included: once the two variants exist every other kind reuses them, which the
+# warm-up's own tests check.
 _READ_ONLY = ("read_only", "broadcast")
 _KINDS = LAYOUTS_ANY + LAYOUTS_SPATIAL + _READ_ONLY
 

@@ -11,6 +11,7 @@ import pytest
 import numbabn
 from numbabn._cpu import kernels
 from numbabn._cpu.backend import _Operands
+from numbabn._cpu.jit import launch
 from numbabn._cpu.parallel import run_items
 
 needs_two_threads = pytest.mark.skipif(
@@ -23,7 +24,7 @@ needs_two_threads = pytest.mark.skipif(
 def test_threads_write_what_one_call_writes(dtype):
     x = np.random.default_rng(0).standard_normal((8, 5, 40, 41)).astype(dtype)
     ops = _Operands(x)
-    shift = kernels.first_values(ops.view, ops.layout.channels_inner)
+    shift = launch(kernels.first_values, ops.view, ops.layout.channels_inner)
     vector = np.linspace(0.5, 1.5, x.shape[1])
     calls = {
         "sums": (kernels.sums_items, ops.view, ops.view, shift, shift, True),
@@ -34,7 +35,7 @@ def test_threads_write_what_one_call_writes(dtype):
         one, spread = (
             ops.partials() if name == "sums" else np.empty_like(ops.view) for _ in range(2)
         )
-        kernel(*args, *ops.launch_args, one, 0, ops.n_items)
+        launch(kernel, *args, *ops.launch_args, one, 0, ops.n_items)
         run_items(kernel, ops.n_items, *args, *ops.launch_args, spread)
         assert one.tobytes() == spread.tobytes(), name
 

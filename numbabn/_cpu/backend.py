@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from numbabn._cpu import fused, kernels
+from numbabn._cpu.jit import launch
 from numbabn._cpu.layout import Layout, plan
 from numbabn._cpu.parallel import run_items
 from numbabn.epilogue import Epilogue
@@ -31,7 +32,7 @@ class _Operands:
             assert layout is not None  # a C-contiguous array always has a layout
         self.x = x
         self.layout: Layout = layout
-        self.view = layout.view(x)
+        self.view = _read_only(layout.view(x))
         self.serial = x.size < PARALLEL_MIN_ELEMENTS
         self.n_items = layout.n_items
         self.launch_args = (layout.channels_inner, layout.geometry)
@@ -43,7 +44,7 @@ class _Operands:
             staged = np.empty_like(self.x)
             staged[...] = array
             view = self.staged_view(staged)
-        return view
+        return _read_only(view)
 
     def staged_view(self, staged: np.ndarray) -> np.ndarray:
         """View ``staged``, an ``np.empty_like(self.x)``: its strides always fit the layout."""
@@ -57,7 +58,7 @@ class _Operands:
     def run(self, kernel: Callable[..., None], *args: Any) -> None:
         """Run an ``*_items`` kernel over every item."""
         if self.serial:
-            kernel(*args, 0, self.n_items)
+            launch(kernel, *args, 0, self.n_items)
         else:
             run_items(kernel, self.n_items, *args)
 
@@ -110,6 +111,13 @@ def _grad_from_sums(
     ops.run(
         kernels.grad_items, dy_view, ops.view, mean, alpha, beta, gamma, *ops.launch_args, target
     )
+
+
+def _read_only(view: np.ndarray) -> np.ndarray:
+    """``view`` marked read-only (a view of its own): the kernels' inputs take one type."""
+    view = view.view()
+    view.flags.writeable = False
+    return view
 
 
 def _adopt(array: np.ndarray | None) -> np.ndarray | None:
@@ -183,12 +191,13 @@ class CpuBackend:
                 residual = None if epilogue is None else epilogue.residual
                 z = ops.view if residual is None else ops.input_view(residual)
                 relu = epilogue is not None and epilogue.relu
-                return fused.train_forward_serial(
-                    ops.view, z, residual is not None, relu, weight, bias, running_mean,
-                    running_var, momentum, eps, *ops.launch_args, partials, target,
+                return launch(
+                    fused.train_forward_serial, ops.view, z, residual is not None, relu, weight,
+                    bias, running_mean, running_var, momentum, eps, *ops.launch_args, partials,
+                    target,
                 )  # fmt: skip
             view = ops.view
-            shift = kernels.first_values(view, ops.layout.channels_inner)
+            shift = launch(kernels.first_values, view, ops.layout.channels_inner)
             ops.run(kernels.sums_items, view, view, shift, shift, True, *ops.launch_args, partials)
             mean, invstd, scale, offset = kernels.finish_forward(
                 kernels.merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
@@ -275,12 +284,15 @@ class CpuBackend:
                 )  # fmt: skip
             elif not batch_stats:
                 # dx = dz * alpha: x must not enter (0 * (x - mean) is NaN for infinite x).
-                ops.run(kernels.affine_items, dz_view, beta, alpha, gamma, *ops.launch_args, target)
+                ops.run(
+                    kernels.affine_items, _read_only(dz_view), beta, alpha, gamma,
+                    *ops.launch_args, target,
+                )  # fmt: skip
             else:
                 # The first pass wrote the masked dy to dz: the plain gradient pass reads
                 # it in place of dy and z (two reads and a write instead of three and two).
                 ops.run(
-                    kernels.grad_items, dz_view, ops.view, mean, alpha, beta, gamma,
+                    kernels.grad_items, _read_only(dz_view), ops.view, mean, alpha, beta, gamma,
                     *ops.launch_args, target,
                 )  # fmt: skip
             return totals
@@ -293,7 +305,7 @@ class CpuBackend:
         """Per-channel float64 ``(mean, M2)`` (sum of squared deviations) in one pass."""
         ops = _Operands(x)
         # Sums around each channel's first value keep data far from zero precise.
-        shift = kernels.first_values(ops.view, ops.layout.channels_inner)
+        shift = launch(kernels.first_values, ops.view, ops.layout.channels_inner)
         partials = ops.partials()
         ops.run(
             kernels.sums_items, ops.view, ops.view, shift, shift, True, *ops.launch_args, partials
@@ -365,8 +377,16 @@ class CpuBackend:
 
         def kernel(target: np.ndarray) -> np.ndarray:
             if ops.serial:
-                return kernels.train_backward_serial(
-                    dy_view, ops.view, mean, invstd, weight, *ops.launch_args, partials, target
+                return launch(
+                    kernels.train_backward_serial,
+                    dy_view,
+                    ops.view,
+                    mean,
+                    invstd,
+                    weight,
+                    *ops.launch_args,
+                    partials,
+                    target,
                 )
             zeros = np.zeros_like(mean)
             args = (ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials)

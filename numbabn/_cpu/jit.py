@@ -9,6 +9,15 @@ After an upgrade that changed only ``kernels.py``, a shared cache would serve
 drivers with the old code inside. So every CPU function is stamped instead with
 a digest of all of this package's sources: any change anywhere retires the
 whole cache, and unchanged sources keep it valid wherever the files are copied.
+
+Numba also compiles one variant per combination of argument types: each 4-D
+operand C-contiguous, Fortran or strided, read-only or not. Mixed, those made
+hundreds of variants per dtype, each compiled for seconds. :func:`launch` calls
+the kernels through two variants per dtype instead: every 4-D operand typed
+C-contiguous (all of them are) or every one strided (any other mix), inputs
+read-only. Numba converts the actual arrays to those types at the call (a
+C-contiguous or writable array is a valid strided or read-only one); the
+strided variant runs the same arithmetic with general indexing.
 """
 
 from __future__ import annotations
@@ -19,9 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from numba import njit
+import numba
+import numpy as np
+from numba import njit, types
+from numba.core.compiler_lock import global_compiler_lock
 
-__all__ = ["driver", "inline", "kernel", "shared", "source_digest"]
+__all__ = ["driver", "inline", "kernel", "launch", "shared", "source_digest"]
 
 # ``reassoc`` lets LLVM vectorise floating-point reductions. ``nnan``/``ninf``
 # are left out on purpose so NaN and inf propagate as in PyTorch.
@@ -40,8 +52,11 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
-def _stamped(decorator: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``decorator`` (an ``njit`` with ``cache=True``), then the package-wide cache stamp."""
+def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Callable[[Any], Any]:
+    """``decorator`` (an ``njit`` with ``cache=True``), then the package-wide cache stamp.
+
+    With ``by_layout`` the function compiles only through :func:`launch`.
+    """
 
     def decorate(function: Any) -> Any:
         dispatcher = decorator(function)
@@ -53,12 +68,73 @@ def _stamped(decorator: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return decorate
 
 
+# (dispatcher, contiguous, dtype) of the variants compiled or loaded so far.
+_ready: set[tuple[Any, bool, np.dtype | None]] = set()
+
+
+def launch(dispatcher: Any, *args: Any) -> Any:
+    """Call a ``kernel`` or ``driver`` through its variant for these operands' layout family."""
+    contiguous = True
+    dtype = None
+    for arg in args:
+        if isinstance(arg, np.ndarray) and arg.ndim == 4:
+            contiguous = contiguous and arg.flags.c_contiguous
+            dtype = arg.dtype
+    key = (dispatcher, contiguous, dtype)
+    if key not in _ready:
+        _compile(dispatcher, args, contiguous)
+        _ready.add(key)
+    try:
+        return dispatcher(*args)
+    except (TypeError, RuntimeError) as error:
+        if not _unresolved(error):
+            raise
+    # Arguments of a type no variant takes (weights of another dtype, say), or a
+    # call that met another thread's compilation: Numba refused rather than compile.
+    try:
+        return dispatcher(*args)
+    except TypeError as error:
+        if not _unresolved(error):
+            raise
+    _compile(dispatcher, args, contiguous)
+    return dispatcher(*args)
+
+
+def _unresolved(error: Exception) -> bool:
+    """Whether ``error`` is Numba refusing a call for want of a compiled variant."""
+    return str(error).startswith(("No matching definition", "compilation disabled"))
+
+
+def _compile(dispatcher: Any, args: tuple[Any, ...], contiguous: bool) -> None:
+    """Compile (or load from the cache) ``dispatcher``'s variant for ``args``.
+
+    Compilation stays disabled outside this function, so that a call converts its
+    arrays to a compiled variant rather than compiling one for their exact types.
+    It is enabled only under Numba's compiler lock, which Numba's own compilation
+    takes before it checks that flag: another thread's call then meets a refusal
+    (which :func:`launch` retries), never a compilation of its exact types.
+    """
+    signature = []
+    for arg in args:
+        arg_type = numba.typeof(arg)
+        if isinstance(arg_type, types.Array) and arg_type.ndim == 4:
+            arg_type = arg_type.copy(layout="C" if contiguous else "A")
+        signature.append(arg_type)
+    with global_compiler_lock:
+        dispatcher.disable_compile(False)
+        try:
+            dispatcher.compile(tuple(signature))
+        finally:
+            dispatcher.disable_compile(True)
+
+
 # Helpers are inlined into the Numba IR of their caller, never called: a call goes
 # through a symbol that binds to whichever compiled copy loaded first (the
 # callee's own, or the caller's cached re-optimised one), and the two can round
-# differently. ``shared`` helpers are also called from Python.
+# differently. ``shared`` helpers (of per-channel vectors) are also called from Python.
 inline = _stamped(njit(cache=True, inline="always"))
-kernel = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True))
 shared = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True, inline="always"))
+# Functions of 4-D operands, called from Python through :func:`launch`.
+kernel = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True))
 # The ``parallel=True`` functions that spread a kernel's items over Numba's threads.
 driver = _stamped(njit(parallel=True, cache=True, nogil=True))

@@ -291,8 +291,8 @@ def merge(partials):
     return totals
 
 
-@_shared
-def first_values(x, channels_inner):
+@_inline
+def _first_values(x, channels_inner):
     """Each channel's first value, in float64: the shift the statistics sums use.
 
     A non-finite first value gives a shift of 0 instead: ``inf - inf`` would make
@@ -304,6 +304,12 @@ def first_values(x, channels_inner):
         value = np.float64(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
         shift[c] = value if np.isfinite(value) else 0.0
     return shift
+
+
+@_kernel
+def first_values(x, channels_inner):
+    """:func:`_first_values`, called from Python."""
+    return _first_values(x, channels_inner)
 
 
 @_shared
@@ -385,7 +391,7 @@ def statistics_serial(
     """
     n_channels = _n_channels(x, channels_inner)
     n_items = _n_items(n_channels, geometry[0], geometry[3])
-    shift = first_values(x, channels_inner)
+    shift = _first_values(x, channels_inner)
     for item in range(n_items):
         _sums_item(x, x, shift, shift, True, item, channels_inner, geometry, partials)
     return finish_forward(

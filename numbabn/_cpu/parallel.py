@@ -28,6 +28,7 @@ from numba import prange
 
 from numbabn._cpu import fused, kernels
 from numbabn._cpu.jit import driver as _driver
+from numbabn._cpu.jit import launch
 
 
 @_driver
@@ -129,10 +130,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def run_items(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     """Run ``kernel(*args, start, stop)`` over items ``0`` to ``n_items`` on Numba's threads."""
     global _launched
-    kernel(*args, 0, 0)  # loads the kernel's own code first: see the module docstring
+    launch(kernel, *args, 0, 0)  # loads the kernel's own code first: see the module docstring
     if _serial_only:
-        kernel(*args, 0, n_items)
+        launch(kernel, *args, 0, n_items)
         return
     with _launch_lock:
-        _DRIVERS[kernel](n_items, *args)
+        launch(_DRIVERS[kernel], n_items, *args)
         _launched = True
