@@ -32,7 +32,9 @@ class _Operands:
             assert layout is not None  # a C-contiguous array always has a layout
         self.x = x
         self.layout: Layout = layout
-        self.view = _read_only(layout.view(x))
+        view = layout.view(x)
+        assert view is not None  # x is in its own layout
+        self.view = _read_only(view)
         self.serial = x.size < PARALLEL_MIN_ELEMENTS
         self.n_items = layout.n_items
         self.launch_args = (layout.channels_inner, layout.geometry)
@@ -261,6 +263,9 @@ class CpuBackend:
             if dz_view is None:  # x was copied into another layout
                 grad_residual = np.empty_like(ops.x)
                 dz_view = ops.layout.view(grad_residual)
+            assert dz_view is not None  # an array made like x or ops.x fits the layout
+            # Read back as the second pass's input, typed like the other inputs.
+            dz_input = _read_only(dz_view)
         partials = ops.partials()
         count = x.size // x.shape[1]
 
@@ -285,14 +290,14 @@ class CpuBackend:
             elif not batch_stats:
                 # dx = dz * alpha: x must not enter (0 * (x - mean) is NaN for infinite x).
                 ops.run(
-                    kernels.affine_items, _read_only(dz_view), beta, alpha, gamma,
+                    kernels.affine_items, dz_input, beta, alpha, gamma,
                     *ops.launch_args, target,
                 )  # fmt: skip
             else:
                 # The first pass wrote the masked dy to dz: the plain gradient pass reads
                 # it in place of dy and z (two reads and a write instead of three and two).
                 ops.run(
-                    kernels.grad_items, _read_only(dz_view), ops.view, mean, alpha, beta, gamma,
+                    kernels.grad_items, dz_input, ops.view, mean, alpha, beta, gamma,
                     *ops.launch_args, target,
                 )  # fmt: skip
             return totals
