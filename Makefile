@@ -60,10 +60,13 @@ test-gpu: $(GPU_DEPS)
 bench-gpu: $(GPU_DEPS)
 	$(GPU_RUN) -m numbabn.bench --device cuda
 
-## asv-quick: run each asv benchmark once in this environment (fails on a broken one)
+## asv-quick: run each asv benchmark once in this environment (fails on a broken one);
+## the cold-start ones, which compile everything each time, are left to a full asv run
 asv-quick: $(VENV)/.installed-test
 	$(VENV)/bin/asv machine --yes > /dev/null
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/asv run --python=same --quick --show-stderr
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/asv run --python=same --quick --show-stderr \
+		--bench '^(?!bench_startup\.Startup)'
+
 
 ## bench: numbabn beside PyTorch, NumPy and the memory roofline (tables, JSON, PNG)
 bench: $(VENV)/.installed-bench

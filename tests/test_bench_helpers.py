@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 
-from numbabn.bench import machine
+import pytest
+
+from numbabn.bench import layouts, machine, startup
 from numbabn.bench.timing import interleaved_medians
 
 
@@ -34,3 +36,33 @@ def test_cache_sizes_read_in_binary_units():
     assert machine._readable("32768K") == "32 MiB"
     assert machine._readable("512K") == "512 KiB"
     assert machine._readable("1.5M") == "1.5M"
+
+
+def test_startup_table_lists_each_dtype_and_size():
+    per_size = {"cold": 2.0, "warm": 0.2, "import": 0.5}
+    figures = {
+        "float32": {"small": per_size, "large": per_size, "warmup": 9.0},
+        "float64": {"small": per_size, "large": per_size, "warmup": None},
+    }
+    table = startup.startup_markdown(figures)
+    rows = [line for line in table.splitlines() if line.startswith("| float")]
+    assert len(rows) == 4
+    assert rows[0].endswith("| 9.0 |") and rows[2].endswith("|  |")
+
+
+@pytest.mark.slow
+def test_first_call_seconds_runs_a_fresh_process():
+    figures = startup.first_call_seconds((2, 3, 4, 4), "float64", dict(os.environ))
+    assert set(figures) == {"import", "call"}
+    assert all(seconds > 0 for seconds in figures.values())
+
+
+def test_layout_table_marks_each_target():
+    seconds = {case.name: 1e-3 for case in layouts.LAYOUT_CASES}
+    seconds["x NCHW, dy channels-last"] = 2e-3
+    rows = {row["case"]: row for row in layouts.rows_from_seconds(seconds)}
+    assert rows["x, dy channels-last"]["met"] is True
+    assert rows["x NCHW, dy channels-last"]["ratio"] == 2.0
+    assert rows["x NCHW, dy channels-last"]["met"] is False
+    table = layouts.layouts_markdown({"shape": [2, 3, 4, 4], "rows": list(rows.values())})
+    assert "| **no** |" in table

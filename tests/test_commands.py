@@ -28,7 +28,15 @@ def test_benchmark_command_quick(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    for title in ("Train forward", "Backward", "Eval forward", "Peak memory", "relu(bn(x) + z)"):
+    titles = (
+        "Train forward",
+        "Backward",
+        "Eval forward",
+        "Peak memory",
+        "relu(bn",
+        "Mixed layouts",
+    )
+    for title in titles:
         assert title in result.stdout
     saved = json.loads((tmp_path / "cpu.json").read_text())
     assert len(saved["results"]) == 3

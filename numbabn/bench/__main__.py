@@ -15,10 +15,11 @@ import numbabn
 from numbabn.bench import machine
 from numbabn.bench.cases import DEFAULT_CASES, QUICK_CASES, Case
 from numbabn.bench.fused import FUSED_CASES, QUICK_FUSED_CASES, fused_markdown, measure_fused
+from numbabn.bench.layouts import layouts_markdown, measure_layouts
 from numbabn.bench.measure import measure_case
 from numbabn.bench.peers import torch_available
 from numbabn.bench.report import markdown, write_json, write_png
-from numbabn.bench.startup import startup_seconds
+from numbabn.bench.startup import startup_markdown, startup_seconds
 
 
 def _progress(items: Sequence[Case], description: str) -> Iterator[Case]:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=None, help="samples per median")
     parser.add_argument("--threads", type=int, default=None, help="Numba and PyTorch threads")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    parser.add_argument("--no-startup", action="store_true", help="skip the start-up timing")
+    parser.add_argument("--no-startup", action="store_true", help="skip the start-up timings")
     parser.add_argument(
         "--output", type=Path, default=Path("benchmarks/results"), help="folder for the files"
     )
@@ -81,13 +82,22 @@ def main(argv: list[str] | None = None) -> None:
     fused = [
         measure_fused(case, repeat, threads, with_torch) for case in _progress(fused_cases, "fused")
     ]
-    startup = None if args.no_startup else startup_seconds()
-    report = markdown(results, header, startup) + "\n" + fused_markdown(fused)
+    layouts = measure_layouts(repeat, quick=args.quick)
+    startup = None
+    if not args.no_startup:
+        print("start-up: cold and warm processes, then a warm-up per dtype", file=sys.stderr)
+        # --quick: float32 only, without the minutes-long whole warm-up.
+        startup = startup_seconds(("float32",), False) if args.quick else startup_seconds()
+    report = "\n".join(
+        [markdown(results, header), fused_markdown(fused), layouts_markdown(layouts)]
+        + ([startup_markdown(startup)] if startup else [])
+    )
     print(report)
 
     args.output.mkdir(parents=True, exist_ok=True)
     meta = {
         "header": header, "threads": threads, "repeat": repeat, "startup": startup, "fused": fused,
+        "layouts": layouts,
     }  # fmt: skip
     json_path, png_path = args.output / "cpu.json", args.output / "cpu.png"
     write_json(json_path, results, meta)

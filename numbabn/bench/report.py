@@ -65,7 +65,7 @@ def pass_rows(result: dict[str, Any], spec: Pass) -> dict[str, float | None]:
     }
 
 
-def markdown(results: list[dict[str, Any]], header: str, startup: dict[str, float] | None) -> str:
+def markdown(results: list[dict[str, Any]], header: str) -> str:
     """All tables as one Markdown document."""
     lines = [header, ""]
     lines += [
@@ -130,14 +130,6 @@ def markdown(results: list[dict[str, Any]], header: str, startup: dict[str, floa
         ]
         cells = " | ".join(f"{peak:.2f}" for peak in peaks)
         lines.append(f"| {result['case']} | {result['bytes'] / 1e6:.1f} | {cells} |")
-    if startup:
-        lines += [
-            "",
-            "### Start-up: a fresh process to its first forward + backward, import included",
-            "",
-            f"- Numba cache warm: {startup['warm']:.2f} s",
-            f"- Numba cache cold (empty cache directory): {startup['cold']:.2f} s",
-        ]
     return "\n".join(lines) + "\n"
 
 
