@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from numbabn._cpu import fused, kernels
 from numbabn._cpu.jit import launch
-from numbabn._cpu.layout import Layout, plan
+from numbabn._cpu.layout import COPY_BLOCK, Layout, plan
 from numbabn._cpu.parallel import run_items
 from numbabn.epilogue import Epilogue
 
@@ -39,13 +41,26 @@ class _Operands:
         self.n_items = layout.n_items
         self.launch_args = (layout.channels_inner, layout.geometry)
 
-    def input_view(self, array: np.ndarray) -> np.ndarray:
-        """View another input, copying it into ``x``'s layout if its strides differ."""
-        view = self.layout.view(array)
+    def fits(self, view: np.ndarray | None) -> bool:
+        """Whether ``view`` (of another array in this layout) streams like ``x``'s own.
+
+        A view whose innermost axis is strided where ``x``'s is contiguous (a
+        channels-last gradient for NCHW data) would read or write one element
+        per cache line: such an array is staged instead.
+        """
         if view is None:
+            return False
+        contiguous = self.view.strides[3] == self.view.itemsize
+        return not contiguous or view.shape[3] == 1 or view.strides[3] == view.itemsize
+
+    def input_view(self, array: np.ndarray) -> np.ndarray:
+        """View another input, copying it into ``x``'s layout unless it fits as it is."""
+        view = self.layout.view(array)
+        if not self.fits(view):
             staged = np.empty_like(self.x)
-            staged[...] = array
+            _copy(staged, array)
             view = self.staged_view(staged)
+        assert view is not None
         return _read_only(view)
 
     def staged_view(self, staged: np.ndarray) -> np.ndarray:
@@ -90,12 +105,43 @@ class _Operands:
         """
         target = np.empty_like(self.original) if out is None else out
         view = self.layout.view(target)
-        if view is not None:
+        if view is not None and self.fits(view):
             return target, kernel(view)
         staged = np.empty_like(self.x)
         result = kernel(self.staged_view(staged))
-        target[...] = staged
+        _copy(target, staged)
         return target, result
+
+
+def _as_rows(array: np.ndarray) -> np.ndarray | None:
+    """``array`` of shape ``(N, C, *spatial)`` viewed as ``(N, C, 1, M)``; None if it has none."""
+    shape, strides = array.shape, array.strides
+    for axis in range(2, array.ndim - 1):
+        if strides[axis] != shape[axis + 1] * strides[axis + 1]:
+            return None
+    inner = strides[-1] if array.ndim > 2 else 0
+    rows = (shape[0], shape[1], 1, math.prod(shape[2:]))
+    return as_strided(array, rows, (strides[0], strides[1], 0, inner))
+
+
+def _copy(target: np.ndarray, source: np.ndarray) -> None:
+    """``target[...] = source`` for two arrays of one shape and any layouts.
+
+    Copies between layouts whose contiguous axes differ go through
+    :func:`kernels.copy_items` in cache-sized tiles, on Numba's threads; NumPy's
+    own copy reads or writes such pairs one element per cache line.
+    """
+    source_rows, target_rows = _as_rows(source), _as_rows(target)
+    if source_rows is None or target_rows is None:
+        target[...] = source
+        return
+    n_channels, n_positions = source_rows.shape[1], source_rows.shape[3]
+    n_items = source.shape[0] * -(-n_channels // COPY_BLOCK) * -(-n_positions // COPY_BLOCK)
+    args = (_read_only(source_rows), target_rows, COPY_BLOCK)
+    if source.size < PARALLEL_MIN_ELEMENTS:
+        launch(kernels.copy_items, *args, 0, n_items)
+    else:
+        run_items(kernels.copy_items, n_items, *args)
 
 
 def _grad_from_sums(

@@ -26,6 +26,9 @@ RUN_ELEMENTS = 2048
 # positions so that partials stay small.
 CHANNEL_BLOCK = 512
 MIN_POSITIONS = 256
+# Channels and positions per square tile of a copy between layouts (64 x 64 float32
+# is 16 KiB a side, well within the first-level cache).
+COPY_BLOCK = 64
 
 _CHANNEL: tuple[int, ...] = (1,)
 _PAD: tuple[int, ...] = ()

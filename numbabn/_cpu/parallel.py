@@ -101,10 +101,18 @@ def _masked_grad(
         )  # fmt: skip
 
 
+@_driver
+def _copy(n_items, src, dst, block):
+    for index in prange(n_items):
+        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
+        kernels.copy_items(src, dst, block, item, item + 1)
+
+
 _DRIVERS: dict[Callable[..., None], Callable[..., None]] = {
     kernels.sums_items: _sums,
     kernels.affine_items: _affine,
     kernels.grad_items: _grad,
+    kernels.copy_items: _copy,
     fused.affine_act_items: _affine_act,
     fused.masked_sums_items: _masked_sums,
     fused.masked_grad_items: _masked_grad,
