@@ -1,8 +1,8 @@
 """Any mix of memory layouts runs on two compiled variants per kernel and dtype.
 
-Once a C-contiguous and a strided call have compiled (or loaded) their variants,
-inputs, gradients, residuals and outputs in any other layout, read-only or not,
-must not compile or load anything more: that is what keeps the first call of a
+Once a C-contiguous and a strided call (and a staging copy between layouts) have
+compiled (or loaded) their variants, inputs, gradients, residuals and outputs in
+any other layout, read-only or not, must not compile or load anything more: that is what keeps the first call of a
 new layout, and the warm-up, short.
 """
 
@@ -50,6 +50,9 @@ def test_layout_mixes_compile_nothing_more(size):
     shape = SHAPES[size]
     for layout, relu in itertools.product(("contiguous", "crop", "channels_last"), (False, True)):
         _train_step(rng, shape, layout, layout, layout, False, relu)
+    # A gradient and an output to stage (copy) into the input's layout, in both directions.
+    _train_step(rng, shape, "contiguous", "channels_last", "channels_last", False)
+    _train_step(rng, shape, "channels_last", "contiguous", "contiguous", False)
     before = compile_counts()
     mixes = [
         (x_layout, other, other, read_only, relu)

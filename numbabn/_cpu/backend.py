@@ -36,7 +36,7 @@ class _Operands:
         self.layout: Layout = layout
         view = layout.view(x)
         assert view is not None  # x is in its own layout
-        self.view = _read_only(view)
+        self.view = _as_input(view)
         self.serial = x.size < PARALLEL_MIN_ELEMENTS
         self.n_items = layout.n_items
         self.launch_args = (layout.channels_inner, layout.geometry)
@@ -61,7 +61,7 @@ class _Operands:
             _copy(staged, array)
             view = self.staged_view(staged)
         assert view is not None
-        return _read_only(view)
+        return _as_input(view)
 
     def staged_view(self, staged: np.ndarray) -> np.ndarray:
         """View ``staged``, an ``np.empty_like(self.x)``: its strides always fit the layout."""
@@ -137,7 +137,7 @@ def _copy(target: np.ndarray, source: np.ndarray) -> None:
         return
     n_channels, n_positions = source_rows.shape[1], source_rows.shape[3]
     n_items = source.shape[0] * -(-n_channels // COPY_BLOCK) * -(-n_positions // COPY_BLOCK)
-    args = (_read_only(source_rows), target_rows, COPY_BLOCK)
+    args = (_as_input(source_rows), target_rows, COPY_BLOCK)
     if source.size < PARALLEL_MIN_ELEMENTS:
         launch(kernels.copy_items, *args, 0, n_items)
     else:
@@ -161,11 +161,20 @@ def _grad_from_sums(
     )
 
 
-def _read_only(view: np.ndarray) -> np.ndarray:
-    """``view`` marked read-only (a view of its own): the kernels' inputs take one type."""
-    view = view.view()
+def _as_input(view: np.ndarray) -> np.ndarray:
+    """Mark ``view``, a view this module made, read-only, and return it.
+
+    The kernels' variants type their inputs read-only (see :mod:`numbabn._cpu.jit`):
+    a read-only view matches a variant exactly, where a writable one would match
+    both the C-contiguous and the strided variant by a conversion, and be ambiguous.
+    """
     view.flags.writeable = False
     return view
+
+
+def _read_only(view: np.ndarray) -> np.ndarray:
+    """A read-only view of ``view`` (an array this module still writes through)."""
+    return _as_input(view.view())
 
 
 def _adopt(array: np.ndarray | None) -> np.ndarray | None:

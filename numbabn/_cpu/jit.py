@@ -15,9 +15,10 @@ operand C-contiguous, Fortran or strided, read-only or not. Mixed, those made
 hundreds of variants per dtype, each compiled for seconds. :func:`launch` calls
 the kernels through two variants per dtype instead: every 4-D operand typed
 C-contiguous (all of them are) or every one strided (any other mix), inputs
-read-only. Numba converts the actual arrays to those types at the call (a
-C-contiguous or writable array is a valid strided or read-only one); the
-strided variant runs the same arithmetic with general indexing.
+(every 4-D parameter not named in :data:`WRITTEN`) read-only. Numba converts
+the actual arrays to those types at the call (a C-contiguous or writable array
+is a valid strided or read-only one); the strided variant runs the same
+arithmetic with general indexing.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def source_digest() -> str:
     return digest.hexdigest()
 
 
+# The names of the 4-D parameters the kernels and drivers write; every other one is
+# an input, typed read-only whether or not the caller's array is writable.
+WRITTEN = frozenset({"out", "dx", "dz", "dst"})
+
+
 def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Callable[[Any], Any]:
     """``decorator`` (an ``njit`` with ``cache=True``), then the package-wide cache stamp.
 
@@ -63,40 +69,32 @@ def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Cal
         # Numba's index file of this function compares this stamp with the one it
         # was saved under, and discards every entry when they differ.
         dispatcher._cache._cache_file._source_stamp = ("numbabn._cpu", source_digest())
+        if by_layout:
+            # What disable_compile() sets; it refuses to before a first signature exists.
+            dispatcher._can_compile = False
         return dispatcher
 
     return decorate
 
 
-# (dispatcher, contiguous, dtype) of the variants compiled or loaded so far.
-_ready: set[tuple[Any, bool, np.dtype | None]] = set()
-
-
 def launch(dispatcher: Any, *args: Any) -> Any:
-    """Call a ``kernel`` or ``driver`` through its variant for these operands' layout family."""
-    contiguous = True
-    dtype = None
-    for arg in args:
-        if isinstance(arg, np.ndarray) and arg.ndim == 4:
-            contiguous = contiguous and arg.flags.c_contiguous
-            dtype = arg.dtype
-    key = (dispatcher, contiguous, dtype)
-    if key not in _ready:
-        _compile(dispatcher, args, contiguous)
-        _ready.add(key)
+    """Call a ``kernel`` or ``driver`` through its variant for these operands' layout family.
+
+    The call itself costs nothing extra: Numba finds the variant (converting the
+    arrays) or refuses, and only a refusal leads here to a compilation.
+    """
     try:
         return dispatcher(*args)
     except (TypeError, RuntimeError) as error:
         if not _unresolved(error):
             raise
-    # Arguments of a type no variant takes (weights of another dtype, say), or a
-    # call that met another thread's compilation: Numba refused rather than compile.
-    try:
-        return dispatcher(*args)
-    except TypeError as error:
-        if not _unresolved(error):
-            raise
+    contiguous = all(
+        arg.flags.c_contiguous for arg in args if isinstance(arg, np.ndarray) and arg.ndim == 4
+    )
     _compile(dispatcher, args, contiguous)
+    if not contiguous:
+        # Else a later all-C-contiguous call would run this variant, by conversion.
+        _compile(dispatcher, args, True)
     return dispatcher(*args)
 
 
@@ -114,18 +112,20 @@ def _compile(dispatcher: Any, args: tuple[Any, ...], contiguous: bool) -> None:
     takes before it checks that flag: another thread's call then meets a refusal
     (which :func:`launch` retries), never a compilation of its exact types.
     """
+    code = dispatcher.py_func.__code__
     signature = []
-    for arg in args:
+    for name, arg in zip(code.co_varnames[: code.co_argcount], args, strict=True):
         arg_type = numba.typeof(arg)
         if isinstance(arg_type, types.Array) and arg_type.ndim == 4:
-            arg_type = arg_type.copy(layout="C" if contiguous else "A")
+            readonly = name not in WRITTEN
+            arg_type = arg_type.copy(layout="C" if contiguous else "A", readonly=readonly)
         signature.append(arg_type)
     with global_compiler_lock:
-        dispatcher.disable_compile(False)
+        dispatcher._can_compile = True
         try:
             dispatcher.compile(tuple(signature))
         finally:
-            dispatcher.disable_compile(True)
+            dispatcher._can_compile = False
 
 
 # Helpers are inlined into the Numba IR of their caller, never called: a call goes
@@ -135,6 +135,6 @@ def _compile(dispatcher: Any, args: tuple[Any, ...], contiguous: bool) -> None:
 inline = _stamped(njit(cache=True, inline="always"))
 shared = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True, inline="always"))
 # Functions of 4-D operands, called from Python through :func:`launch`.
-kernel = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True))
+kernel = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True), by_layout=True)
 # The ``parallel=True`` functions that spread a kernel's items over Numba's threads.
-driver = _stamped(njit(parallel=True, cache=True, nogil=True))
+driver = _stamped(njit(parallel=True, cache=True, nogil=True), by_layout=True)
