@@ -2,8 +2,8 @@
 
 Once a C-contiguous and a strided call (and a staging copy between layouts) have
 compiled (or loaded) their variants, inputs, gradients, residuals and outputs in
-any other layout, read-only or not, must not compile or load anything more: that is what keeps the first call of a
-new layout, and the warm-up, short.
+any other layout, read-only or not, must not compile or load anything more: that
+is what keeps the first call of a new layout, and the warm-up, short.
 """
 
 from __future__ import annotations
