@@ -67,8 +67,11 @@ def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Cal
     def decorate(function: Any) -> Any:
         dispatcher = decorator(function)
         # Numba's index file of this function compares this stamp with the one it
-        # was saved under, and discards every entry when they differ.
-        dispatcher._cache._cache_file._source_stamp = ("numbabn._cpu", source_digest())
+        # was saved under, and discards every entry when they differ. (A Numba whose
+        # cache lacks this attribute keeps its per-file stamp: the tests say so.)
+        index: Any = getattr(dispatcher._cache, "_cache_file", None)
+        if hasattr(index, "_source_stamp"):
+            index._source_stamp = ("numbabn._cpu", source_digest())
         if by_layout:
             # What disable_compile() sets; it refuses to before a first signature exists.
             dispatcher._can_compile = False
