@@ -74,10 +74,7 @@ class _Operands:
 
     def run(self, kernel: Callable[..., None], *args: Any) -> None:
         """Run an ``*_items`` kernel over every item."""
-        if self.serial:
-            launch(kernel, *args, 0, self.n_items)
-        else:
-            run_items(kernel, self.n_items, *args)
+        _run(kernel, self.n_items, self.serial, *args)
 
     def normalise(
         self,
@@ -137,11 +134,16 @@ def _copy(target: np.ndarray, source: np.ndarray) -> None:
         return
     n_channels, n_positions = source_rows.shape[1], source_rows.shape[3]
     n_items = source.shape[0] * -(-n_channels // COPY_BLOCK) * -(-n_positions // COPY_BLOCK)
-    args = (_as_input(source_rows), target_rows, COPY_BLOCK)
-    if source.size < PARALLEL_MIN_ELEMENTS:
-        launch(kernels.copy_items, *args, 0, n_items)
+    serial = source.size < PARALLEL_MIN_ELEMENTS
+    _run(kernels.copy_items, n_items, serial, _as_input(source_rows), target_rows, COPY_BLOCK)
+
+
+def _run(kernel: Callable[..., None], n_items: int, serial: bool, *args: Any) -> None:
+    """Run an ``*_items`` kernel over ``n_items`` items: in one call, or on Numba's threads."""
+    if serial:
+        launch(kernel, *args, 0, n_items)
     else:
-        run_items(kernels.copy_items, n_items, *args)
+        run_items(kernel, n_items, *args)
 
 
 def _grad_from_sums(
@@ -170,11 +172,6 @@ def _as_input(view: np.ndarray) -> np.ndarray:
     """
     view.flags.writeable = False
     return view
-
-
-def _read_only(view: np.ndarray) -> np.ndarray:
-    """A read-only view of ``view`` (an array this module still writes through)."""
-    return _as_input(view.view())
 
 
 def _adopt(array: np.ndarray | None) -> np.ndarray | None:
@@ -320,7 +317,7 @@ class CpuBackend:
                 dz_view = ops.layout.view(grad_residual)
             assert dz_view is not None  # an array made like x or ops.x fits the layout
             # Read back as the second pass's input, typed like the other inputs.
-            dz_input = _read_only(dz_view)
+            dz_input = _as_input(dz_view.view())  # dz_view itself is still written
         partials = ops.partials()
         count = x.size // x.shape[1]
 
