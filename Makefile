@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-long fuzz soak test-gpu lint asv-quick bench bench-gpu bench-sync clean
+.PHONY: demo test test-long fuzz soak test-gpu lint asv-quick bench bench-gpu bench-sync bench-dask clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,10 @@ lint: $(VENV)/.installed-test
 ## bench-sync: cost of SyncBatchNorm's exchange on 2 ranks, beside plain BatchNorm2d
 bench-sync: $(VENV)/.installed-test
 	NUMBA_NUM_THREADS=1 $(VENV)/bin/mpiexec -n 2 $(PY) -m numbabn.bench.sync
+
+## bench-dask: numbabn.dask.channel_stats beside Dask's mean and var, 2 GB on 2 worker processes
+bench-dask: $(VENV)/.installed-test
+	$(PY) -m numbabn.bench.chunked
 
 clean:
 	rm -rf $(VENV) .asv .pytest_cache .ruff_cache .mypy_cache

@@ -147,6 +147,12 @@ def is_device_array(array: object) -> bool:
     return hasattr(array, "__cuda_array_interface__") or hasattr(array, "__cuda_ndarray__")
 
 
+def is_dask_array(array: object) -> bool:
+    """Whether ``array`` is a Dask array (checked without importing Dask)."""
+    module = sys.modules.get("dask.array")
+    return module is not None and isinstance(array, module.Array)
+
+
 def _type_name(array: object) -> str:
     return f"{type(array).__module__}.{type(array).__qualname__}"
 

@@ -343,17 +343,17 @@ class SyncBatchNorm(_BatchNorm):
             output = np.empty_like(x) if out is None else out
             saved = SavedStats(np.zeros(n_channels), np.ones(n_channels), True)
         else:
-            invstd = 1.0 / np.sqrt(total.var + self.eps)
-            weight = np.ones(n_channels) if self.weight is None else self.weight
-            bias = np.zeros(n_channels) if self.bias is None else self.bias
-            output = backend.affine(x, total.mean, invstd * weight, bias.astype(np.float64), out)
-            if tracking:
-                assert self.running_mean is not None and self.running_var is not None
-                factor = self._momentum_factor()
-                self.running_mean[...] = (1 - factor) * self.running_mean + factor * total.mean
-                self.running_var[...] = (
-                    1 - factor
-                ) * self.running_var + factor * total.unbiased_var
+            filled = backend.filled
+            running: tuple[Any, Any] = (self.running_mean, self.running_var)
+            if not tracking:
+                running = (filled(0.0, 0, x.dtype),) * 2
+            weight = filled(1.0, n_channels, x.dtype) if self.weight is None else self.weight
+            bias = filled(0.0, n_channels, x.dtype) if self.bias is None else self.bias
+            invstd, scale, offset = backend.train_coefficients(
+                total.mean, total.m2, total.count, weight, bias, self.eps, *running,
+                self._momentum_factor() if tracking else 0.0,
+            )  # fmt: skip
+            output = backend.affine(x, total.mean, scale, offset, out)
             saved = SavedStats(total.mean, invstd, True)
         if tracking:
             assert self.num_batches_tracked is not None

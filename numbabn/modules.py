@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._dispatch import array_kind, backend_named, cuda_backend, kind_of
+from numbabn._dispatch import array_kind, backend_named, cuda_backend, is_dask_array, kind_of
 from numbabn.epilogue import check_activation
 from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
 
@@ -256,6 +256,23 @@ class _BatchNorm:
         self._check_kind(array, name)
         return self._backend.adopt(array)
 
+    def _adopt_input(self, x: Any, out: Any | None, residual: Any | None) -> Any:
+        """The input as the backend's kind; a Dask array as it is, once checked that it
+        can be normalised here (on the CPU, without ``out=``)."""
+        if not is_dask_array(x):
+            return self._adopt(x, "input")
+        if self.device != "cpu":
+            raise TypeError(
+                f"{type(self).__name__} is on {self.device} but the input is a Dask array "
+                "(of host blocks); move the module with .to('cpu')"
+            )
+        if out is not None or residual is not None:
+            raise ValueError(
+                "a Dask input gives a lazy Dask output: out= and residual= take in-memory "
+                "arrays only (add a residual to the result with +)"
+            )
+        return x
+
     def _check_kind(self, x: Any, name: str) -> None:
         """Raise TypeError unless ``x`` is an array on the module's device."""
         kind = kind_of(x)  # TypeError, naming what is accepted, for anything else
@@ -311,7 +328,8 @@ class _BatchNorm:
             PyTorch's text when ``x`` has another dtype than the module's
             parameters, followed by the module's dtype and how to convert either.
         """
-        array = self._adopt(x, "input")
+        lazy = is_dask_array(x)
+        array = self._adopt_input(x, out, residual)
         self._check_input(array)
         if residual is not None:
             self._check_kind(residual, "residual")
@@ -319,20 +337,25 @@ class _BatchNorm:
         tracking = self.training and self.track_running_stats
         use_running = not self.training or self.track_running_stats
         momentum = self._momentum_argument(tracking)
+        args = (
+            array,
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            momentum,
+            self.eps,
+        )
         try:
-            output, saved = batch_norm_forward(
-                array,
-                self.running_mean if use_running else None,
-                self.running_var if use_running else None,
-                self.weight,
-                self.bias,
-                batch_stats,
-                momentum,
-                self.eps,
-                out=out,
-                residual=residual,
-                activation=self.activation,
-            )
+            if lazy:
+                from numbabn import dask as nbdask
+
+                output = nbdask.batch_norm(*args, activation=self.activation)
+            else:
+                output, saved = batch_norm_forward(
+                    *args, out=out, residual=residual, activation=self.activation
+                )
         except RuntimeError as error:
             self._explain_dtype_mismatch(error, array.dtype)
             raise
@@ -341,6 +364,9 @@ class _BatchNorm:
             counter = self.num_batches_tracked
             assert counter is not None  # tracking: allocated with the statistics
             counter[()] = counter[()] + 1
+        if lazy:
+            self._saved = None  # backward takes in-memory arrays only
+            return output
         self._remember(x, saved, out, residual)
         return output if out is not None else self._backend.like(output, x)
 
@@ -381,7 +407,10 @@ class _BatchNorm:
 
     def _saved_for_backward(self) -> _Saved:
         if self._saved is None:
-            raise RuntimeError("backward called before forward: there is no input to differentiate")
+            raise RuntimeError(
+                "backward called before forward: there is no input to differentiate (a "
+                "forward of a Dask array keeps none; backward takes in-memory arrays)"
+            )
         saved = self._saved
         needs_input = saved.stats.batch_stats or self.weight is not None or self.activation
         needed = [
@@ -675,7 +704,7 @@ class _LazyBatchNorm(_BatchNorm):
         """Nothing to reset before the first input (as in PyTorch)."""
 
     def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
-        array = self._adopt(x, "input")
+        array = self._adopt_input(x, out, residual)
         self._check_input(array)
         return self._materialize_then(
             array.shape[1], lambda: self.forward(x, out, residual=residual)

@@ -30,3 +30,19 @@ def test_train_digits(tmp_path):
     assert summary, result.stdout
     with_bn, without_bn = (float(value) for value in summary.groups())
     assert with_bn < without_bn, summary.group(0)
+
+
+@pytest.mark.slow
+def test_dask_precise_bn(tmp_path):
+    pytest.importorskip("distributed")
+    pytest.importorskip("zarr")
+    store = tmp_path / "features.zarr"
+    command = [
+        sys.executable, str(EXAMPLES / "dask_precise_bn.py"), "--store", str(store),
+        "--batches", "4",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"exact statistics of 100352 values per channel", result.stdout)
+    assert re.search(r"normalised copy: mean [-+][\d.e-]+, std 1\.0000", result.stdout)
+    assert (store / "normalised").is_dir()

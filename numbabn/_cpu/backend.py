@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,30 @@ from numbabn.epilogue import Epilogue
 # Below this many elements one thread does everything in one kernel call: on two
 # cores that beat a parallel launch up to about 200 Ki elements.
 PARALLEL_MIN_ELEMENTS = 1 << 17
+
+_this_thread = threading.local()
+
+
+@contextlib.contextmanager
+def on_calling_thread() -> Iterator[None]:
+    """Run the kernels of the calls made inside on the calling thread, never Numba's threads.
+
+    For callers that already run many calls in parallel (Dask's tasks): each
+    call then uses one core, whatever ``NUMBA_NUM_THREADS`` says, and calls of
+    several threads never queue for Numba's thread pool. Results are the same
+    bits either way (work items do not depend on the thread count).
+    """
+    previous = getattr(_this_thread, "serial", False)
+    _this_thread.serial = True
+    try:
+        yield
+    finally:
+        _this_thread.serial = previous
+
+
+def _serial(n_elements: int) -> bool:
+    """Whether a pass over ``n_elements`` runs in one call on the calling thread."""
+    return n_elements < PARALLEL_MIN_ELEMENTS or getattr(_this_thread, "serial", False)
 
 
 class _Operands:
@@ -37,7 +63,7 @@ class _Operands:
         view = layout.view(x)
         assert view is not None  # x is in its own layout
         self.view = _as_input(view)
-        self.serial = x.size < PARALLEL_MIN_ELEMENTS
+        self.serial = _serial(x.size)
         self.n_items = layout.n_items
         self.launch_args = (layout.channels_inner, layout.geometry)
 
@@ -134,8 +160,14 @@ def _copy(target: np.ndarray, source: np.ndarray) -> None:
         return
     n_channels, n_positions = source_rows.shape[1], source_rows.shape[3]
     n_items = source.shape[0] * -(-n_channels // COPY_BLOCK) * -(-n_positions // COPY_BLOCK)
-    serial = source.size < PARALLEL_MIN_ELEMENTS
-    _run(kernels.copy_items, n_items, serial, _as_input(source_rows), target_rows, COPY_BLOCK)
+    _run(
+        kernels.copy_items,
+        n_items,
+        _serial(source.size),
+        _as_input(source_rows),
+        target_rows,
+        COPY_BLOCK,
+    )
 
 
 def _run(kernel: Callable[..., None], n_items: int, serial: bool, *args: Any) -> None:
@@ -197,6 +229,8 @@ class CpuBackend:
     empty_like = staticmethod(np.empty_like)
     filled = staticmethod(_filled)
     may_share_memory = staticmethod(np.may_share_memory)
+    train_coefficients = staticmethod(kernels.train_coefficients)
+    eval_coefficients = staticmethod(kernels.eval_coefficients)
 
     @staticmethod
     def from_host(array: np.ndarray) -> np.ndarray:
@@ -376,10 +410,16 @@ class CpuBackend:
         scale: np.ndarray,
         shift: np.ndarray,
         out: np.ndarray | None,
+        epilogue: Epilogue | None = None,
     ) -> np.ndarray:
-        """``(x - mean) * scale + shift`` per channel, in float64, rounded once."""
+        """``(x - mean) * scale + shift`` per channel, in float64, rounded once.
+
+        The elementwise pass of a normalisation whose coefficients came from
+        elsewhere (another rank's, or a Dask reduction's statistics); an
+        ``epilogue`` adds a residual and applies a ReLU in the same pass.
+        """
         ops = _Operands(x)
-        return ops.write(out, lambda target: ops.normalise(mean, scale, shift, None, target))[0]
+        return ops.write(out, lambda target: ops.normalise(mean, scale, shift, epilogue, target))[0]
 
     @staticmethod
     def grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -352,8 +352,23 @@ def finish_forward(totals, shift, count, weight, bias, eps, running_mean, runnin
 
     Also updates ``running_mean``/``running_var`` in place unless they are empty.
     """
-    n_channels = shift.shape[0]
     mean, m2 = moments_from_sums(totals, shift, count)
+    invstd, scale, offset = train_coefficients(
+        mean, m2, count, weight, bias, eps, running_mean, running_var, momentum
+    )
+    return mean, invstd, scale, offset
+
+
+@_shared
+def train_coefficients(mean, m2, count, weight, bias, eps, running_mean, running_var, momentum):
+    """Per-channel ``(invstd, scale, offset)`` of a training normalisation.
+
+    ``mean`` and ``m2`` (sum of squared deviations) are the batch's, over
+    ``count`` values per channel. Updates ``running_mean``/``running_var`` in
+    place unless they are empty: every path that normalises with batch
+    statistics (one call, threads, SyncBatchNorm, Dask) goes through here.
+    """
+    n_channels = mean.shape[0]
     invstd = np.empty(n_channels)
     scale = np.empty(n_channels)
     offset = np.empty(n_channels)
@@ -367,7 +382,7 @@ def finish_forward(totals, shift, count, weight, bias, eps, running_mean, runnin
         if running_mean.size:
             running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
             running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var * unbiased
-    return mean, invstd, scale, offset
+    return invstd, scale, offset
 
 
 @_shared
