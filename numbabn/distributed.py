@@ -136,7 +136,8 @@ def _exchange(
     mine = np.array([local_error is not None, kind, *header], dtype=np.int64)
     headers = np.empty((comm.Get_size(), mine.size), dtype=np.int64)
     _wait(comm, comm.Iallgather(mine, headers), deadline, timeout, kind, (mine, headers))
-    if headers[:, 0].any():
+    rows = headers.tolist()  # a few rows: Python compares them faster than NumPy
+    if any(row[0] for row in rows):
         # Every rank saw the failure, so every rank joins this exchange of the texts.
         text = "" if local_error is None else f"{type(local_error).__name__}: {local_error}"
         mine = np.zeros(_TEXT_BYTES, dtype=np.uint8)
@@ -148,19 +149,19 @@ def _exchange(
             raise local_error
         quoted = [row.tobytes().rstrip(b"\0").decode(errors="replace") for row in texts]
         details = "; ".join(
-            f"rank {rank}: {text}" for rank, text in enumerate(quoted) if headers[rank, 0]
+            f"rank {rank}: {text}" for rank, text in enumerate(quoted) if rows[rank][0]
         )
         raise _RankFailed(f"SyncBatchNorm failed on another rank ({details})")
-    if (headers[:, 1] != kind).any():
+    if any(row[1] != kind for row in rows):
         described = ", ".join(
             f"rank {rank}: {_KINDS.get(int(other), '?')}"
-            for rank, other in enumerate(headers[:, 1])
+            for rank, (_, other, *_) in enumerate(rows)
         )
         raise RuntimeError(f"SyncBatchNorm ranks are out of step ({described})")
-    if (headers[:, 2:] != headers[0, 2:]).any():
+    if any(row[2:] != rows[0][2:] for row in rows):
         described = ", ".join(
             f"rank {rank}: {channels} channels {_DTYPE_NAMES.get(int(dtype), '?')}"
-            for rank, (channels, dtype) in enumerate(headers[:, 2:])
+            for rank, (_, _, channels, dtype) in enumerate(rows)
         )
         raise ValueError(f"SyncBatchNorm ranks disagree on the input ({described})")
     assert payload is not None  # given whenever this rank did not fail
@@ -296,10 +297,7 @@ class SyncBatchNorm(_BatchNorm):
         except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
         gathered = _exchange(self.comm, _FORWARD, error, header, payload, self.timeout)
-        n_channels = array.shape[1]
-        total = ChannelStats(n_channels)
-        for row in gathered:  # in rank order: identical on every rank
-            total._merge_moments(int(row[0]), row[1 : 1 + n_channels], row[1 + n_channels :])
+        total = ChannelStats.from_rows(gathered)  # in rank order: identical on every rank
         if total.count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, "
@@ -384,9 +382,7 @@ class SyncBatchNorm(_BatchNorm):
             self._check_kind(grad_output, "grad_output")
             dy = backend.adopt(grad_output)
             check.check_like("grad_output", dy, x, "the last forward's input")
-            sums = np.zeros((2, x.shape[1]))
-            if x.size:
-                sums[...] = backend.grad_sums(dy, x, saved.mean)
+            sums = backend.grad_sums(dy, x, saved.mean) if x.size else np.zeros((2, x.shape[1]))
             header = (x.shape[1], _DTYPE_CODES[x.dtype])
         except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
@@ -394,9 +390,8 @@ class SyncBatchNorm(_BatchNorm):
         gathered = _exchange(self.comm, _BACKWARD, error, header, payload, self.timeout)
         # _exchange raised unless this rank's forward and checks went through.
         assert sums is not None and backend is not None and self._total_count is not None
-        total = np.zeros_like(sums)
-        for rank_sums in gathered:  # in rank order: identical on every rank
-            total += rank_sums.reshape(sums.shape)
+        # Summed in rank order: identical on every rank.
+        total = gathered.reshape(gathered.shape[0], *sums.shape).sum(axis=0)
         if x.size == 0:
             grad_input = np.empty_like(x) if out is None else out_array
         else:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._cpu import CpuBackend
+from numbabn._cpu import CpuBackend, kernels
 from numbabn._dispatch import backend_for
 
 __all__ = ["ChannelStats", "set_running_stats"]
@@ -83,29 +83,22 @@ class ChannelStats:
         A channel where either mean is not finite (data with NaN or infinities)
         gets PyTorch's statistics of the whole data: the count-weighted mean
         (+-inf, or NaN for NaN or infinities of both signs) and an M2 of NaN.
-        Chan's update would subtract the infinite means (NaN). Finite channels
-        take Chan's update as written, bit for bit.
         """
-        if count == 0:
-            return self
-        total = self.count + count
-        if np.isfinite(mean).all() and np.isfinite(self.mean).all():
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (count / total)
-            self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-        else:
-            with np.errstate(invalid="ignore", over="ignore"):
-                delta = mean - self.mean
-                merged_mean = self.mean + delta * (count / total)
-                merged_m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-                weighted = (
-                    mean if self.count == 0 else (self.mean * self.count + mean * count) / total
-                )
-            nonfinite = ~(np.isfinite(mean) & np.isfinite(self.mean))
-            self.mean = np.where(nonfinite, weighted, merged_mean)
-            self.m2 = np.where(nonfinite, np.nan, merged_m2)
-        self.count = total
+        if count:
+            self.mean, self.m2 = kernels.merge_moments(
+                self.count, self.mean, self.m2, count, mean, m2
+            )
+            self.count += count
         return self
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray) -> ChannelStats:
+        """Statistics of rows ``[count, mean (C values), M2 (C values)]`` (float64), merged
+        in row order: the same rows in the same order give the same bits."""
+        count, mean, m2 = kernels.merge_rows(rows)
+        stats = cls(mean.shape[0])
+        stats.count, stats.mean, stats.m2 = int(count), mean, m2
+        return stats
 
     def to_dict(self) -> dict[str, Any]:
         """A plain, picklable form: ``{"count": int, "mean": ndarray, "m2": ndarray}``."""

@@ -193,15 +193,20 @@ def _functional(dtype: np.dtype, size: str) -> None:
             functional.batch_norm_backward(
                 dy, x, saved, np.ones(_CHANNELS, dtype), activation=activation
             )
-        ChannelStats(_CHANNELS).update(x)
-        # SyncBatchNorm: moments, affine, grad_sums and grad_input_from_sums.
-        mean, m2 = CpuBackend.moments(x)
-        invstd = 1.0 / np.sqrt(m2 / (x.size // _CHANNELS) + 1e-5)
-        CpuBackend.affine(x, mean, invstd * np.ones(_CHANNELS), np.zeros(_CHANNELS), None)
-        sums = np.array(CpuBackend.grad_sums(dy, x, mean))
+        # SyncBatchNorm and numbabn.dask: moments, their merges, the coefficients with and
+        # without running statistics, affine, grad_sums and grad_input_from_sums.
+        stats = ChannelStats(_CHANNELS).update(x)
+        stats = ChannelStats.from_rows(np.concatenate([[stats.count], stats.mean, stats.m2])[None])
+        stats.merge(stats)
         weight = np.ones(_CHANNELS, dtype)
+        for running in ((np.zeros(_CHANNELS, dtype), np.ones(_CHANNELS, dtype)), (weight[:0],) * 2):
+            invstd, scale, shift = CpuBackend.train_coefficients(
+                stats.mean, stats.m2, stats.count, weight, weight, 1e-5, *running, 0.1
+            )
+        CpuBackend.affine(x, stats.mean, scale, shift, None)
+        sums = CpuBackend.grad_sums(dy, x, stats.mean)
         count = x.size // _CHANNELS
-        CpuBackend.grad_input_from_sums(dy, x, mean, invstd, weight, sums, count, None)
+        CpuBackend.grad_input_from_sums(dy, x, stats.mean, invstd, weight, sums, count, None)
 
 
 @dataclass(frozen=True)

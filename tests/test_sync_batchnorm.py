@@ -198,6 +198,6 @@ def test_bench_sync_makes_the_count_of_calls_every_rank_agrees_on():
         calls.append(1)
         time.sleep(3e-3)
 
-    agreed_median_seconds(SlowerRankElsewhere(), step, repeat=3)
+    agreed_median_seconds(SlowerRankElsewhere(), [step], repeat=3)
     # Two calls size the sample; each of the 3 samples has an untimed call, then 50 timed.
     assert len(calls) == 2 + 3 * (1 + 50)

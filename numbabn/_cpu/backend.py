@@ -422,8 +422,8 @@ class CpuBackend:
         return ops.write(out, lambda target: ops.normalise(mean, scale, shift, epilogue, target))[0]
 
     @staticmethod
-    def grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` in one pass."""
+    def grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """Per-channel ``[sum(dy), sum(dy * (x - mean))]``, shape ``(2, C)``, in one pass."""
         ops = _Operands(x)
         partials = ops.partials()
         dy_view = ops.input_view(dy)
@@ -431,8 +431,7 @@ class CpuBackend:
         ops.run(
             kernels.sums_items, ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials
         )
-        totals = kernels.merge(partials)
-        return totals[0], totals[1]
+        return kernels.merge(partials)
 
     @staticmethod
     def grad_input_from_sums(

@@ -346,6 +346,57 @@ def moments_from_sums(totals, shift, count):
     return mean, m2
 
 
+@_inline
+def _merged_channel(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """One channel's ``(mean, M2)`` over both sets of values (Chan et al.).
+
+    A non-finite mean on either side (data with NaN or infinities) gives
+    PyTorch's statistics of the whole data: the count-weighted mean (+-inf, or
+    NaN for NaN or infinities of both signs) and an M2 of NaN. Chan's update
+    would subtract the infinite means.
+    """
+    if count_b == 0:
+        return mean_a, m2_a
+    if count_a == 0:
+        return mean_b, m2_b if np.isfinite(mean_b) else np.nan
+    total = count_a + count_b
+    if np.isfinite(mean_a) and np.isfinite(mean_b):
+        delta = mean_b - mean_a
+        mean = mean_a + delta * (count_b / total)
+        return mean, m2_a + m2_b + delta * delta * (np.float64(count_a) * count_b / total)
+    return (mean_a * count_a + mean_b * count_b) / total, np.nan
+
+
+# The merges are called from Python too, and compiled without fast-math: Chan's
+# formulas as written, the same bits as the same formulas in NumPy.
+@_inline
+def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Per-channel ``(mean, M2)`` of two sets of statistics merged, as new arrays."""
+    mean = np.empty(mean_a.shape[0])
+    m2 = np.empty(mean_a.shape[0])
+    for c in range(mean_a.shape[0]):
+        mean[c], m2[c] = _merged_channel(count_a, mean_a[c], m2_a[c], count_b, mean_b[c], m2_b[c])
+    return mean, m2
+
+
+@_inline
+def merge_rows(rows):
+    """``(count, mean, M2)`` of rows ``[count, mean (C values), M2 (C values)]``, merged in
+    row order (one row per rank or chunk: the order fixes the bits)."""
+    n_channels = (rows.shape[1] - 1) // 2
+    count = 0
+    mean = np.zeros(n_channels)
+    m2 = np.zeros(n_channels)
+    for row in range(rows.shape[0]):
+        count_b = np.int64(rows[row, 0])
+        for c in range(n_channels):
+            mean[c], m2[c] = _merged_channel(
+                count, mean[c], m2[c], count_b, rows[row, 1 + c], rows[row, 1 + n_channels + c]
+            )
+        count += count_b
+    return count, mean, m2
+
+
 @_shared
 def finish_forward(totals, shift, count, weight, bias, eps, running_mean, running_var, momentum):
     """Per-channel ``(mean, invstd, scale, offset)`` from the statistics sums.

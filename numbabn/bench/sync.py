@@ -1,9 +1,10 @@
 """Cost of SyncBatchNorm's exchange: ``mpiexec -n 2 python -m numbabn.bench.sync``.
 
 Times train forward + backward of SyncBatchNorm and of plain BatchNorm2d on the
-same per-rank batch, side by side, and prints the difference (the collectives
-and merges) on rank 0. Every rank makes the same number of calls per timing
-sample (the most any rank needs), as every SyncBatchNorm call is a collective.
+same per-rank batch, side by side (their samples alternate), and prints the
+difference (the collectives and merges) on rank 0. Every rank makes the same
+number of calls per timing sample (the most any rank needs), as every
+SyncBatchNorm call is a collective.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,22 +24,26 @@ from numbabn.bench.timing import _calls_per_sample
 SHAPES = [(4, 64, 56, 56), (16, 256, 14, 14), (16, 2048, 7, 7), (2, 16, 8, 8)]
 
 
-def agreed_median_seconds(comm: Any, func: Callable[[], object], repeat: int) -> float:
-    """Median wall time of one call of ``func``, the same number of calls on every rank.
+def agreed_median_seconds(
+    comm: Any, funcs: Sequence[Callable[[], object]], repeat: int
+) -> list[float]:
+    """Median wall time of one call of each of ``funcs``, the same number of calls on every rank.
 
-    Each rank sizes a sample from its own timing of ``func``; the ranks then take
-    the largest count, so that they make the same calls (a rank that made fewer
-    exchanges than the others would leave them waiting for ever).
+    Each rank sizes a sample from its own timing of each function; the ranks
+    then take the largest count, so that they make the same calls (a rank that
+    made fewer exchanges than the others would leave them waiting for ever).
+    Samples of the functions alternate, so a slow spell of the machine hits all.
     """
-    calls = comm.allreduce(_calls_per_sample(func), op=MPI.MAX)
-    samples = []
+    calls = [comm.allreduce(_calls_per_sample(func), op=MPI.MAX) for func in funcs]
+    samples: list[list[float]] = [[] for _ in funcs]
     for _ in range(repeat):
-        func()
-        start = time.perf_counter()
-        for _ in range(calls):
+        for func, count, taken in zip(funcs, calls, samples, strict=True):
             func()
-        samples.append((time.perf_counter() - start) / calls)
-    return float(np.median(samples))
+            start = time.perf_counter()
+            for _ in range(count):
+                func()
+            taken.append((time.perf_counter() - start) / count)
+    return [float(np.median(taken)) for taken in samples]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,12 +64,11 @@ def main(argv: list[str] | None = None) -> None:
             module(x)
             module.backward(dy)
 
-        timings = []
-        for module in (plain, synced):
-            comm.Barrier()
-            seconds = agreed_median_seconds(comm, functools.partial(step, module), args.repeat)
-            timings.append(max(comm.allgather(seconds)))  # the slowest rank sets the pace
-        rows.append((shape, *timings))
+        comm.Barrier()
+        steps = [functools.partial(step, module) for module in (plain, synced)]
+        medians = agreed_median_seconds(comm, steps, args.repeat)
+        # The slowest rank sets the pace.
+        rows.append((shape, *(max(comm.allgather(seconds)) for seconds in medians)))
     if comm.Get_rank() == 0:
         print(f"SyncBatchNorm exchange cost, {comm.Get_size()} ranks, per-rank batch shapes")
         print(
