@@ -347,11 +347,11 @@ class SyncBatchNorm(_BatchNorm):
                 running = (filled(0.0, 0, x.dtype),) * 2
             weight = filled(1.0, n_channels, x.dtype) if self.weight is None else self.weight
             bias = filled(0.0, n_channels, x.dtype) if self.bias is None else self.bias
-            invstd, scale, offset = backend.train_coefficients(
+            invstd, scale, shift = backend.train_coefficients(
                 total.mean, total.m2, total.count, weight, bias, self.eps, *running,
                 self._momentum_factor() if tracking else 0.0,
             )  # fmt: skip
-            output = backend.affine(x, total.mean, scale, offset, out)
+            output = backend.affine(x, total.mean, scale, shift, out)
             saved = SavedStats(total.mean, invstd, True)
         if tracking:
             assert self.num_batches_tracked is not None

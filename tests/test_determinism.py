@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numba
@@ -110,13 +111,16 @@ def test_every_cpu_function_is_cached_under_the_package_digest():
 def test_source_digest_covers_every_source(tmp_path, monkeypatch):
     from numbabn._cpu import jit
 
-    for path in jit.SOURCES.glob("*.py"):
-        (tmp_path / path.name).write_bytes(path.read_bytes())
-    monkeypatch.setattr(jit, "SOURCES", tmp_path)
+    assert {path.name for path in jit.SOURCES} >= {"kernels.py", "jit.py", "_coefficients.py"}
+    copies = []
+    for path in jit.SOURCES:
+        copies.append(tmp_path / path.name)
+        copies[-1].write_bytes(path.read_bytes())
+    monkeypatch.setattr(jit, "SOURCES", tuple(copies))
     jit.source_digest.cache_clear()
     try:
         before = jit.source_digest()
-        for path in sorted(tmp_path.glob("*.py")):
+        for path in copies:
             original = path.read_bytes()
             path.write_bytes(original + b"\n")
             jit.source_digest.cache_clear()
@@ -124,3 +128,32 @@ def test_source_digest_covers_every_source(tmp_path, monkeypatch):
             path.write_bytes(original)
     finally:
         jit.source_digest.cache_clear()
+
+
+@pytest.mark.slow
+def test_cuda_kernels_are_cached_under_their_sources_digest():
+    """CUDA kernels hold the shared per-channel arithmetic: its file is in their cache key."""
+    pytest.importorskip("numba_cuda")
+    script = textwrap.dedent(
+        """
+        from numba.cuda.dispatcher import CUDADispatcher
+        from numbabn import _source_stamp
+        from numbabn._cuda import kernels
+
+        dispatchers = [
+            value for value in vars(kernels).values()
+            if isinstance(value, CUDADispatcher) and not value.targetoptions.get("device")
+        ]
+        stamps = {d._cache._cache_file._source_stamp for d in dispatchers}
+        expected = {("numbabn._cuda", _source_stamp.digest(kernels.SOURCES))}
+        names = sorted(path.name for path in kernels.SOURCES)
+        print(len(dispatchers), stamps == expected, names)
+        """
+    )
+    environment = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split(maxsplit=2)[1:] == ["True", "['_coefficients.py', 'kernels.py']\n"]
+    assert int(result.stdout.split()[0]) >= 7

@@ -287,11 +287,11 @@ class CpuBackend:
             view = ops.view
             shift = launch(kernels.first_values, view, ops.layout.channels_inner)
             ops.run(kernels.sums_items, view, view, shift, shift, True, *ops.launch_args, partials)
-            mean, invstd, scale, offset = kernels.finish_forward(
+            mean, invstd, scale, shift = kernels.finish_forward(
                 kernels.merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
                 running_mean, running_var, momentum,
             )  # fmt: skip
-            ops.normalise(mean, scale, offset, epilogue, target)
+            ops.normalise(mean, scale, shift, epilogue, target)
             return mean, invstd
 
         output, (mean, invstd) = ops.write(out, kernel)

@@ -217,12 +217,12 @@ def train_forward_serial(
 
     With ``residual`` and ``relu`` off (``z`` is then not read) this is the plain forward.
     """
-    mean, invstd, scale, offset = statistics_serial(
+    mean, invstd, scale, shift = statistics_serial(
         x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
         partials,
     )  # fmt: skip
     n_items = _n_items(_n_channels(x, channels_inner), geometry[0], geometry[3])
     _affine_act_range(
-        x, z, mean, scale, offset, residual, relu, channels_inner, geometry, out, 0, n_items
+        x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, 0, n_items
     )
     return mean, invstd

@@ -24,7 +24,6 @@ arithmetic with general indexing.
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,23 +33,24 @@ import numpy as np
 from numba import njit, types
 from numba.core.compiler_lock import global_compiler_lock
 
+from numbabn import _source_stamp
+
 __all__ = ["driver", "inline", "kernel", "launch", "shared", "source_digest"]
 
 # ``reassoc`` lets LLVM vectorise floating-point reductions. ``nnan``/``ninf``
 # are left out on purpose so NaN and inf propagate as in PyTorch.
 FASTMATH = {"reassoc", "contract", "nsz"}
 
-SOURCES = Path(__file__).parent
+_HERE = Path(__file__).parent
+# Every file whose code a compiled CPU function can hold: this package's, and the
+# per-channel arithmetic it shares with the CUDA backend.
+SOURCES = (*sorted(_HERE.glob("*.py")), _HERE.parent / "_coefficients.py")
 
 
 @functools.cache
 def source_digest() -> str:
-    """SHA-256 of every Python source of the CPU backend, in file-name order."""
-    digest = hashlib.sha256()
-    for path in sorted(SOURCES.glob("*.py")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    """SHA-256 of every file in :data:`SOURCES`, in order."""
+    return _source_stamp.digest(SOURCES)
 
 
 # The names of the 4-D parameters the kernels and drivers write; every other one is
@@ -65,13 +65,7 @@ def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Cal
     """
 
     def decorate(function: Any) -> Any:
-        dispatcher = decorator(function)
-        # Numba's index file of this function compares this stamp with the one it
-        # was saved under, and discards every entry when they differ. (A Numba whose
-        # cache lacks this attribute keeps its per-file stamp: the tests say so.)
-        index: Any = getattr(dispatcher._cache, "_cache_file", None)
-        if hasattr(index, "_source_stamp"):
-            index._source_stamp = ("numbabn._cpu", source_digest())
+        dispatcher = _source_stamp.stamp(decorator(function), "numbabn._cpu", source_digest())
         if by_layout:
             # What disable_compile() sets; it refuses to before a first signature exists.
             dispatcher._can_compile = False

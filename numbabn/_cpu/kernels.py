@@ -24,9 +24,18 @@ from __future__ import annotations
 
 import numpy as np
 
+from numbabn import _coefficients
 from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
 from numbabn._cpu.jit import shared as _shared
+
+# The per-channel arithmetic, shared with the CUDA kernels (see numbabn._coefficients).
+_channel_moments = _inline(_coefficients.channel_moments)
+_scale_channel = _inline(_coefficients.scale_channel)
+_running_average = _inline(_coefficients.running_average)
+_unbiased_variance = _inline(_coefficients.unbiased_variance)
+_backward_channel = _inline(_coefficients.backward_channel)
+_merged_channel = _inline(_coefficients.merged_channel)
 
 
 @_inline
@@ -338,33 +347,8 @@ def moments_from_sums(totals, shift, count):
     mean = np.empty(shift.shape[0])
     m2 = np.empty(shift.shape[0])
     for c in range(shift.shape[0]):
-        mean[c] = shift[c] + totals[0, c] / count
-        m2[c] = totals[1, c] - totals[0, c] * totals[0, c] / count
-        # Rounding can leave M2 a little below 0; the clamp keeps NaN (max() need not).
-        if m2[c] < 0.0:
-            m2[c] = 0.0
+        mean[c], m2[c] = _channel_moments(totals[0, c], totals[1, c], shift[c], count)
     return mean, m2
-
-
-@_inline
-def _merged_channel(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
-    """One channel's ``(mean, M2)`` over both sets of values (Chan et al.).
-
-    A non-finite mean on either side (data with NaN or infinities) gives
-    PyTorch's statistics of the whole data: the count-weighted mean (+-inf, or
-    NaN for NaN or infinities of both signs) and an M2 of NaN. Chan's update
-    would subtract the infinite means.
-    """
-    if count_b == 0:
-        return mean_a, m2_a
-    if count_a == 0:
-        return mean_b, m2_b if np.isfinite(mean_b) else np.nan
-    total = count_a + count_b
-    if np.isfinite(mean_a) and np.isfinite(mean_b):
-        delta = mean_b - mean_a
-        mean = mean_a + delta * (count_b / total)
-        return mean, m2_a + m2_b + delta * delta * (np.float64(count_a) * count_b / total)
-    return (mean_a * count_a + mean_b * count_b) / total, np.nan
 
 
 # The merges are called from Python too, and compiled without fast-math: Chan's
@@ -399,20 +383,20 @@ def merge_rows(rows):
 
 @_shared
 def finish_forward(totals, shift, count, weight, bias, eps, running_mean, running_var, momentum):
-    """Per-channel ``(mean, invstd, scale, offset)`` from the statistics sums.
+    """Per-channel ``(mean, invstd, scale, shift)`` from the statistics sums.
 
     Also updates ``running_mean``/``running_var`` in place unless they are empty.
     """
     mean, m2 = moments_from_sums(totals, shift, count)
-    invstd, scale, offset = train_coefficients(
+    invstd, scale, bias_shift = train_coefficients(
         mean, m2, count, weight, bias, eps, running_mean, running_var, momentum
     )
-    return mean, invstd, scale, offset
+    return mean, invstd, scale, bias_shift
 
 
 @_shared
 def train_coefficients(mean, m2, count, weight, bias, eps, running_mean, running_var, momentum):
-    """Per-channel ``(invstd, scale, offset)`` of a training normalisation.
+    """Per-channel ``(invstd, scale, shift)`` of a training normalisation.
 
     ``mean`` and ``m2`` (sum of squared deviations) are the batch's, over
     ``count`` values per channel. Updates ``running_mean``/``running_var`` in
@@ -422,18 +406,16 @@ def train_coefficients(mean, m2, count, weight, bias, eps, running_mean, running
     n_channels = mean.shape[0]
     invstd = np.empty(n_channels)
     scale = np.empty(n_channels)
-    offset = np.empty(n_channels)
-    # The running variance takes the unbiased estimate (count > 1 in training).
-    unbiased = count / max(count - 1, 1)
+    shift = np.empty(n_channels)
     for c in range(n_channels):
-        var = m2[c] / count
-        invstd[c] = 1.0 / np.sqrt(var + eps)
-        scale[c] = np.float64(weight[c]) * invstd[c]
-        offset[c] = bias[c]
+        invstd[c], scale[c] = _scale_channel(m2[c] / count, weight[c], eps)
+        shift[c] = bias[c]
         if running_mean.size:
-            running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * mean[c]
-            running_var[c] = (1.0 - momentum) * running_var[c] + momentum * var * unbiased
-    return invstd, scale, offset
+            running_mean[c] = _running_average(running_mean[c], mean[c], momentum)
+            running_var[c] = _running_average(
+                running_var[c], _unbiased_variance(m2[c], count), momentum
+            )
+    return invstd, scale, shift
 
 
 @_shared
@@ -446,8 +428,7 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps):
     shift = np.empty(n_channels)
     for c in range(n_channels):
         mean[c] = running_mean[c]
-        invstd[c] = 1.0 / np.sqrt(np.float64(running_var[c]) + eps)
-        scale[c] = invstd[c] * weight[c]
+        invstd[c], scale[c] = _scale_channel(np.float64(running_var[c]), weight[c], eps)
         shift[c] = bias[c]
     return mean, invstd, scale, shift
 
@@ -460,10 +441,9 @@ def finish_backward(totals, count, invstd, weight):
     beta = np.empty(n_channels)
     gamma = np.empty(n_channels)
     for c in range(n_channels):
-        # dx = (dy - mean(dy) - xhat * mean(dy * xhat)) * w * invstd, factored as PyTorch does
-        alpha[c] = np.float64(weight[c]) * invstd[c]
-        beta[c] = -invstd[c] * invstd[c] * totals[1, c] / count
-        gamma[c] = -totals[0, c] / count
+        alpha[c], beta[c], gamma[c] = _backward_channel(
+            totals[0, c], totals[1, c], count, invstd[c], np.float64(weight[c])
+        )
     return alpha, beta, gamma
 
 
@@ -471,7 +451,7 @@ def finish_backward(totals, count, invstd, weight):
 def statistics_serial(
     x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry, partials
 ):  # fmt: skip
-    """Batch statistics and ``(mean, invstd, scale, offset)`` in one call, for small tensors.
+    """Batch statistics and ``(mean, invstd, scale, shift)`` in one call, for small tensors.
 
     Updates the running statistics in place unless they are empty.
     """

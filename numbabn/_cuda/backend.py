@@ -151,7 +151,7 @@ class _Operands:
 
 def _coefficients(n_channels: int) -> Any:
     """Per-channel float64 coefficients for the elementwise kernel (see its docstring)."""
-    return arrays.empty((6, n_channels), np.float64)
+    return arrays.empty((kernels.N_COEFFICIENTS, n_channels), np.float64)
 
 
 def _per_channel(kernel: Any, n: int) -> Any:
@@ -200,7 +200,7 @@ class CudaBackend:
             momentum if update else -1.0, eps, coeffs, partials, counters,
         )  # fmt: skip
         output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
-        return output, coeffs[0], coeffs[1]
+        return output, coeffs[kernels.MEAN], coeffs[kernels.INVSTD]
 
     @staticmethod
     def eval_forward(
@@ -215,7 +215,7 @@ class CudaBackend:
             running_mean, running_var, weight, bias, eps, coeffs
         )
         output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
-        return output, coeffs[0], coeffs[1]
+        return output, coeffs[kernels.MEAN], coeffs[kernels.INVSTD]
 
     @staticmethod
     def _gradient_sums(

@@ -23,26 +23,55 @@ rounds once.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 from numba import cuda, float64, int32
+
+from numbabn import _coefficients, _source_stamp
 
 # Threads per block, and channels per block in the channels-inner layout. The
 # tests patch them small (under the simulator) so that ragged edges run.
 THREADS = 256
 LANES = 32
 
-# Kernels are cached on disk like the CPU ones, so a warm start compiles nothing.
-_kernel = cuda.jit(cache=True)
+# Kernels are cached on disk like the CPU ones, so a warm start compiles nothing;
+# the cache is keyed by every source their code comes from (see numbabn._source_stamp).
+SOURCES = (Path(__file__), Path(_coefficients.__file__))
+_DIGEST = _source_stamp.digest(SOURCES)
+
+
+def _kernel(function: Any) -> Any:
+    return _source_stamp.stamp(cuda.jit(cache=True)(function), "numbabn._cuda", _DIGEST)
+
+
+# The rows of the per-channel coefficients (a float64 array of shape (6, C)).
+# Normalisation: y = relu((x - MEAN) * SCALE + SHIFT (+ z)), with INVSTD kept for
+# backward and M2 (the batch's sum of squared deviations) for the moments alone.
+MEAN, INVSTD, SCALE, SHIFT, M2 = 0, 1, 2, 3, 4
+# Gradient: dx = (g + BETA * (x - MEAN) + GAMMA) * ALPHA, where g is dy masked by
+# the forward's ReLU, rebuilt as (x - MEAN) * MASK_SCALE + MASK_SHIFT (+ z) > 0.
+ALPHA, BETA, GAMMA, MASK_SCALE, MASK_SHIFT = 1, 2, 3, 4, 5
+N_COEFFICIENTS = 6
 
 # What the elementwise kernel computes.
-AFFINE = 0  # out = relu((x - c0) * c2 + c3 + z)
-GRADIENT = 1  # out = (dy + c2 * (x - c0) + c3) * c1
+AFFINE = 0  # out = relu((x - MEAN) * SCALE + SHIFT + z)
+GRADIENT = 1  # out = (dy + BETA * (x - MEAN) + GAMMA) * ALPHA
 MASKED_GRADIENT = 2  # the same through the forward's ReLU
-MASKED_SCALE = 3  # out = g * c1, g = dy through the forward's ReLU (fixed statistics)
+MASKED_SCALE = 3  # out = g * ALPHA, g = dy through the forward's ReLU (fixed statistics)
 
 # NaN must propagate as in PyTorch: no float max()/min() anywhere (on the GPU
 # they lower to PTX max/min, which return the operand that is not NaN); clamps
 # and the ReLU are written as comparisons that NaN fails.
+
+
+# The per-channel arithmetic, shared with the CPU kernels (see numbabn._coefficients).
+_device = cuda.jit(device=True)
+_channel_moments = _device(_coefficients.channel_moments)
+_scale_channel = _device(_coefficients.scale_channel)
+_running_average = _device(_coefficients.running_average)
+_unbiased_variance = _device(_coefficients.unbiased_variance)
+_backward_channel = _device(_coefficients.backward_channel)
 
 
 @cuda.jit(device=True)
@@ -235,21 +264,17 @@ def forward_statistics(
         total_v, total_vu = _totals(partials, c)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         shift = _finite_or_zero(float64(x[0, c, 0, 0]))
-        mean = shift + total_v / count
-        m2 = total_vu - total_v * total_v / count
-        if m2 < 0.0:  # rounding; NaN stays NaN
-            m2 = 0.0
-        var = m2 / count
-        invstd = 1.0 / math.sqrt(var + eps)
-        coeffs[0, c] = mean
-        coeffs[1, c] = invstd
-        coeffs[2, c] = float64(weight[c]) * invstd
-        coeffs[3, c] = float64(bias[c])
+        mean, m2 = _channel_moments(total_v, total_vu, shift, count)
+        invstd, scale = _scale_channel(m2 / count, float64(weight[c]), eps)
+        coeffs[MEAN, c] = mean
+        coeffs[INVSTD, c] = invstd
+        coeffs[SCALE, c] = scale
+        coeffs[SHIFT, c] = float64(bias[c])
+        coeffs[M2, c] = m2
         if momentum >= 0.0:
-            # The running variance takes the unbiased estimate.
-            unbiased = var * count / max(count - 1, 1)
-            running_mean[c] = (1.0 - momentum) * float64(running_mean[c]) + momentum * mean
-            running_var[c] = (1.0 - momentum) * float64(running_var[c]) + momentum * unbiased
+            unbiased = _unbiased_variance(m2, count)
+            running_mean[c] = _running_average(float64(running_mean[c]), mean, momentum)
+            running_var[c] = _running_average(float64(running_var[c]), unbiased, momentum)
     _reset_counter(counters, partials)
 
 
@@ -325,19 +350,17 @@ def gradient_sums(
         sum_g, sum_gx = _totals(partials, c)
         grads[0, c] = sum_gx * invstd[c]
         grads[1, c] = sum_g
-        alpha = float64(weight[c]) * invstd[c]
-        coeffs[0, c] = mean[c]
-        coeffs[1, c] = alpha
-        coeffs[4, c] = alpha
-        coeffs[5, c] = float64(bias[c])
-        if batch_stats:
-            # dx = (g - mean(g) - xhat * mean(g * xhat)) * w * invstd
-            count = x.shape[0] * x.shape[2] * x.shape[3]
-            coeffs[2, c] = -invstd[c] * invstd[c] * sum_gx / count
-            coeffs[3, c] = -sum_g / count
-        else:
-            coeffs[2, c] = 0.0
-            coeffs[3, c] = 0.0
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        alpha, beta, gamma = _backward_channel(sum_g, sum_gx, count, invstd[c], float64(weight[c]))
+        if not batch_stats:  # dx = g * weight * invstd
+            beta = 0.0
+            gamma = 0.0
+        coeffs[MEAN, c] = mean[c]
+        coeffs[ALPHA, c] = alpha
+        coeffs[BETA, c] = beta
+        coeffs[GAMMA, c] = gamma
+        coeffs[MASK_SCALE, c] = alpha
+        coeffs[MASK_SHIFT, c] = float64(bias[c])
     _reset_counter(counters, partials)
 
 
@@ -355,10 +378,10 @@ def elementwise(x, dy, z, channel_lanes, per_block, mode, residual, relu, coeffs
     if not active:
         return
     stop, n_r, n_s, a, r, s, da, dr, ds = _walk(x, k, stop, step)
-    c0 = coeffs[0, channel]
-    c1 = coeffs[1, channel]
-    c2 = coeffs[2, channel]
-    c3 = coeffs[3, channel]
+    c0 = coeffs[MEAN, channel]
+    c1 = coeffs[ALPHA, channel]
+    c2 = coeffs[SCALE, channel]  # BETA in the gradient modes
+    c3 = coeffs[SHIFT, channel]  # GAMMA in the gradient modes
     while k < stop:
         centred = float64(x[a, channel, r, s]) - c0
         if mode == AFFINE:
@@ -370,8 +393,8 @@ def elementwise(x, dy, z, channel_lanes, per_block, mode, residual, relu, coeffs
             g = float64(dy[a, channel, r, s])
             if mode != GRADIENT:
                 pre = _pre_activation(
-                    x[a, channel, r, s], z[a, channel, r, s], c0, coeffs[4, channel],
-                    coeffs[5, channel], residual,
+                    x[a, channel, r, s], z[a, channel, r, s], c0, coeffs[MASK_SCALE, channel],
+                    coeffs[MASK_SHIFT, channel], residual,
                 )  # fmt: skip
                 if pre <= 0.0:  # NaN passes dy on, as PyTorch's ReLU backward does
                     g = 0.0
@@ -390,13 +413,11 @@ def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
     """Evaluation coefficients ``[mean, invstd, weight * invstd, bias]`` from running statistics."""
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
-        var = float64(running_var[c]) + eps
-        # NaN for a negative variance, as on the GPU (the simulator's sqrt would raise).
-        invstd = 1.0 / math.sqrt(var) if var >= 0.0 else math.nan
-        coeffs[0, c] = float64(running_mean[c])
-        coeffs[1, c] = invstd
-        coeffs[2, c] = float64(weight[c]) * invstd
-        coeffs[3, c] = float64(bias[c])
+        invstd, scale = _scale_channel(float64(running_var[c]), float64(weight[c]), eps)
+        coeffs[MEAN, c] = float64(running_mean[c])
+        coeffs[INVSTD, c] = invstd
+        coeffs[SCALE, c] = scale
+        coeffs[SHIFT, c] = float64(bias[c])
 
 
 @_kernel
@@ -404,9 +425,9 @@ def gradient_scale(invstd, weight, coeffs):
     """The ``AFFINE`` coefficients ``c0 = 0, c2 = weight * invstd, c3 = 0``: ``dx = dy * c2``."""
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
-        coeffs[0, c] = 0.0
-        coeffs[2, c] = float64(weight[c]) * invstd[c]
-        coeffs[3, c] = 0.0
+        coeffs[MEAN, c] = 0.0
+        coeffs[SCALE, c] = float64(weight[c]) * invstd[c]
+        coeffs[SHIFT, c] = 0.0
 
 
 @_kernel
