@@ -36,6 +36,7 @@ import numpy as np
 from numbabn import _validation as check
 from numbabn._cpu import CpuBackend
 from numbabn._cpu.backend import on_calling_thread
+from numbabn._tunables import SPLIT_EVERY
 from numbabn.epilogue import epilogue_for
 from numbabn.functional import check_forward_args
 from numbabn.stats import ChannelStats
@@ -47,9 +48,6 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError("numbabn.dask needs Dask's arrays: pip install 'numbabn[dask]'") from error
 
 __all__ = ["batch_norm", "channel_stats"]
-
-# Moments of this many blocks merge in one task; the tree has log_8(blocks) levels.
-SPLIT_EVERY = 8
 
 
 def channel_stats(

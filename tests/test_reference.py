@@ -10,7 +10,8 @@ from conftest import make_input, random_vector, tolerances
 import numbabn
 from numbabn import functional as F
 from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
-from numbabn._cpu.layout import TILE_ELEMENTS, plan
+from numbabn._tunables import TILE_ELEMENTS
+from numbabn._views import plan
 
 SMALL_SHAPES = [
     (5, 3),  # (N, C)

@@ -14,13 +14,10 @@ from numpy.lib.stride_tricks import as_strided
 
 from numbabn._cpu import fused, kernels
 from numbabn._cpu.jit import launch
-from numbabn._cpu.layout import COPY_BLOCK, Layout, plan
 from numbabn._cpu.parallel import run_items
+from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS
+from numbabn._views import Layout, plan
 from numbabn.epilogue import Epilogue
-
-# Below this many elements one thread does everything in one kernel call: on two
-# cores that beat a parallel launch up to about 200 Ki elements.
-PARALLEL_MIN_ELEMENTS = 1 << 17
 
 _this_thread = threading.local()
 

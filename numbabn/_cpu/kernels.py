@@ -1,6 +1,6 @@
 """Numba CPU kernels.
 
-Every operand is a 4-D canonical view (see :mod:`numbabn._cpu.layout`):
+Every operand is a 4-D canonical view (see :mod:`numbabn._views`):
 
 * planar ``(A, C, R, S)``: each channel is ``A * R`` rows of ``S`` elements
   (NCHW and its slices; ``S`` is the innermost, usually contiguous, axis);

@@ -8,17 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from numbabn._cpu.layout import plan_strided
 from numbabn._cuda import arrays, kernels
+from numbabn._tunables import MAX_PER_THREAD, MIN_PER_THREAD, TARGET_BLOCKS
+from numbabn._views import plan_strided
 from numbabn.epilogue import Epilogue
 
-# Grids aim at this many blocks, each thread taking between MIN_PER_THREAD and
-# MAX_PER_THREAD values: enough blocks to fill a large GPU, enough work per
-# thread to amortise the block's reduction. Depends on the shape alone, so
-# results do not depend on the GPU.
-TARGET_BLOCKS = 2048
-MIN_PER_THREAD = 4
-MAX_PER_THREAD = 64
+# The grid depends on the shape and the tunables alone, so results do not depend on the GPU.
 
 
 @dataclass(frozen=True)

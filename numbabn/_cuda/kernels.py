@@ -1,7 +1,7 @@
 """Numba CUDA kernels.
 
 Every operand is a 4-D view ``(A, C, R, S)`` of the caller's array (see
-:mod:`numbabn._cpu.layout`; the channels-inner layout is ``(P, C, 1, 1)`` here).
+:mod:`numbabn._views`; the channels-inner layout is ``(P, C, 1, 1)`` here).
 The blocks are ``(chunk, channel group)`` pairs: block ``(i, j)`` covers chunk ``i`` of
 the ``A * R * S`` values of its channel group ``j``, which is one channel for
 planar data (threads walk along ``S``) or ``LANES`` adjacent channels for
@@ -28,16 +28,16 @@ from typing import Any
 
 from numba import cuda, float64, int32
 
-from numbabn import _coefficients, _source_stamp
+from numbabn import _coefficients, _source_stamp, _tunables
 
-# Threads per block, and channels per block in the channels-inner layout. The
-# tests patch them small (under the simulator) so that ragged edges run.
-THREADS = 256
-LANES = 32
+# Threads per block, channels per block in the channels-inner layout (the tests
+# patch them small under the simulator, so that ragged edges run).
+THREADS = _tunables.THREADS
+LANES = _tunables.LANES
 
 # Kernels are cached on disk like the CPU ones, so a warm start compiles nothing;
 # the cache is keyed by every source their code comes from (see numbabn._source_stamp).
-SOURCES = (Path(__file__), Path(_coefficients.__file__))
+SOURCES = (Path(__file__), Path(_coefficients.__file__), Path(_tunables.__file__))
 _DIGEST = _source_stamp.digest(SOURCES)
 
 

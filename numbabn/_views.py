@@ -4,7 +4,9 @@ An input of shape ``(N, C, *spatial)`` and any strides is viewed either as
 ``(P, 1, 1, C)`` when the channel axis is the innermost one in memory and every other
 axis merges into one (channels-last data, ``(N, C)`` matrices), or as
 ``(A, C, R, S)`` with the non-channel axes merged, in memory order, into at most
-three groups. The kernels in :mod:`numbabn._cpu.kernels` work on those views.
+three groups. The kernels of both backends work on those views (the CUDA ones
+as ``(P, C, 1, 1)`` for the channels-inner case); the work items' sizes are in
+:mod:`numbabn._tunables`.
 """
 
 from __future__ import annotations
@@ -16,19 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-# Elements per work item: large enough that per-(channel, tile) partials stay a
-# tiny fraction of the data, small enough to share work between threads.
-TILE_ELEMENTS = 16384
-# Planar items take whole channels until they read runs of at least this many
-# adjacent elements, so short rows (7x7 maps) still stream through memory.
-RUN_ELEMENTS = 2048
-# Channels-inner items cover at most this many channels, and at least this many
-# positions so that partials stay small.
-CHANNEL_BLOCK = 512
-MIN_POSITIONS = 256
-# Channels and positions per square tile of a copy between layouts (64 x 64 float32
-# is 16 KiB a side, well within the first-level cache).
-COPY_BLOCK = 64
+from numbabn._tunables import CHANNEL_BLOCK, MIN_POSITIONS, RUN_ELEMENTS, TILE_ELEMENTS
 
 _CHANNEL: tuple[int, ...] = (1,)
 _PAD: tuple[int, ...] = ()

@@ -1,0 +1,42 @@
+"""Every tunable of numbabn in one place: sizes that trade speed, never results.
+
+Work items and grids depend on the shape and these numbers alone, never on the
+machine or the thread count, so changing one changes speed and the order of
+float64 sums (within rounding), and gives the same bits on every run after.
+"""
+
+# -- CPU: work items (see numbabn._views) ---------------------------------------
+
+# Elements per work item: large enough that per-(channel, tile) partials stay a
+# tiny fraction of the data, small enough to share work between threads.
+TILE_ELEMENTS = 16384
+# Planar items take whole channels until they read runs of at least this many
+# adjacent elements, so short rows (7x7 maps) still stream through memory.
+RUN_ELEMENTS = 2048
+# Channels-inner items cover at most this many channels, and at least this many
+# positions so that partials stay small.
+CHANNEL_BLOCK = 512
+MIN_POSITIONS = 256
+# Channels and positions per square tile of a copy between layouts (64 x 64 float32
+# is 16 KiB a side, well within the first-level cache).
+COPY_BLOCK = 64
+# Below this many elements one thread does everything in one kernel call: on two
+# cores that beat a parallel launch up to about 200 Ki elements.
+PARALLEL_MIN_ELEMENTS = 1 << 17
+
+# -- CUDA: blocks and grids (compiled into the kernels) ---------------------------
+
+# Threads per block, and channels per block in the channels-inner layout.
+THREADS = 256
+LANES = 32
+# Grids aim at this many blocks, each thread taking between MIN_PER_THREAD and
+# MAX_PER_THREAD values: enough blocks to fill a large GPU, enough work per
+# thread to amortise the block's reduction.
+TARGET_BLOCKS = 2048
+MIN_PER_THREAD = 4
+MAX_PER_THREAD = 64
+
+# -- Dask --------------------------------------------------------------------------
+
+# Partial statistics merged per task of numbabn.dask's tree reduction.
+SPLIT_EVERY = 8
