@@ -33,10 +33,14 @@ def scale_channel(variance: float, weight: float, eps: float) -> tuple:
     """``(invstd, scale)`` of the normalisation ``(x - mean) * scale + bias``.
 
     ``variance`` is the batch's (``M2 / count``) in training, the running one
-    in evaluation. A negative variance (a bad running statistic) gives NaN.
+    in evaluation. A zero one with ``eps=0`` gives inf, a negative one (a bad
+    running statistic) or NaN gives NaN.
     """
     shifted = variance + eps
-    invstd = 1.0 / math.sqrt(shifted) if shifted >= 0.0 else math.nan
+    # IEEE's 1 / sqrt(0) and sqrt(-1), written out (the CUDA simulator would raise).
+    invstd = math.inf if shifted == 0.0 else math.nan
+    if shifted > 0.0:
+        invstd = 1.0 / math.sqrt(shifted)
     return invstd, weight * invstd
 
 

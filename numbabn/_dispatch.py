@@ -17,8 +17,20 @@ from numbabn.epilogue import Epilogue
 class Backend(Protocol):
     """What a backend provides (see :class:`CpuBackend` and ``CudaBackend``).
 
-    Arrays are the backend's own kind after :meth:`adopt`; per-channel
-    statistics are float64 vectors of that kind.
+    Batch norm in training is four phases: per-chunk sums, a merge of them in a
+    fixed order, per-channel coefficients, an elementwise pass; backward is the
+    same two passes with its own sums and coefficients. A backend offers each
+    phase (:meth:`moments`, :meth:`train_coefficients`, :meth:`affine`;
+    :meth:`grad_sums`, :meth:`grad_input_from_sums`) for callers that exchange
+    statistics between them (``SyncBatchNorm`` over MPI, ``numbabn.dask``), and
+    fused fast paths of the same phases for one array in one process
+    (:meth:`train_forward`, :meth:`train_backward`, ...). The per-channel
+    arithmetic between the phases is :mod:`numbabn._coefficients`, shared by
+    both backends.
+
+    Arrays are the backend's own kind after :meth:`adopt`. Per-channel
+    statistics are float64 vectors: the fast paths keep them on the backend's
+    device, the phases take and give NumPy vectors (what crosses an exchange).
     """
 
     name: str
@@ -32,6 +44,27 @@ class Backend(Protocol):
     def assign(self, target: Any, values: np.ndarray | float) -> None: ...
     def may_share_memory(self, a: Any, b: Any) -> bool: ...
     def accumulate(self, target: Any, source: Any) -> None: ...
+
+    # -- the phases --------------------------------------------------------------
+    def moments(self, x: Any) -> tuple[np.ndarray, np.ndarray]: ...
+    def train_coefficients(
+        self, mean: np.ndarray, m2: np.ndarray, count: int, weight: Any, bias: Any, eps: float,
+        running_mean: Any, running_var: Any, momentum: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...  # fmt: skip
+    def eval_coefficients(
+        self, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+    def affine(
+        self, x: Any, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray, out: Any | None,
+        epilogue: Epilogue | None = None,
+    ) -> Any: ...  # fmt: skip
+    def grad_sums(self, dy: Any, x: Any, mean: np.ndarray) -> np.ndarray: ...
+    def grad_input_from_sums(
+        self, dy: Any, x: Any, mean: np.ndarray, invstd: np.ndarray, weight: Any,
+        sums: np.ndarray, count: int, out: Any | None,
+    ) -> Any: ...  # fmt: skip
+
+    # -- the fused fast paths ---------------------------------------------------
     def train_forward(
         self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,
         momentum: float, eps: float, out: Any | None, epilogue: Epilogue | None = None,
@@ -51,9 +84,6 @@ class Backend(Protocol):
         batch_stats: bool, epilogue: Epilogue, out: Any | None,
     ) -> tuple[Any, Any | None, Any, Any]: ...  # fmt: skip
 
-
-# SyncBatchNorm and ChannelStats also use the CPU backend's moments, affine,
-# grad_sums and grad_input_from_sums: the passes of a statistics exchange.
 
 _DLPACK_CPU = 1  # kDLCPU, DLPack's device type of host memory
 

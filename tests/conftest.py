@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -135,3 +137,40 @@ def cuda_small_blocks(monkeypatch):
     monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
     monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)
     monkeypatch.setattr(backend, "MAX_PER_THREAD", 2)
+
+
+class Device(NamedTuple):
+    """A backend under test: its name, and how NumPy arrays go there and come back."""
+
+    name: str
+    put: Callable[[Any], Any]  # a NumPy array (or None) as this device's array
+    get: Callable[[Any], Any]  # this device's array (or None) as a NumPy array
+    simulated: bool = False  # Numba's CUDA simulator: seconds per launch, so fewer cases
+
+    def skip_unless(self, wanted: bool) -> None:
+        """In the simulator, run this case only if ``wanted`` (a GPU runs every case)."""
+        if self.simulated and not wanted:
+            pytest.skip("a GPU runs this case; the CUDA simulator runs a subset")
+
+
+# Host arrays as they are.
+CPU = Device("cpu", lambda array: array, lambda array: array)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> Device:
+    """Each backend in turn, so that one semantic test covers both.
+
+    ``cuda`` runs the CUDA kernels on a GPU, or in Numba's simulator with the
+    small blocks of :func:`cuda_small_blocks` (several blocks, ragged groups).
+    """
+    if request.param == "cpu":
+        return CPU
+    pytest.importorskip("numba_cuda")
+    request.getfixturevalue("cuda_small_blocks")
+    from device import SIMULATOR, host, to_device
+
+    def put(array):
+        return None if array is None else to_device(array)
+
+    return Device("cuda", put, host, SIMULATOR)

@@ -216,3 +216,12 @@ def test_empty_batch_statistics_are_fresh_arrays():
     saved.mean[:] = 5.0
     _, again = F.batch_norm_forward(x, None, None, training=True)
     assert again.mean.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_zero_running_variance_with_zero_eps_divides_as_floats():
+    """Evaluation with eps=0 takes a zero running variance: 1 / 0 is inf, not an exception."""
+    x = np.ones((2, 3, 4), np.float32)
+    zeros = np.zeros(3, np.float32)
+    y, saved = F.batch_norm_forward(x, zeros, zeros, eps=0.0)
+    assert np.isinf(saved.invstd).all()
+    assert np.isinf(y).all()

@@ -129,9 +129,17 @@ def _compile(dispatcher: Any, args: tuple[Any, ...], contiguous: bool) -> None:
 # through a symbol that binds to whichever compiled copy loaded first (the
 # callee's own, or the caller's cached re-optimised one), and the two can round
 # differently. ``shared`` helpers (of per-channel vectors) are also called from Python.
-inline = _stamped(njit(cache=True, inline="always"))
-shared = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True, inline="always"))
+#
+# Every function divides as IEEE floats do (``error_model="numpy"``): ``1 / 0`` is
+# inf (a zero running variance with ``eps=0`` in evaluation) where
+# Numba's default would raise ZeroDivisionError.
+inline = _stamped(njit(cache=True, error_model="numpy", inline="always"))
+shared = _stamped(
+    njit(fastmath=FASTMATH, cache=True, error_model="numpy", nogil=True, inline="always")
+)
 # Functions of 4-D operands, called from Python through :func:`launch`.
-kernel = _stamped(njit(fastmath=FASTMATH, cache=True, nogil=True), by_layout=True)
+kernel = _stamped(
+    njit(fastmath=FASTMATH, cache=True, error_model="numpy", nogil=True), by_layout=True
+)
 # The ``parallel=True`` functions that spread a kernel's items over Numba's threads.
-driver = _stamped(njit(parallel=True, cache=True, nogil=True), by_layout=True)
+driver = _stamped(njit(parallel=True, cache=True, error_model="numpy", nogil=True), by_layout=True)

@@ -280,6 +280,94 @@ class CudaBackend:
         grad_input = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
         return grad_input, *grads
 
+    # -- the phases, for callers that exchange statistics between them ---------
+    # Per-channel statistics in and out are float64 NumPy vectors (what crosses
+    # an exchange); parameters and running statistics are device arrays.
+
+    @staticmethod
+    def moments(x: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel ``(mean, M2)`` (sum of squared deviations) in one pass."""
+        ops = _Operands(x)
+        n_channels = x.shape[1]
+        coeffs = _coefficients(n_channels)
+        partials, counters = ops.scratch()
+        ones = arrays.filled(1.0, n_channels, np.dtype(np.float64))
+        grid = ops.grid
+        ops.launch(
+            kernels.forward_statistics, ops.view, grid.channel_lanes, grid.per_block, ones, ones,
+            ones, ones, -1.0, 0.0, coeffs, partials, counters,
+        )  # fmt: skip
+        host = arrays.to_host(coeffs)
+        return host[kernels.MEAN], host[kernels.M2]
+
+    @staticmethod
+    def train_coefficients(
+        mean: np.ndarray, m2: np.ndarray, count: int, weight: Any, bias: Any, eps: float,
+        running_mean: Any, running_var: Any, momentum: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """``(invstd, scale, shift)`` of a training normalisation with these statistics.
+
+        Updates the running statistics in place unless they are empty.
+        """
+        n_channels = mean.shape[0]
+        coeffs = _coefficients(n_channels)
+        update = running_mean.shape[0] > 0
+        _per_channel(kernels.batch_coefficients, n_channels)(
+            arrays.to_device(mean), arrays.to_device(m2), count, weight, bias, eps,
+            running_mean if update else weight, running_var if update else weight,
+            momentum if update else -1.0, coeffs,
+        )  # fmt: skip
+        host = arrays.to_host(coeffs)
+        return host[kernels.INVSTD], host[kernels.SCALE], host[kernels.SHIFT]
+
+    @staticmethod
+    def eval_coefficients(
+        running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(mean, invstd, scale, shift)`` of the eval-mode normalisation."""
+        coeffs = _coefficients(running_mean.shape[0])
+        _per_channel(kernels.running_coefficients, running_mean.shape[0])(
+            running_mean, running_var, weight, bias, eps, coeffs
+        )
+        host = arrays.to_host(coeffs)
+        return host[kernels.MEAN], host[kernels.INVSTD], host[kernels.SCALE], host[kernels.SHIFT]
+
+    @staticmethod
+    def affine(
+        x: Any, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray, out: Any | None,
+        epilogue: Epilogue | None = None,
+    ) -> Any:  # fmt: skip
+        """``(x - mean) * scale + shift`` per channel, then the epilogue, in float64."""
+        host = np.zeros((kernels.N_COEFFICIENTS, mean.shape[0]))
+        host[kernels.MEAN], host[kernels.SCALE], host[kernels.SHIFT] = mean, scale, shift
+        ops = _Operands(x)
+        return ops.elementwise(
+            ops.view, ops.view, kernels.AFFINE, arrays.to_device(host), out, epilogue
+        )
+
+    @staticmethod
+    def grad_sums(dy: Any, x: Any, mean: np.ndarray) -> np.ndarray:
+        """Per-channel ``[sum(dy), sum(dy * (x - mean))]``, shape ``(2, C)``, in one pass."""
+        ones = arrays.filled(1.0, x.shape[1], np.dtype(np.float64))
+        _, _, _, grads = CudaBackend._gradient_sums(dy, x, arrays.to_device(mean), ones, ones)
+        sum_dy_xmu, sum_dy = arrays.to_host(grads)  # grads = [sum * invstd, sum], invstd = 1
+        return np.stack([sum_dy, sum_dy_xmu])
+
+    @staticmethod
+    def grad_input_from_sums(
+        dy: Any, x: Any, mean: np.ndarray, invstd: np.ndarray, weight: Any, sums: np.ndarray,
+        count: int, out: Any | None,
+    ) -> Any:  # fmt: skip
+        """Input gradient through batch statistics whose sums cover ``count`` values."""
+        ops = _Operands(x)
+        dy_view = ops.input_view(dy)
+        coeffs = _coefficients(x.shape[1])
+        _per_channel(kernels.gradient_coefficients, x.shape[1])(
+            arrays.to_device(np.ascontiguousarray(sums, dtype=np.float64)), count,
+            arrays.to_device(mean), arrays.to_device(invstd), weight, coeffs,
+        )  # fmt: skip
+        return ops.elementwise(ops.view, dy_view, kernels.GRADIENT, coeffs, out)
+
     @staticmethod
     def accumulate(target: Any, source: Any) -> None:
         """``target += source`` for parameter-gradient vectors."""

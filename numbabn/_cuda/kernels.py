@@ -421,6 +421,43 @@ def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
 
 
 @_kernel
+def batch_coefficients(
+    mean, m2, count, weight, bias, eps, running_mean, running_var, momentum, coeffs
+):  # fmt: skip
+    """Training coefficients ``[mean, invstd, scale, shift]`` from statistics merged elsewhere.
+
+    ``mean`` and ``m2`` cover ``count`` values per channel (every rank's or
+    chunk's). Updates the running statistics in place when ``momentum`` is not
+    negative, as :func:`forward_statistics` does.
+    """
+    c = cuda.grid(1)
+    if c < coeffs.shape[1]:
+        invstd, scale = _scale_channel(m2[c] / count, float64(weight[c]), eps)
+        coeffs[MEAN, c] = mean[c]
+        coeffs[INVSTD, c] = invstd
+        coeffs[SCALE, c] = scale
+        coeffs[SHIFT, c] = float64(bias[c])
+        if momentum >= 0.0:
+            unbiased = _unbiased_variance(m2[c], count)
+            running_mean[c] = _running_average(float64(running_mean[c]), mean[c], momentum)
+            running_var[c] = _running_average(float64(running_var[c]), unbiased, momentum)
+
+
+@_kernel
+def gradient_coefficients(sums, count, mean, invstd, weight, coeffs):
+    """``GRADIENT`` coefficients from ``sums = [sum(dy), sum(dy * (x - mean))]`` over ``count``."""
+    c = cuda.grid(1)
+    if c < coeffs.shape[1]:
+        alpha, beta, gamma = _backward_channel(
+            sums[0, c], sums[1, c], count, invstd[c], float64(weight[c])
+        )
+        coeffs[MEAN, c] = mean[c]
+        coeffs[ALPHA, c] = alpha
+        coeffs[BETA, c] = beta
+        coeffs[GAMMA, c] = gamma
+
+
+@_kernel
 def gradient_scale(invstd, weight, coeffs):
     """The ``AFFINE`` coefficients ``c0 = 0, c2 = weight * invstd, c3 = 0``: ``dx = dy * c2``."""
     c = cuda.grid(1)
