@@ -49,7 +49,7 @@ class Backend(Protocol):
     def moments(self, x: Any) -> tuple[np.ndarray, np.ndarray]: ...
     def train_coefficients(
         self, mean: np.ndarray, m2: np.ndarray, count: int, weight: Any, bias: Any, eps: float,
-        running_mean: Any, running_var: Any, momentum: float,
+        running_mean: Any | None, running_var: Any | None, momentum: float,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...  # fmt: skip
     def eval_coefficients(
         self, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float

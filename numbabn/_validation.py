@@ -307,3 +307,10 @@ def check_writeable(name: str, array: Any, why: str = "") -> None:
     """Raise ValueError if ``array`` is a read-only NumPy array (``why`` says who writes it)."""
     if isinstance(array, np.ndarray) and not array.flags.writeable:
         raise ValueError(f"{name} is read-only{why}; pass a writeable array")
+
+
+def check_running_writeable(training: bool, running_mean: Any, running_var: Any) -> None:
+    """Raise ValueError if training would update a read-only running statistic."""
+    if training:
+        for name, running in (("running_mean", running_mean), ("running_var", running_var)):
+            check_writeable(name, running, ": training updates it in place")

@@ -37,7 +37,7 @@ from numbabn import _validation as check
 from numbabn._cpu import CpuBackend
 from numbabn._cpu.backend import on_calling_thread
 from numbabn._tunables import SPLIT_EVERY
-from numbabn.epilogue import epilogue_for
+from numbabn.epilogue import Epilogue, epilogue_for
 from numbabn.functional import check_forward_args
 from numbabn.stats import ChannelStats
 
@@ -137,9 +137,7 @@ def batch_norm(
     )  # fmt: skip
     _, running_mean, running_var, weight, bias, _ = arrays
     epilogue = epilogue_for(None, activation)
-    if training:
-        for name, running in (("running_mean", running_mean), ("running_var", running_var)):
-            check.check_writeable(name, running, ": training updates it in place")
+    check.check_running_writeable(training, running_mean, running_var)
     if x.size == 0:
         return x.copy()
     backend = CpuBackend
@@ -149,8 +147,6 @@ def batch_norm(
     bias = backend.filled(0.0, n_channels, param_dtype) if bias is None else bias
     if training:
         stats = channel_stats(x)
-        if running_mean is None or running_var is None:
-            running_mean = running_var = backend.filled(0.0, 0, x.dtype)
         mean = stats.mean
         _, scale, shift = backend.train_coefficients(
             mean, stats.m2, stats.count, weight, bias, float(eps),
@@ -163,7 +159,7 @@ def batch_norm(
     coefficients = np.stack([mean, scale, shift])
     starts = np.cumsum((0, *x.chunks[1]))
     normalise = functools.partial(
-        _normalised_block, coefficients=coefficients, starts=starts, relu=epilogue is not None
+        _normalised_block, coefficients=coefficients, starts=starts, epilogue=epilogue
     )
     return da.map_blocks(normalise, x, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
 
@@ -211,12 +207,11 @@ def _normalised_block(
     block: np.ndarray,
     coefficients: np.ndarray,
     starts: np.ndarray,
-    relu: bool,
+    epilogue: Epilogue | None,
     block_id: tuple[int, ...] = (),
 ) -> np.ndarray:
     """``(block - mean) * scale + shift`` with this block's channels' coefficients."""
     channels = slice(starts[block_id[1]], starts[block_id[1] + 1])
     mean, scale, shift = coefficients[:, channels]
-    epilogue = epilogue_for(None, "relu") if relu else None
     with on_calling_thread():
         return CpuBackend.affine(block, mean, scale, shift, None, epilogue)

@@ -292,7 +292,7 @@ class SyncBatchNorm(_BatchNorm):
             backend, array, out_array = self._checked_args(array, out)
             count = array.size // array.shape[1] if array.size else 0
             mean, m2 = backend.moments(array) if count else (np.zeros(array.shape[1]),) * 2
-            payload = np.concatenate([[count], mean, m2])
+            payload = ChannelStats.row(count, mean, m2)
             header = (array.shape[1], _DTYPE_CODES[array.dtype])
         except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
@@ -342,9 +342,7 @@ class SyncBatchNorm(_BatchNorm):
             saved = SavedStats(np.zeros(n_channels), np.ones(n_channels), True)
         else:
             filled = backend.filled
-            running: tuple[Any, Any] = (self.running_mean, self.running_var)
-            if not tracking:
-                running = (filled(0.0, 0, x.dtype),) * 2
+            running = (self.running_mean, self.running_var) if tracking else (None, None)
             weight = filled(1.0, n_channels, x.dtype) if self.weight is None else self.weight
             bias = filled(0.0, n_channels, x.dtype) if self.bias is None else self.bias
             invstd, scale, shift = backend.train_coefficients(

@@ -173,9 +173,7 @@ def batch_norm_forward(
     )  # fmt: skip
     x, running_mean, running_var, weight, bias, out_array = arrays
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
-    if training:
-        for name, running in (("running_mean", running_mean), ("running_var", running_var)):
-            check.check_writeable(name, running, ": training updates it in place")
+    check.check_running_writeable(training, running_mean, running_var)
 
     n_channels = x.shape[1]
     if x.size == 0:

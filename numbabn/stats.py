@@ -91,10 +91,15 @@ class ChannelStats:
             self.count += count
         return self
 
+    @staticmethod
+    def row(count: int, mean: np.ndarray, m2: np.ndarray) -> np.ndarray:
+        """Statistics as one float64 row ``[count, mean (C values), M2 (C values)]``."""
+        return np.concatenate([[count], mean, m2])
+
     @classmethod
     def from_rows(cls, rows: np.ndarray) -> ChannelStats:
-        """Statistics of rows ``[count, mean (C values), M2 (C values)]`` (float64), merged
-        in row order: the same rows in the same order give the same bits."""
+        """Statistics of rows made by :meth:`row` (one per rank or chunk), merged in row
+        order: the same rows in the same order give the same bits."""
         count, mean, m2 = kernels.merge_rows(rows)
         stats = cls(mean.shape[0])
         stats.count, stats.mean, stats.m2 = int(count), mean, m2

@@ -196,13 +196,15 @@ def _functional(dtype: np.dtype, size: str) -> None:
         # SyncBatchNorm and numbabn.dask: moments, their merges, the coefficients with and
         # without running statistics, affine, grad_sums and grad_input_from_sums.
         stats = ChannelStats(_CHANNELS).update(x)
-        stats = ChannelStats.from_rows(np.concatenate([[stats.count], stats.mean, stats.m2])[None])
+        stats = ChannelStats.from_rows(ChannelStats.row(stats.count, stats.mean, stats.m2)[None])
         stats.merge(stats)
         weight = np.ones(_CHANNELS, dtype)
-        for running in ((np.zeros(_CHANNELS, dtype), np.ones(_CHANNELS, dtype)), (weight[:0],) * 2):
+        tracked = (np.zeros(_CHANNELS, dtype), np.ones(_CHANNELS, dtype))
+        for running_mean, running_var in (tracked, (None, None)):
             invstd, scale, shift = CpuBackend.train_coefficients(
-                stats.mean, stats.m2, stats.count, weight, weight, 1e-5, *running, 0.1
-            )
+                stats.mean, stats.m2, stats.count, weight, weight, 1e-5, running_mean,
+                running_var, 0.1,
+            )  # fmt: skip
         CpuBackend.affine(x, stats.mean, scale, shift, None)
         sums = CpuBackend.grad_sums(dy, x, stats.mean)
         count = x.size // _CHANNELS

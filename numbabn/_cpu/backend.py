@@ -226,7 +226,6 @@ class CpuBackend:
     empty_like = staticmethod(np.empty_like)
     filled = staticmethod(_filled)
     may_share_memory = staticmethod(np.may_share_memory)
-    train_coefficients = staticmethod(kernels.train_coefficients)
     eval_coefficients = staticmethod(kernels.eval_coefficients)
 
     @staticmethod
@@ -399,6 +398,22 @@ class CpuBackend:
             kernels.sums_items, ops.view, ops.view, shift, shift, True, *ops.launch_args, partials
         )
         return kernels.moments_from_sums(kernels.merge(partials), shift, x.size // x.shape[1])
+
+    @staticmethod
+    def train_coefficients(
+        mean: np.ndarray, m2: np.ndarray, count: int, weight: np.ndarray, bias: np.ndarray,
+        eps: float, running_mean: np.ndarray | None, running_var: np.ndarray | None,
+        momentum: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """``(invstd, scale, shift)`` of a training normalisation with these statistics.
+
+        Updates the running statistics in place unless they are None.
+        """
+        if running_mean is None or running_var is None:
+            running_mean = running_var = _filled(0.0, 0, weight.dtype)
+        return kernels.train_coefficients(
+            mean, m2, count, weight, bias, eps, running_mean, running_var, momentum
+        )
 
     @staticmethod
     def affine(

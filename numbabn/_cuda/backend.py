@@ -303,15 +303,15 @@ class CudaBackend:
     @staticmethod
     def train_coefficients(
         mean: np.ndarray, m2: np.ndarray, count: int, weight: Any, bias: Any, eps: float,
-        running_mean: Any, running_var: Any, momentum: float,
+        running_mean: Any | None, running_var: Any | None, momentum: float,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
         """``(invstd, scale, shift)`` of a training normalisation with these statistics.
 
-        Updates the running statistics in place unless they are empty.
+        Updates the running statistics in place unless they are None.
         """
         n_channels = mean.shape[0]
         coeffs = _coefficients(n_channels)
-        update = running_mean.shape[0] > 0
+        update = running_mean is not None and running_var is not None
         _per_channel(kernels.batch_coefficients, n_channels)(
             arrays.to_device(mean), arrays.to_device(m2), count, weight, bias, eps,
             running_mean if update else weight, running_var if update else weight,
