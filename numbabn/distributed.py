@@ -110,64 +110,99 @@ def _wait(
             time.sleep(1e-4)
 
 
-def _exchange(
-    comm: Any,
-    kind: int,
-    local_error: Exception | None,
-    header: tuple[int, int],
-    payload: np.ndarray | None,
-    timeout: float | None,
-) -> np.ndarray:
-    """Gather every rank's float64 ``payload`` as rows, in rank order; raise on every rank
-    if any rank failed locally or the ranks disagree.
+class _Exchange:
+    """One exchange: every rank's float64 payload gathered as rows, in rank order.
 
-    ``header`` is ``(channels, dtype code)``. First every rank shares whether it
-    failed, the exchange's ``kind`` and its header; only when all agree do the
-    payloads cross, so a rank that fails never leaves the others waiting in a
-    collective it does not join. The failing rank re-raises its own exception;
-    the others raise an error that names it.
+    The header (whether the rank failed locally, the exchange's ``kind``,
+    channels, dtype code) is posted first, before the rank's local pass, so
+    its round trip overlaps that pass; :meth:`gather` then waits for every
+    header and, only when all agree, gathers the payloads, so a rank that
+    fails never leaves the others waiting in a collective it does not join. A
+    rank that fails after its header (in the local pass) says so in the
+    payload's leading status value. Either way every rank raises: the failing
+    rank its own exception, the others an error that names it.
     """
-    if _comm_key(comm) in _out_of_step:
-        raise ExchangeTimeout(
-            "an earlier SyncBatchNorm exchange on this communicator timed out; its ranks are "
-            "out of step and no exchange can be trusted: end the job with comm.Abort()"
-        )
-    deadline = None if timeout is None else time.monotonic() + timeout
-    mine = np.array([local_error is not None, kind, *header], dtype=np.int64)
-    headers = np.empty((comm.Get_size(), mine.size), dtype=np.int64)
-    _wait(comm, comm.Iallgather(mine, headers), deadline, timeout, kind, (mine, headers))
-    rows = headers.tolist()  # a few rows: Python compares them faster than NumPy
-    if any(row[0] for row in rows):
-        # Every rank saw the failure, so every rank joins this exchange of the texts.
+
+    def __init__(
+        self,
+        comm: Any,
+        kind: int,
+        local_error: Exception | None,
+        header: tuple[int, int],
+        timeout: float | None,
+    ) -> None:
+        if _comm_key(comm) in _out_of_step:
+            raise ExchangeTimeout(
+                "an earlier SyncBatchNorm exchange on this communicator timed out; its ranks "
+                "are out of step and no exchange can be trusted: end the job with comm.Abort()"
+            )
+        self.comm, self.kind, self.timeout = comm, kind, timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.mine = np.array([local_error is not None, kind, *header], dtype=np.int64)
+        self.headers = np.empty((comm.Get_size(), self.mine.size), dtype=np.int64)
+        self.request = comm.Iallgather(self.mine, self.headers)
+
+    def _wait(self, request: Any, *keep: Any) -> None:
+        _wait(self.comm, request, self.deadline, self.timeout, self.kind, keep)
+
+    def gather(self, local_error: Exception | None, payload: np.ndarray | None) -> np.ndarray:
+        """Every rank's ``payload`` as rows in rank order; raise on every rank if any failed.
+
+        ``local_error`` is this rank's failure, before or after its header went
+        out; ``payload`` is given whenever there is none.
+        """
+        self._wait(self.request, self.mine, self.headers)
+        rows = self.headers.tolist()  # a few rows: Python compares them faster than NumPy
+        if any(row[0] for row in rows):
+            self._raise_failure(local_error, [bool(row[0]) for row in rows])
+        if any(row[1] != self.kind for row in rows):
+            described = ", ".join(
+                f"rank {rank}: {_KINDS.get(int(other), '?')}"
+                for rank, (_, other, *_) in enumerate(rows)
+            )
+            raise RuntimeError(f"SyncBatchNorm ranks are out of step ({described})")
+        if any(row[2:] != rows[0][2:] for row in rows):
+            described = ", ".join(
+                f"rank {rank}: {channels} channels {_DTYPE_NAMES.get(int(dtype), '?')}"
+                for rank, (_, _, channels, dtype) in enumerate(rows)
+            )
+            raise ValueError(f"SyncBatchNorm ranks disagree on the input ({described})")
+        # The ranks agree on the channels, so on the payload's size.
+        size = _payload_size(self.kind, rows[0][2])
+        mine = np.empty(1 + size)
+        mine[0] = local_error is not None
+        if local_error is None:
+            assert payload is not None and payload.size == size
+            mine[1:] = payload
+        else:
+            mine[1:] = np.nan
+        gathered = np.empty((self.comm.Get_size(), mine.size))
+        self._wait(self.comm.Iallgather(mine, gathered), mine, gathered)
+        failed = gathered[:, 0].tolist()
+        if any(failed):
+            self._raise_failure(local_error, [bool(flag) for flag in failed])
+        return np.ascontiguousarray(gathered[:, 1:])
+
+    def _raise_failure(self, local_error: Exception | None, failed: list[bool]) -> None:
+        """Share the failing ranks' error texts (every rank joins), then raise."""
         text = "" if local_error is None else f"{type(local_error).__name__}: {local_error}"
         mine = np.zeros(_TEXT_BYTES, dtype=np.uint8)
         encoded = text.encode()[:_TEXT_BYTES]
         mine[: len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
-        texts = np.empty((comm.Get_size(), _TEXT_BYTES), dtype=np.uint8)
-        _wait(comm, comm.Iallgather(mine, texts), deadline, timeout, kind, (mine, texts))
+        texts = np.empty((self.comm.Get_size(), _TEXT_BYTES), dtype=np.uint8)
+        self._wait(self.comm.Iallgather(mine, texts), mine, texts)
         if local_error is not None:
             raise local_error
         quoted = [row.tobytes().rstrip(b"\0").decode(errors="replace") for row in texts]
         details = "; ".join(
-            f"rank {rank}: {text}" for rank, text in enumerate(quoted) if rows[rank][0]
+            f"rank {rank}: {text}" for rank, text in enumerate(quoted) if failed[rank]
         )
         raise _RankFailed(f"SyncBatchNorm failed on another rank ({details})")
-    if any(row[1] != kind for row in rows):
-        described = ", ".join(
-            f"rank {rank}: {_KINDS.get(int(other), '?')}"
-            for rank, (_, other, *_) in enumerate(rows)
-        )
-        raise RuntimeError(f"SyncBatchNorm ranks are out of step ({described})")
-    if any(row[2:] != rows[0][2:] for row in rows):
-        described = ", ".join(
-            f"rank {rank}: {channels} channels {_DTYPE_NAMES.get(int(dtype), '?')}"
-            for rank, (_, _, channels, dtype) in enumerate(rows)
-        )
-        raise ValueError(f"SyncBatchNorm ranks disagree on the input ({described})")
-    assert payload is not None  # given whenever this rank did not fail
-    gathered = np.empty((comm.Get_size(), payload.size), dtype=np.float64)
-    _wait(comm, comm.Iallgather(payload, gathered), deadline, timeout, kind, (payload, gathered))
-    return gathered
+
+
+def _payload_size(kind: int, n_channels: int) -> int:
+    """Values per rank: a statistics row (count, means, M2s) or the two gradient sums."""
+    return 1 + 2 * n_channels if kind == _FORWARD else 2 * n_channels
 
 
 def _check_host(device: str | None) -> None:
@@ -283,27 +318,33 @@ class SyncBatchNorm(_BatchNorm):
             output = super().forward(x, out)
             self._total_count = None  # a local forward: backward stays local too
             return output
-        payload, backend, error, header = None, None, None, (-1, -1)
+        backend, error, header = None, None, (-1, -1)
         array: Any = None
         out_array: Any = None
         try:
             array = self._adopt(x, "input")
             self._check_input(array)
             backend, array, out_array = self._checked_args(array, out)
-            count = array.size // array.shape[1] if array.size else 0
-            mean, m2 = backend.moments(array) if count else (np.zeros(array.shape[1]),) * 2
-            payload = ChannelStats.row(count, mean, m2)
             header = (array.shape[1], _DTYPE_CODES[array.dtype])
         except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
-        gathered = _exchange(self.comm, _FORWARD, error, header, payload, self.timeout)
+        exchange = _Exchange(self.comm, _FORWARD, error, header, self.timeout)
+        payload = None
+        if backend is not None and error is None:
+            try:  # while the headers travel
+                count = array.size // array.shape[1] if array.size else 0
+                mean, m2 = backend.moments(array) if count else (np.zeros(array.shape[1]),) * 2
+                payload = ChannelStats.row(count, mean, m2)
+            except Exception as caught:
+                error = caught
+        gathered = exchange.gather(error, payload)
         total = ChannelStats.from_rows(gathered)  # in rank order: identical on every rank
         if total.count == 1:
             raise ValueError(
                 "Expected more than 1 value per channel when training, "
                 f"got input size {tuple(array.shape)} over all ranks"
             )
-        assert backend is not None  # _exchange raised otherwise
+        assert backend is not None  # gather raised otherwise
         output, saved = self._normalise(array, out_array, backend, total)
         self._remember(x, saved, out)
         self._total_count = total.count
@@ -380,13 +421,17 @@ class SyncBatchNorm(_BatchNorm):
             self._check_kind(grad_output, "grad_output")
             dy = backend.adopt(grad_output)
             check.check_like("grad_output", dy, x, "the last forward's input")
-            sums = backend.grad_sums(dy, x, saved.mean) if x.size else np.zeros((2, x.shape[1]))
             header = (x.shape[1], _DTYPE_CODES[x.dtype])
         except Exception as caught:  # any local failure: the other ranks must hear of it
             error = caught
-        payload = None if sums is None else sums.ravel()
-        gathered = _exchange(self.comm, _BACKWARD, error, header, payload, self.timeout)
-        # _exchange raised unless this rank's forward and checks went through.
+        exchange = _Exchange(self.comm, _BACKWARD, error, header, self.timeout)
+        if backend is not None and error is None:
+            try:  # while the headers travel
+                sums = backend.grad_sums(dy, x, saved.mean) if x.size else np.zeros((2, x.shape[1]))
+            except Exception as caught:
+                error = caught
+        gathered = exchange.gather(error, None if sums is None else sums.ravel())
+        # gather raised unless this rank's forward, checks and sums went through.
         assert sums is not None and backend is not None and self._total_count is not None
         # Summed in rank order: identical on every rank.
         total = gathered.reshape(gathered.shape[0], *sums.shape).sum(axis=0)
