@@ -29,6 +29,9 @@ PARALLEL_MIN_ELEMENTS = 1 << 17
 # Threads per block, and channels per block in the channels-inner layout.
 THREADS = 256
 LANES = 32
+# Blocks per multiprocessor the data kernels are compiled to fit at once: 4 blocks of
+# 256 threads is half of an sm_90 multiprocessor's 64 warps (at most 64 registers a thread).
+MIN_BLOCKS_PER_SM = 4
 # Grids aim at this many blocks, each thread taking between MIN_PER_THREAD and
 # MAX_PER_THREAD values: enough blocks to fill a large GPU, enough work per
 # thread to amortise the block's reduction.

@@ -3,8 +3,8 @@
 Runs under Numba's CUDA simulator by default (tiny shapes, block sizes patched
 small so that several blocks, chunks and ragged channel groups run), and on a
 real GPU with ``make test-gpu`` (``NUMBA_ENABLE_CUDASIM=0``), which also tries
-the shapes that need real block sizes and CuPy / PyTorch CUDA arrays when
-those are installed.
+CuPy / PyTorch CUDA arrays when those are installed. ``test_real_sizes`` keeps
+the real block sizes and grids: large shapes on a GPU, a tiny one in the simulator.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ CASES = [
 
 
 @pytest.fixture(autouse=True)
-def _small_blocks(cuda_small_blocks):
-    """Every test here runs with the simulator's small blocks."""
+def _small_blocks(request):
+    """Every test here runs with the simulator's small blocks, except the real-size one."""
+    if request.function is not test_real_sizes:
+        request.getfixturevalue("cuda_small_blocks")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -78,10 +80,24 @@ def test_grid_covers_ragged_blocks():
     """The patched sizes give several chunks and a partial channel group."""
     x = make_input(np.random.default_rng(0), (3, 5, 4, 3), "channels_last")
     grid = cuda_backend._grid_for(to_device(x))
-    assert grid.channel_lanes
+    assert grid.family == kernels.CHANNELS_INNER
     assert grid.n_chunks > 1
     if SIMULATOR:
-        assert x.shape[1] % kernels.LANES != 0
+        assert x.shape[1] % grid.lanes != 0
+
+
+@pytest.mark.parametrize(("n_channels", "lanes"), [(2, 2), (3, 4), (9, 16), (40, 32)])
+def test_narrow_channels_inner_blocks_pack_positions(n_channels, lanes):
+    """Channels-last data with fewer channels than LANES fills the warps with positions."""
+    sizes = (256, 32, 2048, 4, 64)
+    shape, strides = (
+        (64, n_channels, 8, 8),
+        (8 * 8 * n_channels * 4, 4, 8 * n_channels * 4, n_channels * 4),
+    )
+    grid = cuda_backend._grid(shape, strides, sizes)
+    assert grid.family == kernels.CHANNELS_INNER
+    assert grid.lanes == lanes
+    assert grid.n_groups == -(-n_channels // lanes)
 
 
 def test_float16_input_with_float32_parameters(rng):
@@ -257,10 +273,16 @@ def test_foreign_arrays_in_and_out(rng, library):
     assert type(dx) is type(device_x)
 
 
-@pytest.mark.skipif(SIMULATOR, reason="real block sizes need a real GPU")
-@pytest.mark.parametrize(
-    "shape", [(32, 64, 28, 28), (64, 256, 7, 7), (8, 3, 224, 224), (4096, 100)]
+# The real block sizes and grids: shapes of many blocks on a GPU, one tiny shape (both
+# kernel families, a block of 256 threads each) in the simulator.
+REAL_SIZES = (
+    [(2, 3, 4, 3)]
+    if SIMULATOR
+    else [(32, 64, 28, 28), (64, 256, 7, 7), (8, 3, 224, 224), (4096, 100)]
 )
+
+
+@pytest.mark.parametrize("shape", REAL_SIZES)
 def test_real_sizes(rng, shape):
     x = make_input(rng, shape, "contiguous", np.float32, loc=1000.0)
     truth = ref.forward(x)

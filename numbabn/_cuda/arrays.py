@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -102,6 +103,21 @@ def as_5d(array: Any) -> Any:
     """``array`` viewed with size-1 axes added in front, to five axes."""
     pad = 5 - array.ndim
     return view(array, (1,) * pad + tuple(array.shape), (0,) * pad + tuple(array.strides))
+
+
+def queue_key() -> tuple[int, ...]:
+    """What orders this thread's launches: its CUDA context, and the thread itself.
+
+    Launches of one key run one after another, so they may share scratch
+    memory. Every thread gets a key of its own: with per-thread default streams
+    two threads' launches overlap. (The simulator runs each launch on the calling
+    thread, so there the thread alone is the key.)
+    """
+    thread = threading.get_ident()
+    if SIMULATOR:
+        return (thread,)
+    handle = cuda.current_context().handle
+    return (int(getattr(handle, "value", None) or int(handle)), thread)
 
 
 def configured(kernel: Any, blocks: int, threads: int) -> Any:

@@ -22,7 +22,8 @@ class _Grid:
 
     slots_view: Any  # the CPU layout whose axis groups the view follows
     shape: tuple[int, int, int, int]
-    channel_lanes: bool
+    family: int  # kernels.ROWS, PLANAR or CHANNELS_INNER
+    lanes: int  # channels per block (1 for planar views)
     per_block: int
     n_chunks: int
     n_groups: int
@@ -36,9 +37,15 @@ class _Grid:
         strides = self.slots_view.view_strides(tuple(array.shape), tuple(array.strides))
         if strides is None:
             return None
-        if self.channel_lanes:
+        if self.family == kernels.CHANNELS_INNER:
             strides = (strides[0], strides[3], 0, 0)
         return arrays.view(array, self.shape, strides)
+
+    def partials_shape(self, n_channels: int) -> tuple[int, int, int]:
+        """Partials as the kernels index them: neighbouring threads touch neighbours."""
+        if self.family == kernels.CHANNELS_INNER:
+            return (self.n_chunks, n_channels, 2)
+        return (n_channels, self.n_chunks, 2)
 
 
 @functools.lru_cache(maxsize=256)
@@ -51,19 +58,23 @@ def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ..
     if layout.channels_inner:
         n_values, _, _, n_channels = layout.view_shape
         view_shape = (n_values, n_channels, 1, 1)
+        family = kernels.CHANNELS_INNER
+        # Narrow tensors: fewer lanes, more positions a warp (a power of two).
+        lanes = min(lanes, 1 << (n_channels - 1).bit_length())
         n_groups = -(-n_channels // lanes)
-        threads_per_channel = threads // lanes
     else:
         a, n_channels, r, s = layout.view_shape
         view_shape = (a, n_channels, r, s)
+        family = kernels.ROWS if r == 1 else kernels.PLANAR
         n_values = a * r * s
+        lanes = 1
         n_groups = n_channels
-        threads_per_channel = threads
+    threads_per_channel = threads // lanes
     wanted = -(-n_values * n_groups // target)
     per_thread = min(max_per_thread, max(min_per_thread, -(-wanted // threads_per_channel)))
     per_block = per_thread * threads_per_channel
     n_chunks = max(1, -(-n_values // per_block))
-    return _Grid(layout, view_shape, layout.channels_inner, per_block, n_chunks, n_groups)
+    return _Grid(layout, view_shape, family, lanes, per_block, n_chunks, n_groups)
 
 
 def _grid_for(x: Any) -> _Grid | None:
@@ -71,15 +82,33 @@ def _grid_for(x: Any) -> _Grid | None:
     return _grid(tuple(x.shape), tuple(x.strides), sizes)
 
 
-@functools.lru_cache(maxsize=64)
-def _scratch(n_channels: int, n_chunks: int, n_groups: int) -> tuple[Any, Any]:
-    """Reused partials and group counters (the kernels leave the counters at zero).
+@dataclass(frozen=True)
+class _Scratch:
+    """What a reduction launch works in, reused by every launch of one shape on one stream.
 
-    Launches on the default stream run one after another, so one set per shape is enough.
+    ``counters`` wrap back to zero by themselves; ``coeffs`` holds the backward's
+    coefficients between its two launches.
     """
-    partials = arrays.empty((n_channels, n_chunks, 2), np.float64)
-    counters = arrays.to_device(np.zeros(n_groups, np.int32))
-    return partials, counters
+
+    partials: Any
+    counters: Any
+    coeffs: Any
+
+
+@functools.lru_cache(maxsize=64)
+def _scratch(
+    queue: tuple[int, ...], partials_shape: tuple[int, int, int], n_groups: int, n_channels: int
+) -> _Scratch:
+    """Scratch for one launch queue (:func:`arrays.queue_key`) and grid.
+
+    Launches of one queue run one after another, so they can share it; another
+    context, stream or host thread gets its own.
+    """
+    return _Scratch(
+        arrays.empty(partials_shape, np.float64),
+        arrays.to_device(np.zeros(n_groups, np.uint32)),
+        _coefficients(n_channels),
+    )
 
 
 class _Operands:
@@ -107,11 +136,34 @@ class _Operands:
             view = self.grid.view(staged)
         return view
 
-    def scratch(self) -> tuple[Any, Any]:
-        return _scratch(self.x.shape[1], self.grid.n_chunks, self.grid.n_groups)
+    def scratch(self) -> _Scratch:
+        n_channels = self.x.shape[1]
+        grid = self.grid
+        return _scratch(
+            arrays.queue_key(), grid.partials_shape(n_channels), grid.n_groups, n_channels
+        )
 
     def launch(self, kernel: Any, *args: Any) -> None:
-        arrays.configured(kernel, self.grid.blocks, kernels.THREADS)(*args)
+        """Run a data kernel over the grid (its lanes and chunk size go first)."""
+        grid = self.grid
+        arrays.configured(kernel, grid.blocks, kernels.THREADS)(grid.lanes, grid.per_block, *args)
+
+    def target(self, out: Any) -> tuple[Any, Any, Any]:
+        """``(target, its view, staged)``: ``out`` (allocated like ``x`` when None), and
+        the array the kernel writes, staged when ``out``'s strides do not fit."""
+        target = arrays.empty_like(self.x) if out is None else out
+        view = self.grid.view(target)
+        staged = None
+        if view is None:
+            staged = arrays.empty_like(self.x)
+            view = self.grid.view(staged)
+        return target, view, staged
+
+    def epilogue_views(self, x_view: Any, epilogue: Epilogue | None) -> tuple[Any, bool, bool]:
+        """``(z view, residual?, relu?)`` of an epilogue (``x_view`` stands in for no z)."""
+        residual = None if epilogue is None else epilogue.residual
+        z_view = x_view if residual is None else self.input_view(residual)
+        return z_view, residual is not None, epilogue is not None and epilogue.relu
 
     def elementwise(
         self,
@@ -124,21 +176,11 @@ class _Operands:
         dz: Any = None,
     ) -> Any:
         """Run the elementwise kernel into ``out`` (allocated like ``x`` when None)."""
-        target = arrays.empty_like(self.x) if out is None else out
-        view = self.grid.view(target)
-        staged = None
-        if view is None:
-            staged = arrays.empty_like(self.x)
-            view = self.grid.view(staged)
-        residual = None if epilogue is None else epilogue.residual
-        z_view = x_view if residual is None else self.input_view(residual)
-        relu = epilogue is not None and epilogue.relu
+        target, view, staged = self.target(out)
+        z_view, residual, relu = self.epilogue_views(x_view, epilogue)
         dz_view = view if dz is None else self.grid.view(dz)
-        grid = self.grid
-        self.launch(
-            kernels.elementwise, x_view, dy_view, z_view, grid.channel_lanes, grid.per_block,
-            mode, residual is not None, relu, coeffs, view, dz_view,
-        )  # fmt: skip
+        kernel = kernels.elementwise(self.grid.family, mode, residual, relu)
+        self.launch(kernel, x_view, dy_view, z_view, coeffs, view, dz_view)
         if staged is not None:
             arrays.copy(staged, target)
         return target
@@ -185,14 +227,13 @@ class CudaBackend:
         ``epilogue`` adds a residual and applies a ReLU in the same pass.
         """
         ops = _Operands(x)
-        coeffs = _coefficients(x.shape[1])
-        partials, counters = ops.scratch()
+        coeffs = _coefficients(x.shape[1])  # mean and invstd stay with the caller
+        scratch = ops.scratch()
         update = running_mean is not None
-        grid = ops.grid
         ops.launch(
-            kernels.forward_statistics, ops.view, grid.channel_lanes, grid.per_block, weight, bias,
+            kernels.statistics(ops.grid.family), ops.view, weight, bias,
             running_mean if update else weight, running_var if update else weight,
-            momentum if update else -1.0, eps, coeffs, partials, counters,
+            momentum if update else -1.0, eps, coeffs, scratch.partials, scratch.counters,
         )  # fmt: skip
         output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
         return output, coeffs[kernels.MEAN], coeffs[kernels.INVSTD]
@@ -202,36 +243,39 @@ class CudaBackend:
         x: Any, running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float,
         out: Any | None, epilogue: Epilogue | None = None,
     ) -> tuple[Any, Any, Any]:  # fmt: skip
-        """Normalise with the running statistics; return ``(output, mean, invstd)``."""
+        """Normalise with the running statistics; return ``(output, mean, invstd)``.
+
+        One launch: the kernel computes the coefficients as it goes.
+        """
         ops = _Operands(x)
-        n_channels = x.shape[1]
-        coeffs = _coefficients(n_channels)
-        _per_channel(kernels.running_coefficients, n_channels)(
-            running_mean, running_var, weight, bias, eps, coeffs
-        )
-        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
-        return output, coeffs[kernels.MEAN], coeffs[kernels.INVSTD]
+        coeffs = _coefficients(x.shape[1])
+        target, view, staged = ops.target(out)
+        z_view, residual, relu = ops.epilogue_views(ops.view, epilogue)
+        ops.launch(
+            kernels.evaluation(ops.grid.family, residual, relu), ops.view, z_view, running_mean,
+            running_var, weight, bias, eps, coeffs, view,
+        )  # fmt: skip
+        if staged is not None:
+            arrays.copy(staged, target)
+        return target, coeffs[kernels.MEAN], coeffs[kernels.INVSTD]
 
     @staticmethod
     def _gradient_sums(
         dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, bias: Any | None = None,
         epilogue: Epilogue | None = None, batch_stats: bool = True,
     ) -> tuple[_Operands, Any, Any, Any]:  # fmt: skip
+        """The first backward launch: ``(operands, dy view, coefficients, [dweight, dbias])``."""
         ops = _Operands(x)
         dy_view = ops.input_view(dy)
-        residual = None if epilogue is None else epilogue.residual
-        z_view = ops.view if residual is None else ops.input_view(residual)
-        n_channels = x.shape[1]
-        coeffs = _coefficients(n_channels)
-        grads = arrays.empty((2, n_channels), weight.dtype)
-        partials, counters = ops.scratch()
-        grid = ops.grid
+        z_view, residual, _ = ops.epilogue_views(ops.view, epilogue)
+        grads = arrays.empty((2, x.shape[1]), weight.dtype)
+        scratch = ops.scratch()
         ops.launch(
-            kernels.gradient_sums, dy_view, ops.view, z_view, grid.channel_lanes, grid.per_block,
-            mean, invstd, weight, weight if bias is None else bias, epilogue is not None,
-            residual is not None, batch_stats, coeffs, grads, partials, counters,
+            kernels.gradient_sums(ops.grid.family, epilogue is not None, residual), dy_view,
+            ops.view, z_view, mean, invstd, weight, weight if bias is None else bias,
+            batch_stats, scratch.coeffs, grads, scratch.partials, scratch.counters,
         )  # fmt: skip
-        return ops, dy_view, coeffs, grads
+        return ops, dy_view, scratch.coeffs, grads
 
     @staticmethod
     def masked_backward(
@@ -288,15 +332,13 @@ class CudaBackend:
     def moments(x: Any) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel ``(mean, M2)`` (sum of squared deviations) in one pass."""
         ops = _Operands(x)
-        n_channels = x.shape[1]
-        coeffs = _coefficients(n_channels)
-        partials, counters = ops.scratch()
-        ones = arrays.filled(1.0, n_channels, np.dtype(np.float64))
-        grid = ops.grid
+        scratch = ops.scratch()
+        ones = arrays.filled(1.0, x.shape[1], np.dtype(np.float64))
         ops.launch(
-            kernels.forward_statistics, ops.view, grid.channel_lanes, grid.per_block, ones, ones,
-            ones, ones, -1.0, 0.0, coeffs, partials, counters,
+            kernels.statistics(ops.grid.family), ops.view, ones, ones, ones, ones, -1.0, 0.0,
+            scratch.coeffs, scratch.partials, scratch.counters,
         )  # fmt: skip
+        coeffs = scratch.coeffs
         host = arrays.to_host(coeffs)
         return host[kernels.MEAN], host[kernels.M2]
 

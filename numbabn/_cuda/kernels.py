@@ -1,49 +1,91 @@
-"""Numba CUDA kernels.
+"""Numba CUDA kernels, specialised at compile time.
 
 Every operand is a 4-D view ``(A, C, R, S)`` of the caller's array (see
-:mod:`numbabn._views`; the channels-inner layout is ``(P, C, 1, 1)`` here).
-The blocks are ``(chunk, channel group)`` pairs: block ``(i, j)`` covers chunk ``i`` of
-the ``A * R * S`` values of its channel group ``j``, which is one channel for
-planar data (threads walk along ``S``) or ``LANES`` adjacent channels for
-channels-inner data (a warp reads ``LANES`` neighbouring channels at once).
+:mod:`numbabn._views`). The kernels know at compile time which of three
+families a view belongs to, and walk it with no more index arithmetic than it
+needs:
+
+* ``ROWS``: planar views with ``R == 1`` (NCHW and other arrays whose spatial
+  axes merge into one run of ``S`` values per sample and channel);
+* ``PLANAR``: planar views of any strides;
+* ``CHANNELS_INNER``: ``(P, C, 1, 1)``, the channel axis innermost in memory
+  (channels-last data, ``(N, C)`` matrices).
+
+Every data kernel takes ``lanes`` and ``per_block`` (values of a channel a
+block covers) first. The blocks are ``(chunk, channel group)`` pairs: block ``(i, j)`` covers chunk
+``i`` of the values of its channel group ``j``, which is one channel for
+planar data (the block's threads walk along ``S``) or ``lanes`` adjacent
+channels for channels-inner data (a warp reads ``lanes`` neighbouring channels
+of ``32 / lanes`` positions at once; ``lanes`` is the channel count rounded up to
+a power of two, at most ``LANES``, so narrow tensors keep every thread busy).
+
+Each kernel factory (:func:`statistics`, :func:`gradient_sums`,
+:func:`elementwise`, :func:`evaluation`) returns the kernel for one family and
+one set of flags (mode, residual, ReLU): the flags are constants of the
+compiled code, so no kernel carries a path it does not take.
 
 Reductions are deterministic without floating-point atomics: each block sums
 its values in a fixed order and writes one partial per channel; the last block
-of a channel group to finish (an integer counter tells which) adds the
-partials in block order and computes the per-channel coefficients, so a
-training pass is two launches, statistics then the elementwise pass. The grid
-depends only on the shape, never on the GPU, so results are reproducible.
+of a channel group to finish (an integer counter tells which) merges the
+partials with all its threads in a fixed order and computes the per-channel
+coefficients, so a training pass is two launches, statistics then the
+elementwise pass. The grid depends only on the shape, never on the GPU, so
+results are reproducible. The counters wrap back to zero by themselves
+(``atomic.inc``), so no launch needs to reset them.
 
 Values are accumulated in float64 around a per-channel shift (the channel's
 first value for the statistics, the mean for the gradient sums), which keeps
 data far from zero precise; the elementwise pass also works in float64 and
 rounds once.
+
+NaN must propagate as in PyTorch: no float ``max()``/``min()`` anywhere (on
+the GPU they lower to PTX max/min, which return the operand that is not NaN);
+clamps and the ReLU are comparisons that NaN fails.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
 
 from numba import cuda, float64, int32
+from numba.cuda.core import config
 
 from numbabn import _coefficients, _source_stamp, _tunables
 
-# Threads per block, channels per block in the channels-inner layout (the tests
-# patch them small under the simulator, so that ragged edges run).
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+# Threads per block and the most channels per block in the channels-inner family
+# (the tests patch them small under the simulator, so that ragged edges run).
 THREADS = _tunables.THREADS
 LANES = _tunables.LANES
+# Blocks of THREADS threads that the data kernels must fit on one multiprocessor at
+# once: ptxas keeps their registers within that (64 a thread: 50% occupancy).
+MIN_BLOCKS = _tunables.MIN_BLOCKS_PER_SM
 
 # Kernels are cached on disk like the CPU ones, so a warm start compiles nothing;
 # the cache is keyed by every source their code comes from (see numbabn._source_stamp).
 SOURCES = (Path(__file__), Path(_coefficients.__file__), Path(_tunables.__file__))
 _DIGEST = _source_stamp.digest(SOURCES)
 
+# The simulator takes none of the code-generation options.
+_GPU_ONLY: dict[str, Any] = {} if SIMULATOR else {"forceinline": True}
+_BOUNDED: dict[str, Any] = {} if SIMULATOR else {"launch_bounds": (THREADS, MIN_BLOCKS)}
 
-def _kernel(function: Any) -> Any:
-    return _source_stamp.stamp(cuda.jit(cache=True)(function), "numbabn._cuda", _DIGEST)
 
+def _kernel(function: Any, bounded: bool = True) -> Any:
+    options = _BOUNDED if bounded else {}
+    return _source_stamp.stamp(cuda.jit(cache=True, **options)(function), "numbabn._cuda", _DIGEST)
+
+
+# Device functions are inlined into the kernels, where their family and flag
+# arguments are constants: the branches on them fold away.
+_device = cuda.jit(device=True, **_GPU_ONLY)
+
+# View families.
+ROWS, PLANAR, CHANNELS_INNER = 0, 1, 2
 
 # The rows of the per-channel coefficients (a float64 array of shape (6, C)).
 # Normalisation: y = relu((x - MEAN) * SCALE + SHIFT (+ z)), with INVSTD kept for
@@ -57,16 +99,10 @@ N_COEFFICIENTS = 6
 # What the elementwise kernel computes.
 AFFINE = 0  # out = relu((x - MEAN) * SCALE + SHIFT + z)
 GRADIENT = 1  # out = (dy + BETA * (x - MEAN) + GAMMA) * ALPHA
-MASKED_GRADIENT = 2  # the same through the forward's ReLU
+MASKED_GRADIENT = 2  # the same through the forward's ReLU (dz = the masked dy)
 MASKED_SCALE = 3  # out = g * ALPHA, g = dy through the forward's ReLU (fixed statistics)
 
-# NaN must propagate as in PyTorch: no float max()/min() anywhere (on the GPU
-# they lower to PTX max/min, which return the operand that is not NaN); clamps
-# and the ReLU are written as comparisons that NaN fails.
-
-
 # The per-channel arithmetic, shared with the CPU kernels (see numbabn._coefficients).
-_device = cuda.jit(device=True)
 _channel_moments = _device(_coefficients.channel_moments)
 _scale_channel = _device(_coefficients.scale_channel)
 _running_average = _device(_coefficients.running_average)
@@ -74,284 +110,316 @@ _unbiased_variance = _device(_coefficients.unbiased_variance)
 _backward_channel = _device(_coefficients.backward_channel)
 
 
-@cuda.jit(device=True)
+@_device
 def _finite_or_zero(value):
     """``value``, or 0 when it is infinite or NaN (a shift must not make ``inf - inf``)."""
     return value if math.isfinite(value) else 0.0
 
 
-@cuda.jit(device=True)
+@_device
 def _relu(value):
     """``value`` clamped below at 0; NaN stays NaN."""
     return 0.0 if value < 0.0 else value
 
 
-@cuda.jit(device=True)
-def _block_position(n_chunks):
-    """This block's ``(chunk, channel group)``: the grid is one-dimensional, chunks fastest.
+# -- where a thread works ---------------------------------------------------------
 
-    (A second grid axis would cap the channel groups at 65535.)
+
+@_device
+def _n_values(x):
+    return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+@_device
+def _thread_range(x, family, lanes, per_block):
+    """This thread's ``(chunk, group, channel, first value, stop, step, active)``.
+
+    The grid is one-dimensional, chunks fastest (a second grid axis would cap the
+    channel groups at 65535).
     """
+    n_values = _n_values(x)
+    n_chunks = (n_values + per_block - 1) // per_block
     block = cuda.blockIdx.x
-    return block % n_chunks, block // n_chunks
-
-
-@cuda.jit(device=True)
-def _n_chunks(x, per_block):
-    n_values = x.shape[0] * x.shape[2] * x.shape[3]
-    return (n_values + per_block - 1) // per_block
-
-
-@cuda.jit(device=True)
-def _thread_range(x, channel_lanes, per_block):
-    """This thread's channel, first value index, stop and step within the block's chunk."""
-    chunk, group = _block_position(_n_chunks(x, per_block))
+    group = block // n_chunks
+    chunk = block - group * n_chunks
     t = cuda.threadIdx.x
-    if channel_lanes:
-        channel = group * LANES + t % LANES
-        first = t // LANES
-        step = THREADS // LANES
+    if family == CHANNELS_INNER:
+        row = t // lanes
+        channel = group * lanes + (t - row * lanes)
+        step = THREADS // lanes
     else:
+        row = t
         channel = group
-        first = t
         step = THREADS
     start = chunk * per_block
-    return channel, start + first, start + per_block, step, channel < x.shape[1]
+    stop = start + per_block
+    if stop > n_values:
+        stop = n_values
+    return chunk, group, channel, start + row, stop, step, channel < x.shape[1]
 
 
-@cuda.jit(device=True)
-def _thread_sums(v, u, kv, ku, squares, channel, k, stop, step):
-    """``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` over this thread's values."""
-    stop, n_r, n_s, a, r, s, da, dr, ds = _walk(v, k, stop, step)
-    sum_v = 0.0
-    sum_vu = 0.0
-    while k < stop:
-        dv = float64(v[a, channel, r, s]) - kv
-        sum_v += dv
-        if squares:
-            sum_vu += dv * dv
-        else:
-            sum_vu += dv * (float64(u[a, channel, r, s]) - ku)
-        k += step
-        a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
-    return sum_v, sum_vu
-
-
-@cuda.jit(device=True)
-def _walk(x, k, stop, step):
-    """Where a thread's walk over a channel's values starts, ends, and how it steps.
-
-    Returns the clipped stop, ``R`` and ``S``, value ``k`` as ``(a, r, s)`` and
-    ``step`` in the same form, for :func:`_advance`.
-    """
-    n_r = x.shape[2]
-    n_s = x.shape[3]
-    stop = min(stop, x.shape[0] * n_r * n_s)
-    a, r, s = _unravel(k, n_r, n_s)
-    da, dr, ds = _unravel(step, n_r, n_s)
-    return stop, n_r, n_s, a, r, s, da, dr, ds
-
-
-@cuda.jit(device=True)
-def _unravel(k, n_r, n_s):
+@_device
+def _position(x, family, k):
     """Value ``k`` of a channel as ``(a, r, s)``."""
+    if family == CHANNELS_INNER:
+        return k, 0, 0
+    n_s = x.shape[3]
     q = k // n_s
-    return q // n_r, q % n_r, k % n_s
+    s = k - q * n_s
+    if family == ROWS:
+        return q, 0, s
+    n_r = x.shape[2]
+    a = q // n_r
+    return a, q - a * n_r, s
 
 
-@cuda.jit(device=True)
-def _advance(a, r, s, da, dr, ds, n_r, n_s):
-    """``(a, r, s)`` moved on by ``(da, dr, ds)``, with carries (no division)."""
+@_device
+def _advance(x, family, a, r, s, da, dr, ds):
+    """``(a, r, s)`` moved on by ``(da, dr, ds)`` (from :func:`_position`), with carries."""
+    if family == CHANNELS_INNER:
+        return a + da, 0, 0
     s += ds
-    r += dr
-    if s >= n_s:
-        s -= n_s
-        r += 1
     a += da
-    if r >= n_r:
-        r -= n_r
-        a += 1
+    if s >= x.shape[3]:
+        s -= x.shape[3]
+        if family == ROWS:
+            a += 1
+        else:
+            r += 1
+    if family == PLANAR:
+        r += dr
+        if r >= x.shape[2]:
+            r -= x.shape[2]
+            a += 1
     return a, r, s
 
 
-@cuda.jit(device=True)
-def _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
-    """Reduce the block's per-thread sums in a fixed order into ``partials[c, chunk]``.
+@_device
+def _load(x, family, a, c, r, s):
+    """``x[a, c, r, s]`` in float64, indexing only the axes the family has."""
+    if family == CHANNELS_INNER:
+        return float64(x[a, c, 0, 0])
+    if family == ROWS:
+        return float64(x[a, c, 0, s])
+    return float64(x[a, c, r, s])
 
-    Returns True in the last block of the channel group to finish; that block
-    then sees every other block's partials.
-    """
+
+@_device
+def _store(out, family, a, c, r, s, value):
+    if family == CHANNELS_INNER:
+        out[a, c, 0, 0] = value
+    elif family == ROWS:
+        out[a, c, 0, s] = value
+    else:
+        out[a, c, r, s] = value
+
+
+# -- block reductions and the merge of partials -------------------------------------
+
+
+@_device
+def _block_reduce(sum_a, sum_b, keep):
+    """Sum the block's per-thread pairs in a fixed order; threads ``t < keep`` get the
+    totals of the threads ``t, t + keep, t + 2 * keep, ...``."""
     t = cuda.threadIdx.x
-    shared_v = cuda.shared.array(THREADS, float64)
-    shared_vu = cuda.shared.array(THREADS, float64)
-    shared_v[t] = sum_v
-    shared_vu[t] = sum_vu
+    shared_a = cuda.shared.array(THREADS, float64)
+    shared_b = cuda.shared.array(THREADS, float64)
+    shared_a[t] = sum_a
+    shared_b[t] = sum_b
     cuda.syncthreads()
-    # Channels-inner blocks keep one sum per lane: pairs stay LANES apart.
-    keep = LANES if channel_lanes else 1
     width = THREADS // 2
     while width >= keep:
         if t < width:
-            shared_v[t] += shared_v[t + width]
-            shared_vu[t] += shared_vu[t + width]
+            shared_a[t] += shared_a[t + width]
+            shared_b[t] += shared_b[t + width]
         cuda.syncthreads()
         width //= 2
-    n_chunks = partials.shape[1]
-    chunk, group = _block_position(n_chunks)
-    channel = group * LANES + t if channel_lanes else group
-    if t < keep and channel < partials.shape[0]:
-        partials[channel, chunk, 0] = shared_v[t]
-        partials[channel, chunk, 1] = shared_vu[t]
-    return _last_block(counters, group, n_chunks)
+    total_a = shared_a[t]
+    total_b = shared_b[t]
+    cuda.syncthreads()  # the arrays are free for the next reduction
+    return total_a, total_b
 
 
-@cuda.jit(device=True)
+@_device
+def _partial_index(family, channel, chunk):
+    """Where a channel's partial of a chunk lives: threads of a warp touch neighbours."""
+    if family == CHANNELS_INNER:
+        return chunk, channel
+    return channel, chunk
+
+
+@_device
 def _last_block(counters, group, n_chunks):
-    """Whether this block is the last of its channel group to have written its partials."""
+    """Whether this block is the last of its channel group to have written its partials.
+
+    The writers' fence makes their partials visible before the barrier; the
+    signalling thread fences again after it, so the count is ordered after every
+    write of the block (the PTX memory model's cumulativity), and once more after
+    the count, so the last block reads the others' partials only then. The
+    counter wraps to zero at ``n_chunks``: every launch leaves it as it found it.
+    """
     is_last = cuda.shared.array(1, int32)
-    cuda.threadfence()  # this block's partials are visible before the count says so
+    cuda.threadfence()
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
-        finished = cuda.atomic.add(counters, group, 1)
-        cuda.threadfence()  # and the other blocks' partials are read after it
+        cuda.threadfence()
+        finished = cuda.atomic.inc(counters, group, n_chunks - 1)
+        cuda.threadfence()
         is_last[0] = 1 if finished == n_chunks - 1 else 0
     cuda.syncthreads()
     return is_last[0] != 0
 
 
-@cuda.jit(device=True)
-def _totals(partials, channel):
-    """A channel's partials summed in block order."""
-    total_v = 0.0
-    total_vu = 0.0
-    for chunk in range(partials.shape[1]):
-        total_v += partials[channel, chunk, 0]
-        total_vu += partials[channel, chunk, 1]
-    return total_v, total_vu
-
-
-@cuda.jit(device=True)
-def _finishing_channel(channel_lanes, n_channels, partials):
-    """The channel this thread finishes in the last block, or -1."""
+@_device
+def _reduce_to_partials(
+    family, sum_a, sum_b, lanes, chunk, group, channel, n_chunks, partials, counters
+):
+    """Write the block's sums as partials; in the last block, return every thread's share
+    of the merged totals (the finished channel's, for threads ``t < keep``) and True."""
+    keep = lanes if family == CHANNELS_INNER else 1
+    total_a, total_b = _block_reduce(sum_a, sum_b, keep)
     t = cuda.threadIdx.x
-    _, group = _block_position(partials.shape[1])
-    if channel_lanes:
-        channel = group * LANES + t
-        return channel if t < LANES and channel < n_channels else -1
-    return group if t == 0 else -1
+    if t < keep and channel < partials.shape[1 if family == CHANNELS_INNER else 0]:
+        i, j = _partial_index(family, channel, chunk)
+        partials[i, j, 0] = total_a
+        partials[i, j, 1] = total_b
+    if not _last_block(counters, group, n_chunks):
+        return 0.0, 0.0, False
+    # All threads merge, each a fixed stride of chunks, then the same fixed tree.
+    row = t // keep
+    merge_a = 0.0
+    merge_b = 0.0
+    if channel < partials.shape[1 if family == CHANNELS_INNER else 0]:
+        for merged in range(row, n_chunks, THREADS // keep):
+            i, j = _partial_index(family, channel, merged)
+            merge_a += partials[i, j, 0]
+            merge_b += partials[i, j, 1]
+    total_a, total_b = _block_reduce(merge_a, merge_b, keep)
+    return total_a, total_b, True
 
 
-@_kernel
-def forward_statistics(
-    x, channel_lanes, per_block, weight, bias, running_mean, running_var, momentum, eps,
-    coeffs, partials, counters,
-):  # fmt: skip
-    """Batch statistics; writes ``coeffs = [mean, invstd, weight * invstd, bias]``.
+# -- statistics ---------------------------------------------------------------------
 
-    Updates the running statistics in place when ``momentum`` is not negative.
-    """
-    n_channels = x.shape[1]
-    channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
-    sum_v = 0.0
-    sum_vu = 0.0
-    if active:
-        shift = _finite_or_zero(float64(x[0, channel, 0, 0]))
-        sum_v, sum_vu = _thread_sums(x, x, shift, shift, True, channel, k, stop, step)
-    if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
-        return
-    c = _finishing_channel(channel_lanes, n_channels, partials)
-    if c >= 0:
-        total_v, total_vu = _totals(partials, c)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        shift = _finite_or_zero(float64(x[0, c, 0, 0]))
-        mean, m2 = _channel_moments(total_v, total_vu, shift, count)
-        invstd, scale = _scale_channel(m2 / count, float64(weight[c]), eps)
-        coeffs[MEAN, c] = mean
-        coeffs[INVSTD, c] = invstd
-        coeffs[SCALE, c] = scale
-        coeffs[SHIFT, c] = float64(bias[c])
-        coeffs[M2, c] = m2
+
+@functools.cache
+def statistics(family: int) -> Any:
+    """The training statistics kernel of a family (see the returned kernel's docstring)."""
+
+    def forward_statistics(
+        lanes, per_block, x, weight, bias, running_mean, running_var, momentum, eps,
+        coeffs, partials, counters,
+    ):  # fmt: skip
+        """Batch statistics; writes ``coeffs = [mean, invstd, weight * invstd, bias, M2]``.
+
+        Updates the running statistics in place when ``momentum`` is not negative.
+        """
+        chunk, group, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        sum_v = 0.0
+        sum_vv = 0.0
+        shift = 0.0
+        if active:
+            shift = _finite_or_zero(float64(x[0, channel, 0, 0]))
+            a, r, s = _position(x, family, k)
+            da, dr, ds = _position(x, family, step)
+            while k < stop:
+                dv = _load(x, family, a, channel, r, s) - shift
+                sum_v += dv
+                sum_vv += dv * dv
+                k += step
+                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+        n_chunks = cuda.gridDim.x // counters.shape[0]
+        total_v, total_vv, last = _reduce_to_partials(
+            family, sum_v, sum_vv, lanes, chunk, group, channel, n_chunks, partials, counters
+        )
+        keep = lanes if family == CHANNELS_INNER else 1
+        if not last or cuda.threadIdx.x >= keep or not active:
+            return
+        count = _n_values(x)
+        mean, m2 = _channel_moments(total_v, total_vv, shift, count)
+        invstd, scale = _scale_channel(m2 / count, float64(weight[channel]), eps)
+        coeffs[MEAN, channel] = mean
+        coeffs[INVSTD, channel] = invstd
+        coeffs[SCALE, channel] = scale
+        coeffs[SHIFT, channel] = float64(bias[channel])
+        coeffs[M2, channel] = m2
         if momentum >= 0.0:
             unbiased = _unbiased_variance(m2, count)
-            running_mean[c] = _running_average(float64(running_mean[c]), mean, momentum)
-            running_var[c] = _running_average(float64(running_var[c]), unbiased, momentum)
-    _reset_counter(counters, partials)
+            running_mean[channel] = _running_average(float64(running_mean[channel]), mean, momentum)
+            running_var[channel] = _running_average(
+                float64(running_var[channel]), unbiased, momentum
+            )
+
+    return _kernel(forward_statistics)
 
 
-@cuda.jit(device=True)
-def _reset_counter(counters, partials):
-    """Leave the group's counter at zero for the next launch (the scratch is reused)."""
-    if cuda.threadIdx.x == 0:
-        counters[_block_position(partials.shape[1])[1]] = 0
+# -- gradient sums -----------------------------------------------------------------
 
 
-@cuda.jit(device=True)
-def _pre_activation(x, z, m, scale, shift, residual):
+@_device
+def _pre_activation(x, z, family, a, c, r, s, m, scale, shift, residual):
     """The value before the ReLU, in float64, exactly as the forward computes it."""
-    value = (float64(x) - m) * scale + shift
+    value = (_load(x, family, a, c, r, s) - m) * scale + shift
     if residual:
-        value += float64(z)
+        value += _load(z, family, a, c, r, s)
     return value
 
 
-@cuda.jit(device=True)
-def _thread_masked_sums(dy, x, z, m, scale, shift, residual, channel, k, stop, step):
-    """``sum(g)`` and ``sum(g * (x - m))`` with ``g = dy`` unless the pre-activation is 0 or below.
+@functools.cache
+def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
+    """The gradient-sums kernel of a family, through the forward's ReLU when ``masked``
+    (with its residual add when ``residual``)."""
 
-    A NaN pre-activation passes ``dy`` on, as PyTorch's ReLU backward does.
-    """
-    stop, n_r, n_s, a, r, s, da, dr, ds = _walk(x, k, stop, step)
-    sum_g = 0.0
-    sum_gx = 0.0
-    while k < stop:
-        value = _pre_activation(x[a, channel, r, s], z[a, channel, r, s], m, scale, shift, residual)
-        g = 0.0 if value <= 0.0 else float64(dy[a, channel, r, s])
-        # Masked values still add 0 * (x - m): NaN for infinite x, as in PyTorch.
-        sum_g += g
-        sum_gx += g * (float64(x[a, channel, r, s]) - m)
-        k += step
-        a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
-    return sum_g, sum_gx
+    def sums(
+        lanes, per_block, dy, x, z, mean, invstd, weight, bias, batch_stats, coeffs, grads,
+        partials, counters,
+    ):  # fmt: skip
+        """``sum(g)`` and ``sum(g * (x - mean))`` per channel, finished into gradients.
 
-
-@_kernel
-def gradient_sums(
-    dy, x, z, channel_lanes, per_block, mean, invstd, weight, bias, masked, residual,
-    batch_stats, coeffs, grads, partials, counters,
-):  # fmt: skip
-    """``sum(g)`` and ``sum(g * (x - mean))`` per channel, finished into gradients.
-
-    ``g`` is ``dy``, or with ``masked`` ``dy`` unless the forward's ReLU input
-    ``(x - mean) * weight * invstd + bias (+ z)`` was 0 or below. Writes
-    ``grads = [sum(g * xhat), sum(g)]`` (the weight and bias gradients) and
-    ``coeffs = [mean, alpha, beta, gamma, scale, shift]``: the input gradient is
-    ``(g + beta * (x - mean) + gamma) * alpha`` (through the batch statistics
-    with ``batch_stats``, else ``g * weight * invstd``), and the last two rows
-    rebuild the mask. ``alpha`` multiplies last, as in PyTorch.
-    """
-    n_channels = x.shape[1]
-    channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
-    sum_v = 0.0
-    sum_vu = 0.0
-    if active:
-        m = mean[channel]
-        if masked:
+        ``g`` is ``dy``, or (masked) ``dy`` unless the forward's ReLU input
+        ``(x - mean) * weight * invstd + bias (+ z)`` was 0 or below; a NaN
+        pre-activation passes ``dy`` on, as PyTorch's ReLU backward does. Writes
+        ``grads = [sum(g * xhat), sum(g)]`` (the weight and bias gradients) and
+        ``coeffs = [mean, alpha, beta, gamma, scale, shift]``: the input
+        gradient is ``(g + beta * (x - mean) + gamma) * alpha`` (through the
+        batch statistics with ``batch_stats``, else ``g * weight * invstd``),
+        and the last two rows rebuild the mask. ``alpha`` multiplies last, as
+        in PyTorch.
+        """
+        chunk, group, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        sum_g = 0.0
+        sum_gx = 0.0
+        if active:
+            m = mean[channel]
             scale = float64(weight[channel]) * invstd[channel]
             shift = float64(bias[channel])
-            sum_v, sum_vu = _thread_masked_sums(
-                dy, x, z, m, scale, shift, residual, channel, k, stop, step
-            )
-        else:
-            sum_v, sum_vu = _thread_sums(dy, x, 0.0, m, False, channel, k, stop, step)
-    if not _block_sums(sum_v, sum_vu, channel_lanes, partials, counters):
-        return
-    c = _finishing_channel(channel_lanes, n_channels, partials)
-    if c >= 0:
-        sum_g, sum_gx = _totals(partials, c)
-        grads[0, c] = sum_gx * invstd[c]
-        grads[1, c] = sum_g
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        alpha, beta, gamma = _backward_channel(sum_g, sum_gx, count, invstd[c], float64(weight[c]))
+            a, r, s = _position(x, family, k)
+            da, dr, ds = _position(x, family, step)
+            while k < stop:
+                g = _load(dy, family, a, channel, r, s)
+                centred = _load(x, family, a, channel, r, s) - m
+                if masked:
+                    pre = _pre_activation(x, z, family, a, channel, r, s, m, scale, shift, residual)
+                    if pre <= 0.0:
+                        g = 0.0
+                # Masked values still add 0 * (x - m): NaN for infinite x, as in PyTorch.
+                sum_g += g
+                sum_gx += g * centred
+                k += step
+                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+        n_chunks = cuda.gridDim.x // counters.shape[0]
+        total_g, total_gx, last = _reduce_to_partials(
+            family, sum_g, sum_gx, lanes, chunk, group, channel, n_chunks, partials, counters
+        )
+        keep = lanes if family == CHANNELS_INNER else 1
+        if not last or cuda.threadIdx.x >= keep or not active:
+            return
+        c = channel
+        grads[0, c] = total_gx * invstd[c]
+        grads[1, c] = total_g
+        count = _n_values(x)
+        alpha, beta, gamma = _backward_channel(
+            total_g, total_gx, count, invstd[c], float64(weight[c])
+        )
         if not batch_stats:  # dx = g * weight * invstd
             beta = 0.0
             gamma = 0.0
@@ -361,55 +429,104 @@ def gradient_sums(
         coeffs[GAMMA, c] = gamma
         coeffs[MASK_SCALE, c] = alpha
         coeffs[MASK_SHIFT, c] = float64(bias[c])
-    _reset_counter(counters, partials)
+
+    return _kernel(sums)
 
 
-@_kernel
-def elementwise(x, dy, z, channel_lanes, per_block, mode, residual, relu, coeffs, out, dz):
-    """``out`` from ``x`` (and ``dy``, ``z``) with per-channel ``coeffs``, in float64.
+# -- elementwise passes ---------------------------------------------------------------
 
-    ``AFFINE``: ``relu((x - c0) * c2 + c3 + z)`` (the add and ReLU as flagged);
-    ``GRADIENT``: ``(dy + c2 * (x - c0) + c3) * c1``; ``MASKED_GRADIENT``: the
-    same with ``g = dy`` unless ``(x - c0) * c4 + c5 (+ z)`` is 0 or below (NaN
-    passes, as in PyTorch), and ``dz = g`` when ``residual``; ``MASKED_SCALE``:
-    ``g * c1`` (``x`` only enters the mask).
-    """
-    channel, k, stop, step, active = _thread_range(x, channel_lanes, per_block)
-    if not active:
-        return
-    stop, n_r, n_s, a, r, s, da, dr, ds = _walk(x, k, stop, step)
-    c0 = coeffs[MEAN, channel]
-    c1 = coeffs[ALPHA, channel]
-    c2 = coeffs[SCALE, channel]  # BETA in the gradient modes
-    c3 = coeffs[SHIFT, channel]  # GAMMA in the gradient modes
-    while k < stop:
-        centred = float64(x[a, channel, r, s]) - c0
-        if mode == AFFINE:
-            value = centred * c2 + c3
-            if residual:
-                value += float64(z[a, channel, r, s])
-            out[a, channel, r, s] = _relu(value) if relu else value
-        else:
-            g = float64(dy[a, channel, r, s])
-            if mode != GRADIENT:
-                pre = _pre_activation(
-                    x[a, channel, r, s], z[a, channel, r, s], c0, coeffs[MASK_SCALE, channel],
-                    coeffs[MASK_SHIFT, channel], residual,
-                )  # fmt: skip
-                if pre <= 0.0:  # NaN passes dy on, as PyTorch's ReLU backward does
-                    g = 0.0
+
+@functools.cache
+def elementwise(family: int, mode: int, residual: bool, relu: bool) -> Any:
+    """The elementwise kernel of a family for one ``mode`` (``AFFINE``, ``GRADIENT``,
+    ``MASKED_GRADIENT``, ``MASKED_SCALE``) with or without the residual and ReLU."""
+    masked = mode in (MASKED_GRADIENT, MASKED_SCALE)
+
+    def pass_(lanes, per_block, x, dy, z, coeffs, out, dz):
+        """``out`` from ``x`` (and ``dy``, ``z``) with per-channel ``coeffs``, in float64.
+
+        ``AFFINE``: ``relu((x - c0) * c2 + c3 + z)`` (the add and ReLU as
+        compiled in); ``GRADIENT``: ``(dy + c2 * (x - c0) + c3) * c1``;
+        ``MASKED_GRADIENT``: the same with ``g = dy`` unless
+        ``(x - c0) * c4 + c5 (+ z)`` is 0 or below (NaN passes, as in PyTorch),
+        and ``dz = g`` with a residual; ``MASKED_SCALE``: ``g * c1`` (``x``
+        only enters the mask).
+        """
+        _, _, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        if not active:
+            return
+        c0 = coeffs[MEAN, channel]
+        c1 = coeffs[ALPHA, channel]
+        c2 = coeffs[SCALE, channel]  # BETA in the gradient modes
+        c3 = coeffs[SHIFT, channel]  # GAMMA in the gradient modes
+        c4 = coeffs[MASK_SCALE, channel] if masked else 0.0
+        c5 = coeffs[MASK_SHIFT, channel] if masked else 0.0
+        a, r, s = _position(x, family, k)
+        da, dr, ds = _position(x, family, step)
+        while k < stop:
+            if mode == AFFINE:
+                value = (_load(x, family, a, channel, r, s) - c0) * c2 + c3
                 if residual:
-                    dz[a, channel, r, s] = g
-            if mode == MASKED_SCALE:
-                out[a, channel, r, s] = g * c1  # 0 * (x - c0) would be NaN for infinite x
+                    value += _load(z, family, a, channel, r, s)
+                _store(out, family, a, channel, r, s, _relu(value) if relu else value)
             else:
-                out[a, channel, r, s] = (g + c2 * centred + c3) * c1
-        k += step
-        a, r, s = _advance(a, r, s, da, dr, ds, n_r, n_s)
+                g = _load(dy, family, a, channel, r, s)
+                if masked:
+                    pre = _pre_activation(x, z, family, a, channel, r, s, c0, c4, c5, residual)
+                    if pre <= 0.0:  # NaN passes dy on, as PyTorch's ReLU backward does
+                        g = 0.0
+                    if residual:
+                        _store(dz, family, a, channel, r, s, g)
+                if mode == MASKED_SCALE:
+                    value = g * c1  # 0 * (x - c0) would be NaN for infinite x
+                else:
+                    value = (g + c2 * (_load(x, family, a, channel, r, s) - c0) + c3) * c1
+                _store(out, family, a, channel, r, s, value)
+            k += step
+            a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+
+    return _kernel(pass_)
 
 
-@_kernel
-def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
+@functools.cache
+def evaluation(family: int, residual: bool, relu: bool) -> Any:
+    """The evaluation forward of a family: coefficients and normalisation in one launch."""
+
+    def evaluate(lanes, per_block, x, z, running_mean, running_var, weight, bias, eps, coeffs, out):
+        """``out = relu((x - running_mean) * weight * invstd + bias (+ z))``.
+
+        Each thread computes its channel's coefficients from the running
+        statistics; the first chunk's threads also write ``coeffs = [mean,
+        invstd, ...]`` (what backward needs).
+        """
+        _, _, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        if not active:
+            return
+        mean = float64(running_mean[channel])
+        invstd, scale = _scale_channel(float64(running_var[channel]), float64(weight[channel]), eps)
+        shift = float64(bias[channel])
+        if k == 0:  # the first chunk's first position
+            coeffs[MEAN, channel] = mean
+            coeffs[INVSTD, channel] = invstd
+            coeffs[SCALE, channel] = scale
+            coeffs[SHIFT, channel] = shift
+        a, r, s = _position(x, family, k)
+        da, dr, ds = _position(x, family, step)
+        while k < stop:
+            value = (_load(x, family, a, channel, r, s) - mean) * scale + shift
+            if residual:
+                value += _load(z, family, a, channel, r, s)
+            _store(out, family, a, channel, r, s, _relu(value) if relu else value)
+            k += step
+            a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+
+    return _kernel(evaluate)
+
+
+# -- per-channel kernels (one thread per channel) -------------------------------------
+
+
+def _running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
     """Evaluation coefficients ``[mean, invstd, weight * invstd, bias]`` from running statistics."""
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
@@ -420,15 +537,17 @@ def running_coefficients(running_mean, running_var, weight, bias, eps, coeffs):
         coeffs[SHIFT, c] = float64(bias[c])
 
 
-@_kernel
-def batch_coefficients(
+running_coefficients = _kernel(_running_coefficients, bounded=False)
+
+
+def _batch_coefficients(
     mean, m2, count, weight, bias, eps, running_mean, running_var, momentum, coeffs
 ):  # fmt: skip
     """Training coefficients ``[mean, invstd, scale, shift]`` from statistics merged elsewhere.
 
     ``mean`` and ``m2`` cover ``count`` values per channel (every rank's or
     chunk's). Updates the running statistics in place when ``momentum`` is not
-    negative, as :func:`forward_statistics` does.
+    negative, as the statistics kernel does.
     """
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
@@ -443,8 +562,10 @@ def batch_coefficients(
             running_var[c] = _running_average(float64(running_var[c]), unbiased, momentum)
 
 
-@_kernel
-def gradient_coefficients(sums, count, mean, invstd, weight, coeffs):
+batch_coefficients = _kernel(_batch_coefficients, bounded=False)
+
+
+def _gradient_coefficients(sums, count, mean, invstd, weight, coeffs):
     """``GRADIENT`` coefficients from ``sums = [sum(dy), sum(dy * (x - mean))]`` over ``count``."""
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
@@ -457,8 +578,10 @@ def gradient_coefficients(sums, count, mean, invstd, weight, coeffs):
         coeffs[GAMMA, c] = gamma
 
 
-@_kernel
-def gradient_scale(invstd, weight, coeffs):
+gradient_coefficients = _kernel(_gradient_coefficients, bounded=False)
+
+
+def _gradient_scale(invstd, weight, coeffs):
     """The ``AFFINE`` coefficients ``c0 = 0, c2 = weight * invstd, c3 = 0``: ``dx = dy * c2``."""
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
@@ -467,16 +590,20 @@ def gradient_scale(invstd, weight, coeffs):
         coeffs[SHIFT, c] = 0.0
 
 
-@_kernel
-def accumulate(target, source):
+gradient_scale = _kernel(_gradient_scale, bounded=False)
+
+
+def _accumulate(target, source):
     """``target += source`` for vectors."""
     i = cuda.grid(1)
     if i < target.shape[0]:
         target[i] += source[i]
 
 
-@_kernel
-def copy_5d(source, target):
+accumulate = _kernel(_accumulate, bounded=False)
+
+
+def _copy_5d(source, target):
     """``target[...] = source`` for 5-D arrays of any strides (a staging copy)."""
     i = cuda.grid(1)
     n4 = target.shape[4]
@@ -494,3 +621,6 @@ def copy_5d(source, target):
     i1 = i % n1
     i0 = i // n1
     target[i0, i1, i2, i3, i4] = source[i0, i1, i2, i3, i4]
+
+
+copy_5d = _kernel(_copy_5d, bounded=False)
