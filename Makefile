@@ -42,23 +42,28 @@ fuzz: $(VENV)/.installed-test
 soak: $(VENV)/.installed-test
 	$(PY) tests/soak_workload.py --calls 50000
 
-# On a GPU machine that already has numpy, numba-cuda and pytest (and no network),
-# name its Python instead of the venv: make test-gpu GPU_PYTHON=python3
-ifdef GPU_PYTHON
+# The GPU targets run on the machine's own Python, which must already have numpy,
+# numba-cuda and pytest (PyTorch and CuPy for the comparisons): they build no venv,
+# so they work offline. Name another interpreter with GPU_PYTHON=..., e.g.
+# GPU_PYTHON=.venv/bin/python for the dry run on a machine without a GPU.
+GPU_PYTHON ?= python3
 GPU_RUN := NUMBA_ENABLE_CUDASIM=0 PYTHONPATH=$(CURDIR) $(GPU_PYTHON)
-GPU_DEPS :=
-else
-GPU_RUN := NUMBA_ENABLE_CUDASIM=0 $(PY)
-GPU_DEPS := $(VENV)/.installed-test
-endif
 
 ## test-gpu: the CUDA backend's tests on a real NVIDIA GPU, without the simulator
-test-gpu: $(GPU_DEPS)
+test-gpu:
 	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_fused.py
 
 ## bench-gpu: numbabn on the GPU beside PyTorch's CUDA batch norm and a streaming roofline
-bench-gpu: $(GPU_DEPS)
+bench-gpu:
 	$(GPU_RUN) -m numbabn.bench --device cuda
+
+## gpu-check: every GPU check in one run of under 8 minutes into OUT (log, summary, report,
+## JUnit XML); DRY_RUN=1 runs it in the CUDA simulator on tiny shapes; STEPS=a,b picks steps
+.PHONY: gpu-check
+gpu-check:
+	$(if $(OUT),,$(error name the results folder: make gpu-check OUT=dir))
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m numbabn.bench.gpu_check --out $(OUT) \
+		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS))
 
 ## asv-quick: run each asv benchmark once in this environment (fails on a broken one);
 ## the cold-start ones, which compile everything each time, are left to a full asv run

@@ -57,7 +57,9 @@ def _streaming_grid(n: int) -> tuple[int, int]:
 def device_seconds(func: Callable[[], object], repeat: int) -> float:
     """Median device time of one call of ``func``, from CUDA events around batches of calls."""
     if arrays.SIMULATOR:  # no event timings there: one wall-clock call
-        return host_seconds(func, 1, calls=1)
+        start = time.perf_counter()
+        func()
+        return time.perf_counter() - start
     func()
     cuda.synchronize()
     start, stop = cuda.event(), cuda.event()
@@ -89,6 +91,23 @@ def host_seconds(func: Callable[[], object], repeat: int, calls: int = 200) -> f
             func()
         cuda.synchronize()
         samples.append((time.perf_counter() - start) / calls)
+    return float(np.median(samples))
+
+
+def host_call_seconds(func: Callable[[], object], calls: int) -> float:
+    """Median host time of one call of ``func`` over ``calls`` back-to-back calls.
+
+    The device is synchronised before and after the loop, never inside it, so
+    this is the time the host spends issuing one call while the GPU keeps up.
+    """
+    func()
+    cuda.synchronize()
+    samples = np.empty(calls)
+    for index in range(calls):
+        start = time.perf_counter()
+        func()
+        samples[index] = time.perf_counter() - start
+    cuda.synchronize()
     return float(np.median(samples))
 
 

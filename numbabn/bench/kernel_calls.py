@@ -1,0 +1,98 @@
+"""One small call of every CUDA pass, NCHW and channels-last: a workload for compute-sanitizer.
+
+``python -m numbabn.bench.kernel_calls [--shape N,C,H,W] [--layout ...]`` runs
+through :mod:`numbabn.functional`, once each: the training forward and
+backward, the eval forward and backward, and the same with a fused residual
+add and ReLU, on float32 data in both memory layouts, synchronising and
+printing a line after each pass. ``make gpu-check`` runs it plainly and under
+``compute-sanitizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numba import cuda
+
+from numbabn import functional as F
+from numbabn._cuda import arrays
+
+# Several chunks per channel on the real grid (the last-block merge runs), and a
+# channel count that is not a multiple of a warp's channel lanes.
+DEFAULT_SHAPE = (16, 3, 20, 20)
+# --layout: which memory layouts run (channels-last or not).
+LAYOUTS = {"both": (False, True), "nchw": (False,), "channels-last": (True,)}
+
+
+def _data(shape: tuple[int, ...], channels_last: bool, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    if channels_last:
+        order = (0, *range(2, len(shape)), 1)
+        x = np.ascontiguousarray(x.transpose(order)).transpose(np.argsort(order))
+    return x
+
+
+def passes(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[], object]]:
+    """Each pass as a call on device data of ``shape`` in the given layout, in calling order."""
+    c = shape[1]
+    x, dy, z = (arrays.to_device(_data(shape, channels_last, seed)) for seed in range(3))
+    weight = cuda.to_device(np.linspace(0.5, 1.5, c, dtype=np.float32))
+    bias = cuda.to_device(np.linspace(-0.5, 0.5, c, dtype=np.float32))
+    running_mean = cuda.to_device(np.zeros(c, np.float32))
+    running_var = cuda.to_device(np.ones(c, np.float32))
+    saved: dict[str, Any] = {}
+
+    def forward(key: str, training: bool, fused: bool) -> Callable[[], object]:
+        def call() -> None:
+            epilogue = {"residual": z, "activation": "relu"} if fused else {}
+            _, saved[key] = F.batch_norm_forward(
+                x, running_mean, running_var, weight, bias, training, **epilogue
+            )
+
+        return call
+
+    def backward(key: str, fused: bool) -> Callable[[], object]:
+        def call() -> None:
+            epilogue = {"bias": bias, "residual": z, "activation": "relu"} if fused else {}
+            F.batch_norm_backward(dy, x, saved[key], weight, **epilogue)
+
+        return call
+
+    calls: dict[str, Callable[[], object]] = {}
+    for mode, training in (("train", True), ("eval", False)):
+        for suffix, fused in (("", False), (" relu(bn + residual)", True)):
+            key = mode + suffix
+            calls[f"{key} forward"] = forward(key, training, fused)
+            calls[f"{key} backward"] = backward(key, fused)
+    return calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m numbabn.bench.kernel_calls",
+        description="Run every CUDA pass once on small data, NCHW and channels-last.",
+    )
+    parser.add_argument(
+        "--shape",
+        default=",".join(map(str, DEFAULT_SHAPE)),
+        help="N,C,H,W of the data (default %(default)s)",
+    )
+    parser.add_argument(
+        "--layout", choices=tuple(LAYOUTS), default="both", help="memory layouts to run"
+    )
+    args = parser.parse_args(argv)
+    shape = tuple(int(size) for size in args.shape.split(","))
+    for channels_last in LAYOUTS[args.layout]:
+        layout = "channels-last" if channels_last else "NCHW"
+        for name, call in passes(shape, channels_last).items():
+            call()
+            cuda.synchronize()
+            print(f"{layout} {name}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()

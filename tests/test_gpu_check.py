@@ -1,0 +1,108 @@
+"""``make gpu-check``'s dry run: every step runs in the CUDA simulator, or says why it cannot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("numba_cuda")
+
+from numbabn.bench import gpu_check  # noqa: E402
+
+# What the dry run does with each step: the hardware-only ones are skipped.
+EXPECTED = {
+    "versions": "passed",
+    "tests-cuda": "skipped",
+    "tests-semantic": "skipped",
+    "nan-probe": "passed",
+    "kernels": "passed",
+    "racecheck": "skipped",
+    "memcheck": "skipped",
+    "benchmark": "passed",
+    "host-time": "passed",
+    "cpu-threads": "passed",
+}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    command = [sys.executable, "-m", "numbabn.bench.gpu_check", "--out", str(out), "--dry-run"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=gpu_check.ROOT, check=False
+    )
+    return out, result
+
+
+def _summary_rows(text: str) -> dict[str, list[str]]:
+    """The summary table's rows by step: status, seconds, budget, note."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| step |"):
+            step, *cells = (cell.strip() for cell in line.strip("|").split("|"))
+            rows[step] = cells
+    return rows
+
+
+@pytest.mark.slow
+def test_dry_run_lists_every_step_with_its_status(dry_run):
+    out, result = dry_run
+    report = out / gpu_check.REPORT
+    shown = report.read_text() if report.exists() else result.stdout[-5000:]
+    assert result.returncode == 0, shown + result.stderr[-3000:]
+    rows = _summary_rows((out / gpu_check.SUMMARY).read_text())
+    assert {step: cells[0] for step, cells in rows.items()} == EXPECTED
+    assert list(rows) == gpu_check.STEP_NAMES
+    for step, (status, seconds, budget, note) in rows.items():
+        assert 0 < float(seconds) < float(budget), step
+        if status == "skipped":
+            assert "needs a GPU" in note, step
+
+
+@pytest.mark.slow
+def test_dry_run_report_has_every_section_and_table(dry_run):
+    out, result = dry_run
+    report = (out / gpu_check.REPORT).read_text()
+    for step in gpu_check.STEPS:
+        assert f"## {step.title}\n" in report
+    tables = [
+        "| component | version |",
+        "| channel | scenario |",
+        "| case | MB | stream GB/s | pass |",
+        "| case | numbabn | numbabn out= |",
+        "| threads | numbabn ms | speed-up |",
+    ]
+    for header in tables:
+        assert header in report
+    assert "All 15 outputs match the CPU backend" in report
+    log = (out / gpu_check.LOG).read_text()
+    assert log.splitlines()[-1].startswith("done in ")
+    assert "[10/10] cpu-threads: passed" in log
+    assert "[10/10] cpu-threads: passed" in result.stdout
+
+
+def test_test_steps_run_files_that_exist():
+    for name, (files, _) in gpu_check.TEST_RUNS.items():
+        command = gpu_check.pytest_command(name, gpu_check.ROOT / "report.xml")
+        assert "--junitxml=" + str(gpu_check.ROOT / "report.xml") in command
+        for file in files:
+            assert (gpu_check.ROOT / file).is_file(), file
+
+
+def test_budgets_leave_room_in_eight_minutes():
+    assert sum(step.budget for step in gpu_check.STEPS) <= 450
+
+
+def test_a_step_past_its_deadline_is_stopped_and_reported(tmp_path):
+    (tmp_path / gpu_check.STEP_RESULTS).mkdir()
+    log = gpu_check.Log(tmp_path / gpu_check.LOG)
+    step = gpu_check.STEPS[gpu_check.STEP_NAMES.index("versions")]
+    start = time.time()
+    outcome = gpu_check._run_step_process(step, tmp_path, True, start + 0.1, log)
+    log.close()
+    assert outcome.status == "failed"
+    assert outcome.note == "stopped at its time budget (15 s)"
+    assert time.time() - start < 1 + gpu_check.GRACE_SECONDS + 2
