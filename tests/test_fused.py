@@ -67,7 +67,12 @@ def torch_composition(x, z, dy, weight, bias, running_mean, running_var, trainin
     }
 
 
-CASES = [((4, 3, 5), "contiguous"), ((3, 5, 3, 2), "channels_last"), ((6, 4), "contiguous")]
+CASES = [
+    ((4, 3, 5), "contiguous"),
+    ((3, 5, 3, 2), "channels_last"),
+    ((6, 4), "contiguous"),
+    ((3, 3, 4, 5), "crop"),  # a planar view of three axis groups
+]
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual_relu"])

@@ -114,10 +114,11 @@ def _scratch(
 class _Operands:
     """``x`` viewed for the kernels, plus views of further arrays shaped like it."""
 
-    def __init__(self, x: Any) -> None:
+    def __init__(self, x: Any, as_rows: bool = False) -> None:
         grid = _grid_for(x)
-        if grid is None:
-            # More than three separately strided axis groups: the one case that copies.
+        if grid is None or (as_rows and grid.family == kernels.PLANAR):
+            # More than three separately strided axis groups (or a planar view where
+            # the caller needs rows): the cases that copy.
             staged = arrays.empty(tuple(x.shape), x.dtype)
             arrays.copy(x, staged)
             x = staged
@@ -173,14 +174,12 @@ class _Operands:
         coeffs: Any,
         out: Any,
         epilogue: Epilogue | None = None,
-        dz: Any = None,
     ) -> Any:
         """Run the elementwise kernel into ``out`` (allocated like ``x`` when None)."""
         target, view, staged = self.target(out)
         z_view, residual, relu = self.epilogue_views(x_view, epilogue)
-        dz_view = view if dz is None else self.grid.view(dz)
         kernel = kernels.elementwise(self.grid.family, mode, residual, relu)
-        self.launch(kernel, x_view, dy_view, z_view, coeffs, view, dz_view)
+        self.launch(kernel, x_view, dy_view, z_view, coeffs, view)
         if staged is not None:
             arrays.copy(staged, target)
         return target
@@ -263,19 +262,27 @@ class CudaBackend:
     def _gradient_sums(
         dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, bias: Any | None = None,
         epilogue: Epilogue | None = None, batch_stats: bool = True,
-    ) -> tuple[_Operands, Any, Any, Any]:  # fmt: skip
-        """The first backward launch: ``(operands, dy view, coefficients, [dweight, dbias])``."""
-        ops = _Operands(x)
+    ) -> tuple[_Operands, Any, Any, Any, Any]:  # fmt: skip
+        """The first backward launch: ``(operands, dy view, coefficients, [dweight, dbias],
+        dz)``; through a ReLU with a residual it writes the masked ``dy`` to ``dz`` (else
+        None)."""
+        residual = epilogue is not None and epilogue.residual is not None
+        # Through a ReLU with a residual, the sums read three operands and write a
+        # fourth: with the strides of a planar view, more than 64 registers a thread
+        # (half occupancy) hold. Such operands are staged as rows instead.
+        ops = _Operands(x, as_rows=residual)
         dy_view = ops.input_view(dy)
-        z_view, residual, _ = ops.epilogue_views(ops.view, epilogue)
+        z_view, _, _ = ops.epilogue_views(ops.view, epilogue)
+        dz = arrays.empty_like(ops.x) if residual else None
+        dz_view = ops.view if dz is None else ops.grid.view(dz)
         grads = arrays.empty((2, x.shape[1]), weight.dtype)
         scratch = ops.scratch()
         ops.launch(
             kernels.gradient_sums(ops.grid.family, epilogue is not None, residual), dy_view,
             ops.view, z_view, mean, invstd, weight, weight if bias is None else bias,
-            batch_stats, scratch.coeffs, grads, scratch.partials, scratch.counters,
+            batch_stats, scratch.coeffs, grads, scratch.partials, scratch.counters, dz_view,
         )  # fmt: skip
-        return ops, dy_view, scratch.coeffs, grads
+        return ops, dy_view, scratch.coeffs, grads, dz
 
     @staticmethod
     def masked_backward(
@@ -285,14 +292,19 @@ class CudaBackend:
         """Gradients through a forward that ended in a ReLU: ``(dx, dz, dweight, dbias)``.
 
         The ReLU mask is recomputed from ``x`` (and the residual) as the forward
-        computed it; ``dz`` is None without a residual.
+        computed it; ``dz`` is None without a residual. With one, the first pass
+        writes the masked ``dy`` to ``dz`` and the second reads it in place of
+        ``dy``, the residual and the mask.
         """
-        ops, dy_view, coeffs, grads = CudaBackend._gradient_sums(
+        ops, dy_view, coeffs, grads, dz = CudaBackend._gradient_sums(
             dy, x, mean, invstd, weight, bias, epilogue, batch_stats
         )
-        dz = None if epilogue.residual is None else arrays.empty_like(ops.x)
-        mode = kernels.MASKED_GRADIENT if batch_stats else kernels.MASKED_SCALE
-        grad_input = ops.elementwise(ops.view, dy_view, mode, coeffs, out, epilogue, dz)
+        if dz is None:
+            mode = kernels.MASKED_GRADIENT if batch_stats else kernels.MASKED_SCALE
+            grad_input = ops.elementwise(ops.view, dy_view, mode, coeffs, out)
+        else:
+            mode = kernels.GRADIENT if batch_stats else kernels.SCALED_GRADIENT
+            grad_input = ops.elementwise(ops.view, ops.grid.view(dz), mode, coeffs, out)
         return grad_input, dz, grads[0], grads[1]
 
     @staticmethod
@@ -300,7 +312,7 @@ class CudaBackend:
         dy: Any, x: Any, mean: Any, invstd: Any, weight: Any, out: Any | None
     ) -> tuple[Any, Any, Any]:
         """Gradients through batch statistics: ``(dx, dweight, dbias)``, in ``weight``'s dtype."""
-        ops, dy_view, coeffs, grads = CudaBackend._gradient_sums(dy, x, mean, invstd, weight)
+        ops, dy_view, coeffs, grads, _ = CudaBackend._gradient_sums(dy, x, mean, invstd, weight)
         grad_input = ops.elementwise(ops.view, dy_view, kernels.GRADIENT, coeffs, out)
         return grad_input, grads[0], grads[1]
 
@@ -314,7 +326,7 @@ class CudaBackend:
         grads = (None, None)
         if weight is not None:
             scale_weight = weight
-            _, _, _, param_grads = CudaBackend._gradient_sums(
+            _, _, _, param_grads, _ = CudaBackend._gradient_sums(
                 dy, x, mean, invstd, weight, batch_stats=False
             )
             grads = (param_grads[0], param_grads[1])
@@ -391,7 +403,7 @@ class CudaBackend:
     def grad_sums(dy: Any, x: Any, mean: np.ndarray) -> np.ndarray:
         """Per-channel ``[sum(dy), sum(dy * (x - mean))]``, shape ``(2, C)``, in one pass."""
         ones = arrays.filled(1.0, x.shape[1], np.dtype(np.float64))
-        _, _, _, grads = CudaBackend._gradient_sums(dy, x, arrays.to_device(mean), ones, ones)
+        _, _, _, grads, _ = CudaBackend._gradient_sums(dy, x, arrays.to_device(mean), ones, ones)
         sum_dy_xmu, sum_dy = arrays.to_host(grads)  # grads = [sum * invstd, sum], invstd = 1
         return np.stack([sum_dy, sum_dy_xmu])
 

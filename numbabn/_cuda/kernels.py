@@ -99,8 +99,9 @@ N_COEFFICIENTS = 6
 # What the elementwise kernel computes.
 AFFINE = 0  # out = relu((x - MEAN) * SCALE + SHIFT + z)
 GRADIENT = 1  # out = (dy + BETA * (x - MEAN) + GAMMA) * ALPHA
-MASKED_GRADIENT = 2  # the same through the forward's ReLU (dz = the masked dy)
+MASKED_GRADIENT = 2  # the same with dy masked by the forward's ReLU (no residual)
 MASKED_SCALE = 3  # out = g * ALPHA, g = dy through the forward's ReLU (fixed statistics)
+SCALED_GRADIENT = 4  # out = dy * ALPHA (dy masked already, fixed statistics)
 
 # The per-channel arithmetic, shared with the CPU kernels (see numbabn._coefficients).
 _channel_moments = _device(_coefficients.channel_moments)
@@ -132,10 +133,11 @@ def _n_values(x):
 
 @_device
 def _thread_range(x, family, lanes, per_block):
-    """This thread's ``(chunk, group, channel, first value, stop, step, active)``.
+    """This thread's ``(chunk, group, channel, first value, values, step, active)``.
 
     The grid is one-dimensional, chunks fastest (a second grid axis would cap the
-    channel groups at 65535).
+    channel groups at 65535). The thread takes ``values`` values of its channel,
+    ``step`` apart from ``first`` on.
     """
     n_values = _n_values(x)
     n_chunks = (n_values + per_block - 1) // per_block
@@ -151,11 +153,12 @@ def _thread_range(x, family, lanes, per_block):
         row = t
         channel = group
         step = THREADS
-    start = chunk * per_block
-    stop = start + per_block
+    first = chunk * per_block + row
+    stop = chunk * per_block + per_block
     if stop > n_values:
         stop = n_values
-    return chunk, group, channel, start + row, stop, step, channel < x.shape[1]
+    values = (stop - first + step - 1) // step if first < stop else 0
+    return chunk, group, channel, first, values, step, channel < x.shape[1]
 
 
 @_device
@@ -313,7 +316,7 @@ def statistics(family: int) -> Any:
 
         Updates the running statistics in place when ``momentum`` is not negative.
         """
-        chunk, group, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        chunk, group, channel, k, taken, step, active = _thread_range(x, family, lanes, per_block)
         sum_v = 0.0
         sum_vv = 0.0
         shift = 0.0
@@ -321,11 +324,10 @@ def statistics(family: int) -> Any:
             shift = _finite_or_zero(float64(x[0, channel, 0, 0]))
             a, r, s = _position(x, family, k)
             da, dr, ds = _position(x, family, step)
-            while k < stop:
+            for _ in range(taken):
                 dv = _load(x, family, a, channel, r, s) - shift
                 sum_v += dv
                 sum_vv += dv * dv
-                k += step
                 a, r, s = _advance(x, family, a, r, s, da, dr, ds)
         n_chunks = cuda.gridDim.x // counters.shape[0]
         total_v, total_vv, last = _reduce_to_partials(
@@ -355,15 +357,6 @@ def statistics(family: int) -> Any:
 # -- gradient sums -----------------------------------------------------------------
 
 
-@_device
-def _pre_activation(x, z, family, a, c, r, s, m, scale, shift, residual):
-    """The value before the ReLU, in float64, exactly as the forward computes it."""
-    value = (_load(x, family, a, c, r, s) - m) * scale + shift
-    if residual:
-        value += _load(z, family, a, c, r, s)
-    return value
-
-
 @functools.cache
 def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
     """The gradient-sums kernel of a family, through the forward's ReLU when ``masked``
@@ -371,13 +364,15 @@ def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
 
     def sums(
         lanes, per_block, dy, x, z, mean, invstd, weight, bias, batch_stats, coeffs, grads,
-        partials, counters,
+        partials, counters, dz,
     ):  # fmt: skip
         """``sum(g)`` and ``sum(g * (x - mean))`` per channel, finished into gradients.
 
         ``g`` is ``dy``, or (masked) ``dy`` unless the forward's ReLU input
         ``(x - mean) * weight * invstd + bias (+ z)`` was 0 or below; a NaN
-        pre-activation passes ``dy`` on, as PyTorch's ReLU backward does. Writes
+        pre-activation passes ``dy`` on, as PyTorch's ReLU backward does. With
+        the residual, ``dz = g`` (the residual's gradient, and what the second
+        pass reads in place of ``dy``, ``z`` and the mask). Writes
         ``grads = [sum(g * xhat), sum(g)]`` (the weight and bias gradients) and
         ``coeffs = [mean, alpha, beta, gamma, scale, shift]``: the input
         gradient is ``(g + beta * (x - mean) + gamma) * alpha`` (through the
@@ -385,7 +380,7 @@ def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
         and the last two rows rebuild the mask. ``alpha`` multiplies last, as
         in PyTorch.
         """
-        chunk, group, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        chunk, group, channel, k, taken, step, active = _thread_range(x, family, lanes, per_block)
         sum_g = 0.0
         sum_gx = 0.0
         if active:
@@ -394,17 +389,20 @@ def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
             shift = float64(bias[channel])
             a, r, s = _position(x, family, k)
             da, dr, ds = _position(x, family, step)
-            while k < stop:
+            for _ in range(taken):
                 g = _load(dy, family, a, channel, r, s)
                 centred = _load(x, family, a, channel, r, s) - m
                 if masked:
-                    pre = _pre_activation(x, z, family, a, channel, r, s, m, scale, shift, residual)
+                    pre = centred * scale + shift
+                    if residual:
+                        pre += _load(z, family, a, channel, r, s)
                     if pre <= 0.0:
                         g = 0.0
+                    if residual:
+                        _store(dz, family, a, channel, r, s, g)
                 # Masked values still add 0 * (x - m): NaN for infinite x, as in PyTorch.
                 sum_g += g
                 sum_gx += g * centred
-                k += step
                 a, r, s = _advance(x, family, a, r, s, da, dr, ds)
         n_chunks = cuda.gridDim.x // counters.shape[0]
         total_g, total_gx, last = _reduce_to_partials(
@@ -438,21 +436,21 @@ def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
 
 @functools.cache
 def elementwise(family: int, mode: int, residual: bool, relu: bool) -> Any:
-    """The elementwise kernel of a family for one ``mode`` (``AFFINE``, ``GRADIENT``,
-    ``MASKED_GRADIENT``, ``MASKED_SCALE``) with or without the residual and ReLU."""
+    """The elementwise kernel of a family for one ``mode`` (``AFFINE`` with or without the
+    residual and ReLU, ``GRADIENT``, ``MASKED_GRADIENT``, ``MASKED_SCALE``, ``SCALED_GRADIENT``)."""
     masked = mode in (MASKED_GRADIENT, MASKED_SCALE)
+    scaled = mode in (MASKED_SCALE, SCALED_GRADIENT)
 
-    def pass_(lanes, per_block, x, dy, z, coeffs, out, dz):
+    def pass_(lanes, per_block, x, dy, z, coeffs, out):
         """``out`` from ``x`` (and ``dy``, ``z``) with per-channel ``coeffs``, in float64.
 
         ``AFFINE``: ``relu((x - c0) * c2 + c3 + z)`` (the add and ReLU as
         compiled in); ``GRADIENT``: ``(dy + c2 * (x - c0) + c3) * c1``;
-        ``MASKED_GRADIENT``: the same with ``g = dy`` unless
-        ``(x - c0) * c4 + c5 (+ z)`` is 0 or below (NaN passes, as in PyTorch),
-        and ``dz = g`` with a residual; ``MASKED_SCALE``: ``g * c1`` (``x``
-        only enters the mask).
+        ``MASKED_GRADIENT``: the same with ``g = dy`` unless ``(x - c0) * c4 + c5``
+        is 0 or below (NaN passes, as in PyTorch); ``MASKED_SCALE``: ``g * c1``
+        (``x`` only enters the mask); ``SCALED_GRADIENT``: ``dy * c1``.
         """
-        _, _, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        _, _, channel, k, taken, step, active = _thread_range(x, family, lanes, per_block)
         if not active:
             return
         c0 = coeffs[MEAN, channel]
@@ -463,26 +461,23 @@ def elementwise(family: int, mode: int, residual: bool, relu: bool) -> Any:
         c5 = coeffs[MASK_SHIFT, channel] if masked else 0.0
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
-        while k < stop:
+        for _ in range(taken):
             if mode == AFFINE:
                 value = (_load(x, family, a, channel, r, s) - c0) * c2 + c3
                 if residual:
                     value += _load(z, family, a, channel, r, s)
-                _store(out, family, a, channel, r, s, _relu(value) if relu else value)
+                if relu:
+                    value = _relu(value)
             else:
                 g = _load(dy, family, a, channel, r, s)
-                if masked:
-                    pre = _pre_activation(x, z, family, a, channel, r, s, c0, c4, c5, residual)
-                    if pre <= 0.0:  # NaN passes dy on, as PyTorch's ReLU backward does
-                        g = 0.0
-                    if residual:
-                        _store(dz, family, a, channel, r, s, g)
-                if mode == MASKED_SCALE:
+                # NaN passes dy on, as PyTorch's ReLU backward does.
+                if masked and (_load(x, family, a, channel, r, s) - c0) * c4 + c5 <= 0.0:
+                    g = 0.0
+                if scaled:
                     value = g * c1  # 0 * (x - c0) would be NaN for infinite x
                 else:
                     value = (g + c2 * (_load(x, family, a, channel, r, s) - c0) + c3) * c1
-                _store(out, family, a, channel, r, s, value)
-            k += step
+            _store(out, family, a, channel, r, s, value)
             a, r, s = _advance(x, family, a, r, s, da, dr, ds)
 
     return _kernel(pass_)
@@ -499,7 +494,7 @@ def evaluation(family: int, residual: bool, relu: bool) -> Any:
         statistics; the first chunk's threads also write ``coeffs = [mean,
         invstd, ...]`` (what backward needs).
         """
-        _, _, channel, k, stop, step, active = _thread_range(x, family, lanes, per_block)
+        _, _, channel, k, taken, step, active = _thread_range(x, family, lanes, per_block)
         if not active:
             return
         mean = float64(running_mean[channel])
@@ -512,12 +507,11 @@ def evaluation(family: int, residual: bool, relu: bool) -> Any:
             coeffs[SHIFT, channel] = shift
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
-        while k < stop:
+        for _ in range(taken):
             value = (_load(x, family, a, channel, r, s) - mean) * scale + shift
             if residual:
                 value += _load(z, family, a, channel, r, s)
             _store(out, family, a, channel, r, s, _relu(value) if relu else value)
-            k += step
             a, r, s = _advance(x, family, a, r, s, da, dr, ds)
 
     return _kernel(evaluate)
