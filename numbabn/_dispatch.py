@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -28,7 +29,9 @@ class Backend(Protocol):
     arithmetic between the phases is :mod:`numbabn._coefficients`, shared by
     both backends.
 
-    Arrays are the backend's own kind after :meth:`adopt`. Per-channel
+    Arrays are the backend's own kind after :meth:`adopt`. A call's work runs
+    inside :meth:`on_stream` (the stream given, else the input's; the CPU
+    backend has none). Per-channel
     statistics are float64 vectors: the fast paths keep them on the backend's
     device, the phases take and give NumPy vectors (what crosses an exchange).
     """
@@ -44,6 +47,7 @@ class Backend(Protocol):
     def assign(self, target: Any, values: np.ndarray | float) -> None: ...
     def may_share_memory(self, a: Any, b: Any) -> bool: ...
     def accumulate(self, target: Any, source: Any) -> None: ...
+    def on_stream(self, stream: Any | None, x: Any) -> AbstractContextManager[None]: ...
 
     # -- the phases --------------------------------------------------------------
     def moments(self, x: Any) -> tuple[np.ndarray, np.ndarray]: ...
@@ -232,13 +236,19 @@ def cuda_backend() -> Backend:
     return CudaBackend()
 
 
+def device_index(device: str) -> int | None:
+    """The GPU index of a device name: N for ``"cuda:N"``, None for ``"cpu"`` and ``"cuda"``."""
+    kind, _, index = device.partition(":")
+    return int(index) if kind == "cuda" and index else None
+
+
 def backend_named(device: str) -> Backend:
-    """The backend of a module placed on ``device`` ("cpu" or "cuda").
+    """The backend of a module placed on ``device`` ("cpu", "cuda" or "cuda:N").
 
     Raises
     ------
     ValueError
-        For ``"cuda"`` when no CUDA GPU can be used.
+        For a CUDA device when no CUDA GPU can be used, or not that many.
     """
     if device == "cpu":
         return _CPU
@@ -247,8 +257,15 @@ def backend_named(device: str) -> Backend:
     backend = cuda_backend()
     if not cuda.is_available():
         raise ValueError(
-            "device 'cuda' is not available: Numba finds no usable CUDA GPU "
+            f"device {device!r} is not available: Numba finds no usable CUDA GPU "
             "(set NUMBA_ENABLE_CUDASIM=1 to run the CUDA kernels in Numba's simulator)"
+        )
+    index = device_index(device)
+    count = len(cuda.gpus)
+    if index is not None and index >= count:
+        raise ValueError(
+            f"device {device!r} is not available: Numba finds {count} CUDA GPU"
+            f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
         )
     return backend
 

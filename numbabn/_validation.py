@@ -304,8 +304,16 @@ def check_out(out: Any | None, x: Any) -> None:
 
 
 def check_writeable(name: str, array: Any, why: str = "") -> None:
-    """Raise ValueError if ``array`` is a read-only NumPy array (``why`` says who writes it)."""
-    if isinstance(array, np.ndarray) and not array.flags.writeable:
+    """Raise ValueError if ``array`` is read-only (``why`` says who writes it).
+
+    NumPy arrays say so in their flags; device arrays whose exporter marked
+    them read-only in the CUDA Array Interface carry ``writeable = False``.
+    """
+    if isinstance(array, np.ndarray):
+        writeable = array.flags.writeable
+    else:
+        writeable = getattr(array, "writeable", True)
+    if not writeable:
         raise ValueError(f"{name} is read-only{why}; pass a writeable array")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from numbabn import _validation as check
 from numbabn._dispatch import Backend, all_host, backend_for, host_backend
-from numbabn.epilogue import epilogue_for
+from numbabn.epilogue import Epilogue, epilogue_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
 
@@ -113,6 +113,7 @@ def batch_norm_forward(
     out: Array | None = None,
     residual: Array | None = None,
     activation: str | None = None,
+    stream: Any | None = None,
 ) -> tuple[Array, SavedStats]:
     """Normalise ``input`` per channel and return what the backward pass needs.
 
@@ -151,6 +152,12 @@ def batch_norm_forward(
         ``input``, same device), before the activation.
     activation : {None, "relu"}
         Applied last, in the same pass: ``relu(bn(x) + residual)``.
+    stream : numba.cuda stream, optional
+        CUDA input only: the stream the call's work is queued on. By default
+        the stream the input's producer named in its CUDA Array Interface
+        (PyTorch's or CuPy's current stream), else Numba's default stream. The
+        results are valid on that stream (their ``stream``); nothing waits on
+        the host.
 
     Returns
     -------
@@ -174,7 +181,24 @@ def batch_norm_forward(
     x, running_mean, running_var, weight, bias, out_array = arrays
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     check.check_running_writeable(training, running_mean, running_var)
+    # Python floats for the kernels: one compiled signature whatever number type was given.
+    momentum, eps = float(momentum), float(eps)
+    with backend.on_stream(stream, x):
+        return _forward(backend, arrays, epilogue, input, out, training, momentum, eps)
 
+
+def _forward(
+    backend: Backend,
+    arrays: tuple[Any, ...],
+    epilogue: Epilogue | None,
+    input: Any,
+    out: Any | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Array, SavedStats]:
+    """:func:`batch_norm_forward` once its arguments are checked."""
+    x, running_mean, running_var, weight, bias, out_array = arrays
     n_channels = x.shape[1]
     if x.size == 0:
         # An empty batch: empty output, running statistics untouched.
@@ -185,8 +209,6 @@ def batch_norm_forward(
     param_dtype = check.param_dtype(x.dtype)
     weight = _or_filled(backend, weight, 1.0, n_channels, param_dtype)
     bias = _or_filled(backend, bias, 0.0, n_channels, param_dtype)
-    # Python floats for the kernels: one compiled signature whatever number type was given.
-    momentum, eps = float(momentum), float(eps)
     if training:
         output, mean, invstd = backend.train_forward(
             x, weight, bias, running_mean, running_var, momentum, eps, out_array, epilogue
@@ -226,6 +248,7 @@ def batch_norm(
     out: Array | None = None,
     residual: Array | None = None,
     activation: str | None = None,
+    stream: Any | None = None,
 ) -> Array:
     """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
 
@@ -234,7 +257,7 @@ def batch_norm(
     """
     output, _ = batch_norm_forward(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
-        out=out, residual=residual, activation=activation,
+        out=out, residual=residual, activation=activation, stream=stream,
     )  # fmt: skip
     return output
 
@@ -249,6 +272,7 @@ def batch_norm_backward(
     bias: Array | None = None,
     residual: Array | None = None,
     activation: str | None = None,
+    stream: Any | None = None,
 ) -> tuple[Array, ...]:
     """Gradients of batch normalization.
 
@@ -268,6 +292,9 @@ def batch_norm_backward(
     bias, residual, activation
         The forward's, when it had an activation: the ReLU mask is recomputed
         from ``input`` and ``residual`` rather than stored.
+    stream : numba.cuda stream, optional
+        CUDA input only: as for :func:`batch_norm_forward`, by default
+        ``grad_output``'s producer's stream.
 
     Returns
     -------
@@ -308,6 +335,28 @@ def batch_norm_backward(
             "gradient; pass another out= array"
         )
 
+    with backend.on_stream(stream, dy):
+        grads = _backward(
+            backend, dy, x, saved, weight, weight_array, bias_array, out_array, epilogue, out
+        )
+    return _backward_results(backend, grads, (input, weight, residual), out, grad_output)
+
+
+def _backward(
+    backend: Backend,
+    dy: Any,
+    x: Any,
+    saved: SavedStats,
+    weight: Any | None,
+    weight_array: Any | None,
+    bias_array: Any | None,
+    out_array: Any | None,
+    epilogue: Epilogue | None,
+    out: Any | None,
+) -> tuple[Any, Any | None, Any | None, Any | None]:
+    """:func:`batch_norm_backward` once its arguments are checked: ``(dx, dweight, dbias,
+    dz)``, dz None when it is ``grad_output`` itself or there is no residual."""
+    n_channels = x.shape[1]
     if x.size == 0:
         grad_input = backend.empty_like(x) if out is None else out_array
         grad_residual = backend.empty_like(x)
@@ -334,10 +383,7 @@ def batch_norm_backward(
             backend, dy, x, saved, weight_array, out_array
         )
         grad_residual = None
-    return _backward_results(
-        backend, (grad_input, grad_weight, grad_bias, grad_residual), (input, weight, residual),
-        out, grad_output,
-    )  # fmt: skip
+    return grad_input, grad_weight, grad_bias, grad_residual
 
 
 def _plain_backward(

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._dispatch import array_kind, backend_named, cuda_backend, is_dask_array, kind_of
+from numbabn._dispatch import (
+    array_kind,
+    backend_named,
+    cuda_backend,
+    device_index,
+    is_dask_array,
+    kind_of,
+)
 from numbabn.epilogue import check_activation
 from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
 
@@ -42,12 +51,37 @@ class IncompatibleKeys(NamedTuple):
 
 
 def _device_name(device: str | None) -> str:
-    """``"cpu"`` or ``"cuda"`` for a device argument (None means the CPU)."""
+    """``"cpu"``, ``"cuda"`` or ``"cuda:N"`` for a device argument (None means the CPU)."""
     if device is None:
         return "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not available; numbabn runs on 'cpu' or 'cuda'")
-    return device
+    kind, colon, index = device.partition(":") if isinstance(device, str) else ("", "", "")
+    if device in ("cpu", "cuda") or (kind == "cuda" and colon and index.isdigit()):
+        return device
+    raise ValueError(
+        f"device {device!r} is not available; numbabn runs on 'cpu', 'cuda' or 'cuda:N' "
+        "(N the index of a GPU)"
+    )
+
+
+def _gpu_of(device: str) -> int | None:
+    """The GPU a module on ``device`` keeps its state on: ``"cuda:N"``'s N, for ``"cuda"``
+    the GPU current when the module moves there; None on the CPU."""
+    if device == "cpu":
+        return None
+    index = device_index(device)
+    if index is not None:
+        return index
+    from numbabn._cuda import arrays
+
+    return arrays.current_device()
+
+
+def _on_gpu(gpu: int | None) -> AbstractContextManager[Any]:
+    if gpu is None:
+        return contextlib.nullcontext()
+    from numbabn._cuda import arrays
+
+    return arrays.on_device(gpu)
 
 
 def _module_dtype(dtype: Any) -> np.dtype:
@@ -105,6 +139,7 @@ class _BatchNorm:
         check_activation(activation)
         self.device = _device_name(device)
         self._backend = backend_named(self.device)
+        self._gpu = _gpu_of(self.device)
         dtype = _module_dtype(np.float32 if dtype is None else dtype)
         # Kept as given and checked at each call, as in PyTorch.
         self.eps = eps
@@ -130,6 +165,10 @@ class _BatchNorm:
             num_features = check.check_num_features(num_features, "zeros")
         self.num_features = num_features
         c, dtype = num_features, self.dtype
+        with self._on_device():
+            self._allocate_arrays(c, dtype)
+
+    def _allocate_arrays(self, c: int, dtype: np.dtype) -> None:
         new = self._backend.from_host
         self.weight = new(np.ones(c, dtype)) if self.affine else None
         self.bias = new(np.zeros(c, dtype)) if self.has_bias else None
@@ -213,19 +252,25 @@ class _BatchNorm:
         if target == self.device and new_dtype == self.dtype:
             return self
         backend = backend_named(target)
+        gpu = _gpu_of(target)
 
         def moved(array: Any) -> Any:
             if array is None:
                 return None
-            return backend.from_host(self._backend.to_host(array).astype(new_dtype, copy=False))
+            host = self._backend.to_host(array).astype(new_dtype, copy=False)
+            return backend.from_host(host)
 
         # Copy everything first, so a failure leaves the module where it was.
-        state = {key: moved(getattr(self, key)) for key in _ARRAY_KEYS}
-        grads = {name: moved(grad) for name, grad in self.grads.items()}
+        with self._on_device():
+            host = {key: getattr(self, key) for key in _ARRAY_KEYS}
+            host_grads = dict(self.grads)
+        with _on_gpu(gpu):
+            state = {key: moved(value) for key, value in host.items()}
+            grads = {name: moved(grad) for name, grad in host_grads.items()}
         for key, value in state.items():
             setattr(self, key, value)
         self.grads = grads
-        self.device, self._backend, self.dtype = target, backend, new_dtype
+        self.device, self._backend, self.dtype, self._gpu = target, backend, new_dtype, gpu
         self._saved = None
         return self
 
@@ -276,11 +321,25 @@ class _BatchNorm:
     def _check_kind(self, x: Any, name: str) -> None:
         """Raise TypeError unless ``x`` is an array on the module's device."""
         kind = kind_of(x)  # TypeError, naming what is accepted, for anything else
-        if kind != self.device:
+        if kind != self.device.partition(":")[0]:
             raise TypeError(
                 f"{type(self).__name__} is on {self.device} but the {name} is a {kind} array; "
                 f"move the module with .to({kind!r}) or the {name} to {self.device}"
             )
+        if self._gpu is not None:
+            from numbabn._cuda import arrays
+
+            gpu = arrays.device_of(x)
+            if gpu is not None and gpu != self._gpu:
+                raise TypeError(
+                    f"{type(self).__name__} is on cuda:{self._gpu} but the {name} is on "
+                    f"cuda:{gpu}; move the module with .to('cuda:{gpu}') or the {name} to "
+                    f"cuda:{self._gpu}"
+                )
+
+    def _on_device(self) -> AbstractContextManager[Any]:
+        """Make the module's GPU current for what follows (its state lives there)."""
+        return _on_gpu(self._gpu)
 
     def _momentum_argument(self, tracking: bool) -> Any:
         """The ``momentum`` a call passes on: the running-average factor when tracking.
@@ -353,9 +412,10 @@ class _BatchNorm:
 
                 output = nbdask.batch_norm(*args, activation=self.activation)
             else:
-                output, saved = batch_norm_forward(
-                    *args, out=out, residual=residual, activation=self.activation
-                )
+                with self._on_device():
+                    output, saved = batch_norm_forward(
+                        *args, out=out, residual=residual, activation=self.activation
+                    )
         except RuntimeError as error:
             self._explain_dtype_mismatch(error, array.dtype)
             raise
@@ -453,17 +513,18 @@ class _BatchNorm:
         check.check_like(
             "grad_output", adopt(grad_output), adopt(saved.input), "the last forward's input"
         )
-        grad_input, grad_weight, grad_bias, *grad_residual = batch_norm_backward(
-            grad_output,
-            saved.input,
-            saved.stats,
-            self.weight,
-            out=out,
-            bias=self.bias,
-            residual=saved.residual,
-            activation=self.activation,
-        )
-        self._accumulate_grads(grad_weight, grad_bias)
+        with self._on_device():
+            grad_input, grad_weight, grad_bias, *grad_residual = batch_norm_backward(
+                grad_output,
+                saved.input,
+                saved.stats,
+                self.weight,
+                out=out,
+                bias=self.bias,
+                residual=saved.residual,
+                activation=self.activation,
+            )
+            self._accumulate_grads(grad_weight, grad_bias)
         return grad_input if saved.residual is None else (grad_input, grad_residual[0])
 
     def _accumulate_grads(self, grad_weight: np.ndarray, grad_bias: np.ndarray) -> None:

@@ -249,6 +249,22 @@ class CpuBackend:
         target += source
 
     @staticmethod
+    def on_stream(stream: Any | None, x: np.ndarray) -> contextlib.AbstractContextManager[None]:
+        """Nothing to order on the CPU: a ``stream`` is refused.
+
+        Raises
+        ------
+        TypeError
+            For a ``stream``: streams order work on a GPU, and the arrays are host arrays.
+        """
+        if stream is not None:
+            raise TypeError(
+                "stream= orders work on a CUDA device, but the arrays are host arrays; "
+                "pass CUDA arrays or leave stream out"
+            )
+        return contextlib.nullcontext()
+
+    @staticmethod
     def train_forward(
         x: np.ndarray,
         weight: np.ndarray,

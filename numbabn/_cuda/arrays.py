@@ -4,15 +4,23 @@ Anything with ``__cuda_array_interface__`` (Numba device arrays, CuPy arrays,
 PyTorch CUDA tensors) is viewed as a Numba device array over the same memory.
 Results go back to the caller as the kind of array the caller passed in.
 Under Numba's CUDA simulator, device arrays wrap host NumPy arrays.
+
+A call runs on one stream (:func:`on_stream`): its launches, copies and new
+arrays are ordered there, and the arrays it returns say so (their ``stream``,
+exported through the interface). By default that is the stream the input's
+producer named in its interface (version 3's ``stream``: PyTorch's and CuPy's
+current stream), so the work follows the producer's without the host waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,14 +32,43 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 
 def adopt(array: Any) -> Any:
-    """View ``array`` as a Numba device array without copying (None stays None)."""
+    """View ``array`` as a Numba device array without copying (None stays None).
+
+    The view keeps the stream the exporter named (no host synchronisation: the
+    call's work is ordered after the producer's on that stream) and its
+    read-only mark, as ``writeable = False`` (the argument checks refuse to
+    write such an array).
+    """
     if array is None or devicearray.is_cuda_ndarray(array):
         return array
     if getattr(array, "requires_grad", False):
         array = array.detach()  # PyTorch exports no interface for tensors that require grad
-    # Kernels run on the default stream, which orders them after the producer's
-    # work there; waiting on the host would stall the pipeline.
-    return cuda.as_cuda_array(array, sync=False)
+    adopted = cuda.as_cuda_array(array, sync=False)
+    if array.__cuda_array_interface__["data"][1]:
+        adopted.writeable = False
+    return adopted
+
+
+_this_call = threading.local()
+
+
+def current_stream() -> Any:
+    """The stream of this thread's call (0: Numba's default stream)."""
+    return getattr(_this_call, "stream", 0)
+
+
+@contextlib.contextmanager
+def on_stream(stream: Any | None, x: Any) -> Iterator[None]:
+    """Run the launches and copies made inside on ``stream``, by default ``x``'s.
+
+    ``x`` is the call's input as adopted: its stream is the producer's.
+    """
+    previous = current_stream()
+    _this_call.stream = getattr(x, "stream", 0) if stream is None else stream
+    try:
+        yield
+    finally:
+        _this_call.stream = previous
 
 
 def like(result: Any, original: Any) -> Any:
@@ -47,15 +84,17 @@ def like(result: Any, original: Any) -> Any:
 def view(array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
     """A view of ``array`` with another shape and strides, starting at the same element."""
     if SIMULATOR:
-        return type(array)(np.lib.stride_tricks.as_strided(array._ary, shape, strides))
+        return type(array)(
+            np.lib.stride_tricks.as_strided(array._ary, shape, strides), stream=array.stream
+        )
     return devicearray.DeviceNDArray(
         shape, strides, array.dtype, stream=array.stream, gpu_data=array.gpu_data
     )
 
 
 def empty(shape: tuple[int, ...], dtype: Any) -> Any:
-    """A new C-contiguous device array."""
-    return cuda.device_array(shape, dtype)
+    """A new C-contiguous device array, valid on the call's stream."""
+    return cuda.device_array(shape, dtype, stream=current_stream())
 
 
 def _memory_order(array: Any) -> list[int]:
@@ -82,7 +121,7 @@ def empty_like(array: Any) -> Any:
 def to_device(array: np.ndarray) -> Any:
     """Copy a host array to a new device array, its axes in the same memory order."""
     order = _memory_order(array)
-    dense = cuda.to_device(np.ascontiguousarray(array.transpose(order)))
+    dense = cuda.to_device(np.ascontiguousarray(array.transpose(order)), stream=current_stream())
     return _in_logical_order(dense, order)
 
 
@@ -91,12 +130,16 @@ def to_host(array: Any) -> np.ndarray:
     if SIMULATOR:
         return np.array(array._ary)
     dense = array.is_c_contiguous() or array.is_f_contiguous()
-    if dense and all(stride >= 0 for stride in array.strides):
-        return array.copy_to_host()
-    # Staged in the source's memory order, which copy_to_host keeps.
-    staged = empty_like(array)
-    copy(array, staged)
-    return staged.copy_to_host()
+    if not (dense and all(stride >= 0 for stride in array.strides)):
+        # Staged in the source's memory order, which copy_to_host keeps.
+        staged = empty_like(array)
+        copy(array, staged)
+        array = staged
+    stream = current_stream()
+    host = array.copy_to_host(stream=stream)
+    if stream:
+        stream.synchronize()  # the copy was queued behind the call's work
+    return host
 
 
 def as_5d(array: Any) -> Any:
@@ -105,23 +148,66 @@ def as_5d(array: Any) -> Any:
     return view(array, (1,) * pad + tuple(array.shape), (0,) * pad + tuple(array.strides))
 
 
+def current_device() -> int:
+    """The index of the GPU whose context is current (the simulator has one, 0)."""
+    return 0 if SIMULATOR else cuda.get_current_device().id
+
+
+def device_count() -> int:
+    """How many GPUs Numba can use."""
+    return len(cuda.gpus)
+
+
+def on_device(index: int) -> contextlib.AbstractContextManager[Any]:
+    """Make GPU ``index`` current for what follows (nothing to do when it is)."""
+    if index == current_device():
+        return contextlib.nullcontext()
+    return cuda.gpus[index]
+
+
+def device_of(array: Any) -> int | None:
+    """The index of the GPU whose memory holds ``array`` (None when it cannot be told:
+    the simulator, an empty array, a driver that does not say)."""
+    if SIMULATOR:
+        return None
+    pointer = getattr(array, "__cuda_array_interface__", {}).get("data", (0,))[0]
+    if not pointer:
+        return None
+    from numba.cuda.cudadrv import driver
+
+    attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+    try:
+        return int(
+            driver.driver.cuPointerGetAttribute(attribute, driver.binding.CUdeviceptr(pointer))
+        )
+    except Exception:  # an old driver, or memory it does not know: no check
+        return None
+
+
+def context_key() -> int:
+    """The current CUDA context, as an integer (0 in the simulator, which has one)."""
+    if SIMULATOR:
+        return 0
+    handle = cuda.current_context().handle
+    return int(getattr(handle, "value", None) or int(handle))
+
+
 def queue_key() -> tuple[int, ...]:
-    """What orders this thread's launches: its CUDA context, and the thread itself.
+    """What orders this call's launches: its context, stream and host thread.
 
     Launches of one key run one after another, so they may share scratch
-    memory. Every thread gets a key of its own: with per-thread default streams
-    two threads' launches overlap. (The simulator runs each launch on the calling
-    thread, so there the thread alone is the key.)
+    memory. Every thread gets keys of its own: with per-thread default streams
+    two threads' launches on "the default stream" overlap, and the simulator
+    runs each launch on the calling thread.
     """
-    thread = threading.get_ident()
-    if SIMULATOR:
-        return (thread,)
-    handle = cuda.current_context().handle
-    return (int(getattr(handle, "value", None) or int(handle)), thread)
+    stream = current_stream()
+    # A stream's handle (the simulator's streams have none: their identity).
+    stream_key = 0 if not stream else id(stream) if SIMULATOR else int(stream)
+    return (context_key(), stream_key, threading.get_ident())
 
 
 def configured(kernel: Any, blocks: int, threads: int) -> Any:
-    """``kernel[blocks, threads]``, made once per grid on a GPU.
+    """``kernel[blocks, threads, stream]`` on the call's stream, made once per grid on a GPU.
 
     numbabn sizes its grids to the data, so Numba's warning that a small grid
     under-uses the GPU would only repeat itself for every small tensor. (The
@@ -129,14 +215,14 @@ def configured(kernel: Any, blocks: int, threads: int) -> Any:
     """
     if SIMULATOR:
         return kernel[blocks, threads]
-    return _configured(kernel, blocks, threads)
+    return _configured(kernel, blocks, threads, current_stream())
 
 
 @functools.lru_cache(maxsize=1024)
-def _configured(kernel: Any, blocks: int, threads: int) -> Any:
+def _configured(kernel: Any, blocks: int, threads: int, stream: Any) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Grid size .* under-utilization")
-        return kernel[blocks, threads]
+        return kernel[blocks, threads, stream]
 
 
 def copy(source: Any, target: Any) -> None:
@@ -149,16 +235,21 @@ def copy(source: Any, target: Any) -> None:
         configured(kernels.copy_5d, blocks, kernels.THREADS)(as_5d(source), as_5d(target))
 
 
-@functools.lru_cache(maxsize=64)
 def filled(value: float, n: int, dtype: np.dtype) -> Any:
-    """A shared constant device vector standing in for a missing weight or bias."""
-    return to_device(np.full(n, value, dtype))
+    """A shared constant device vector standing in for a missing weight or bias (one per
+    context, copied before any stream reads it)."""
+    return _filled(value, n, dtype, context_key())
+
+
+@functools.lru_cache(maxsize=64)
+def _filled(value: float, n: int, dtype: np.dtype, context: int) -> Any:
+    return cuda.to_device(np.full(n, value, dtype))
 
 
 def assign(target: Any, values: np.ndarray | float) -> None:
     """Copy host ``values`` (or one value) into the contiguous device array ``target``."""
     values = np.broadcast_to(values, tuple(target.shape))
-    target.copy_to_device(np.ascontiguousarray(values, target.dtype))
+    target.copy_to_device(np.ascontiguousarray(values, target.dtype), stream=current_stream())
 
 
 def may_share_memory(a: Any, b: Any) -> bool:

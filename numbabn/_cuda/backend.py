@@ -207,6 +207,7 @@ class CudaBackend:
     to_host = staticmethod(arrays.to_host)
     assign = staticmethod(arrays.assign)
     may_share_memory = staticmethod(arrays.may_share_memory)
+    on_stream = staticmethod(arrays.on_stream)
 
     @staticmethod
     def train_forward(
