@@ -176,3 +176,38 @@ def test_arrays_of_another_gpu_are_refused(rng):
     with cuda.gpus[1]:
         on_second = cuda.to_device(x)
     np.testing.assert_allclose(host(bn(on_second)), ref.forward(x).output, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_launches_and_allocations_per_call(rng, monkeypatch, layout):
+    """Train forward 2 launches, backward 2, eval 1; new device memory only for results."""
+    x = make_input(rng, (4, 3, 5, 2), layout, np.float32)
+    dy = to_device(make_input(rng, (4, 3, 5, 2), layout, np.float32))
+    d_x = to_device(x)
+    bn = numbabn.BatchNorm2d(3, device="cuda")
+    bn(d_x)
+    bn.backward(dy)  # compiles, and makes the scratch memory of this shape
+    counts = {"launches": 0, "allocations": 0}
+    configured, device_array = arrays.configured, cuda.device_array
+
+    def counted_configured(*args):
+        counts["launches"] += 1
+        return configured(*args)
+
+    def counted_device_array(*args, **kwargs):
+        counts["allocations"] += 1
+        return device_array(*args, **kwargs)
+
+    monkeypatch.setattr(arrays, "configured", counted_configured)
+    monkeypatch.setattr(cuda, "device_array", counted_device_array)
+
+    def per_call(call):
+        counts.update(launches=0, allocations=0)
+        call()
+        return counts["launches"], counts["allocations"]
+
+    bn.zero_grad()
+    assert per_call(lambda: bn(d_x)) == (2, 2)  # the output and the coefficients it returns
+    assert per_call(lambda: bn.backward(dy)) == (2, 2)  # dx and [dweight, dbias]
+    bn.eval()
+    assert per_call(lambda: bn(d_x)) == (1, 2)
