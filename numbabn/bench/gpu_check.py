@@ -35,10 +35,12 @@ import contextlib
 import datetime
 import importlib
 import importlib.metadata
+import importlib.util
 import io
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -202,6 +204,13 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
     return "\n".join(lines)
 
 
+def _cores() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _counted(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -272,7 +281,7 @@ def step_versions(context: Context) -> Outcome:
         ("PyTorch CUDA", _attempt(torch_cuda)),
         ("CuPy CUDA", _attempt(cupy_cuda)),
         ("GPU (Numba)", _attempt(gpu)),
-        ("CPU cores", os.cpu_count()),
+        ("CPU cores", _cores()),
     ]
     for name, value in rows:
         print(f"{name}: {value}", flush=True)
@@ -280,8 +289,11 @@ def step_versions(context: Context) -> Outcome:
     with contextlib.redirect_stdout(detected):
         cuda.detect()
     print(detected.getvalue(), end="", flush=True)
-    sections = [_table(("component", "version"), rows), "`numba.cuda.detect()`:", ""]
-    sections[-1] = _code_block(detected.getvalue())
+    sections = [
+        _table(("component", "version"), rows),
+        "`numba.cuda.detect()`:",
+        _code_block(detected.getvalue()),
+    ]
     smi = shutil.which("nvidia-smi")
     if smi:
         finished = run_command([smi], min(30.0, context.seconds_left()), _print_indented)
@@ -332,9 +344,10 @@ def _junit_cases(junit: Path) -> list[tuple[str, str, str]]:
     return cases
 
 
-def _tests_markdown(command: list[str], cases: list[tuple[str, str, str]]) -> str:
+def _tests_markdown(name: str, junit: Path, cases: list[tuple[str, str, str]]) -> str:
     counts = Counter(outcome for _, outcome, _ in cases)
-    shown = " ".join(["python", *command[1:]])
+    # The report names the XML file, not the directory (which may be anywhere).
+    shown = shlex.join(["python", *pytest_command(name, Path(junit.name))[1:]])
     sections = [
         f"`{shown}`",
         _table(("passed", "failed", "errors", "skipped"), [
@@ -367,11 +380,6 @@ def _tests_step(name: str) -> Callable[[Context], Outcome]:
         finished = run_command(
             command, context.seconds_left(), _print_indented, _child_environment(), ROOT
         )
-        # The report names the XML file, not the directory (which may be anywhere).
-        shown = [
-            f"--junitxml={junit.name}" if part.startswith("--junitxml") else part
-            for part in command
-        ]
         if not junit.exists():
             return Outcome("failed", f"pytest wrote no report: {_last_line(finished.output)}")
         cases = _junit_cases(junit)
@@ -380,7 +388,7 @@ def _tests_step(name: str) -> Callable[[Context], Outcome]:
             f"{counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
             f"{counts['skipped']} skipped"
         )
-        markdown = _tests_markdown(shown, cases)
+        markdown = _tests_markdown(name, junit, cases)
         if finished.timed_out:
             return Outcome(
                 "failed", f"stopped at its time budget after {len(cases)} tests: {note}", markdown
@@ -551,12 +559,17 @@ def step_nan_probe(context: Context) -> Outcome:
         name = "x".join(map(str, shape)) + f" {dtype}" + (" CL" if channels_last else "")
         print(f"probe {name}", flush=True)
         inputs = _probe_inputs(shape, dtype, channels_last)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            # The simulator runs the kernels on NumPy scalars, which warn on inf - inf.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            on_cpu = _probe_passes(inputs, modes, lambda a: np.array(a, order="K"), np.asarray)
-            on_gpu = _probe_passes(inputs, modes, arrays.to_device, arrays.to_host)
         ran += 1
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                # The simulator runs the kernels on NumPy scalars, which warn on inf - inf.
+                warnings.simplefilter("ignore", RuntimeWarning)
+                on_cpu = _probe_passes(inputs, modes, lambda a: np.array(a, order="K"), np.asarray)
+                on_gpu = _probe_passes(inputs, modes, arrays.to_device, arrays.to_host)
+        except Exception as error:  # reported with the differences; the other cases still run
+            traceback.print_exc()
+            rows.append((name, "(raised)", "", "", f"{type(error).__name__}: {error}"[:200]))
+            continue
         for output, cpu in on_cpu.items():
             if cpu is None:
                 continue
@@ -585,7 +598,7 @@ def step_nan_probe(context: Context) -> Outcome:
     if rows:
         markdown.append(_table(("case", "output", "channel", "CPU", "GPU"), rows))
         differing = len({(case, output) for case, output, *_ in rows})
-        note = f"{differing} of {compared} outputs differ from the CPU backend{partial}"
+        note = f"{differing} outputs differ from the CPU backend ({compared} compared){partial}"
         return Outcome("failed", note, "\n\n".join(markdown))
     markdown.append(f"All {compared} outputs match the CPU backend in every channel.")
     note = f"{compared} outputs of {_counted(ran, 'case')} match the CPU backend{partial}"
@@ -817,7 +830,8 @@ def cpu_worker(library: str, threads: int, shape: tuple[int, ...], repeat: int) 
 
 def _worker_result(
     library: str, threads: int, shape: tuple[int, ...], repeat: int, timeout: float
-) -> dict[str, Any] | None:
+) -> dict[str, Any] | str:
+    """What :func:`cpu_worker` measured in a fresh process, or why it did not."""
     environment = _child_environment(
         NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)
     )
@@ -827,13 +841,13 @@ def _worker_result(
     finished = run_command(command, timeout, _print_indented, environment)
     for line in reversed(finished.output.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    return None
+            return dict(json.loads(line[len("RESULT ") :]))
+    return "timed out" if finished.timed_out else _last_line(finished.output)[:200]
 
 
 def step_cpu_threads(context: Context) -> Outcome:
     """numbabn's and PyTorch's CPU forward + backward with 1 to 16 threads, fresh processes."""
-    cores = os.cpu_count() or 1
+    cores = _cores()
     wanted = DRY_THREAD_COUNTS if context.dry_run else THREAD_COUNTS
     counts = tuple(n for n in wanted if n <= cores) or (1,)
     shape = DRY_CPU_SHAPE if context.dry_run else CPU_SHAPE
@@ -851,8 +865,8 @@ def step_cpu_threads(context: Context) -> Outcome:
             print(f"cpu {library}, {threads} threads", flush=True)
             timeout = min(WORKER_SECONDS, context.seconds_left())
             result = _worker_result(library, threads, shape, repeat, timeout)
-            if result is None:
-                failures.append(f"{library} x{threads}: no result")
+            if isinstance(result, str):
+                failures.append(f"{library} x{threads}: {result}")
             elif library == "numbabn" and result["threads"] != threads:
                 failures.append(f"numbabn x{threads} ran {result['threads']} threads")
             else:
@@ -1070,13 +1084,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         parser.error("--out DIR is required")
+    out = args.out.resolve()  # the test steps run pytest in the repository's root
     if args.step:
-        return _run_step_here(args.step, args.out, args.dry_run, args.deadline)
+        return _run_step_here(args.step, out, args.dry_run, args.deadline)
     names = [name.strip() for name in args.steps.split(",") if name.strip()]
     unknown = sorted(set(names) - set(STEP_NAMES))
     if unknown:
         parser.error(f"unknown steps {', '.join(unknown)}; the steps are {', '.join(STEP_NAMES)}")
-    return run_all(args.out, args.dry_run, names)
+    return run_all(out, args.dry_run, names)
 
 
 if __name__ == "__main__":
