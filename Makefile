@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-long fuzz soak test-gpu lint asv-quick bench bench-gpu bench-sync bench-dask clean
+.PHONY: demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-gpu bench-sync bench-dask clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ gpu-check:
 	$(if $(OUT),,$(error name the results folder: make gpu-check OUT=dir))
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m numbabn.bench.gpu_check --out $(OUT) \
 		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS))
+
+## gpu-static: the CUDA kernels compiled for sm_90 without a GPU (registers, spills, occupancy,
+## SASS per element) into benchmarks/results/gpu-static.md
+gpu-static: $(VENV)/.installed-test
+	NUMBA_ENABLE_CUDASIM=0 $(PY) -m numbabn.bench.gpu_static --out benchmarks/results/gpu-static.md
 
 ## asv-quick: run each asv benchmark once in this environment (fails on a broken one);
 ## the cold-start ones, which compile everything each time, are left to a full asv run

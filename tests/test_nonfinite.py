@@ -20,12 +20,6 @@ from the output, are left out.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 from conftest import make_input, random_vector
@@ -291,85 +285,3 @@ def test_threaded_cpu_path(rng, scenario, mode, layout):
     _check(arrays, training, affine, True, "cpu", np.float64, scenario)
     arrays["z"] = None
     _check(arrays, training, affine, False, "cpu", np.float64, scenario)
-
-
-# Compiles every CUDA kernel to PTX for sm_90 without a GPU. Offline, two lookups
-# that only matter on a device are stubbed: the current device's compute
-# capability (typing a call to a device function asks for it) and the NVRTC
-# library (not needed to emit PTX; a toolkit may lack it).
-_PTX_SCRIPT = textwrap.dedent(
-    """
-    import re
-    import types as pytypes
-
-    try:
-        from numba import cuda, types
-        from numba.cuda import cuda_paths, dispatcher
-        from numba.cuda.cudadrv import nvvm
-
-        nvvm.NVVM()
-    except Exception as error:
-        print(f"SKIP: NVVM cannot be loaded: {error}")
-        raise SystemExit(0) from None
-    dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
-    cuda_paths._get_nvrtc_path = lambda: None
-
-    from numbabn._cuda import kernels
-
-    def array(dtype, ndim):
-        return types.Array(dtype, ndim, "A")
-
-    b, i64, f64 = types.boolean, types.int64, types.float64
-    coeffs, partials, counters = array(f64, 2), array(f64, 3), array(types.int32, 1)
-    for dtype in (types.float32, types.float64):
-        v, x = array(dtype, 1), array(dtype, 4)
-        signatures = {
-            "forward_statistics": (x, b, i64, v, v, v, v, f64, f64, coeffs, partials, counters),
-            "gradient_sums": (
-                x, x, x, b, i64, array(f64, 1), array(f64, 1), v, v, b, b, b, coeffs,
-                array(dtype, 2), partials, counters,
-            ),
-            "elementwise": (x, x, x, b, i64, i64, b, b, coeffs, x, x),
-            "running_coefficients": (v, v, v, v, f64, coeffs),
-            "gradient_scale": (array(f64, 1), v, coeffs),
-            "accumulate": (v, v),
-            "copy_5d": (array(dtype, 5), array(dtype, 5)),
-        }
-        for name, signature in signatures.items():
-            ptx, _ = cuda.compile_ptx(getattr(kernels, name).py_func, signature, cc=(9, 0))
-            for line in re.findall(r"^\\s*(?:max|min)\\.\\S*f(?:16|32|64)\\b.*$", ptx, re.M):
-                print(f"{name} ({dtype}): {line.strip()}")
-    print("DONE")
-    """
-)
-
-
-@pytest.mark.slow
-def test_cuda_kernels_have_no_float_min_max_in_ptx(tmp_path):
-    """PTX ``max``/``min`` return the operand that is not NaN: none may be left in the kernels.
-
-    The simulator runs Python's ``max`` (which keeps a NaN first operand), so only
-    the compiled code shows this; it is checked offline, with NVVM from a CUDA toolkit.
-    """
-    pytest.importorskip("numba_cuda")
-    environment = {
-        **os.environ,
-        "NUMBA_ENABLE_CUDASIM": "0",
-        "NUMBA_FORCE_CUDA_CC": "9.0",
-        "NUMBA_CACHE_DIR": str(tmp_path),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", _PTX_SCRIPT],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=Path(__file__).parent.parent,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    if lines and lines[0].startswith("SKIP: "):
-        pytest.skip(lines[0][len("SKIP: ") :])
-    assert lines and lines[-1] == "DONE", result.stdout + result.stderr[-3000:]
-    assert lines[:-1] == [], "float max/min in the PTX (they drop NaN):\n" + "\n".join(lines[:-1])

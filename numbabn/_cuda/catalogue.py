@@ -1,0 +1,117 @@
+"""Every CUDA kernel specialisation numbabn launches, with its Numba argument types.
+
+The table that the offline compile of :mod:`numbabn.bench.gpu_static` reads:
+for one input dtype, each kernel of :mod:`numbabn._cuda.kernels` that the
+backend launches, with the argument types it launches it with. Data arrays have
+the input's dtype; parameters, running statistics and parameter gradients are
+float32 for float16 input and the input's dtype otherwise; per-channel
+statistics, coefficients and partials are float64. Arrays are typed ``"A"``
+(any strides), the general case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from numba import types
+
+from numbabn._cuda import kernels
+
+FAMILIES = {
+    "rows": kernels.ROWS,
+    "planar": kernels.PLANAR,
+    "channels_inner": kernels.CHANNELS_INNER,
+}
+EVERY = tuple(FAMILIES)
+# Where the gradient sums write dz (a ReLU with a residual), planar views are staged as rows.
+NOT_PLANAR = ("rows", "channels_inner")
+
+# What the backend launches of each factory: the flags and the families.
+SUMS = {  # (through the forward's ReLU, with its residual)
+    "": ((False, False), EVERY),
+    "masked": ((True, False), EVERY),
+    "masked, residual": ((True, True), NOT_PLANAR),
+}
+PASSES = {  # (mode, residual, ReLU)
+    "affine": ((kernels.AFFINE, False, False), EVERY),
+    "affine, relu": ((kernels.AFFINE, False, True), EVERY),
+    "affine, residual": ((kernels.AFFINE, True, False), EVERY),
+    "affine, residual, relu": ((kernels.AFFINE, True, True), EVERY),
+    "gradient": ((kernels.GRADIENT, False, False), EVERY),
+    "masked gradient": ((kernels.MASKED_GRADIENT, False, False), EVERY),
+    "masked scale": ((kernels.MASKED_SCALE, False, False), EVERY),
+    "scaled gradient": ((kernels.SCALED_GRADIENT, False, False), NOT_PLANAR),
+}
+EVALUATIONS = {  # (residual, ReLU)
+    "": ((False, False), EVERY),
+    "relu": ((False, True), EVERY),
+    "residual": ((True, False), EVERY),
+    "residual, relu": ((True, True), EVERY),
+}
+
+
+def _array(dtype: Any, ndim: int) -> Any:
+    return types.Array(dtype, ndim, "A")
+
+
+def _label(name: str, *flags: str) -> str:
+    return f"{name}[{', '.join(flag for flag in flags if flag)}]"
+
+
+def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+    """``(label, kernel, argument types)`` of every kernel launched for inputs of ``dtype``.
+
+    Parameters
+    ----------
+    dtype : numba.types.Float
+        The input's dtype: ``types.float16``, ``types.float32`` or ``types.float64``.
+
+    Returns
+    -------
+    list of tuple
+        One entry per specialisation: its label, the kernel (a dispatcher: its
+        ``py_func`` is compiled with its options, such as launch bounds) and
+        the tuple of Numba types of its arguments.
+    """
+    param = types.float32 if dtype == types.float16 else dtype
+    b, i64, f64 = types.boolean, types.int64, types.float64
+    x, v = _array(dtype, 4), _array(param, 1)
+    stats, coeffs, partials = _array(f64, 1), _array(f64, 2), _array(f64, 3)
+    counters = _array(types.uint32, 1)
+    # Data kernels take (lanes, per_block) first.
+    statistics = (i64, i64, x, v, v, v, v, f64, f64, coeffs, partials, counters)
+    grads = _array(param, 2)
+    sums = (i64, i64, x, x, x, stats, stats, v, v, b, coeffs, grads, partials, counters, x)
+    elementwise = (i64, i64, x, x, x, coeffs, x)
+    evaluation = (i64, i64, x, x, v, v, v, v, f64, coeffs, x)
+    table: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+    for family_name, family in FAMILIES.items():
+        table.append((_label("statistics", family_name), kernels.statistics(family), statistics))
+        for kernel, factory, variants, signature in (
+            ("gradient_sums", kernels.gradient_sums, SUMS, sums),
+            ("elementwise", kernels.elementwise, PASSES, elementwise),
+            ("evaluation", kernels.evaluation, EVALUATIONS, evaluation),
+        ):
+            table += [
+                (_label(kernel, family_name, name), factory(family, *flags), signature)
+                for name, (flags, families) in variants.items()
+                if family_name in families
+            ]
+    return [
+        *table,
+        ("running_coefficients", kernels.running_coefficients, (v, v, v, v, f64, coeffs)),
+        (
+            "batch_coefficients",
+            kernels.batch_coefficients,
+            (stats, stats, i64, v, v, f64, v, v, f64, coeffs),
+        ),
+        (
+            "gradient_coefficients",
+            kernels.gradient_coefficients,
+            (coeffs, i64, stats, stats, v, coeffs),
+        ),
+        ("gradient_scale", kernels.gradient_scale, (stats, v, coeffs)),
+        ("accumulate", kernels.accumulate, (v, v)),
+        ("copy_5d", kernels.copy_5d, (_array(dtype, 5), _array(dtype, 5))),
+    ]
