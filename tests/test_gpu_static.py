@@ -1,7 +1,7 @@
 """The CUDA kernels compiled offline for sm_90 (H100, H200), without a GPU.
 
 Every kernel of the catalogue (numbabn/_cuda/catalogue.py), for every input
-dtype, must assemble without register spills, reach at least 50% theoretical
+dtype, must compile and assemble without register spills, reach at least 50% theoretical
 occupancy at numbabn's block size, and use no PTX ``min``/``max`` that drops NaN
 (they return the operand that is not NaN, where PyTorch propagates NaN; the
 simulator runs Python's ``max``, so only the compiled code shows them). The
@@ -24,12 +24,7 @@ from numbabn.bench import gpu_static
 
 @pytest.mark.slow
 def test_cuda_kernels_do_not_spill_fill_half_an_sm_and_keep_nan(tmp_path):
-    environment = {
-        **os.environ,
-        "NUMBA_ENABLE_CUDASIM": "0",
-        "NUMBA_FORCE_CUDA_CC": "9.0",
-        "NUMBA_CACHE_DIR": str(tmp_path),
-    }
+    environment = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "NUMBA_CACHE_DIR": str(tmp_path)}
     table = tmp_path / "gpu-static.md"
     # The checks need no SASS: the disassembly is left out, for time.
     command = ["-m", "numbabn.bench.gpu_static", "--check", "--no-sass", "--out", str(table)]

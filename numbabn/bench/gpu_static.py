@@ -2,9 +2,11 @@
 
 Run ``python -m numbabn.bench.gpu_static`` (``make gpu-static``): it prints a
 Markdown table, ``--out FILE`` writes it to a file too, and ``--check`` exits
-with 1 on any spill, any occupancy below 50% or any NaN-dropping min/max,
-printing each failure. Where the CUDA toolkit (``ptxas``) or NVVM is missing it
-prints one line, starting with :data:`MISSING`, and exits with 0.
+with 1 on any spill, any occupancy below 50%, any NaN-dropping min/max or any
+kernel that does not compile, printing each failure (``--no-sass`` leaves the
+disassembly out, which the checks do not need). Where the CUDA toolkit
+(``ptxas``) or NVVM is missing it prints one line, starting with
+:data:`MISSING`, and exits with 0.
 
 Every entry of :func:`numbabn._cuda.catalogue.catalogue` is compiled for each
 input dtype, in parallel worker processes: to PTX by numba-cuda with NVVM
@@ -17,7 +19,9 @@ and back to SASS by ``nvdisasm -c -gp`` (from the toolkit, or the
 Method
 ------
 Registers, spills, shared memory
-    What ``ptxas -v`` reports for the kernel (shared memory: the static amount).
+    What ``ptxas -v`` reports for the kernel (shared memory: the static amount;
+    its padding can differ by a few bytes between runs, as Numba declares a
+    module's shared arrays in an order that differs from one process to another).
 Occupancy
     Resident warps per SM over 64 at ``numbabn._tunables.THREADS`` threads per
     block: the fewest blocks that registers (65536 per SM, allocated per warp in
@@ -120,6 +124,7 @@ class Report:
     limiter: str
     min_max: tuple[str, ...]  # the NaN-dropping PTX instructions
     loops: tuple[HotLoop, ...] | None  # None when not disassembled
+    error: str = ""  # why it does not compile, if it does not
 
 
 # -- the tools ----------------------------------------------------------------------
@@ -238,13 +243,20 @@ def analyse(task: tuple[str, int, Tools]) -> Report:
     # A dispatcher is compiled with the options it launches with (its launch bounds).
     chosen = getattr(kernel, "targetoptions", {})
     options = {name: chosen[name] for name in _COMPILE_OPTIONS if name in chosen}
-    ptx, _ = cuda.compile_ptx(getattr(kernel, "py_func", kernel), signature, cc=CC, **options)
     with tempfile.TemporaryDirectory() as folder:
         source, binary = Path(folder) / "kernel.ptx", Path(folder) / "kernel.cubin"
-        source.write_text(ptx)
-        info = _run(
-            [tools.ptxas, f"-arch={ARCH}", "-v", "-lineinfo", "-o", str(binary), str(source)]
-        )
+        try:
+            ptx, _ = cuda.compile_ptx(
+                getattr(kernel, "py_func", kernel), signature, cc=CC, **options
+            )
+            source.write_text(ptx)
+            info = _run(
+                [tools.ptxas, f"-arch={ARCH}", "-v", "-lineinfo", "-o", str(binary), str(source)]
+            )
+        except Exception as error:  # Numba's typing and lowering errors, a failed ptxas
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = ": ".join([type(error).__name__, *lines[:2]])[:300]  # Numba's gist
+            return Report(label, dtype, 0, 0, 0, 0, 0.0, "", (), None, reason)
         loops: tuple[HotLoop, ...] | None = ()
         if tools.nvdisasm is None:
             loops = None
@@ -596,6 +608,9 @@ def table(reports: Sequence[Report]) -> str:
         "| --- | --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for report in reports:
+        if report.error:
+            lines.append(f"| {report.label} | {report.dtype} | does not compile |{' |' * 5}")
+            continue
         min_max = ", ".join(sorted({_opcode(instruction) for instruction in report.min_max}))
         lines.append(
             f"| {report.label} | {report.dtype} | {report.registers} "
@@ -607,10 +622,14 @@ def table(reports: Sequence[Report]) -> str:
 
 
 def failures(reports: Sequence[Report]) -> list[str]:
-    """One line per failed check: a spill, occupancy below 50%, a NaN-dropping min/max."""
+    """One line per failed check: a spill, occupancy below 50%, a NaN-dropping min/max
+    (and a kernel that does not compile)."""
     found = []
     for report in reports:
         name = f"{report.label} ({report.dtype})"
+        if report.error:
+            found.append(f"{name}: does not compile: {report.error}")
+            continue
         if report.spill_stores or report.spill_loads:
             found.append(
                 f"{name}: spills ({report.spill_stores} bytes stored, {report.spill_loads} loaded)"
@@ -651,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the table (Markdown) to this file too")
     parser.add_argument(
         "--check", action="store_true",
-        help="exit with 1 on any spill, occupancy below 50%% or NaN-dropping min/max",
+        help="exit with 1 on any spill, occupancy below 50%%, NaN-dropping min/max or failed "
+        "compile",
     )  # fmt: skip
     parser.add_argument(
         "--no-sass", action="store_true", help="skip the disassembly (and the SASS counts)"
