@@ -50,7 +50,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from numba import cuda, float64, int32
+from numba import cuda, float64, int32, uint64
 from numba.cuda.core import config
 
 from numbabn import _coefficients, _source_stamp, _tunables
@@ -199,22 +199,27 @@ def _advance(x, family, a, r, s, da, dr, ds):
 
 @_device
 def _load(x, family, a, c, r, s):
-    """``x[a, c, r, s]`` in float64, indexing only the axes the family has."""
+    """``x[a, c, r, s]`` in float64, indexing only the axes the family has.
+
+    The indices are never negative: as unsigned integers they skip the
+    wraparound a signed index costs in every access.
+    """
     if family == CHANNELS_INNER:
-        return float64(x[a, c, 0, 0])
+        return float64(x[uint64(a), uint64(c), 0, 0])
     if family == ROWS:
-        return float64(x[a, c, 0, s])
-    return float64(x[a, c, r, s])
+        return float64(x[uint64(a), uint64(c), 0, uint64(s)])
+    return float64(x[uint64(a), uint64(c), uint64(r), uint64(s)])
 
 
 @_device
 def _store(out, family, a, c, r, s, value):
+    """``out[a, c, r, s] = value`` (see :func:`_load`)."""
     if family == CHANNELS_INNER:
-        out[a, c, 0, 0] = value
+        out[uint64(a), uint64(c), 0, 0] = value
     elif family == ROWS:
-        out[a, c, 0, s] = value
+        out[uint64(a), uint64(c), 0, uint64(s)] = value
     else:
-        out[a, c, r, s] = value
+        out[uint64(a), uint64(c), uint64(r), uint64(s)] = value
 
 
 # -- block reductions and the merge of partials -------------------------------------
