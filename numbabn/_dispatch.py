@@ -30,8 +30,8 @@ class Backend(Protocol):
     both backends.
 
     Arrays are the backend's own kind after :meth:`adopt`. A call's work runs
-    inside :meth:`on_stream` (the stream given, else the input's; the CPU
-    backend has none). Per-channel
+    inside :meth:`on_stream` (the stream given, else the input's, after the
+    other arrays' producers; the CPU backend has none). Per-channel
     statistics are float64 vectors: the fast paths keep them on the backend's
     device, the phases take and give NumPy vectors (what crosses an exchange).
     """
@@ -47,7 +47,9 @@ class Backend(Protocol):
     def assign(self, target: Any, values: np.ndarray | float) -> None: ...
     def may_share_memory(self, a: Any, b: Any) -> bool: ...
     def accumulate(self, target: Any, source: Any) -> None: ...
-    def on_stream(self, stream: Any | None, x: Any) -> AbstractContextManager[None]: ...
+    def on_stream(
+        self, stream: Any | None, x: Any, others: tuple[Any, ...] = ()
+    ) -> AbstractContextManager[None]: ...
 
     # -- the phases --------------------------------------------------------------
     def moments(self, x: Any) -> tuple[np.ndarray, np.ndarray]: ...

@@ -183,7 +183,8 @@ def batch_norm_forward(
     check.check_running_writeable(training, running_mean, running_var)
     # Python floats for the kernels: one compiled signature whatever number type was given.
     momentum, eps = float(momentum), float(eps)
-    with backend.on_stream(stream, x):
+    others = (*arrays[1:], None if epilogue is None else epilogue.residual)
+    with backend.on_stream(stream, x, others):
         return _forward(backend, arrays, epilogue, input, out, training, momentum, eps)
 
 
@@ -335,7 +336,14 @@ def batch_norm_backward(
             "gradient; pass another out= array"
         )
 
-    with backend.on_stream(stream, dy):
+    others = (
+        x,
+        weight_array,
+        bias_array,
+        out_array,
+        None if epilogue is None else epilogue.residual,
+    )
+    with backend.on_stream(stream, dy, others):
         grads = _backward(
             backend, dy, x, saved, weight, weight_array, bias_array, out_array, epilogue, out
         )

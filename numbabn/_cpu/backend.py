@@ -249,7 +249,9 @@ class CpuBackend:
         target += source
 
     @staticmethod
-    def on_stream(stream: Any | None, x: np.ndarray) -> contextlib.AbstractContextManager[None]:
+    def on_stream(
+        stream: Any | None, x: np.ndarray, others: tuple[Any, ...] = ()
+    ) -> contextlib.AbstractContextManager[None]:
         """Nothing to order on the CPU: a ``stream`` is refused.
 
         Raises

@@ -58,13 +58,24 @@ def current_stream() -> Any:
 
 
 @contextlib.contextmanager
-def on_stream(stream: Any | None, x: Any) -> Iterator[None]:
+def on_stream(stream: Any | None, x: Any, others: tuple[Any, ...] = ()) -> Iterator[None]:
     """Run the launches and copies made inside on ``stream``, by default ``x``'s.
 
-    ``x`` is the call's input as adopted: its stream is the producer's.
+    ``x`` is the call's input as adopted: its stream is the producer's. Arrays in
+    ``others`` valid on yet another stream are waited for on the device (an
+    event on their stream, which the call's stream waits on), as the CUDA Array
+    Interface asks of a consumer.
     """
     previous = current_stream()
-    _this_call.stream = getattr(x, "stream", 0) if stream is None else stream
+    chosen = getattr(x, "stream", 0) if stream is None else stream
+    if not SIMULATOR:  # the simulator runs every launch to its end at once
+        for array in (x, *others):
+            producer = getattr(array, "stream", 0)
+            if producer and (not chosen or int(producer) != int(chosen)):
+                event = cuda.event(timing=False)
+                event.record(producer)
+                event.wait(chosen)
+    _this_call.stream = chosen
     try:
         yield
     finally:
