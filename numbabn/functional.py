@@ -183,7 +183,7 @@ def batch_norm_forward(
     check.check_running_writeable(training, running_mean, running_var)
     # Python floats for the kernels: one compiled signature whatever number type was given.
     momentum, eps = float(momentum), float(eps)
-    others = (*arrays[1:], None if epilogue is None else epilogue.residual)
+    others = arrays if epilogue is None else (*arrays, epilogue.residual)
     with backend.on_stream(stream, x, others):
         return _forward(backend, arrays, epilogue, input, out, training, momentum, eps)
 

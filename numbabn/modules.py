@@ -76,9 +76,14 @@ def _gpu_of(device: str) -> int | None:
     return arrays.current_device()
 
 
+# A reusable context that does nothing: the host needs no device made current.
+_ON_HOST = contextlib.nullcontext()
+
+
 def _on_gpu(gpu: int | None) -> AbstractContextManager[Any]:
+    """Make GPU ``gpu`` current for what follows (a module's state lives there)."""
     if gpu is None:
-        return contextlib.nullcontext()
+        return _ON_HOST
     from numbabn._cuda import arrays
 
     return arrays.on_device(gpu)
@@ -165,7 +170,7 @@ class _BatchNorm:
             num_features = check.check_num_features(num_features, "zeros")
         self.num_features = num_features
         c, dtype = num_features, self.dtype
-        with self._on_device():
+        with _on_gpu(self._gpu):
             self._allocate_arrays(c, dtype)
 
     def _allocate_arrays(self, c: int, dtype: np.dtype) -> None:
@@ -257,16 +262,14 @@ class _BatchNorm:
         def moved(array: Any) -> Any:
             if array is None:
                 return None
-            host = self._backend.to_host(array).astype(new_dtype, copy=False)
-            return backend.from_host(host)
+            with _on_gpu(self._gpu):
+                host = self._backend.to_host(array).astype(new_dtype, copy=False)
+            with _on_gpu(gpu):
+                return backend.from_host(host)
 
         # Copy everything first, so a failure leaves the module where it was.
-        with self._on_device():
-            host = {key: getattr(self, key) for key in _ARRAY_KEYS}
-            host_grads = dict(self.grads)
-        with _on_gpu(gpu):
-            state = {key: moved(value) for key, value in host.items()}
-            grads = {name: moved(grad) for name, grad in host_grads.items()}
+        state = {key: moved(getattr(self, key)) for key in _ARRAY_KEYS}
+        grads = {name: moved(grad) for name, grad in self.grads.items()}
         for key, value in state.items():
             setattr(self, key, value)
         self.grads = grads
@@ -321,7 +324,7 @@ class _BatchNorm:
     def _check_kind(self, x: Any, name: str) -> None:
         """Raise TypeError unless ``x`` is an array on the module's device."""
         kind = kind_of(x)  # TypeError, naming what is accepted, for anything else
-        if kind != self.device.partition(":")[0]:
+        if kind != self.device and kind != self.device.partition(":")[0]:
             raise TypeError(
                 f"{type(self).__name__} is on {self.device} but the {name} is a {kind} array; "
                 f"move the module with .to({kind!r}) or the {name} to {self.device}"
@@ -336,10 +339,6 @@ class _BatchNorm:
                     f"cuda:{gpu}; move the module with .to('cuda:{gpu}') or the {name} to "
                     f"cuda:{self._gpu}"
                 )
-
-    def _on_device(self) -> AbstractContextManager[Any]:
-        """Make the module's GPU current for what follows (its state lives there)."""
-        return _on_gpu(self._gpu)
 
     def _momentum_argument(self, tracking: bool) -> Any:
         """The ``momentum`` a call passes on: the running-average factor when tracking.
@@ -412,7 +411,7 @@ class _BatchNorm:
 
                 output = nbdask.batch_norm(*args, activation=self.activation)
             else:
-                with self._on_device():
+                with _on_gpu(self._gpu):
                     output, saved = batch_norm_forward(
                         *args, out=out, residual=residual, activation=self.activation
                     )
@@ -513,7 +512,7 @@ class _BatchNorm:
         check.check_like(
             "grad_output", adopt(grad_output), adopt(saved.input), "the last forward's input"
         )
-        with self._on_device():
+        with _on_gpu(self._gpu):
             grad_input, grad_weight, grad_bias, *grad_residual = batch_norm_backward(
                 grad_output,
                 saved.input,
