@@ -89,7 +89,7 @@ def test_grid_covers_ragged_blocks():
 @pytest.mark.parametrize(("n_channels", "lanes"), [(2, 2), (3, 4), (9, 16), (40, 32)])
 def test_narrow_channels_inner_blocks_pack_positions(n_channels, lanes):
     """Channels-last data with fewer channels than LANES fills the warps with positions."""
-    sizes = (256, 32, 2048, 4, 64)
+    sizes = (256, 32, 2048, 4, 64, 8)
     shape, strides = (
         (64, n_channels, 8, 8),
         (8 * 8 * n_channels * 4, 4, 8 * n_channels * 4, n_channels * 4),
@@ -98,6 +98,36 @@ def test_narrow_channels_inner_blocks_pack_positions(n_channels, lanes):
     assert grid.family == kernels.CHANNELS_INNER
     assert grid.lanes == lanes
     assert grid.n_groups == -(-n_channels // lanes)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_wide_rows_are_walked_row_by_row(rng, activation):
+    """Rows of many values (wide feature maps) take whole rows a block, walked one by one."""
+    shape = (3, 2, 10, 14)  # 140 values a row: wide for the simulator's 16-thread blocks
+    x = make_input(rng, shape, "contiguous", np.float64, loc=50.0)
+    dy = make_input(rng, shape, "contiguous", np.float64)
+    z = make_input(rng, shape, "contiguous", np.float64) if activation else None
+    grid = cuda_backend._grid_for(to_device(x))
+    if SIMULATOR:
+        assert grid.family == kernels.WIDE_ROWS and grid.n_chunks > 1
+    bn = numbabn.BatchNorm2d(2, dtype=np.float64, device="cuda", activation=activation)
+    reference = numbabn.BatchNorm2d(2, dtype=np.float64, activation=activation)
+    for training in (True, False):
+        bn.train(training)
+        reference.train(training)
+        residual = None if z is None else to_device(z)
+        y = bn(to_device(x), residual=residual)
+        grads = bn.backward(to_device(dy))
+        expected = reference(x, residual=z)
+        expected_grads = reference.backward(dy)
+        np.testing.assert_allclose(host(y), expected, rtol=1e-10, atol=1e-10)
+        if activation:
+            for got, want in zip(grads, expected_grads, strict=True):
+                np.testing.assert_allclose(host(got), want, rtol=1e-10, atol=1e-10)
+        else:
+            np.testing.assert_allclose(host(grads), expected_grads, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(host(bn.running_mean), reference.running_mean, rtol=1e-12)
+    np.testing.assert_allclose(host(bn.grads["weight"]), reference.grads["weight"], rtol=1e-9)
 
 
 def test_float16_input_with_float32_parameters(rng):

@@ -22,7 +22,7 @@ class _Grid:
 
     slots_view: Any  # the CPU layout whose axis groups the view follows
     shape: tuple[int, int, int, int]
-    family: int  # kernels.ROWS, PLANAR or CHANNELS_INNER
+    family: int  # kernels.ROWS, WIDE_ROWS, PLANAR or CHANNELS_INNER
     lanes: int  # channels per block (1 for planar views)
     per_block: int
     n_chunks: int
@@ -51,7 +51,7 @@ class _Grid:
 @functools.lru_cache(maxsize=256)
 def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ...]) -> _Grid | None:
     """The grid for an input; ``sizes`` are the tunables (part of the cache key)."""
-    threads, lanes, target, min_per_thread, max_per_thread = sizes
+    threads, lanes, target, min_per_thread, max_per_thread, wide_row_threads = sizes
     layout = plan_strided(shape, strides)
     if layout is None:
         return None
@@ -66,6 +66,8 @@ def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ..
         a, n_channels, r, s = layout.view_shape
         view_shape = (a, n_channels, r, s)
         family = kernels.ROWS if r == 1 else kernels.PLANAR
+        if r == 1 and s >= wide_row_threads * threads:
+            family = kernels.WIDE_ROWS
         n_values = a * r * s
         lanes = 1
         n_groups = n_channels
@@ -73,12 +75,17 @@ def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ..
     wanted = -(-n_values * n_groups // target)
     per_thread = min(max_per_thread, max(min_per_thread, -(-wanted // threads_per_channel)))
     per_block = per_thread * threads_per_channel
+    if family == kernels.WIDE_ROWS:  # whole rows a block
+        per_block = max(1, per_block // s) * s
     n_chunks = max(1, -(-n_values // per_block))
     return _Grid(layout, view_shape, family, lanes, per_block, n_chunks, n_groups)
 
 
 def _grid_for(x: Any) -> _Grid | None:
-    sizes = (kernels.THREADS, kernels.LANES, TARGET_BLOCKS, MIN_PER_THREAD, MAX_PER_THREAD)
+    sizes = (
+        kernels.THREADS, kernels.LANES, TARGET_BLOCKS, MIN_PER_THREAD, MAX_PER_THREAD,
+        kernels.WIDE_ROW_THREADS,
+    )  # fmt: skip
     return _grid(tuple(x.shape), tuple(x.strides), sizes)
 
 
@@ -268,10 +275,10 @@ class CudaBackend:
         dz)``; through a ReLU with a residual it writes the masked ``dy`` to ``dz`` (else
         None)."""
         residual = epilogue is not None and epilogue.residual is not None
-        # Through a ReLU with a residual, the sums read three operands and write a
-        # fourth: with the strides of a planar view, more than 64 registers a thread
-        # (half occupancy) hold. Such operands are staged as rows instead.
-        ops = _Operands(x, as_rows=residual)
+        # Through a ReLU, rebuilding the mask (and with a residual, writing dz) over the
+        # strides of a planar view takes more than the 64 registers a thread that half
+        # occupancy leaves. Such operands are staged as rows instead.
+        ops = _Operands(x, as_rows=epilogue is not None)
         dy_view = ops.input_view(dy)
         z_view, _, _ = ops.epilogue_views(ops.view, epilogue)
         dz = arrays.empty_like(ops.x) if residual else None

@@ -20,18 +20,22 @@ from numbabn._cuda import kernels
 
 FAMILIES = {
     "rows": kernels.ROWS,
+    "wide_rows": kernels.WIDE_ROWS,
     "planar": kernels.PLANAR,
     "channels_inner": kernels.CHANNELS_INNER,
 }
 EVERY = tuple(FAMILIES)
-# Where the gradient sums write dz (a ReLU with a residual), planar views are staged as rows.
-NOT_PLANAR = ("rows", "channels_inner")
+# Through the forward's ReLU, the operands of planar views are staged as rows, and the
+# passes that rebuild the mask take the rows kernels for wide rows too.
+MASKED = ("rows", "channels_inner")
+# The scaled gradient follows a ReLU with a residual: never over a planar view.
+NOT_PLANAR = ("rows", "wide_rows", "channels_inner")
 
 # What the backend launches of each factory: the flags and the families.
 SUMS = {  # (through the forward's ReLU, with its residual)
     "": ((False, False), EVERY),
-    "masked": ((True, False), EVERY),
-    "masked, residual": ((True, True), NOT_PLANAR),
+    "masked": ((True, False), MASKED),
+    "masked, residual": ((True, True), MASKED),
 }
 PASSES = {  # (mode, residual, ReLU)
     "affine": ((kernels.AFFINE, False, False), EVERY),
@@ -39,8 +43,8 @@ PASSES = {  # (mode, residual, ReLU)
     "affine, residual": ((kernels.AFFINE, True, False), EVERY),
     "affine, residual, relu": ((kernels.AFFINE, True, True), EVERY),
     "gradient": ((kernels.GRADIENT, False, False), EVERY),
-    "masked gradient": ((kernels.MASKED_GRADIENT, False, False), EVERY),
-    "masked scale": ((kernels.MASKED_SCALE, False, False), EVERY),
+    "masked gradient": ((kernels.MASKED_GRADIENT, False, False), MASKED),
+    "masked scale": ((kernels.MASKED_SCALE, False, False), MASKED),
     "scaled gradient": ((kernels.SCALED_GRADIENT, False, False), NOT_PLANAR),
 }
 EVALUATIONS = {  # (residual, ReLU)

@@ -9,7 +9,10 @@ needs:
   axes merge into one run of ``S`` values per sample and channel);
 * ``PLANAR``: planar views of any strides;
 * ``CHANNELS_INNER``: ``(P, C, 1, 1)``, the channel axis innermost in memory
-  (channels-last data, ``(N, C)`` matrices).
+  (channels-last data, ``(N, C)`` matrices);
+* ``WIDE_ROWS``: rows views whose rows are wide (at least ``WIDE_ROW_THREADS``
+  times ``THREADS`` values): a block takes whole rows and its threads walk each
+  row with one index, which saves the carries of a walk across rows.
 
 Every data kernel takes ``lanes`` and ``per_block`` (values of a channel a
 block covers) first. The blocks are ``(chunk, channel group)`` pairs: block ``(i, j)`` covers chunk
@@ -61,6 +64,8 @@ SIMULATOR = bool(config.ENABLE_CUDASIM)
 # (the tests patch them small under the simulator, so that ragged edges run).
 THREADS = _tunables.THREADS
 LANES = _tunables.LANES
+# Rows of at least this many times THREADS values are walked row by row (WIDE_ROWS).
+WIDE_ROW_THREADS = _tunables.WIDE_ROW_THREADS
 # Blocks of THREADS threads that the data kernels must fit on one multiprocessor at
 # once: ptxas keeps their registers within that (64 a thread: 50% occupancy).
 MIN_BLOCKS = _tunables.MIN_BLOCKS_PER_SM
@@ -85,7 +90,7 @@ def _kernel(function: Any, bounded: bool = True) -> Any:
 _device = cuda.jit(device=True, **_GPU_ONLY)
 
 # View families.
-ROWS, PLANAR, CHANNELS_INNER = 0, 1, 2
+ROWS, PLANAR, CHANNELS_INNER, WIDE_ROWS = 0, 1, 2, 3
 
 # The rows of the per-channel coefficients (a float64 array of shape (6, C)).
 # Normalisation: y = relu((x - MEAN) * SCALE + SHIFT (+ z)), with INVSTD kept for
@@ -137,7 +142,8 @@ def _thread_range(x, family, lanes, per_block):
 
     The grid is one-dimensional, chunks fastest (a second grid axis would cap the
     channel groups at 65535). The thread takes ``values`` values of its channel,
-    ``step`` apart from ``first`` on.
+    ``step`` apart from ``first`` on; in ``WIDE_ROWS`` views, ``values`` counts
+    the chunk's rows instead (see :func:`_loop_counts`).
     """
     n_values = _n_values(x)
     n_chunks = (n_values + per_block - 1) // per_block
@@ -157,7 +163,10 @@ def _thread_range(x, family, lanes, per_block):
     stop = chunk * per_block + per_block
     if stop > n_values:
         stop = n_values
-    values = (stop - first + step - 1) // step if first < stop else 0
+    if family == WIDE_ROWS:  # the rows of the chunk (a chunk is whole rows)
+        values = (stop - chunk * per_block) // x.shape[3]
+    else:
+        values = (stop - first + step - 1) // step if first < stop else 0
     return chunk, group, channel, first, values, step, channel < x.shape[1]
 
 
@@ -169,11 +178,11 @@ def _position(x, family, k):
     n_s = x.shape[3]
     q = k // n_s
     s = k - q * n_s
-    if family == ROWS:
-        return q, 0, s
-    n_r = x.shape[2]
-    a = q // n_r
-    return a, q - a * n_r, s
+    if family == PLANAR:
+        n_r = x.shape[2]
+        a = q // n_r
+        return a, q - a * n_r, s
+    return q, 0, s
 
 
 @_device
@@ -181,6 +190,8 @@ def _advance(x, family, a, r, s, da, dr, ds):
     """``(a, r, s)`` moved on by ``(da, dr, ds)`` (from :func:`_position`), with carries."""
     if family == CHANNELS_INNER:
         return a + da, 0, 0
+    if family == WIDE_ROWS:  # within a row: no carry
+        return a, 0, s + ds
     s += ds
     a += da
     if s >= x.shape[3]:
@@ -198,6 +209,26 @@ def _advance(x, family, a, r, s, da, dr, ds):
 
 
 @_device
+def _loop_counts(x, family, taken, s):
+    """``(rows, values per row)`` of a thread's walk from ``taken`` and its first ``s``.
+
+    One "row" of ``taken`` values in the flat walks; in ``WIDE_ROWS`` views,
+    ``taken`` rows of the values ``s, s + THREADS, ...`` each.
+    """
+    if family == WIDE_ROWS:
+        return taken, (x.shape[3] - s + THREADS - 1) // THREADS
+    return 1, taken
+
+
+@_device
+def _next_row(family, a, s, ds, per_row):
+    """The start of the thread's next row (``WIDE_ROWS``: the same ``s`` in row ``a + 1``)."""
+    if family == WIDE_ROWS:
+        return a + 1, s - per_row * ds
+    return a, s
+
+
+@_device
 def _load(x, family, a, c, r, s):
     """``x[a, c, r, s]`` in float64, indexing only the axes the family has.
 
@@ -206,9 +237,9 @@ def _load(x, family, a, c, r, s):
     """
     if family == CHANNELS_INNER:
         return float64(x[uint64(a), uint64(c), 0, 0])
-    if family == ROWS:
-        return float64(x[uint64(a), uint64(c), 0, uint64(s)])
-    return float64(x[uint64(a), uint64(c), uint64(r), uint64(s)])
+    if family == PLANAR:
+        return float64(x[uint64(a), uint64(c), uint64(r), uint64(s)])
+    return float64(x[uint64(a), uint64(c), 0, uint64(s)])
 
 
 @_device
@@ -216,10 +247,10 @@ def _store(out, family, a, c, r, s, value):
     """``out[a, c, r, s] = value`` (see :func:`_load`)."""
     if family == CHANNELS_INNER:
         out[uint64(a), uint64(c), 0, 0] = value
-    elif family == ROWS:
-        out[uint64(a), uint64(c), 0, uint64(s)] = value
-    else:
+    elif family == PLANAR:
         out[uint64(a), uint64(c), uint64(r), uint64(s)] = value
+    else:
+        out[uint64(a), uint64(c), 0, uint64(s)] = value
 
 
 # -- block reductions and the merge of partials -------------------------------------
@@ -329,11 +360,14 @@ def statistics(family: int) -> Any:
             shift = _finite_or_zero(float64(x[0, channel, 0, 0]))
             a, r, s = _position(x, family, k)
             da, dr, ds = _position(x, family, step)
-            for _ in range(taken):
-                dv = _load(x, family, a, channel, r, s) - shift
-                sum_v += dv
-                sum_vv += dv * dv
-                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+            rows, per_row = _loop_counts(x, family, taken, s)
+            for _row in range(rows):
+                for _value in range(per_row):
+                    dv = _load(x, family, a, channel, r, s) - shift
+                    sum_v += dv
+                    sum_vv += dv * dv
+                    a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+                a, s = _next_row(family, a, s, ds, per_row)
         n_chunks = cuda.gridDim.x // counters.shape[0]
         total_v, total_vv, last = _reduce_to_partials(
             family, sum_v, sum_vv, lanes, chunk, group, channel, n_chunks, partials, counters
@@ -361,11 +395,17 @@ def statistics(family: int) -> Any:
 
 # -- gradient sums -----------------------------------------------------------------
 
+# _flat_when_masked: the passes through the forward's ReLU walk wide rows as plain rows
+# (any chunk of whole rows is a chunk of values): rebuilding the mask, a row-by-row walk
+# needs more than the 64 registers a thread that half occupancy leaves.
+
 
 @functools.cache
 def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
     """The gradient-sums kernel of a family, through the forward's ReLU when ``masked``
     (with its residual add when ``residual``)."""
+    if masked and family == WIDE_ROWS:
+        return gradient_sums(ROWS, masked, residual)  # see _flat_when_masked
 
     def sums(
         lanes, per_block, dy, x, z, mean, invstd, weight, bias, batch_stats, coeffs, grads,
@@ -394,21 +434,24 @@ def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
             shift = float64(bias[channel])
             a, r, s = _position(x, family, k)
             da, dr, ds = _position(x, family, step)
-            for _ in range(taken):
-                g = _load(dy, family, a, channel, r, s)
-                centred = _load(x, family, a, channel, r, s) - m
-                if masked:
-                    pre = centred * scale + shift
-                    if residual:
-                        pre += _load(z, family, a, channel, r, s)
-                    if pre <= 0.0:
-                        g = 0.0
-                    if residual:
-                        _store(dz, family, a, channel, r, s, g)
-                # Masked values still add 0 * (x - m): NaN for infinite x, as in PyTorch.
-                sum_g += g
-                sum_gx += g * centred
-                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+            rows, per_row = _loop_counts(x, family, taken, s)
+            for _row in range(rows):
+                for _value in range(per_row):
+                    g = _load(dy, family, a, channel, r, s)
+                    centred = _load(x, family, a, channel, r, s) - m
+                    if masked:
+                        pre = centred * scale + shift
+                        if residual:
+                            pre += _load(z, family, a, channel, r, s)
+                        if pre <= 0.0:
+                            g = 0.0
+                        if residual:
+                            _store(dz, family, a, channel, r, s, g)
+                    # Masked values still add 0 * (x - m): NaN for infinite x, as in PyTorch.
+                    sum_g += g
+                    sum_gx += g * centred
+                    a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+                a, s = _next_row(family, a, s, ds, per_row)
         n_chunks = cuda.gridDim.x // counters.shape[0]
         total_g, total_gx, last = _reduce_to_partials(
             family, sum_g, sum_gx, lanes, chunk, group, channel, n_chunks, partials, counters
@@ -444,6 +487,8 @@ def elementwise(family: int, mode: int, residual: bool, relu: bool) -> Any:
     """The elementwise kernel of a family for one ``mode`` (``AFFINE`` with or without the
     residual and ReLU, ``GRADIENT``, ``MASKED_GRADIENT``, ``MASKED_SCALE``, ``SCALED_GRADIENT``)."""
     masked = mode in (MASKED_GRADIENT, MASKED_SCALE)
+    if masked and family == WIDE_ROWS:
+        return elementwise(ROWS, mode, residual, relu)  # see _flat_when_masked
     scaled = mode in (MASKED_SCALE, SCALED_GRADIENT)
 
     def pass_(lanes, per_block, x, dy, z, coeffs, out):
@@ -466,24 +511,27 @@ def elementwise(family: int, mode: int, residual: bool, relu: bool) -> Any:
         c5 = coeffs[MASK_SHIFT, channel] if masked else 0.0
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
-        for _ in range(taken):
-            if mode == AFFINE:
-                value = (_load(x, family, a, channel, r, s) - c0) * c2 + c3
-                if residual:
-                    value += _load(z, family, a, channel, r, s)
-                if relu:
-                    value = _relu(value)
-            else:
-                g = _load(dy, family, a, channel, r, s)
-                # NaN passes dy on, as PyTorch's ReLU backward does.
-                if masked and (_load(x, family, a, channel, r, s) - c0) * c4 + c5 <= 0.0:
-                    g = 0.0
-                if scaled:
-                    value = g * c1  # 0 * (x - c0) would be NaN for infinite x
+        rows, per_row = _loop_counts(x, family, taken, s)
+        for _row in range(rows):
+            for _value in range(per_row):
+                if mode == AFFINE:
+                    value = (_load(x, family, a, channel, r, s) - c0) * c2 + c3
+                    if residual:
+                        value += _load(z, family, a, channel, r, s)
+                    if relu:
+                        value = _relu(value)
                 else:
-                    value = (g + c2 * (_load(x, family, a, channel, r, s) - c0) + c3) * c1
-            _store(out, family, a, channel, r, s, value)
-            a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+                    g = _load(dy, family, a, channel, r, s)
+                    # NaN passes dy on, as PyTorch's ReLU backward does.
+                    if masked and (_load(x, family, a, channel, r, s) - c0) * c4 + c5 <= 0.0:
+                        g = 0.0
+                    if scaled:
+                        value = g * c1  # 0 * (x - c0) would be NaN for infinite x
+                    else:
+                        value = (g + c2 * (_load(x, family, a, channel, r, s) - c0) + c3) * c1
+                _store(out, family, a, channel, r, s, value)
+                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+            a, s = _next_row(family, a, s, ds, per_row)
 
     return _kernel(pass_)
 
@@ -512,12 +560,15 @@ def evaluation(family: int, residual: bool, relu: bool) -> Any:
             coeffs[SHIFT, channel] = shift
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
-        for _ in range(taken):
-            value = (_load(x, family, a, channel, r, s) - mean) * scale + shift
-            if residual:
-                value += _load(z, family, a, channel, r, s)
-            _store(out, family, a, channel, r, s, _relu(value) if relu else value)
-            a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+        rows, per_row = _loop_counts(x, family, taken, s)
+        for _row in range(rows):
+            for _value in range(per_row):
+                value = (_load(x, family, a, channel, r, s) - mean) * scale + shift
+                if residual:
+                    value += _load(z, family, a, channel, r, s)
+                _store(out, family, a, channel, r, s, _relu(value) if relu else value)
+                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+            a, s = _next_row(family, a, s, ds, per_row)
 
     return _kernel(evaluate)
 
