@@ -33,8 +33,8 @@ LANES = 32
 # 256 threads is half of an sm_90 multiprocessor's 64 warps (at most 64 registers a thread).
 MIN_BLOCKS_PER_SM = 4
 # Rows of at least this many times THREADS values (56 x 56 maps and wider) are walked
-# row by row, every thread on its own values of each row: the last pass over a row
-# leaves at most 1 / WIDE_ROW_THREADS of the threads idle.
+# row by row, every thread on its own values of each row: a block passes over a row at
+# least this many times, and only the last pass can leave threads idle.
 WIDE_ROW_THREADS = 8
 # Grids aim at this many blocks, each thread taking between MIN_PER_THREAD and
 # MAX_PER_THREAD values: enough blocks to fill a large GPU, enough work per
