@@ -164,11 +164,6 @@ def current_device() -> int:
     return 0 if SIMULATOR else cuda.get_current_device().id
 
 
-def device_count() -> int:
-    """How many GPUs Numba can use."""
-    return len(cuda.gpus)
-
-
 def on_device(index: int) -> contextlib.AbstractContextManager[Any]:
     """Make GPU ``index`` current for what follows (nothing to do when it is)."""
     if index == current_device():

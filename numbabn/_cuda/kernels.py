@@ -310,15 +310,19 @@ def _last_block(counters, group, n_chunks):
 
 
 @_device
-def _reduce_to_partials(
-    family, sum_a, sum_b, lanes, chunk, group, channel, n_chunks, partials, counters
-):
-    """Write the block's sums as partials; in the last block, return every thread's share
-    of the merged totals (the finished channel's, for threads ``t < keep``) and True."""
+def _reduce_to_partials(family, sum_a, sum_b, lanes, chunk, group, channel, partials, counters):
+    """Write the block's sums as partials and merge them in the group's last block.
+
+    Returns ``(total_a, total_b, finishing)``: ``finishing`` is True for the
+    threads of the last block that finish a channel (one per channel), which
+    hold its merged totals.
+    """
     keep = lanes if family == CHANNELS_INNER else 1
+    n_chunks = cuda.gridDim.x // counters.shape[0]
+    valid = channel < partials.shape[1 if family == CHANNELS_INNER else 0]
     total_a, total_b = _block_reduce(sum_a, sum_b, keep)
     t = cuda.threadIdx.x
-    if t < keep and channel < partials.shape[1 if family == CHANNELS_INNER else 0]:
+    if t < keep and valid:
         i, j = _partial_index(family, channel, chunk)
         partials[i, j, 0] = total_a
         partials[i, j, 1] = total_b
@@ -328,13 +332,13 @@ def _reduce_to_partials(
     row = t // keep
     merge_a = 0.0
     merge_b = 0.0
-    if channel < partials.shape[1 if family == CHANNELS_INNER else 0]:
+    if valid:
         for merged in range(row, n_chunks, THREADS // keep):
             i, j = _partial_index(family, channel, merged)
             merge_a += partials[i, j, 0]
             merge_b += partials[i, j, 1]
     total_a, total_b = _block_reduce(merge_a, merge_b, keep)
-    return total_a, total_b, True
+    return total_a, total_b, t < keep and valid
 
 
 # -- statistics ---------------------------------------------------------------------
@@ -368,12 +372,10 @@ def statistics(family: int) -> Any:
                     sum_vv += dv * dv
                     a, r, s = _advance(x, family, a, r, s, da, dr, ds)
                 a, s = _next_row(family, a, s, ds, per_row)
-        n_chunks = cuda.gridDim.x // counters.shape[0]
-        total_v, total_vv, last = _reduce_to_partials(
-            family, sum_v, sum_vv, lanes, chunk, group, channel, n_chunks, partials, counters
+        total_v, total_vv, finishing = _reduce_to_partials(
+            family, sum_v, sum_vv, lanes, chunk, group, channel, partials, counters
         )
-        keep = lanes if family == CHANNELS_INNER else 1
-        if not last or cuda.threadIdx.x >= keep or not active:
+        if not finishing:
             return
         count = _n_values(x)
         mean, m2 = _channel_moments(total_v, total_vv, shift, count)
@@ -452,12 +454,10 @@ def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
                     sum_gx += g * centred
                     a, r, s = _advance(x, family, a, r, s, da, dr, ds)
                 a, s = _next_row(family, a, s, ds, per_row)
-        n_chunks = cuda.gridDim.x // counters.shape[0]
-        total_g, total_gx, last = _reduce_to_partials(
-            family, sum_g, sum_gx, lanes, chunk, group, channel, n_chunks, partials, counters
+        total_g, total_gx, finishing = _reduce_to_partials(
+            family, sum_g, sum_gx, lanes, chunk, group, channel, partials, counters
         )
-        keep = lanes if family == CHANNELS_INNER else 1
-        if not last or cuda.threadIdx.x >= keep or not active:
+        if not finishing:
             return
         c = channel
         grads[0, c] = total_gx * invstd[c]
