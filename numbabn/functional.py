@@ -344,9 +344,7 @@ def batch_norm_backward(
         None if epilogue is None else epilogue.residual,
     )
     with backend.on_stream(stream, dy, others):
-        grads = _backward(
-            backend, dy, x, saved, weight, weight_array, bias_array, out_array, epilogue, out
-        )
+        grads = _backward(backend, dy, x, saved, weight_array, bias_array, out_array, epilogue)
     return _backward_results(backend, grads, (input, weight, residual), out, grad_output)
 
 
@@ -355,22 +353,19 @@ def _backward(
     dy: Any,
     x: Any,
     saved: SavedStats,
-    weight: Any | None,
     weight_array: Any | None,
     bias_array: Any | None,
     out_array: Any | None,
     epilogue: Epilogue | None,
-    out: Any | None,
 ) -> tuple[Any, Any | None, Any | None, Any | None]:
     """:func:`batch_norm_backward` once its arguments are checked: ``(dx, dweight, dbias,
     dz)``, dz None when it is ``grad_output`` itself or there is no residual."""
     n_channels = x.shape[1]
     if x.size == 0:
-        grad_input = backend.empty_like(x) if out is None else out_array
+        grad_input = backend.empty_like(x) if out_array is None else out_array
         grad_residual = backend.empty_like(x)
         grad_weight = grad_bias = None
-        if weight is not None:
-            assert weight_array is not None  # adopted from weight
+        if weight_array is not None:
             zeros = np.zeros(n_channels, weight_array.dtype)
             grad_weight, grad_bias = backend.from_host(zeros), backend.from_host(zeros)
     elif epilogue is not None and epilogue.relu:

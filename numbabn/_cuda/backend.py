@@ -274,13 +274,12 @@ class CudaBackend:
         """The first backward launch: ``(operands, dy view, coefficients, [dweight, dbias],
         dz)``; through a ReLU with a residual it writes the masked ``dy`` to ``dz`` (else
         None)."""
-        residual = epilogue is not None and epilogue.residual is not None
         # Through a ReLU, rebuilding the mask (and with a residual, writing dz) over the
         # strides of a planar view takes more than the 64 registers a thread that half
         # occupancy leaves. Such operands are staged as rows instead.
         ops = _Operands(x, as_rows=epilogue is not None)
         dy_view = ops.input_view(dy)
-        z_view, _, _ = ops.epilogue_views(ops.view, epilogue)
+        z_view, residual, _ = ops.epilogue_views(ops.view, epilogue)
         dz = arrays.empty_like(ops.x) if residual else None
         dz_view = ops.view if dz is None else ops.grid.view(dz)
         grads = arrays.empty((2, x.shape[1]), weight.dtype)
