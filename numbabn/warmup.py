@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from numbabn import functional
-from numbabn._cpu import CpuBackend, fused, kernels, parallel
+from numbabn._cpu import CpuBackend, jit, kernels
 from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
 from numbabn._layouts import LAYOUTS_ANY, LAYOUTS_SPATIAL, make_layout
 from numbabn.modules import BatchNorm1d, BatchNorm2d
@@ -50,14 +50,6 @@ assert _SIZES["serial"][0] * _CHANNELS * _SIZES["serial"][1] ** 2 < PARALLEL_MIN
 assert _SIZES["threaded"][0] * _CHANNELS * _SIZES["threaded"][1] ** 2 >= PARALLEL_MIN_ELEMENTS
 
 
-def _dispatchers() -> Iterator[Any]:
-    """Every Numba dispatcher of the CPU backend."""
-    for module in (kernels, fused, parallel):
-        for value in vars(module).values():
-            if hasattr(value, "stats") and hasattr(value, "py_func"):
-                yield value
-
-
 def compile_counts() -> tuple[int, int]:
     """``(compiled, loaded)``: signatures compiled and loaded from the cache so far.
 
@@ -65,7 +57,7 @@ def compile_counts() -> tuple[int, int]:
     misses and hits).
     """
     compiled = loaded = 0
-    for dispatcher in _dispatchers():
+    for dispatcher in jit.DISPATCHERS:
         stats = dispatcher.stats
         compiled += sum(stats.cache_misses.values())
         loaded += sum(stats.cache_hits.values())
@@ -78,7 +70,7 @@ def cache_dir() -> str:
     ``NUMBA_CACHE_DIR`` when set, else the ``__pycache__`` beside the installed
     sources, else (a read-only install) Numba's per-user cache directory.
     """
-    dispatcher: Any = kernels.sums_items
+    dispatcher: Any = kernels.merge
     path = str(dispatcher._cache.cache_path)  # Numba's FunctionCache knows its locator
     os.makedirs(path, exist_ok=True)
     return path

@@ -21,15 +21,19 @@ needs_two_threads = pytest.mark.skipif(
 
 @needs_two_threads
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_threads_write_what_one_call_writes(dtype):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["planar", "channels-inner"])
+def test_threads_write_what_one_call_writes(dtype, channels_last):
     x = np.random.default_rng(0).standard_normal((8, 5, 40, 41)).astype(dtype)
+    if channels_last:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     ops = _Operands(x)
-    shift = launch(kernels.first_values, ops.view, ops.layout.channels_inner)
+    assert ops.layout.channels_inner == channels_last
+    shift = ops.first_values()
     vector = np.linspace(0.5, 1.5, x.shape[1])
     calls = {
-        "sums": (kernels.sums_items, ops.view, ops.view, shift, shift, True),
-        "affine": (kernels.affine_items, ops.view, shift, vector, vector),
-        "grad": (kernels.grad_items, ops.view, ops.view, shift, vector, vector, vector),
+        "sums": (kernels.SUMS[ops.lanes], ops.view, ops.view, shift, shift, True),
+        "affine": (kernels.AFFINE[ops.lanes], ops.view, shift, vector, vector),
+        "grad": (kernels.GRAD[ops.lanes], ops.view, ops.view, shift, vector, vector, vector),
     }
     for name, (kernel, *args) in calls.items():
         one, spread = (

@@ -36,7 +36,8 @@ sys.path.insert(0, sys.argv[1])
 from conftest import layouts_for, make_input
 import numbabn as nbn
 from numbabn import functional as F
-from numbabn.warmup import _dispatchers, compile_counts
+from numbabn._cpu.jit import DISPATCHERS
+from numbabn.warmup import compile_counts
 
 rng = np.random.default_rng(1)
 dtype = np.float32
@@ -79,7 +80,7 @@ bn(x)
 bn.backward(np.ones_like(x))
 
 compiled, loaded = compile_counts()
-for dispatcher in _dispatchers():
+for dispatcher in DISPATCHERS:
     for signature, count in dispatcher.stats.cache_misses.items():
         print(f"compiled: {dispatcher.py_func.__qualname__}{signature}")
 print(f"compiled {compiled}, loaded {loaded}")

@@ -64,7 +64,9 @@ class _Operands:
         self.view = _as_input(view)
         self.serial = _serial(x.size)
         self.n_items = layout.n_items
-        self.launch_args = (layout.channels_inner, layout.geometry)
+        # Kernels come in one compiled family per view kind: FAMILY[ops.lanes] picks.
+        self.lanes = int(layout.channels_inner)
+        self.launch_args = (layout.geometry,)
 
     def fits(self, view: np.ndarray | None) -> bool:
         """Whether ``view`` (of another array in this layout) streams like ``x``'s own.
@@ -94,6 +96,17 @@ class _Operands:
         assert view is not None
         return view
 
+    def first_values(self) -> np.ndarray:
+        """Each channel's first value in float64 (0 where not finite): the statistics' shift.
+
+        As the serial kernels compute it (``kernels._first_values``): NumPy here,
+        since a compiled function would cost a first call a compilation.
+        """
+        first = self.view[0, 0, 0, :] if self.layout.channels_inner else self.view[0, :, 0, 0]
+        first = first.astype(np.float64)
+        first[~np.isfinite(first)] = 0.0
+        return first
+
     def partials(self) -> np.ndarray:
         return np.empty((self.layout.n_tiles, 2, self.x.shape[1]))
 
@@ -111,11 +124,12 @@ class _Operands:
     ) -> None:
         """``target = (x - mean) * scale + shift``, then the epilogue's residual add and ReLU."""
         if epilogue is None:
-            self.run(kernels.affine_items, self.view, mean, scale, shift, *self.launch_args, target)
+            affine = kernels.AFFINE[self.lanes]
+            self.run(affine, self.view, mean, scale, shift, *self.launch_args, target)
             return
         z = self.view if epilogue.residual is None else self.input_view(epilogue.residual)
         self.run(
-            fused.affine_act_items, self.view, z, mean, scale, shift,
+            fused.AFFINE_ACT[self.lanes], self.view, z, mean, scale, shift,
             epilogue.residual is not None, epilogue.relu, *self.launch_args, target,
         )  # fmt: skip
 
@@ -169,6 +183,11 @@ def _copy(target: np.ndarray, source: np.ndarray) -> None:
     )
 
 
+def _merged(partials: np.ndarray) -> np.ndarray:
+    """The ``(T, 2, C)`` partials summed over tiles, in tile order (as ``kernels.merge``)."""
+    return np.add.reduce(partials, axis=0)
+
+
 def _run(kernel: Callable[..., None], n_items: int, serial: bool, *args: Any) -> None:
     """Run an ``*_items`` kernel over ``n_items`` items: in one call, or on Numba's threads."""
     if serial:
@@ -190,7 +209,15 @@ def _grad_from_sums(
     """Write ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` into ``target``."""
     alpha, beta, gamma = kernels.finish_backward(sums, count, invstd, weight)
     ops.run(
-        kernels.grad_items, dy_view, ops.view, mean, alpha, beta, gamma, *ops.launch_args, target
+        kernels.GRAD[ops.lanes],
+        dy_view,
+        ops.view,
+        mean,
+        alpha,
+        beta,
+        gamma,
+        *ops.launch_args,
+        target,
     )
 
 
@@ -296,15 +323,16 @@ class CpuBackend:
                 z = ops.view if residual is None else ops.input_view(residual)
                 relu = epilogue is not None and epilogue.relu
                 return launch(
-                    fused.train_forward_serial, ops.view, z, residual is not None, relu, weight,
-                    bias, running_mean, running_var, momentum, eps, *ops.launch_args, partials,
-                    target,
+                    fused.TRAIN_FORWARD_SERIAL[ops.lanes], ops.view, z, residual is not None,
+                    relu, weight, bias, running_mean, running_var, momentum, eps,
+                    *ops.launch_args, partials, target,
                 )  # fmt: skip
             view = ops.view
-            shift = launch(kernels.first_values, view, ops.layout.channels_inner)
-            ops.run(kernels.sums_items, view, view, shift, shift, True, *ops.launch_args, partials)
+            shift = ops.first_values()
+            sums = kernels.SUMS[ops.lanes]
+            ops.run(sums, view, view, shift, shift, True, *ops.launch_args, partials)
             mean, invstd, scale, shift = kernels.finish_forward(
-                kernels.merge(partials), shift, x.size // x.shape[1], weight, bias, eps,
+                _merged(partials), shift, x.size // x.shape[1], weight, bias, eps,
                 running_mean, running_var, momentum,
             )  # fmt: skip
             ops.normalise(mean, scale, shift, epilogue, target)
@@ -375,31 +403,31 @@ class CpuBackend:
             # Without a residual the first pass writes nothing; it still takes a
             # writable array for dz (x may be read-only), and dx is one.
             ops.run(
-                fused.masked_sums_items, dy_view, ops.view, z_view, mean, scale, shift,
+                fused.MASKED_SUMS[ops.lanes], dy_view, ops.view, z_view, mean, scale, shift,
                 residual is not None, *ops.launch_args, partials,
                 target if dz_view is None else dz_view,
             )  # fmt: skip
-            totals = kernels.merge(partials)
+            totals = _merged(partials)
             if batch_stats:
                 alpha, beta, gamma = kernels.finish_backward(totals, count, invstd, weight)
             else:
                 alpha, beta, gamma = scale, np.zeros_like(scale), np.zeros_like(scale)
             if residual is None:
                 ops.run(
-                    fused.masked_grad_items, dy_view, ops.view, mean, scale, shift, alpha, beta,
-                    gamma, batch_stats, *ops.launch_args, target,
+                    fused.MASKED_GRAD[ops.lanes], dy_view, ops.view, mean, scale, shift, alpha,
+                    beta, gamma, batch_stats, *ops.launch_args, target,
                 )  # fmt: skip
             elif not batch_stats:
                 # dx = dz * alpha: x must not enter (0 * (x - mean) is NaN for infinite x).
                 ops.run(
-                    kernels.affine_items, dz_input, beta, alpha, gamma,
+                    kernels.AFFINE[ops.lanes], dz_input, beta, alpha, gamma,
                     *ops.launch_args, target,
                 )  # fmt: skip
             else:
                 # The first pass wrote the masked dy to dz: the plain gradient pass reads
                 # it in place of dy and z (two reads and a write instead of three and two).
                 ops.run(
-                    kernels.grad_items, dz_input, ops.view, mean, alpha, beta, gamma,
+                    kernels.GRAD[ops.lanes], dz_input, ops.view, mean, alpha, beta, gamma,
                     *ops.launch_args, target,
                 )  # fmt: skip
             return totals
@@ -412,12 +440,19 @@ class CpuBackend:
         """Per-channel float64 ``(mean, M2)`` (sum of squared deviations) in one pass."""
         ops = _Operands(x)
         # Sums around each channel's first value keep data far from zero precise.
-        shift = launch(kernels.first_values, ops.view, ops.layout.channels_inner)
+        shift = ops.first_values()
         partials = ops.partials()
         ops.run(
-            kernels.sums_items, ops.view, ops.view, shift, shift, True, *ops.launch_args, partials
+            kernels.SUMS[ops.lanes],
+            ops.view,
+            ops.view,
+            shift,
+            shift,
+            True,
+            *ops.launch_args,
+            partials,
         )
-        return kernels.moments_from_sums(kernels.merge(partials), shift, x.size // x.shape[1])
+        return kernels.moments_from_sums(_merged(partials), shift, x.size // x.shape[1])
 
     @staticmethod
     def train_coefficients(
@@ -461,9 +496,16 @@ class CpuBackend:
         dy_view = ops.input_view(dy)
         zeros = np.zeros_like(mean)
         ops.run(
-            kernels.sums_items, ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials
+            kernels.SUMS[ops.lanes],
+            ops.view,
+            dy_view,
+            mean,
+            zeros,
+            False,
+            *ops.launch_args,
+            partials,
         )
-        return kernels.merge(partials)
+        return _merged(partials)
 
     @staticmethod
     def grad_input_from_sums(
@@ -506,7 +548,7 @@ class CpuBackend:
         def kernel(target: np.ndarray) -> np.ndarray:
             if ops.serial:
                 return launch(
-                    kernels.train_backward_serial,
+                    kernels.TRAIN_BACKWARD_SERIAL[ops.lanes],
                     dy_view,
                     ops.view,
                     mean,
@@ -518,8 +560,8 @@ class CpuBackend:
                 )
             zeros = np.zeros_like(mean)
             args = (ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials)
-            ops.run(kernels.sums_items, *args)
-            totals = kernels.merge(partials)
+            ops.run(kernels.SUMS[ops.lanes], *args)
+            totals = _merged(partials)
             count = x.size // x.shape[1]
             _grad_from_sums(ops, dy_view, mean, invstd, weight, totals, count, target)
             return totals

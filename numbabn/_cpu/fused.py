@@ -12,17 +12,23 @@ row slices and select rather than branch, so that LLVM vectorises them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
 from numbabn._cpu.kernels import (
     _bounds,
+    _first_values,
     _n_channels,
     _n_items,
     _row,
     _store_partials,
-    statistics_serial,
+    _sums_lanes,
+    _sums_rows,
+    finish_forward,
+    merge,
 )
 
 
@@ -67,162 +73,234 @@ def _affine_act_run(x_row, z_row, m, k, b, residual, relu, out_row):
         out_row[i] = _relu(value) if relu else value
 
 
-@_kernel
-def affine_act_items(
-    x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, start, stop
-):  # fmt: skip
-    """Items ``start`` to ``stop`` of ``out = relu((x - mean) * scale + shift + z)``."""
-    _affine_act_range(
-        x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, start, stop
-    )
+@_inline
+def _affine_act_lanes_item(x, z, mean, scale, shift, residual, relu, bounds, out):
+    """``out = relu((x - mean) * scale + shift + z)`` over a channels-inner item."""
+    _, c0, c1, row0, row1, _, _ = bounds
+    m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
+    for p in range(row0, row1):
+        _affine_act_lanes(
+            x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1], m, k, b, residual, relu, out[p, 0, 0, c0:c1]
+        )
 
 
 @_inline
-def _affine_act_range(
-    x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, start, stop
-):  # fmt: skip
+def _affine_act_rows_item(x, z, mean, scale, shift, residual, relu, bounds, out):
+    """:func:`_affine_act_lanes_item` over a planar item."""
+    _, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
-    for item in range(start, stop):
-        _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
-        if channels_inner:
-            m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
-            for p in range(row0, row1):
-                _affine_act_lanes(
-                    x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1], m, k, b, residual, relu,
-                    out[p, 0, 0, c0:c1],
-                )  # fmt: skip
-            continue
-        whole = s1 - s0 == x.shape[3]
+    whole = s1 - s0 == x.shape[3]
+    a = row0 // n_r
+    r = row0 - a * n_r
+    for _ in range(row0, row1):
+        for c in range(c0, c1):
+            _affine_act_run(
+                _row(x, a, c, r, s0, s1, whole), _row(z, a, c, r, s0, s1, whole), mean[c],
+                scale[c], shift[c], residual, relu, _row(out, a, c, r, s0, s1, whole),
+            )  # fmt: skip
+        r += 1
+        if r == n_r:
+            r = 0
+            a += 1
+
+
+@_inline
+def _masked_sums_lanes(dy, x, z, mean, scale, shift, residual, bounds, partials, dz):
+    """Channels-inner item's ``sum(g)``, ``sum(g * (x - mean))``; ``g`` to ``dz`` if residual."""
+    tile, c0, c1, row0, row1, _, _ = bounds
+    m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
+    sum_g = np.zeros(c1 - c0)
+    sum_gx = np.zeros(c1 - c0)
+    for p in range(row0, row1):
+        dy_row, x_row, z_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1]
+        dz_row = dz[p, 0, 0, c0:c1]
+        for i in range(c1 - c0):
+            pre = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
+            g = _masked(dy_row[i], pre)
+            sum_g[i] += g
+            sum_gx[i] += g * (np.float64(x_row[i]) - m[i])
+            if residual:
+                dz_row[i] = g
+    _store_partials(partials, tile, c0, sum_g, sum_gx)
+
+
+@_inline
+def _masked_sums_rows(dy, x, z, mean, scale, shift, residual, bounds, partials, dz):
+    """:func:`_masked_sums_lanes` over a planar item."""
+    tile, c0, c1, row0, row1, s0, s1 = bounds
+    n_r = x.shape[2]
+    for c in range(c0, c1):
+        m, k, b = mean[c], scale[c], shift[c]
+        acc_g = 0.0
+        acc_gx = 0.0
         a = row0 // n_r
         r = row0 - a * n_r
         for _ in range(row0, row1):
-            for c in range(c0, c1):
-                _affine_act_run(
-                    _row(x, a, c, r, s0, s1, whole), _row(z, a, c, r, s0, s1, whole), mean[c],
-                    scale[c], shift[c], residual, relu, _row(out, a, c, r, s0, s1, whole),
-                )  # fmt: skip
+            dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
+            dz_row = dz[a, c, r, s0:s1]
+            row_g = 0.0  # each row from zero, as in kernels._sums_rows
+            row_gx = 0.0
+            for i in range(x_row.shape[0]):
+                g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
+                row_g += g
+                row_gx += g * (np.float64(x_row[i]) - m)
+                if residual:
+                    dz_row[i] = g
+            acc_g += row_g
+            acc_gx += row_gx
             r += 1
             if r == n_r:
                 r = 0
                 a += 1
+        partials[tile, 0, c] = acc_g
+        partials[tile, 1, c] = acc_gx
 
 
-@_kernel
-def masked_sums_items(
-    dy, x, z, mean, scale, shift, residual, channels_inner, geometry, partials, dz, start, stop
-):  # fmt: skip
-    """Items' ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dy * (pre-activation > 0)``.
-
-    With a residual, ``g`` is also the residual's gradient: it is written to
-    ``dz``, and the second pass reads it in place of ``dy`` and ``z``.
-    """
-    n_r = x.shape[2]
-    for item in range(start, stop):
-        tile, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
-        if channels_inner:
-            m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
-            sum_g = np.zeros(c1 - c0)
-            sum_gx = np.zeros(c1 - c0)
-            for p in range(row0, row1):
-                dy_row, x_row, z_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1]
-                dz_row = dz[p, 0, 0, c0:c1]
-                for i in range(c1 - c0):
-                    pre = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
-                    g = _masked(dy_row[i], pre)
-                    sum_g[i] += g
-                    sum_gx[i] += g * (np.float64(x_row[i]) - m[i])
-                    if residual:
-                        dz_row[i] = g
-            _store_partials(partials, tile, c0, sum_g, sum_gx)
-            continue
-        for c in range(c0, c1):
-            m, k, b = mean[c], scale[c], shift[c]
-            acc_g = 0.0
-            acc_gx = 0.0
-            a = row0 // n_r
-            r = row0 - a * n_r
-            for _ in range(row0, row1):
-                dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
-                dz_row = dz[a, c, r, s0:s1]
-                row_g = 0.0  # each row from zero, as in kernels._sums_item
-                row_gx = 0.0
-                for i in range(x_row.shape[0]):
-                    g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
-                    row_g += g
-                    row_gx += g * (np.float64(x_row[i]) - m)
-                    if residual:
-                        dz_row[i] = g
-                acc_g += row_g
-                acc_gx += row_gx
-                r += 1
-                if r == n_r:
-                    r = 0
-                    a += 1
-            partials[tile, 0, c] = acc_g
-            partials[tile, 1, c] = acc_gx
-
-
-@_kernel
-def masked_grad_items(
-    dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, channels_inner, geometry, dx,
-    start, stop,
-):  # fmt: skip
-    """Items of ``dx = (g + beta * (x - mean) + gamma) * alpha`` through a ReLU (no residual).
+@_inline
+def _masked_grad_lanes(dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx):
+    """``dx = (g + beta * (x - mean) + gamma) * alpha`` over a channels-inner item.
 
     Without ``batch_stats`` (fixed statistics) ``dx = g * alpha``: ``x`` enters
     only the mask, so an infinite ``x`` does not make ``0 * inf``.
     """
+    _, c0, c1, row0, row1, _, _ = bounds
+    m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
+    ka, kb, kg = alpha[c0:c1], beta[c0:c1], gamma[c0:c1]
+    for p in range(row0, row1):
+        dy_row, x_row, dx_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], dx[p, 0, 0, c0:c1]
+        for i in range(c1 - c0):
+            pre = _pre_activation(x_row[i], x_row[i], m[i], k[i], b[i], False)
+            g = _masked(dy_row[i], pre)
+            if batch_stats:
+                g += kb[i] * (np.float64(x_row[i]) - m[i]) + kg[i]
+            dx_row[i] = g * ka[i]
+
+
+@_inline
+def _masked_grad_rows(dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx):
+    """:func:`_masked_grad_lanes` over a planar item."""
+    _, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
-    for item in range(start, stop):
-        _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
-        if channels_inner:
-            m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
-            ka, kb, kg = alpha[c0:c1], beta[c0:c1], gamma[c0:c1]
-            for p in range(row0, row1):
-                dy_row, x_row, dx_row = dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], dx[p, 0, 0, c0:c1]
-                for i in range(c1 - c0):
-                    pre = _pre_activation(x_row[i], x_row[i], m[i], k[i], b[i], False)
-                    g = _masked(dy_row[i], pre)
-                    if batch_stats:
-                        g += kb[i] * (np.float64(x_row[i]) - m[i]) + kg[i]
-                    dx_row[i] = g * ka[i]
-            continue
-        whole = s1 - s0 == x.shape[3]
-        a = row0 // n_r
-        r = row0 - a * n_r
-        for _ in range(row0, row1):
-            for c in range(c0, c1):
-                m, k, b = mean[c], scale[c], shift[c]
-                ka, kb, kg = alpha[c], beta[c], gamma[c]
-                dy_row = _row(dy, a, c, r, s0, s1, whole)
-                x_row = _row(x, a, c, r, s0, s1, whole)
-                dx_row = _row(dx, a, c, r, s0, s1, whole)
-                for i in range(x_row.shape[0]):
-                    g = _masked(dy_row[i], _pre_activation(x_row[i], x_row[i], m, k, b, False))
-                    if batch_stats:
-                        g += kb * (np.float64(x_row[i]) - m) + kg
-                    dx_row[i] = g * ka
-            r += 1
-            if r == n_r:
-                r = 0
-                a += 1
+    whole = s1 - s0 == x.shape[3]
+    a = row0 // n_r
+    r = row0 - a * n_r
+    for _ in range(row0, row1):
+        for c in range(c0, c1):
+            m, k, b = mean[c], scale[c], shift[c]
+            ka, kb, kg = alpha[c], beta[c], gamma[c]
+            dy_row = _row(dy, a, c, r, s0, s1, whole)
+            x_row = _row(x, a, c, r, s0, s1, whole)
+            dx_row = _row(dx, a, c, r, s0, s1, whole)
+            for i in range(x_row.shape[0]):
+                g = _masked(dy_row[i], _pre_activation(x_row[i], x_row[i], m, k, b, False))
+                if batch_stats:
+                    g += kb * (np.float64(x_row[i]) - m) + kg
+                dx_row[i] = g * ka
+        r += 1
+        if r == n_r:
+            r = 0
+            a += 1
 
 
-@_kernel
-def train_forward_serial(
-    x, z, residual, relu, weight, bias, running_mean, running_var, momentum, eps,
-    channels_inner, geometry, partials, out,
-):  # fmt: skip
-    """The whole training forward in one call, for tensors too small to share out.
+# As in numbabn._cpu.kernels: one compiled kernel per family of views, the
+# family a constant of the closure; ``FAMILY[channels_inner]`` picks.
 
-    With ``residual`` and ``relu`` off (``z`` is then not read) this is the plain forward.
-    """
-    mean, invstd, scale, shift = statistics_serial(
-        x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry,
-        partials,
-    )  # fmt: skip
-    n_items = _n_items(_n_channels(x, channels_inner), geometry[0], geometry[3])
-    _affine_act_range(
-        x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out, 0, n_items
-    )
-    return mean, invstd
+
+def _affine_act_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def affine_act_items(x, z, mean, scale, shift, residual, relu, geometry, out, start, stop):
+        """Items ``start`` to ``stop`` of ``out = relu((x - mean) * scale + shift + z)``."""
+        for item in range(start, stop):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _affine_act_lanes_item(x, z, mean, scale, shift, residual, relu, bounds, out)
+            else:
+                _affine_act_rows_item(x, z, mean, scale, shift, residual, relu, bounds, out)
+
+    return affine_act_items
+
+
+def _masked_sums_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def masked_sums_items(
+        dy, x, z, mean, scale, shift, residual, geometry, partials, dz, start, stop
+    ):  # fmt: skip
+        """Items' ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dy * (pre-activation > 0)``.
+
+        With a residual, ``g`` is also the residual's gradient: it is written to
+        ``dz``, and the second pass reads it in place of ``dy`` and ``z``.
+        """
+        for item in range(start, stop):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _masked_sums_lanes(dy, x, z, mean, scale, shift, residual, bounds, partials, dz)
+            else:
+                _masked_sums_rows(dy, x, z, mean, scale, shift, residual, bounds, partials, dz)
+
+    return masked_sums_items
+
+
+def _masked_grad_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def masked_grad_items(
+        dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, geometry, dx, start, stop
+    ):  # fmt: skip
+        """Items of ``dx = (g + beta * (x - mean) + gamma) * alpha`` through a ReLU, no residual."""
+        for item in range(start, stop):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _masked_grad_lanes(
+                    dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx
+                )
+            else:
+                _masked_grad_rows(
+                    dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx
+                )
+
+    return masked_grad_items
+
+
+def _train_forward_serial_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def train_forward_serial(
+        x, z, residual, relu, weight, bias, running_mean, running_var, momentum, eps,
+        geometry, partials, out,
+    ):  # fmt: skip
+        """The whole training forward in one call, for tensors too small to share out.
+
+        Batch statistics, ``(mean, invstd, scale, shift)`` (the running statistics
+        updated in place unless they are empty), then the elementwise pass. With
+        ``residual`` and ``relu`` off (``z`` is then not read) this is the plain forward.
+        """
+        n_channels = _n_channels(x, channels_inner)
+        n_items = _n_items(n_channels, geometry[0], geometry[3])
+        first = _first_values(x, channels_inner)
+        for item in range(n_items):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _sums_lanes(x, x, first, first, True, bounds, partials)
+            else:
+                _sums_rows(x, x, first, first, True, bounds, partials)
+        mean, invstd, scale, shift = finish_forward(
+            merge(partials), first, x.size // n_channels, weight, bias, eps,
+            running_mean, running_var, momentum,
+        )  # fmt: skip
+        for item in range(n_items):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _affine_act_lanes_item(x, z, mean, scale, shift, residual, relu, bounds, out)
+            else:
+                _affine_act_rows_item(x, z, mean, scale, shift, residual, relu, bounds, out)
+        return mean, invstd
+
+    return train_forward_serial
+
+
+# Module globals, so that the drivers of numbabn._cpu.parallel can call them by name.
+affine_act_rows, affine_act_lanes = _affine_act_kernel(False), _affine_act_kernel(True)
+masked_sums_rows, masked_sums_lanes = _masked_sums_kernel(False), _masked_sums_kernel(True)
+masked_grad_rows, masked_grad_lanes = _masked_grad_kernel(False), _masked_grad_kernel(True)
+AFFINE_ACT = (affine_act_rows, affine_act_lanes)
+MASKED_SUMS = (masked_sums_rows, masked_sums_lanes)
+MASKED_GRAD = (masked_grad_rows, masked_grad_lanes)
+TRAIN_FORWARD_SERIAL = (_train_forward_serial_kernel(False), _train_forward_serial_kernel(True))

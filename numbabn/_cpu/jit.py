@@ -31,11 +31,16 @@ from typing import Any
 import numba
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
 from numba.core.compiler_lock import global_compiler_lock
+from numba.extending import intrinsic
 
 from numbabn import _source_stamp
 
-__all__ = ["driver", "inline", "kernel", "launch", "shared", "source_digest"]
+__all__ = [
+    "DISPATCHERS", "call_native", "driver", "inline", "kernel", "launch", "native_address",
+    "shared", "source_digest",
+]  # fmt: skip
 
 # ``reassoc`` lets LLVM vectorise floating-point reductions. ``nnan``/``ninf``
 # are left out on purpose so NaN and inf propagate as in PyTorch.
@@ -58,6 +63,10 @@ def source_digest() -> str:
 WRITTEN = frozenset({"out", "dx", "dz", "dst"})
 
 
+# Every CPU dispatcher made so far, for the warm-up's counts of compiled and loaded code.
+DISPATCHERS: list[Any] = []
+
+
 def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Callable[[Any], Any]:
     """``decorator`` (an ``njit`` with ``cache=True``), then the package-wide cache stamp.
 
@@ -69,6 +78,7 @@ def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Cal
         if by_layout:
             # What disable_compile() sets; it refuses to before a first signature exists.
             dispatcher._can_compile = False
+        DISPATCHERS.append(dispatcher)
         return dispatcher
 
     return decorate
@@ -85,9 +95,7 @@ def launch(dispatcher: Any, *args: Any) -> Any:
     except (TypeError, RuntimeError) as error:
         if not _unresolved(error):
             raise
-    contiguous = all(
-        arg.flags.c_contiguous for arg in args if isinstance(arg, np.ndarray) and arg.ndim == 4
-    )
+    contiguous = _all_contiguous(args)
     _compile(dispatcher, args, contiguous)
     if not contiguous:
         # Else a later all-C-contiguous call would run this variant, by conversion.
@@ -109,6 +117,17 @@ def _compile(dispatcher: Any, args: tuple[Any, ...], contiguous: bool) -> None:
     takes before it checks that flag: another thread's call then meets a refusal
     (which :func:`launch` retries), never a compilation of its exact types.
     """
+    signature = _variant_signature(dispatcher, args, contiguous)
+    with global_compiler_lock:
+        dispatcher._can_compile = True
+        try:
+            dispatcher.compile(signature)
+        finally:
+            dispatcher._can_compile = False
+
+
+def _variant_signature(dispatcher: Any, args: tuple[Any, ...], contiguous: bool) -> tuple:
+    """The argument types of ``dispatcher``'s variant for ``args`` in one layout family."""
     code = dispatcher.py_func.__code__
     signature = []
     for name, arg in zip(code.co_varnames[: code.co_argcount], args, strict=True):
@@ -117,12 +136,61 @@ def _compile(dispatcher: Any, args: tuple[Any, ...], contiguous: bool) -> None:
             readonly = name not in WRITTEN
             arg_type = arg_type.copy(layout="C" if contiguous else "A", readonly=readonly)
         signature.append(arg_type)
-    with global_compiler_lock:
-        dispatcher._can_compile = True
-        try:
-            dispatcher.compile(tuple(signature))
-        finally:
-            dispatcher._can_compile = False
+    return tuple(signature)
+
+
+def _all_contiguous(args: tuple[Any, ...]) -> bool:
+    return all(
+        arg.flags.c_contiguous for arg in args if isinstance(arg, np.ndarray) and arg.ndim == 4
+    )
+
+
+_addresses: dict[tuple, int] = {}
+
+
+def native_address(dispatcher: Any, args: tuple[Any, ...]) -> int:
+    """Address of the native code of ``dispatcher``'s variant for ``args``, once compiled.
+
+    A function called through it (see :func:`call_native`) runs that very code:
+    the caller neither links a copy of it nor optimises it again.
+    """
+    contiguous = _all_contiguous(args)
+    key = (dispatcher, contiguous) + tuple(
+        (arg.dtype.num, arg.ndim, arg.flags.c_contiguous, arg.flags.writeable)
+        if isinstance(arg, np.ndarray)
+        else type(arg)
+        for arg in args
+    )
+    address = _addresses.get(key)
+    if address is None:
+        result = dispatcher.overloads[_variant_signature(dispatcher, args, contiguous)]
+        address = result.library.get_pointer_to_function(result.fndesc.llvm_func_name)
+        _addresses[key] = address
+    return address
+
+
+def _call_native(typingctx: Any, address: Any, args: Any) -> Any:
+    """Call the native code at ``address`` (an integer) with the tuple ``args``.
+
+    The callee must be a Numba function of exactly ``args``' types returning
+    nothing (:func:`native_address` gives one): Numba's own calling convention,
+    through a pointer, so the caller's compilation never sees the callee's body.
+    """
+    if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
+        return None
+
+    def codegen(context: Any, builder: Any, signature: Any, llargs: Any) -> Any:
+        arg_types = list(signature.args[1].types)
+        function_type = context.call_conv.get_function_type(types.none, arg_types)
+        callee = builder.inttoptr(llargs[0], function_type.as_pointer())
+        values = cgutils.unpack_tuple(builder, llargs[1], len(arg_types))
+        context.call_conv.call_function(builder, callee, types.none, arg_types, values)
+        return context.get_dummy_value()
+
+    return types.none(address, args), codegen
+
+
+call_native: Any = intrinsic(_call_native)
 
 
 # Helpers are inlined into the Numba IR of their caller, never called: a call goes

@@ -22,6 +22,8 @@ residual and ReLU, is in :mod:`numbabn._cpu.fused`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from numbabn import _coefficients
@@ -110,72 +112,76 @@ def _cross_sums(v_row, u_row, kv, ku, sum_v, sum_vu):
 
 
 @_inline
-def _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, partials):
-    """Item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into ``partials[tile, :, c]``.
+def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
+    """Channels-inner item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into partials.
 
     With ``squares`` (``u`` is ``v``, ``ku`` is ``kv``) the second sum is
     ``sum((v - kv) ** 2)`` and ``u`` is never read: half the loads and
     conversions, which short rows feel.
     """
-    tile, c0, c1, row0, row1, s0, s1 = _bounds(item, u.shape, channels_inner, geometry)
-    n_r = u.shape[2]
+    tile, c0, c1, row0, row1, _, _ = bounds
     sum_v = np.zeros(c1 - c0)
     sum_vu = np.zeros(c1 - c0)
-    if channels_inner:
-        kv = v_shift[c0:c1]
-        # The branch on ``squares`` stays outside the position loops: rows are short
-        # enough that slicing an unused ``u`` row per position would cost a third.
-        if squares:
-            # Positions go two at a time: the per-channel sums live in memory (a row
-            # of channels is too wide for registers), and pairs halve their loads and
-            # stores. (Pairs of the two-input sums measured slower: four streams.)
-            pairs_end = row1 - (row1 - row0) % 2
-            for p in range(row0, pairs_end, 2):
-                _square_pair_sums(v[p, 0, 0, c0:c1], v[p + 1, 0, 0, c0:c1], kv, sum_v, sum_vu)
-            for p in range(pairs_end, row1):
-                _square_sums(v[p, 0, 0, c0:c1], kv, sum_v, sum_vu)
-        else:
-            ku = u_shift[c0:c1]
-            for p in range(row0, row1):
-                _cross_sums(v[p, 0, 0, c0:c1], u[p, 0, 0, c0:c1], kv, ku, sum_v, sum_vu)
+    kv = v_shift[c0:c1]
+    # The branch on ``squares`` stays outside the position loops: rows are short
+    # enough that slicing an unused ``u`` row per position would cost a third.
+    if squares:
+        # Positions go two at a time: the per-channel sums live in memory (a row
+        # of channels is too wide for registers), and pairs halve their loads and
+        # stores. (Pairs of the two-input sums measured slower: four streams.)
+        pairs_end = row1 - (row1 - row0) % 2
+        for p in range(row0, pairs_end, 2):
+            _square_pair_sums(v[p, 0, 0, c0:c1], v[p + 1, 0, 0, c0:c1], kv, sum_v, sum_vu)
+        for p in range(pairs_end, row1):
+            _square_sums(v[p, 0, 0, c0:c1], kv, sum_v, sum_vu)
     else:
-        a0 = row0 // n_r
-        r0 = row0 - a0 * n_r
-        for c in range(c0, c1):
-            ku = u_shift[c]
-            kv = v_shift[c]
-            acc_v = 0.0
-            acc_vu = 0.0
-            # Row q is (a, r); stepped rather than divided, as rows can be short.
-            a = a0
-            r = r0
-            for _ in range(row0, row1):
-                # Row slices keep the inner loop simple enough for LLVM to vectorise.
-                v_row = v[a, c, r, s0:s1]
-                # Each row sums from zero, so its vector loop need not wait for the
-                # previous row's horizontal sum (3-9% faster, most on short rows).
-                row_v = 0.0
-                row_vu = 0.0
-                if squares:
-                    for s in range(v_row.shape[0]):
-                        dv = np.float64(v_row[s]) - kv
-                        row_v += dv
-                        row_vu += dv * dv
-                else:
-                    u_row = u[a, c, r, s0:s1]
-                    for s in range(v_row.shape[0]):
-                        dv = np.float64(v_row[s]) - kv
-                        row_v += dv
-                        row_vu += dv * (np.float64(u_row[s]) - ku)
-                acc_v += row_v
-                acc_vu += row_vu
-                r += 1
-                if r == n_r:
-                    r = 0
-                    a += 1
-            sum_v[c - c0] = acc_v
-            sum_vu[c - c0] = acc_vu
+        ku = u_shift[c0:c1]
+        for p in range(row0, row1):
+            _cross_sums(v[p, 0, 0, c0:c1], u[p, 0, 0, c0:c1], kv, ku, sum_v, sum_vu)
     _store_partials(partials, tile, c0, sum_v, sum_vu)
+
+
+@_inline
+def _sums_rows(u, v, u_shift, v_shift, squares, bounds, partials):
+    """:func:`_sums_lanes` for a planar item."""
+    tile, c0, c1, row0, row1, s0, s1 = bounds
+    n_r = v.shape[2]
+    a0 = row0 // n_r
+    r0 = row0 - a0 * n_r
+    for c in range(c0, c1):
+        ku = u_shift[c]
+        kv = v_shift[c]
+        acc_v = 0.0
+        acc_vu = 0.0
+        # Row q is (a, r); stepped rather than divided, as rows can be short.
+        a = a0
+        r = r0
+        for _ in range(row0, row1):
+            # Row slices keep the inner loop simple enough for LLVM to vectorise.
+            v_row = v[a, c, r, s0:s1]
+            # Each row sums from zero, so its vector loop need not wait for the
+            # previous row's horizontal sum (3-9% faster, most on short rows).
+            row_v = 0.0
+            row_vu = 0.0
+            if squares:
+                for s in range(v_row.shape[0]):
+                    dv = np.float64(v_row[s]) - kv
+                    row_v += dv
+                    row_vu += dv * dv
+            else:
+                u_row = u[a, c, r, s0:s1]
+                for s in range(v_row.shape[0]):
+                    dv = np.float64(v_row[s]) - kv
+                    row_v += dv
+                    row_vu += dv * (np.float64(u_row[s]) - ku)
+            acc_v += row_v
+            acc_vu += row_vu
+            r += 1
+            if r == n_r:
+                r = 0
+                a += 1
+        partials[tile, 0, c] = acc_v
+        partials[tile, 1, c] = acc_vu
 
 
 @_inline
@@ -191,102 +197,146 @@ def _store_partials(partials, tile, c0, sum_a, sum_b):
 
 
 @_inline
-def _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out):
-    """``out = (x - mean) * scale + shift`` per channel over the item, in float64."""
-    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
-    n_r = x.shape[2]
-    if channels_inner:
-        m = mean[c0:c1]
-        k = scale[c0:c1]
-        b = shift[c0:c1]
-        for p in range(row0, row1):
-            x_row = x[p, 0, 0, c0:c1]
-            out_row = out[p, 0, 0, c0:c1]
-            for c in range(c1 - c0):
-                out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
-    else:
-        whole = s1 - s0 == x.shape[3]
-        # Row q is (a, r); stepped rather than divided, as rows can be short.
-        a = row0 // n_r
-        r = row0 - a * n_r
-        for _ in range(row0, row1):
-            for c in range(c0, c1):
-                m = mean[c]
-                k = scale[c]
-                b = shift[c]
-                x_row = _row(x, a, c, r, s0, s1, whole)
-                out_row = _row(out, a, c, r, s0, s1, whole)
-                for s in range(x_row.shape[0]):
-                    out_row[s] = (np.float64(x_row[s]) - m) * k + b
-            r += 1
-            if r == n_r:
-                r = 0
-                a += 1
+def _affine_lanes(x, mean, scale, shift, bounds, out):
+    """``out = (x - mean) * scale + shift`` per channel over a channels-inner item, in float64."""
+    _, c0, c1, row0, row1, _, _ = bounds
+    m = mean[c0:c1]
+    k = scale[c0:c1]
+    b = shift[c0:c1]
+    for p in range(row0, row1):
+        x_row = x[p, 0, 0, c0:c1]
+        out_row = out[p, 0, 0, c0:c1]
+        for c in range(c1 - c0):
+            out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
 
 
 @_inline
-def _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out):
-    """``out = (dy + beta * (x - mean) + gamma) * alpha`` per channel over the item, in float64.
-
-    ``alpha`` (the weight times invstd) multiplies last, as in PyTorch: with an
-    infinite weight the gradient is then infinite rather than ``inf - inf``.
-    """
-    _, c0, c1, row0, row1, s0, s1 = _bounds(item, x.shape, channels_inner, geometry)
+def _affine_rows(x, mean, scale, shift, bounds, out):
+    """:func:`_affine_lanes` over a planar item."""
+    _, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
-    if channels_inner:
-        m = mean[c0:c1]
-        ka = alpha[c0:c1]
-        kb = beta[c0:c1]
-        kg = gamma[c0:c1]
-        for p in range(row0, row1):
-            dy_row = dy[p, 0, 0, c0:c1]
-            x_row = x[p, 0, 0, c0:c1]
-            out_row = out[p, 0, 0, c0:c1]
-            for c in range(c1 - c0):
-                out_row[c] = (
-                    np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
-                ) * ka[c]
-    else:
-        whole = s1 - s0 == x.shape[3]
-        # Row q is (a, r); stepped rather than divided, as rows can be short.
-        a = row0 // n_r
-        r = row0 - a * n_r
-        for _ in range(row0, row1):
-            for c in range(c0, c1):
-                m = mean[c]
-                ka = alpha[c]
-                kb = beta[c]
-                kg = gamma[c]
-                dy_row = _row(dy, a, c, r, s0, s1, whole)
-                x_row = _row(x, a, c, r, s0, s1, whole)
-                out_row = _row(out, a, c, r, s0, s1, whole)
-                for s in range(x_row.shape[0]):
-                    out_row[s] = (np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg) * ka
-            r += 1
-            if r == n_r:
-                r = 0
-                a += 1
+    whole = s1 - s0 == x.shape[3]
+    # Row q is (a, r); stepped rather than divided, as rows can be short.
+    a = row0 // n_r
+    r = row0 - a * n_r
+    for _ in range(row0, row1):
+        for c in range(c0, c1):
+            m = mean[c]
+            k = scale[c]
+            b = shift[c]
+            x_row = _row(x, a, c, r, s0, s1, whole)
+            out_row = _row(out, a, c, r, s0, s1, whole)
+            for s in range(x_row.shape[0]):
+                out_row[s] = (np.float64(x_row[s]) - m) * k + b
+        r += 1
+        if r == n_r:
+            r = 0
+            a += 1
 
 
-@_kernel
-def sums_items(u, v, u_shift, v_shift, squares, channels_inner, geometry, partials, start, stop):
-    """Items ``start`` to ``stop`` of the ``sum(v - kv)``, ``sum((v - kv) * (u - ku))`` pass."""
-    for item in range(start, stop):
-        _sums_item(u, v, u_shift, v_shift, squares, item, channels_inner, geometry, partials)
+@_inline
+def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out):
+    """``out = (dy + beta * (x - mean) + gamma) * alpha`` over a channels-inner item.
+
+    In float64. ``alpha`` (the weight times invstd) multiplies last, as in
+    PyTorch: with an infinite weight the gradient is then infinite rather than
+    ``inf - inf``.
+    """
+    _, c0, c1, row0, row1, _, _ = bounds
+    m = mean[c0:c1]
+    ka = alpha[c0:c1]
+    kb = beta[c0:c1]
+    kg = gamma[c0:c1]
+    for p in range(row0, row1):
+        dy_row = dy[p, 0, 0, c0:c1]
+        x_row = x[p, 0, 0, c0:c1]
+        out_row = out[p, 0, 0, c0:c1]
+        for c in range(c1 - c0):
+            out_row[c] = (
+                np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
+            ) * ka[c]
 
 
-@_kernel
-def affine_items(x, mean, scale, shift, channels_inner, geometry, out, start, stop):
-    """Items ``start`` to ``stop`` of ``out = (x - mean) * scale + shift``."""
-    for item in range(start, stop):
-        _affine_item(x, mean, scale, shift, item, channels_inner, geometry, out)
+@_inline
+def _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out):
+    """:func:`_grad_lanes` over a planar item."""
+    _, c0, c1, row0, row1, s0, s1 = bounds
+    n_r = x.shape[2]
+    whole = s1 - s0 == x.shape[3]
+    # Row q is (a, r); stepped rather than divided, as rows can be short.
+    a = row0 // n_r
+    r = row0 - a * n_r
+    for _ in range(row0, row1):
+        for c in range(c0, c1):
+            m = mean[c]
+            ka = alpha[c]
+            kb = beta[c]
+            kg = gamma[c]
+            dy_row = _row(dy, a, c, r, s0, s1, whole)
+            x_row = _row(x, a, c, r, s0, s1, whole)
+            out_row = _row(out, a, c, r, s0, s1, whole)
+            for s in range(x_row.shape[0]):
+                out_row[s] = (np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg) * ka
+        r += 1
+        if r == n_r:
+            r = 0
+            a += 1
 
 
-@_kernel
-def grad_items(dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out, start, stop):
-    """Items ``start`` to ``stop`` of ``out = (dy + beta * (x - mean) + gamma) * alpha``."""
-    for item in range(start, stop):
-        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
+# Each kernel below is compiled for one family of views (``channels_inner`` a
+# constant of the closure, so Numba prunes the other family's code before it
+# types anything: half the code to compile). ``FAMILIES[channels_inner]`` picks.
+
+
+def _sums_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def sums_items(u, v, u_shift, v_shift, squares, geometry, partials, start, stop):
+        """Items ``start`` to ``stop`` of ``sum(v - kv)``, ``sum((v - kv) * (u - ku))``."""
+        for item in range(start, stop):
+            bounds = _bounds(item, v.shape, channels_inner, geometry)
+            if channels_inner:
+                _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials)
+            else:
+                _sums_rows(u, v, u_shift, v_shift, squares, bounds, partials)
+
+    return sums_items
+
+
+def _affine_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def affine_items(x, mean, scale, shift, geometry, out, start, stop):
+        """Items ``start`` to ``stop`` of ``out = (x - mean) * scale + shift``."""
+        for item in range(start, stop):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _affine_lanes(x, mean, scale, shift, bounds, out)
+            else:
+                _affine_rows(x, mean, scale, shift, bounds, out)
+
+    return affine_items
+
+
+def _grad_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def grad_items(dy, x, mean, alpha, beta, gamma, geometry, out, start, stop):
+        """Items ``start`` to ``stop`` of ``out = (dy + beta * (x - mean) + gamma) * alpha``."""
+        for item in range(start, stop):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out)
+            else:
+                _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out)
+
+    return grad_items
+
+
+# Module globals, so that the drivers of numbabn._cpu.parallel can call them by name.
+sums_rows, sums_lanes = _sums_kernel(False), _sums_kernel(True)
+affine_rows, affine_lanes = _affine_kernel(False), _affine_kernel(True)
+grad_rows, grad_lanes = _grad_kernel(False), _grad_kernel(True)
+SUMS = (sums_rows, sums_lanes)
+AFFINE = (affine_rows, affine_lanes)
+GRAD = (grad_rows, grad_lanes)
 
 
 @_kernel
@@ -333,12 +383,6 @@ def _first_values(x, channels_inner):
         value = np.float64(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
         shift[c] = value if np.isfinite(value) else 0.0
     return shift
-
-
-@_kernel
-def first_values(x, channels_inner):
-    """:func:`_first_values`, called from Python."""
-    return _first_values(x, channels_inner)
 
 
 @_shared
@@ -447,35 +491,30 @@ def finish_backward(totals, count, invstd, weight):
     return alpha, beta, gamma
 
 
-@_inline
-def statistics_serial(
-    x, weight, bias, running_mean, running_var, momentum, eps, channels_inner, geometry, partials
-):  # fmt: skip
-    """Batch statistics and ``(mean, invstd, scale, shift)`` in one call, for small tensors.
+def _train_backward_serial_kernel(channels_inner: bool) -> Any:
+    @_kernel
+    def train_backward_serial(dy, x, mean, invstd, weight, geometry, partials, out):
+        """The whole training backward in one call; returns the float64 ``(2, C)`` sums."""
+        n_channels = mean.shape[0]
+        n_items = _n_items(n_channels, geometry[0], geometry[3])
+        zeros = np.zeros(n_channels)
+        for item in range(n_items):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _sums_lanes(x, dy, mean, zeros, False, bounds, partials)
+            else:
+                _sums_rows(x, dy, mean, zeros, False, bounds, partials)
+        totals = merge(partials)
+        alpha, beta, gamma = finish_backward(totals, x.size // n_channels, invstd, weight)
+        for item in range(n_items):
+            bounds = _bounds(item, x.shape, channels_inner, geometry)
+            if channels_inner:
+                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out)
+            else:
+                _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out)
+        return totals
 
-    Updates the running statistics in place unless they are empty.
-    """
-    n_channels = _n_channels(x, channels_inner)
-    n_items = _n_items(n_channels, geometry[0], geometry[3])
-    shift = _first_values(x, channels_inner)
-    for item in range(n_items):
-        _sums_item(x, x, shift, shift, True, item, channels_inner, geometry, partials)
-    return finish_forward(
-        merge(partials), shift, x.size // n_channels, weight, bias, eps,
-        running_mean, running_var, momentum,
-    )  # fmt: skip
+    return train_backward_serial
 
 
-@_kernel
-def train_backward_serial(dy, x, mean, invstd, weight, channels_inner, geometry, partials, out):
-    """The whole training backward in one call; returns the float64 ``(2, C)`` sums."""
-    n_channels = _n_channels(x, channels_inner)
-    n_items = _n_items(n_channels, geometry[0], geometry[3])
-    zeros = np.zeros(n_channels)
-    for item in range(n_items):
-        _sums_item(x, dy, mean, zeros, False, item, channels_inner, geometry, partials)
-    totals = merge(partials)
-    alpha, beta, gamma = finish_backward(totals, x.size // n_channels, invstd, weight)
-    for item in range(n_items):
-        _grad_item(dy, x, mean, alpha, beta, gamma, item, channels_inner, geometry, out)
-    return totals
+TRAIN_BACKWARD_SERIAL = (_train_backward_serial_kernel(False), _train_backward_serial_kernel(True))

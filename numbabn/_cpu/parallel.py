@@ -1,18 +1,19 @@
 """Spread a kernel's work items over Numba's threads.
 
-Every ``*_items`` kernel has a driver here: a ``parallel=True`` function whose
-``prange`` over the items calls the kernel on one item at a time. Items are
-independent and each is always computed by the same compiled code, so results
-do not depend on the thread count.
+Every kind of ``*_items`` kernel has a driver here: a ``parallel=True`` function
+whose ``prange`` over the items calls the kernel on one item at a time. Items
+are independent and each is always computed by the same compiled code, so
+results do not depend on the thread count.
 
-Which compiled code is "the same" needs care. A driver calls its kernel through
-a symbol, and Numba binds that symbol to whichever compiled copy of the kernel
-was loaded first in the process: the kernel's own, or the copy inside the
-driver's cached object code, which was optimised a second time and can
-vectorise a float64 reduction in another order. So :func:`run_items` first calls
-the kernel itself on an empty range, which loads the kernel's own code before
-the driver can: then a fresh compilation and a cache load run the same
-instructions, and so does a direct call of the kernel over all items.
+Which compiled code is "the same" needs care: a driver that called its kernel
+by name would link a copy of the kernel's code and optimise it a second time,
+which can vectorise a float64 reduction in another order (and costs most of the
+driver's compile time). So a driver takes the address of the kernel's own
+compiled variant (:func:`numbabn._cpu.jit.native_address`) and calls it through
+that pointer: a direct call of the kernel over all items, the driver's threads,
+a fresh compilation and a cache load all run the same instructions. A driver
+depends only on its kernel's argument types, so one serves both families of a
+kernel (planar and channels-inner).
 """
 
 from __future__ import annotations
@@ -27,95 +28,97 @@ import numpy as np
 from numba import prange
 
 from numbabn._cpu import fused, kernels
+from numbabn._cpu.jit import call_native, launch, native_address
 from numbabn._cpu.jit import driver as _driver
-from numbabn._cpu.jit import launch
+
+# ``geometry`` is rebuilt inside each loop: parallel regions take no tuples as inputs.
+# ``prange`` counts unsigned; the kernels are compiled for int64 bounds.
 
 
 @_driver
-def _sums(n_items, u, v, u_shift, v_shift, squares, channels_inner, geometry, partials):
-    g0, g1, g2, g3 = geometry  # parallel regions take no tuples: rebuilt per item
-    for index in prange(n_items):
-        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
-        kernels.sums_items(
-            u, v, u_shift, v_shift, squares, channels_inner, (g0, g1, g2, g3), partials,
-            item, item + 1,
-        )  # fmt: skip
-
-
-@_driver
-def _affine(n_items, x, mean, scale, shift, channels_inner, geometry, out):
+def _sums(n_items, kernel, u, v, u_shift, v_shift, squares, geometry, partials):
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
-        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
-        kernels.affine_items(
-            x, mean, scale, shift, channels_inner, (g0, g1, g2, g3), out, item, item + 1
-        )
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(kernel, (u, v, u_shift, v_shift, squares, tiling, partials, item, item + 1))
 
 
 @_driver
-def _grad(n_items, dy, x, mean, alpha, beta, gamma, channels_inner, geometry, out):
+def _affine(n_items, kernel, x, mean, scale, shift, geometry, out):
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
-        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
-        kernels.grad_items(
-            dy, x, mean, alpha, beta, gamma, channels_inner, (g0, g1, g2, g3), out,
-            item, item + 1,
-        )  # fmt: skip
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(kernel, (x, mean, scale, shift, tiling, out, item, item + 1))
 
 
 @_driver
-def _affine_act(n_items, x, z, mean, scale, shift, residual, relu, channels_inner, geometry, out):
+def _grad(n_items, kernel, dy, x, mean, alpha, beta, gamma, geometry, out):
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
-        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
-        fused.affine_act_items(
-            x, z, mean, scale, shift, residual, relu, channels_inner, (g0, g1, g2, g3), out,
-            item, item + 1,
-        )  # fmt: skip
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(kernel, (dy, x, mean, alpha, beta, gamma, tiling, out, item, item + 1))
+
+
+@_driver
+def _affine_act(n_items, kernel, x, z, mean, scale, shift, residual, relu, geometry, out):
+    g0, g1, g2, g3 = geometry
+    for index in prange(n_items):
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(kernel, (x, z, mean, scale, shift, residual, relu, tiling, out, item, item + 1))
 
 
 @_driver
 def _masked_sums(
-    n_items, dy, x, z, mean, scale, shift, residual, channels_inner, geometry, partials, dz
+    n_items, kernel, dy, x, z, mean, scale, shift, residual, geometry, partials, dz
 ):  # fmt: skip
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
-        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
-        fused.masked_sums_items(
-            dy, x, z, mean, scale, shift, residual, channels_inner, (g0, g1, g2, g3), partials,
-            dz, item, item + 1,
-        )  # fmt: skip
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(
+            kernel,
+            (dy, x, z, mean, scale, shift, residual, tiling, partials, dz, item, item + 1),
+        )
 
 
 @_driver
 def _masked_grad(
-    n_items, dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, channels_inner,
-    geometry, dx,
+    n_items, kernel, dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, geometry, dx
 ):  # fmt: skip
     g0, g1, g2, g3 = geometry
     for index in prange(n_items):
-        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
-        fused.masked_grad_items(
-            dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, channels_inner,
-            (g0, g1, g2, g3), dx, item, item + 1,
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(
+            kernel,
+            (dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, tiling, dx, item,
+             item + 1),
         )  # fmt: skip
 
 
 @_driver
-def _copy(n_items, src, dst, block):
+def _copy(n_items, kernel, src, dst, block):
     for index in prange(n_items):
-        item = np.int64(index)  # prange counts unsigned; the kernel is loaded for int64
-        kernels.copy_items(src, dst, block, item, item + 1)
+        item = np.int64(index)
+        call_native(kernel, (src, dst, block, item, item + 1))
 
 
 _DRIVERS: dict[Callable[..., None], Callable[..., None]] = {
-    kernels.sums_items: _sums,
-    kernels.affine_items: _affine,
-    kernels.grad_items: _grad,
-    kernels.copy_items: _copy,
-    fused.affine_act_items: _affine_act,
-    fused.masked_sums_items: _masked_sums,
-    fused.masked_grad_items: _masked_grad,
+    kernel: driver
+    for family, driver in (
+        (kernels.SUMS, _sums),
+        (kernels.AFFINE, _affine),
+        (kernels.GRAD, _grad),
+        ((kernels.copy_items,), _copy),
+        (fused.AFFINE_ACT, _affine_act),
+        (fused.MASKED_SUMS, _masked_sums),
+        (fused.MASKED_GRAD, _masked_grad),
+    )
+    for kernel in family
 }
 
 # Numba's "workqueue" threading layer must not be entered by two threads at once.
@@ -138,10 +141,11 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def run_items(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     """Run ``kernel(*args, start, stop)`` over items ``0`` to ``n_items`` on Numba's threads."""
     global _launched
-    launch(kernel, *args, 0, 0)  # loads the kernel's own code first: see the module docstring
     if _serial_only:
         launch(kernel, *args, 0, n_items)
         return
+    launch(kernel, *args, 0, 0)  # compiles (or loads) the variant the driver is to call
+    address = native_address(kernel, args + (0, 0))
     with _launch_lock:
-        launch(_DRIVERS[kernel], n_items, *args)
+        launch(_DRIVERS[kernel], n_items, address, *args)
         _launched = True
