@@ -70,7 +70,7 @@ def cache_dir() -> str:
     ``NUMBA_CACHE_DIR`` when set, else the ``__pycache__`` beside the installed
     sources, else (a read-only install) Numba's per-user cache directory.
     """
-    dispatcher: Any = kernels.merge
+    dispatcher: Any = kernels.moments_from_sums
     path = str(dispatcher._cache.cache_path)  # Numba's FunctionCache knows its locator
     os.makedirs(path, exist_ok=True)
     return path

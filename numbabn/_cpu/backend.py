@@ -99,8 +99,9 @@ class _Operands:
     def first_values(self) -> np.ndarray:
         """Each channel's first value in float64 (0 where not finite): the statistics' shift.
 
-        As the serial kernels compute it (``kernels._first_values``): NumPy here,
-        since a compiled function would cost a first call a compilation.
+        NumPy rather than a compiled function, which would cost a first call a
+        compilation. A non-finite first value gives a shift of 0 instead: ``inf - inf``
+        would make the mean NaN where PyTorch's is infinite.
         """
         first = self.view[0, 0, 0, :] if self.layout.channels_inner else self.view[0, :, 0, 0]
         first = first.astype(np.float64)
@@ -184,7 +185,10 @@ def _copy(target: np.ndarray, source: np.ndarray) -> None:
 
 
 def _merged(partials: np.ndarray) -> np.ndarray:
-    """The ``(T, 2, C)`` partials summed over tiles, in tile order (as ``kernels.merge``)."""
+    """The ``(T, 2, C)`` partials summed over tiles in tile order: the same bits every time.
+
+    (NumPy adds along the outer axis of a reduction one tile after another.)
+    """
     return np.add.reduce(partials, axis=0)
 
 
@@ -318,23 +322,15 @@ class CpuBackend:
         partials = ops.partials()
 
         def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if ops.serial:
-                residual = None if epilogue is None else epilogue.residual
-                z = ops.view if residual is None else ops.input_view(residual)
-                relu = epilogue is not None and epilogue.relu
-                return launch(
-                    fused.TRAIN_FORWARD_SERIAL[ops.lanes], ops.view, z, residual is not None,
-                    relu, weight, bias, running_mean, running_var, momentum, eps,
-                    *ops.launch_args, partials, target,
-                )  # fmt: skip
             view = ops.view
             shift = ops.first_values()
             sums = kernels.SUMS[ops.lanes]
             ops.run(sums, view, view, shift, shift, True, *ops.launch_args, partials)
-            mean, invstd, scale, shift = kernels.finish_forward(
-                _merged(partials), shift, x.size // x.shape[1], weight, bias, eps,
-                running_mean, running_var, momentum,
-            )  # fmt: skip
+            count = x.size // x.shape[1]
+            mean, m2 = kernels.moments_from_sums(_merged(partials), shift, count)
+            invstd, scale, shift = kernels.train_coefficients(
+                mean, m2, count, weight, bias, eps, running_mean, running_var, momentum
+            )
             ops.normalise(mean, scale, shift, epilogue, target)
             return mean, invstd
 
@@ -546,18 +542,6 @@ class CpuBackend:
         partials = ops.partials()
 
         def kernel(target: np.ndarray) -> np.ndarray:
-            if ops.serial:
-                return launch(
-                    kernels.TRAIN_BACKWARD_SERIAL[ops.lanes],
-                    dy_view,
-                    ops.view,
-                    mean,
-                    invstd,
-                    weight,
-                    *ops.launch_args,
-                    partials,
-                    target,
-                )
             zeros = np.zeros_like(mean)
             args = (ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials)
             ops.run(kernels.SUMS[ops.lanes], *args)

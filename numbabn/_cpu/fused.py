@@ -20,15 +20,8 @@ from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
 from numbabn._cpu.kernels import (
     _bounds,
-    _first_values,
-    _n_channels,
-    _n_items,
     _row,
     _store_partials,
-    _sums_lanes,
-    _sums_rows,
-    finish_forward,
-    merge,
 )
 
 
@@ -260,42 +253,6 @@ def _masked_grad_kernel(channels_inner: bool) -> Any:
     return masked_grad_items
 
 
-def _train_forward_serial_kernel(channels_inner: bool) -> Any:
-    @_kernel
-    def train_forward_serial(
-        x, z, residual, relu, weight, bias, running_mean, running_var, momentum, eps,
-        geometry, partials, out,
-    ):  # fmt: skip
-        """The whole training forward in one call, for tensors too small to share out.
-
-        Batch statistics, ``(mean, invstd, scale, shift)`` (the running statistics
-        updated in place unless they are empty), then the elementwise pass. With
-        ``residual`` and ``relu`` off (``z`` is then not read) this is the plain forward.
-        """
-        n_channels = _n_channels(x, channels_inner)
-        n_items = _n_items(n_channels, geometry[0], geometry[3])
-        first = _first_values(x, channels_inner)
-        for item in range(n_items):
-            bounds = _bounds(item, x.shape, channels_inner, geometry)
-            if channels_inner:
-                _sums_lanes(x, x, first, first, True, bounds, partials)
-            else:
-                _sums_rows(x, x, first, first, True, bounds, partials)
-        mean, invstd, scale, shift = finish_forward(
-            merge(partials), first, x.size // n_channels, weight, bias, eps,
-            running_mean, running_var, momentum,
-        )  # fmt: skip
-        for item in range(n_items):
-            bounds = _bounds(item, x.shape, channels_inner, geometry)
-            if channels_inner:
-                _affine_act_lanes_item(x, z, mean, scale, shift, residual, relu, bounds, out)
-            else:
-                _affine_act_rows_item(x, z, mean, scale, shift, residual, relu, bounds, out)
-        return mean, invstd
-
-    return train_forward_serial
-
-
 # Module globals, so that the drivers of numbabn._cpu.parallel can call them by name.
 affine_act_rows, affine_act_lanes = _affine_act_kernel(False), _affine_act_kernel(True)
 masked_sums_rows, masked_sums_lanes = _masked_sums_kernel(False), _masked_sums_kernel(True)
@@ -303,4 +260,3 @@ masked_grad_rows, masked_grad_lanes = _masked_grad_kernel(False), _masked_grad_k
 AFFINE_ACT = (affine_act_rows, affine_act_lanes)
 MASKED_SUMS = (masked_sums_rows, masked_sums_lanes)
 MASKED_GRAD = (masked_grad_rows, masked_grad_lanes)
-TRAIN_FORWARD_SERIAL = (_train_forward_serial_kernel(False), _train_forward_serial_kernel(True))

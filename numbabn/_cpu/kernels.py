@@ -14,10 +14,11 @@ runs of kilobytes even when rows are short (7x7 feature maps). Reductions write
 one partial per (tile, channel); the partials are then summed in a fixed order,
 so results are bit-for-bit identical whatever the thread count.
 
-The ``*_items`` kernels run a range of items; :mod:`numbabn._cpu.parallel`
-spreads the items over Numba's threads. Small tensors take the ``*_serial``
-kernels, one call for a whole pass sequence (the forward's, with its optional
-residual and ReLU, is in :mod:`numbabn._cpu.fused`).
+The ``*_items`` kernels run a range of items: small tensors all of them in one
+call on the calling thread, larger ones spread over Numba's threads by
+:mod:`numbabn._cpu.parallel`. Both run the same compiled code, and each kernel
+is compiled for one family of views only (planar or channels-inner), so a
+first call compiles only what it runs.
 """
 
 from __future__ import annotations
@@ -38,16 +39,6 @@ _running_average = _inline(_coefficients.running_average)
 _unbiased_variance = _inline(_coefficients.unbiased_variance)
 _backward_channel = _inline(_coefficients.backward_channel)
 _merged_channel = _inline(_coefficients.merged_channel)
-
-
-@_inline
-def _n_items(n_channels, channel_block, n_tiles):
-    return (n_channels + channel_block - 1) // channel_block * n_tiles
-
-
-@_inline
-def _n_channels(x, channels_inner):
-    return x.shape[3] if channels_inner else x.shape[1]
 
 
 @_inline
@@ -360,32 +351,6 @@ def copy_items(src, dst, block, start, stop):
 
 
 @_shared
-def merge(partials):
-    """Sum the ``(T, 2, C)`` partials over tiles, always in tile order."""
-    totals = np.zeros(partials.shape[1:])
-    for tile in range(partials.shape[0]):
-        for k in range(2):
-            for c in range(partials.shape[2]):
-                totals[k, c] += partials[tile, k, c]
-    return totals
-
-
-@_inline
-def _first_values(x, channels_inner):
-    """Each channel's first value, in float64: the shift the statistics sums use.
-
-    A non-finite first value gives a shift of 0 instead: ``inf - inf`` would make
-    the mean NaN where PyTorch's is infinite.
-    """
-    n_channels = _n_channels(x, channels_inner)
-    shift = np.empty(n_channels)
-    for c in range(n_channels):
-        value = np.float64(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
-        shift[c] = value if np.isfinite(value) else 0.0
-    return shift
-
-
-@_shared
 def moments_from_sums(totals, shift, count):
     """Per-channel float64 ``(mean, M2)`` from sums taken around ``shift``."""
     mean = np.empty(shift.shape[0])
@@ -423,19 +388,6 @@ def merge_rows(rows):
             )
         count += count_b
     return count, mean, m2
-
-
-@_shared
-def finish_forward(totals, shift, count, weight, bias, eps, running_mean, running_var, momentum):
-    """Per-channel ``(mean, invstd, scale, shift)`` from the statistics sums.
-
-    Also updates ``running_mean``/``running_var`` in place unless they are empty.
-    """
-    mean, m2 = moments_from_sums(totals, shift, count)
-    invstd, scale, bias_shift = train_coefficients(
-        mean, m2, count, weight, bias, eps, running_mean, running_var, momentum
-    )
-    return mean, invstd, scale, bias_shift
 
 
 @_shared
@@ -489,32 +441,3 @@ def finish_backward(totals, count, invstd, weight):
             totals[0, c], totals[1, c], count, invstd[c], np.float64(weight[c])
         )
     return alpha, beta, gamma
-
-
-def _train_backward_serial_kernel(channels_inner: bool) -> Any:
-    @_kernel
-    def train_backward_serial(dy, x, mean, invstd, weight, geometry, partials, out):
-        """The whole training backward in one call; returns the float64 ``(2, C)`` sums."""
-        n_channels = mean.shape[0]
-        n_items = _n_items(n_channels, geometry[0], geometry[3])
-        zeros = np.zeros(n_channels)
-        for item in range(n_items):
-            bounds = _bounds(item, x.shape, channels_inner, geometry)
-            if channels_inner:
-                _sums_lanes(x, dy, mean, zeros, False, bounds, partials)
-            else:
-                _sums_rows(x, dy, mean, zeros, False, bounds, partials)
-        totals = merge(partials)
-        alpha, beta, gamma = finish_backward(totals, x.size // n_channels, invstd, weight)
-        for item in range(n_items):
-            bounds = _bounds(item, x.shape, channels_inner, geometry)
-            if channels_inner:
-                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out)
-            else:
-                _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out)
-        return totals
-
-    return train_backward_serial
-
-
-TRAIN_BACKWARD_SERIAL = (_train_backward_serial_kernel(False), _train_backward_serial_kernel(True))
