@@ -97,16 +97,13 @@ class _Operands:
         return view
 
     def first_values(self) -> np.ndarray:
-        """Each channel's first value in float64 (0 where not finite): the statistics' shift.
+        """Each channel's first value in float64: the statistics' shift.
 
-        NumPy rather than a compiled function, which would cost a first call a
-        compilation. A non-finite first value gives a shift of 0 instead: ``inf - inf``
-        would make the mean NaN where PyTorch's is infinite.
+        The kernels and ``moments_from_sums`` take a non-finite one as 0. NumPy
+        rather than a compiled function, which would cost a first call a compilation.
         """
         first = self.view[0, 0, 0, :] if self.layout.channels_inner else self.view[0, :, 0, 0]
-        first = first.astype(np.float64)
-        first[~np.isfinite(first)] = 0.0
-        return first
+        return first.astype(np.float64)
 
     def partials(self) -> np.ndarray:
         return np.empty((self.layout.n_tiles, 2, self.x.shape[1]))
@@ -189,7 +186,7 @@ def _merged(partials: np.ndarray) -> np.ndarray:
 
     (NumPy adds along the outer axis of a reduction one tile after another.)
     """
-    return np.add.reduce(partials, axis=0)
+    return partials[0] if partials.shape[0] == 1 else np.add.reduce(partials, axis=0)
 
 
 def _run(kernel: Callable[..., None], n_items: int, serial: bool, *args: Any) -> None:
@@ -326,11 +323,10 @@ class CpuBackend:
             shift = ops.first_values()
             sums = kernels.SUMS[ops.lanes]
             ops.run(sums, view, view, shift, shift, True, *ops.launch_args, partials)
-            count = x.size // x.shape[1]
-            mean, m2 = kernels.moments_from_sums(_merged(partials), shift, count)
-            invstd, scale, shift = kernels.train_coefficients(
-                mean, m2, count, weight, bias, eps, running_mean, running_var, momentum
-            )
+            mean, invstd, scale, shift = kernels.finish_forward(
+                _merged(partials), shift, x.size // x.shape[1], weight, bias, eps,
+                running_mean, running_var, momentum,
+            )  # fmt: skip
             ops.normalise(mean, scale, shift, epilogue, target)
             return mean, invstd
 

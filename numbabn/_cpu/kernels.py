@@ -103,8 +103,21 @@ def _cross_sums(v_row, u_row, kv, ku, sum_v, sum_vu):
 
 
 @_inline
+def _finite_or_zero(shift):
+    """A shift of the sums (``kv``), in float64: a non-finite one counts as 0.
+
+    The statistics shift by each channel's first value; ``inf - inf`` would make
+    the mean NaN where PyTorch's is infinite.
+    """
+    value = np.float64(shift)
+    return value if np.isfinite(value) else 0.0
+
+
+@_inline
 def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
     """Channels-inner item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into partials.
+
+    ``kv`` is ``v_shift`` with non-finite values as 0 (see :func:`_finite_or_zero`).
 
     With ``squares`` (``u`` is ``v``, ``ku`` is ``kv``) the second sum is
     ``sum((v - kv) ** 2)`` and ``u`` is never read: half the loads and
@@ -113,7 +126,9 @@ def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
     tile, c0, c1, row0, row1, _, _ = bounds
     sum_v = np.zeros(c1 - c0)
     sum_vu = np.zeros(c1 - c0)
-    kv = v_shift[c0:c1]
+    kv = np.empty(c1 - c0)
+    for c in range(c1 - c0):
+        kv[c] = _finite_or_zero(v_shift[c0 + c])
     # The branch on ``squares`` stays outside the position loops: rows are short
     # enough that slicing an unused ``u`` row per position would cost a third.
     if squares:
@@ -141,7 +156,7 @@ def _sums_rows(u, v, u_shift, v_shift, squares, bounds, partials):
     r0 = row0 - a0 * n_r
     for c in range(c0, c1):
         ku = u_shift[c]
-        kv = v_shift[c]
+        kv = _finite_or_zero(v_shift[c])
         acc_v = 0.0
         acc_vu = 0.0
         # Row q is (a, r); stepped rather than divided, as rows can be short.
@@ -352,11 +367,16 @@ def copy_items(src, dst, block, start, stop):
 
 @_shared
 def moments_from_sums(totals, shift, count):
-    """Per-channel float64 ``(mean, M2)`` from sums taken around ``shift``."""
+    """Per-channel float64 ``(mean, M2)`` from sums taken around ``shift``.
+
+    A non-finite shift counts as 0, as in the sums (:func:`_finite_or_zero`).
+    """
     mean = np.empty(shift.shape[0])
     m2 = np.empty(shift.shape[0])
     for c in range(shift.shape[0]):
-        mean[c], m2[c] = _channel_moments(totals[0, c], totals[1, c], shift[c], count)
+        mean[c], m2[c] = _channel_moments(
+            totals[0, c], totals[1, c], _finite_or_zero(shift[c]), count
+        )
     return mean, m2
 
 
@@ -412,6 +432,19 @@ def train_coefficients(mean, m2, count, weight, bias, eps, running_mean, running
                 running_var[c], _unbiased_variance(m2[c], count), momentum
             )
     return invstd, scale, shift
+
+
+@_shared
+def finish_forward(totals, shift, count, weight, bias, eps, running_mean, running_var, momentum):
+    """Per-channel ``(mean, invstd, scale, shift)`` from the statistics sums, in one call.
+
+    Also updates ``running_mean``/``running_var`` in place unless they are empty.
+    """
+    mean, m2 = moments_from_sums(totals, shift, count)
+    invstd, scale, bias_shift = train_coefficients(
+        mean, m2, count, weight, bias, eps, running_mean, running_var, momentum
+    )
+    return mean, invstd, scale, bias_shift
 
 
 @_shared
