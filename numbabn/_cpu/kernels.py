@@ -347,11 +347,12 @@ GRAD = (grad_rows, grad_lanes)
 
 @_kernel
 def copy_items(src, dst, block, start, stop):
-    """Items ``start`` to ``stop`` of ``dst[...] = src``, both viewed as ``(N, C, 1, M)``.
+    """Items ``start`` to ``stop`` of ``dst[...] = src``, both viewed as ``(N, P, 1, Q)``.
 
     For two arrays with their unit stride on different axes (NCHW and
     channels-last): each item copies a ``block`` x ``block`` tile of one ``n``,
-    whose reads and writes stay within a few kilobytes of cache.
+    whose reads and writes stay within a few kilobytes of cache. The inner loop
+    runs over ``Q``, which the caller makes ``dst``'s contiguous axis.
     """
     n_c = (src.shape[1] + block - 1) // block
     n_m = (src.shape[3] + block - 1) // block
