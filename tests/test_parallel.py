@@ -44,6 +44,28 @@ def test_threads_write_what_one_call_writes(dtype, channels_last):
         assert one.tobytes() == spread.tobytes(), name
 
 
+@needs_two_threads
+def test_one_strided_driver_variant_runs_both_kernel_variants():
+    from numbabn._cpu import parallel
+
+    full = np.random.default_rng(1).standard_normal((8, 5, 40, 42))
+    for x in (full, full[..., 1:]):  # C-contiguous, then strided
+        ops = _Operands(x)
+        vector = np.linspace(0.5, 1.5, x.shape[1])
+        args = (ops.view, vector, vector, vector, *ops.launch_args)
+        one, spread = np.empty_like(ops.view), np.empty_like(ops.view)
+        launch(kernels.AFFINE[ops.lanes], *args, one, 0, ops.n_items)
+        run_items(kernels.AFFINE[ops.lanes], ops.n_items, *args, spread)
+        assert one.tobytes() == spread.tobytes()
+    float64_variants = [
+        signature
+        for signature in parallel._affine.overloads
+        if any(getattr(arg, "ndim", 0) == 4 and arg.dtype == numba.float64 for arg in signature)
+    ]
+    assert len(float64_variants) == 1
+    assert all(arg.layout == "A" for arg in float64_variants[0] if getattr(arg, "ndim", 0) == 4)
+
+
 def _forward_in_child(x: np.ndarray, results: multiprocessing.Queue) -> None:
     results.put(numbabn.BatchNorm2d(x.shape[1])(x))
 

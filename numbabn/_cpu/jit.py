@@ -18,7 +18,8 @@ C-contiguous (all of them are) or every one strided (any other mix), inputs
 (every 4-D parameter not named in :data:`WRITTEN`) read-only. Numba converts
 the actual arrays to those types at the call (a C-contiguous or writable array
 is a valid strided or read-only one); the strided variant runs the same
-arithmetic with general indexing.
+arithmetic with general indexing. The threaded drivers, which only pass their
+arrays on, have the strided variant alone.
 """
 
 from __future__ import annotations
@@ -67,17 +68,26 @@ WRITTEN = frozenset({"out", "dx", "dz", "dst"})
 DISPATCHERS: list[Any] = []
 
 
-def _stamped(decorator: Callable[[Any], Any], *, by_layout: bool = False) -> Callable[[Any], Any]:
+# The drivers: compiled once per dtype, every 4-D operand typed strided (see :func:`launch`).
+_STRIDED_ONLY: set[Any] = set()
+
+
+def _stamped(
+    decorator: Callable[[Any], Any], *, by_layout: bool = False, strided_only: bool = False
+) -> Callable[[Any], Any]:
     """``decorator`` (an ``njit`` with ``cache=True``), then the package-wide cache stamp.
 
-    With ``by_layout`` the function compiles only through :func:`launch`.
+    With ``by_layout`` the function compiles only through :func:`launch`; with
+    ``strided_only`` too, and in its strided variant alone.
     """
 
     def decorate(function: Any) -> Any:
         dispatcher = _source_stamp.stamp(decorator(function), "numbabn._cpu", source_digest())
-        if by_layout:
+        if by_layout or strided_only:
             # What disable_compile() sets; it refuses to before a first signature exists.
             dispatcher._can_compile = False
+        if strided_only:
+            _STRIDED_ONLY.add(dispatcher)
         DISPATCHERS.append(dispatcher)
         return dispatcher
 
@@ -88,16 +98,19 @@ def launch(dispatcher: Any, *args: Any) -> Any:
     """Call a ``kernel`` or ``driver`` through its variant for these operands' layout family.
 
     The call itself costs nothing extra: Numba finds the variant (converting the
-    arrays) or refuses, and only a refusal leads here to a compilation.
+    arrays) or refuses, and only a refusal leads here to a compilation. A driver
+    has its strided variant only: it does no indexing of its own, and an array's
+    machine representation is the same whatever its layout type, so that variant
+    calls the kernel's contiguous and strided variants alike.
     """
     try:
         return dispatcher(*args)
     except (TypeError, RuntimeError) as error:
         if not _unresolved(error):
             raise
-    contiguous = _all_contiguous(args)
+    contiguous = dispatcher not in _STRIDED_ONLY and _all_contiguous(args)
     _compile(dispatcher, args, contiguous)
-    if not contiguous:
+    if not contiguous and dispatcher not in _STRIDED_ONLY:
         # Else a later all-C-contiguous call would run this variant, by conversion.
         _compile(dispatcher, args, True)
     return dispatcher(*args)
@@ -172,9 +185,10 @@ def native_address(dispatcher: Any, args: tuple[Any, ...]) -> int:
 def _call_native(typingctx: Any, address: Any, args: Any) -> Any:
     """Call the native code at ``address`` (an integer) with the tuple ``args``.
 
-    The callee must be a Numba function of exactly ``args``' types returning
-    nothing (:func:`native_address` gives one): Numba's own calling convention,
-    through a pointer, so the caller's compilation never sees the callee's body.
+    The callee must be a Numba function of ``args``' types returning nothing
+    (:func:`native_address` gives one); its arrays may differ in layout type
+    only, which leaves their structure in memory the same. Numba's own calling
+    convention, through a pointer, so the caller's compilation never sees the callee's body.
     """
     if not isinstance(address, types.Integer) or not isinstance(args, types.BaseTuple):
         return None
@@ -210,4 +224,6 @@ kernel = _stamped(
     njit(fastmath=FASTMATH, cache=True, error_model="numpy", nogil=True), by_layout=True
 )
 # The ``parallel=True`` functions that spread a kernel's items over Numba's threads.
-driver = _stamped(njit(parallel=True, cache=True, error_model="numpy", nogil=True), by_layout=True)
+driver = _stamped(
+    njit(parallel=True, cache=True, error_model="numpy", nogil=True), strided_only=True
+)

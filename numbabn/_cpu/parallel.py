@@ -13,7 +13,9 @@ compiled variant (:func:`numbabn._cpu.jit.native_address`) and calls it through
 that pointer: a direct call of the kernel over all items, the driver's threads,
 a fresh compilation and a cache load all run the same instructions. A driver
 depends only on its kernel's argument types, so one serves both families of a
-kernel (planar and channels-inner).
+kernel (planar and channels-inner), and it is compiled in its strided variant
+only, which calls the kernel's C-contiguous and strided variants alike
+(:func:`numbabn._cpu.jit.launch`).
 """
 
 from __future__ import annotations
