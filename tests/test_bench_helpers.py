@@ -66,3 +66,21 @@ def test_layout_table_marks_each_target():
     assert rows["x NCHW, dy channels-last"]["met"] is False
     table = layouts.layouts_markdown({"shape": [2, 3, 4, 4], "rows": list(rows.values())})
     assert "| **no** |" in table
+    assert rows["x NCHW, dy channels-last"]["torch_ratio"] is None  # no PyTorch times given
+
+
+def test_layout_table_gives_pytorch_its_own_ratios():
+    seconds = {case.name: 1e-3 for case in layouts.LAYOUT_CASES}
+    seconds.update({"torch: " + case.name: 4e-3 for case in layouts.LAYOUT_CASES})
+    seconds["torch: x NCHW, dy channels-last"] = 6e-3
+    rows = {row["case"]: row for row in layouts.rows_from_seconds(seconds)}
+    assert rows["x NCHW, dy channels-last"]["torch_ratio"] == 1.5
+    assert rows["x, dy NCHW"]["torch_ratio"] is None  # a row compared with nothing
+    table = layouts.layouts_markdown({"shape": [2, 3, 4, 4], "rows": list(rows.values())})
+    assert "| 6.00 | 1.50 |" in table
+
+
+def test_pytorch_layout_steps_run():
+    pytest.importorskip("torch")
+    for case in layouts.LAYOUT_CASES:
+        layouts.make_torch_step(case, (2, 3, 4, 4), 1)()

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     fused = [
         measure_fused(case, repeat, threads, with_torch) for case in _progress(fused_cases, "fused")
     ]
-    layouts = measure_layouts(repeat, quick=args.quick)
+    layouts = measure_layouts(repeat, args.quick, threads, with_torch)
     startup = None
     if not args.no_startup:
         print("start-up: cold and warm processes, then a warm-up per dtype", file=sys.stderr)
