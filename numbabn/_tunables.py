@@ -20,6 +20,10 @@ MIN_POSITIONS = 256
 # Channels and positions per square tile of a copy between layouts (64 x 64 float32
 # is 16 KiB a side, well within the first-level cache).
 COPY_BLOCK = 64
+# Staging arrays (an operand copied into the input's layout) each thread keeps for
+# reuse: a new tensor-sized array costs its first writes a page fault per 4 KiB,
+# 2-3 ms for 25.7 MB on two cores, about as much as the copy itself.
+STAGING_ARRAYS_KEPT = 2
 # Below this many elements one thread does everything in one kernel call: on two
 # cores that beat a parallel launch up to about 200 Ki elements.
 PARALLEL_MIN_ELEMENTS = 1 << 17

@@ -8,6 +8,8 @@ from conftest import layouts_for, make_input, make_layout, random_vector
 
 import numbabn
 from numbabn import functional as F
+from numbabn._cpu.backend import _copy, _staging_like, _this_thread
+from numbabn._tunables import STAGING_ARRAYS_KEPT
 
 CLASSES = {2: numbabn.BatchNorm1d, 3: numbabn.BatchNorm1d, 4: numbabn.BatchNorm2d}
 CLASSES[5] = numbabn.BatchNorm3d
@@ -85,6 +87,34 @@ def test_output_laid_out_like_input(shape, layout, rng):
     module.eval()
     assert module(x).strides == expected
     assert module.backward(np.ones_like(x)).strides == expected
+
+
+# Channel and position counts on both sides of the copy's 64-wide tiles; the last
+# one is large enough for Numba's threads.
+COPY_SHAPES = [(2, 3, 5, 7), (2, 70, 9, 8), (1, 130, 3, 3, 3), (3, 70, 65), (4, 70, 40, 40)]
+
+
+@pytest.mark.parametrize("shape", COPY_SHAPES, ids=str)
+@pytest.mark.parametrize("source_layout", ["contiguous", "channels_last", "channels_last_negative"])
+@pytest.mark.parametrize("target_layout", ["contiguous", "channels_last", "negative", "crop"])
+def test_staging_copy_between_layouts(shape, source_layout, target_layout, rng):
+    source = make_input(rng, shape, source_layout)
+    target = make_input(rng, shape, target_layout)
+    _copy(target, source)
+    assert target.tobytes() == np.ascontiguousarray(source).tobytes()
+
+
+def test_staging_arrays_reused_only_when_nothing_refers_to_them():
+    x = np.empty((2, 3, 4, 5), np.float32)
+    first = _staging_like(x)
+    second = _staging_like(x)
+    assert second is not first  # first is still referenced here
+    first_id = id(first)
+    del first
+    assert id(_staging_like(x)) == first_id  # second still is
+    other = [_staging_like(np.empty((1, 2, 3, n))) for n in range(1, 4)]
+    newest_first = [id(array) for array in reversed(other)][:STAGING_ARRAYS_KEPT]
+    assert [id(array) for _, array in _this_thread.staging] == newest_first
 
 
 @pytest.mark.parametrize("dy_layout", ["channels_last", "negative", "inner_slice"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,7 +16,7 @@ from numpy.lib.stride_tricks import as_strided
 from numbabn._cpu import fused, kernels
 from numbabn._cpu.jit import launch
 from numbabn._cpu.parallel import run_items
-from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS
+from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS, STAGING_ARRAYS_KEPT
 from numbabn._views import Layout, plan
 from numbabn.epilogue import Epilogue
 
@@ -39,6 +40,25 @@ def on_calling_thread() -> Iterator[None]:
         yield
     finally:
         _this_thread.serial = previous
+
+
+def _staging_like(x: np.ndarray) -> np.ndarray:
+    """An uninitialised array as ``np.empty_like(x)`` makes: one this thread kept, or a new one.
+
+    A kept array is handed out again only once nothing else refers to it (a
+    staged operand's view holds its base), so a call never shares one with
+    another call in progress. The last :data:`STAGING_ARRAYS_KEPT` made stay kept.
+    """
+    key = (x.shape, x.strides, x.dtype)
+    kept = _this_thread.__dict__.setdefault("staging", [])
+    for kept_key, array in kept:
+        # Three references when free: the list's, this loop's name, getrefcount's argument.
+        if kept_key == key and sys.getrefcount(array) <= 3:
+            return array
+    array = np.empty_like(x)
+    kept.insert(0, (key, array))
+    del kept[STAGING_ARRAYS_KEPT:]
+    return array
 
 
 def _serial(n_elements: int) -> bool:
@@ -84,14 +104,14 @@ class _Operands:
         """View another input, copying it into ``x``'s layout unless it fits as it is."""
         view = self.layout.view(array)
         if not self.fits(view):
-            staged = np.empty_like(self.x)
+            staged = _staging_like(self.x)
             _copy(staged, array)
             view = self.staged_view(staged)
         assert view is not None
         return _as_input(view)
 
     def staged_view(self, staged: np.ndarray) -> np.ndarray:
-        """View ``staged``, an ``np.empty_like(self.x)``: its strides always fit the layout."""
+        """View ``staged``, made like ``self.x``: its strides always fit the layout."""
         view = self.layout.view(staged)
         assert view is not None
         return view
@@ -141,7 +161,7 @@ class _Operands:
         view = self.layout.view(target)
         if view is not None and self.fits(view):
             return target, kernel(view)
-        staged = np.empty_like(self.x)
+        staged = _staging_like(self.x)
         result = kernel(self.staged_view(staged))
         _copy(target, staged)
         return target, result
@@ -161,31 +181,46 @@ def _as_rows(array: np.ndarray) -> np.ndarray | None:
 def _copy(target: np.ndarray, source: np.ndarray) -> None:
     """``target[...] = source`` for two arrays of one shape and any layouts.
 
-    Copies between layouts whose contiguous axes differ go through
-    :func:`kernels.copy_items` in cache-sized tiles, on Numba's threads; NumPy's
-    own copy reads or writes such pairs one element per cache line. The tiles'
-    inner loop walks the target's contiguous axis (positions for NCHW, channels
-    for channels-last): scattered writes cost twice to three times scattered reads.
+    A copy between NCHW and channels-last, whose unit strides lie on different
+    axes, goes through :func:`kernels.transpose_items` in cache-sized tiles on
+    Numba's threads; NumPy's own copy reads or writes such pairs one element per
+    cache line. Each array is viewed in its own memory order (C-contiguous views
+    for the canonical layouts, which compile to simpler indexing), and the tiles'
+    inner loop walks the channels, the channels-last side's contiguous axis,
+    whichever side that is: measured faster both ways than walking the positions.
     """
     source_rows, target_rows = _as_rows(source), _as_rows(target)
-    if source_rows is None or target_rows is None:
+    if (
+        source_rows is None
+        or target_rows is None
+        or _channels_inner(source_rows) == _channels_inner(target_rows)
+    ):
         target[...] = source
         return
-    if abs(target_rows.strides[1]) < abs(target_rows.strides[3]):  # channels-inner target
-        source_rows, target_rows = (
-            source_rows.transpose(0, 3, 2, 1),
-            target_rows.transpose(0, 3, 2, 1),
-        )
-    n_outer, n_inner = source_rows.shape[1], source_rows.shape[3]
-    n_items = source.shape[0] * -(-n_outer // COPY_BLOCK) * -(-n_inner // COPY_BLOCK)
+    target_channels_inner = _channels_inner(target_rows)
+    if target_channels_inner:
+        target_rows = target_rows.transpose(0, 3, 2, 1)
+    else:
+        source_rows = source_rows.transpose(0, 3, 2, 1)
+    n_items = (
+        source.shape[0]
+        * -(-source_rows.shape[1] // COPY_BLOCK)
+        * -(-source_rows.shape[3] // COPY_BLOCK)
+    )
     _run(
-        kernels.copy_items,
+        kernels.transpose_items,
         n_items,
         _serial(source.size),
         _as_input(source_rows),
         target_rows,
         COPY_BLOCK,
+        target_channels_inner,
     )
+
+
+def _channels_inner(rows: np.ndarray) -> bool:
+    """Whether ``rows``, an ``(N, C, 1, M)`` view, steps through channels faster than positions."""
+    return abs(rows.strides[1]) < abs(rows.strides[3])
 
 
 def _merged(partials: np.ndarray) -> np.ndarray:

@@ -346,24 +346,34 @@ GRAD = (grad_rows, grad_lanes)
 
 
 @_kernel
-def copy_items(src, dst, block, start, stop):
-    """Items ``start`` to ``stop`` of ``dst[...] = src``, both viewed as ``(N, P, 1, Q)``.
+def transpose_items(src, dst, block, inner_on_dst, start, stop):
+    """Items ``start`` to ``stop`` of ``dst[n, j, 0, i] = src[n, i, 0, j]``.
 
-    For two arrays with their unit stride on different axes (NCHW and
-    channels-last): each item copies a ``block`` x ``block`` tile of one ``n``,
-    whose reads and writes stay within a few kilobytes of cache. The inner loop
-    runs over ``Q``, which the caller makes ``dst``'s contiguous axis.
+    Each array is viewed in its own memory order, ``(N, P, 1, C)`` for
+    channels-last and ``(N, C, 1, P)`` for NCHW, so that the canonical layouts
+    are C-contiguous views and take the kernel's C-contiguous variant. Each item
+    copies a ``block`` x ``block`` tile of one ``n``. The inner loop walks the
+    last axis of ``dst`` if ``inner_on_dst``, else that of ``src``.
     """
-    n_c = (src.shape[1] + block - 1) // block
-    n_m = (src.shape[3] + block - 1) // block
+    n_i = (src.shape[1] + block - 1) // block
+    n_j = (src.shape[3] + block - 1) // block
     for item in range(start, stop):
-        n = item // (n_c * n_m)
-        tile = item - n * n_c * n_m
-        c0 = tile // n_m * block
-        m0 = (tile - tile // n_m * n_m) * block
-        for c in range(c0, min(src.shape[1], c0 + block)):
-            for m in range(m0, min(src.shape[3], m0 + block)):
-                dst[n, c, 0, m] = src[n, c, 0, m]
+        n = item // (n_i * n_j)
+        tile = item - n * n_i * n_j
+        i0 = tile // n_j * block
+        j0 = (tile - tile // n_j * n_j) * block
+        i1, j1 = min(src.shape[1], i0 + block), min(src.shape[3], j0 + block)
+        # One-dimensional views per inner loop: LLVM then hoists the indexing.
+        if inner_on_dst:
+            for j in range(j0, j1):
+                written, read = dst[n, j, 0, i0:i1], src[n, i0:i1, 0, j]
+                for k in range(i1 - i0):
+                    written[k] = read[k]
+        else:
+            for i in range(i0, i1):
+                written, read = dst[n, j0:j1, 0, i], src[n, i, 0, j0:j1]
+                for k in range(j1 - j0):
+                    written[k] = read[k]
 
 
 @_shared

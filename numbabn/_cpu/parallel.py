@@ -103,10 +103,10 @@ def _masked_grad(
 
 
 @_driver
-def _copy(n_items, kernel, src, dst, block):
+def _transpose(n_items, kernel, src, dst, block, inner_on_dst):
     for index in prange(n_items):
         item = np.int64(index)
-        call_native(kernel, (src, dst, block, item, item + 1))
+        call_native(kernel, (src, dst, block, inner_on_dst, item, item + 1))
 
 
 _DRIVERS: dict[Callable[..., None], Callable[..., None]] = {
@@ -115,7 +115,7 @@ _DRIVERS: dict[Callable[..., None], Callable[..., None]] = {
         (kernels.SUMS, _sums),
         (kernels.AFFINE, _affine),
         (kernels.GRAD, _grad),
-        ((kernels.copy_items,), _copy),
+        ((kernels.transpose_items,), _transpose),
         (fused.AFFINE_ACT, _affine_act),
         (fused.MASKED_SUMS, _masked_sums),
         (fused.MASKED_GRAD, _masked_grad),
