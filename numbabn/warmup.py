@@ -19,12 +19,11 @@ then load what it saved instead of compiling the same kernels at the same time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -33,6 +32,7 @@ import numpy as np
 from numbabn import functional
 from numbabn._cpu import CpuBackend, jit, kernels
 from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
+from numbabn._file_lock import exclusive
 from numbabn._layouts import LAYOUTS_ANY, LAYOUTS_SPATIAL, make_layout
 from numbabn.modules import BatchNorm1d, BatchNorm2d
 from numbabn.stats import ChannelStats
@@ -319,22 +319,6 @@ def _progress(total: int, stream: TextIO) -> _TextProgress:
         return _TextProgress(total, stream)
 
 
-@contextlib.contextmanager
-def _exclusive(directory: str) -> Iterator[None]:
-    """Hold an exclusive lock on a file in ``directory`` (POSIX; elsewhere no lock)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    with open(os.path.join(directory, _LOCK_NAME), "a") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
-
-
 def warmup(
     dtypes: Sequence[str] = DTYPES, progress: bool = True, stream: TextIO | None = None
 ) -> WarmupReport:
@@ -363,7 +347,7 @@ def warmup(
     before = compile_counts()
     steps = [(name, size, case) for name in dtypes for size in _SIZES for case in _cases()]
     bar = _progress(len(steps), stream) if progress else None
-    with _exclusive(report.cache_dir):
+    with exclusive(os.path.join(report.cache_dir, _LOCK_NAME)):
         report.waited_seconds = time.perf_counter() - start
         try:
             for name, size, case in steps:

@@ -155,3 +155,51 @@ def test_summary_names_the_cache():
     assert "float32: 12.0 s" in report.summary()
     assert "/cache" in report.summary()
     assert np.isfinite(report.total_seconds)
+
+
+# The concurrent-saves test: the index of one cached function, in a process of its own.
+INDEX = """
+import os, sys, time
+from numba import njit
+from numbabn import _source_stamp
+directory = sys.argv[1]
+sys.path.insert(0, directory)
+import cached_target
+dispatcher = _source_stamp.stamp(njit(cache=True)(cached_target.f), "test", "digest")
+index = dispatcher._cache._cache_file
+"""
+# Save many entries into it, all processes at once, once the go file exists.
+SAVER = (
+    INDEX
+    + """
+who, count = sys.argv[2], int(sys.argv[3])
+while not os.path.exists(os.path.join(directory, "go")):
+    time.sleep(0.001)
+for k in range(count):
+    index.save((who, k), k)
+"""
+)
+# Print how many entries it holds and how many data files they name.
+READER = (
+    INDEX
+    + """
+entries = index._load_index()
+print(len(entries), len(set(entries.values())))
+"""
+)
+
+
+@pytest.mark.slow
+def test_concurrent_saves_into_one_index_keep_every_entry(tmp_path):
+    """Processes adding entries to one cache index at once lose none (Numba alone would)."""
+    (tmp_path / "cached_target.py").write_text("def f(x):\n    return x\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    savers, count = 4, 150
+    processes = [
+        subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), f"p{i}", str(count)], env=env)
+        for i in range(savers)
+    ]
+    (tmp_path / "go").touch()
+    assert [process.wait(timeout=TIMEOUT) for process in processes] == [0] * savers
+    printed = _run([sys.executable, "-c", READER, str(tmp_path)], tmp_path / "cache")
+    assert printed.split() == [str(savers * count)] * 2, "entries or data files lost"
