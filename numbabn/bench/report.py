@@ -80,8 +80,9 @@ def markdown(results: list[dict[str, Any]], header: str) -> str:
         "(forward + backward) make likelier: compare its two columns. Each median comes",
         "from rounds in which every timing of the case takes one sample in turn, so a slow",
         "spell on a shared machine falls on numbabn, its peers and the roofline alike.",
-        "Tensors of 3-26 MB stay partly in the shared L3 cache, where timings of the same",
-        "command vary most from run to run.",
+        "Tensors smaller than the last-level cache (its size is on the machine line; a",
+        "virtual machine shares it with other guests) stay partly in it between calls, where",
+        "timings of the same command vary most from run to run.",
         "",
     ]
     for spec in PASSES:
