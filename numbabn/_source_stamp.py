@@ -9,10 +9,10 @@ wherever the files are copied.
 
 Numba also updates a function's index file by reading it, adding an entry and
 writing it back, without a lock: processes compiling the same function into one
-cache at once (MPI ranks starting on an empty shared cache, the warm-up's
-workers) could each write back an index without the other's entry, or give two
-entries the same data file. :func:`stamp` makes that update hold a lock file in
-the cache directory, so concurrent compilations add their entries one at a time.
+cache at once (MPI ranks starting on an empty shared cache) could each write
+back an index without the other's entry, or give two entries the same data file.
+:func:`stamp` makes that update hold a lock file in the cache directory, so
+concurrent compilations add their entries one at a time.
 """
 
 from __future__ import annotations
