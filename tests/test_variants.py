@@ -1,9 +1,10 @@
 """Any mix of memory layouts runs on two compiled variants per kernel and dtype.
 
-Once a C-contiguous and a strided call (and a staging copy between layouts) have
-compiled (or loaded) their variants, inputs, gradients, residuals and outputs in
-any other layout, read-only or not, must not compile or load anything more: that
-is what keeps the first call of a new layout, and the warm-up, short.
+Once a C-contiguous and a strided call (and a C-contiguous and a strided staging
+copy between layouts) have compiled (or loaded) their variants, inputs,
+gradients, residuals and outputs in any other layout, read-only or not, must not
+compile or load anything more: that is what keeps the first call of a new
+layout, and the warm-up, short.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ def test_layout_mixes_compile_nothing_more(size):
     # A gradient and an output to stage (copy) into the input's layout, in both directions.
     _train_step(rng, shape, "contiguous", "channels_last", "channels_last", False)
     _train_step(rng, shape, "channels_last", "contiguous", "contiguous", False)
+    # The staging copy has two variants too: the copies above are between C-contiguous
+    # views and compile only the first; one whose operand is a strided view compiles the
+    # other. (Without it the mixes below compiled it, unless an earlier test in the same
+    # process happened to.)
+    _train_step(rng, shape, "channels_last", "batch_slice", "batch_slice", False)
     before = compile_counts()
     mixes = [
         (x_layout, other, other, read_only, relu)
