@@ -5,13 +5,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import sys
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
 
-from numbabn._cpu import CpuBackend
+from numbabn._cpu import CpuBackend, is_host_array
 from numbabn.epilogue import Epilogue
 
 
@@ -29,6 +28,12 @@ class Backend(Protocol):
     arithmetic between the phases is :mod:`numbabn._coefficients`, shared by
     both backends.
 
+    A module placed on a backend keeps its state on :meth:`device_for` its
+    index (a GPU, or None on the host) and runs there inside :meth:`on_device`;
+    :meth:`device_of` tells an array's device. Inside :meth:`one_thread` the
+    calls of this thread run their kernels on it alone (Dask's tasks, which are
+    the parallelism themselves).
+
     Arrays are the backend's own kind after :meth:`adopt`. A call's work runs
     inside :meth:`on_stream` (the stream given, else the input's, after the
     other arrays' producers; the CPU backend has none). Per-channel
@@ -37,6 +42,8 @@ class Backend(Protocol):
     """
 
     name: str
+    #: The data dtypes the backend takes, each mapped to its parameters' dtype.
+    param_dtypes: dict[np.dtype, np.dtype]
 
     def adopt(self, array: Any) -> Any: ...
     def like(self, result: Any, original: Any) -> Any: ...
@@ -50,6 +57,12 @@ class Backend(Protocol):
     def on_stream(
         self, stream: Any | None, x: Any, others: tuple[Any, ...] = ()
     ) -> AbstractContextManager[None]: ...
+
+    # -- devices and threads ----------------------------------------------------
+    def device_for(self, index: int | None) -> int | None: ...
+    def on_device(self, device: int | None) -> AbstractContextManager[Any]: ...
+    def device_of(self, array: Any) -> int | None: ...
+    def one_thread(self) -> AbstractContextManager[Any]: ...
 
     # -- the phases --------------------------------------------------------------
     def moments(self, x: Any) -> tuple[np.ndarray, np.ndarray]: ...
@@ -91,91 +104,12 @@ class Backend(Protocol):
     ) -> tuple[Any, Any | None, Any, Any]: ...  # fmt: skip
 
 
-_DLPACK_CPU = 1  # kDLCPU, DLPack's device type of host memory
-
 ACCEPTED = (
     "a NumPy array, another CPU array (one exporting DLPack or the NumPy array interface: "
     "a PyTorch CPU tensor, a JAX CPU array, a numpy.memmap) or a CUDA array"
 )
 
-
-def host_view(array: Any) -> Any:
-    """A host array of any library as a NumPy array over the same memory (None stays None).
-
-    Plain ndarrays come back as they are; ndarray subclasses (``numpy.memmap``)
-    as plain ndarray views; other arrays through DLPack or the NumPy array
-    interface, never copied. A read-only export (a JAX array) gives a
-    read-only view, which serves as an input but not as ``out=``.
-
-    Raises
-    ------
-    TypeError
-        For masked arrays (the kernels would ignore the mask) and PyTorch
-        tensors that require grad (they export nothing).
-    """
-    if array is None or type(array) is np.ndarray:
-        return array
-    if isinstance(array, np.ndarray):
-        if isinstance(array, np.ma.MaskedArray):
-            raise TypeError(
-                "masked arrays are not supported: batch norm would ignore the mask; "
-                "pass array.filled(value) or array.data"
-            )
-        return array.view(np.ndarray)
-    if getattr(array, "requires_grad", False):
-        raise TypeError(
-            "a tensor that requires grad cannot be shared without a copy (it exports no "
-            "DLPack); pass tensor.detach(): numbabn computes gradients in backward(), "
-            "outside PyTorch's autograd"
-        )
-    if hasattr(array, "__dlpack__"):
-        try:
-            return np.from_dlpack(array)
-        except BufferError as error:
-            name = _type_name(array)
-            raise TypeError(f"{name} cannot be viewed as a NumPy array: {error}") from None
-    return np.asarray(array)  # the NumPy array interface: a view, not a copy
-
-
-# Per array type: the function that wraps a NumPy array as that type, or None.
-_IMPORTERS: dict[type, Callable[[np.ndarray], Any] | None] = {}
-
-
-def host_like(result: np.ndarray, original: Any) -> Any:
-    """``result`` as the kind of host array ``original`` is, without a copy.
-
-    NumPy arrays and their subclasses give plain ndarrays. Other arrays are
-    rebuilt through DLPack with their library's ``from_dlpack``: the array-API
-    namespace's (``x.__array_namespace__()``, as JAX arrays have), else the
-    top-level module's (``torch.from_dlpack``); an array that offers neither
-    gives an ndarray.
-    """
-    if isinstance(original, np.ndarray):
-        return result
-    kind = type(original)
-    if kind not in _IMPORTERS:
-        _IMPORTERS[kind] = _importer(original)
-    importer = _IMPORTERS[kind]
-    return result if importer is None else importer(result)
-
-
-def _importer(original: Any) -> Callable[[np.ndarray], Any] | None:
-    if not hasattr(original, "__dlpack__"):
-        return None
-    if hasattr(original, "__array_namespace__"):
-        return getattr(original.__array_namespace__(), "from_dlpack", None)
-    module = sys.modules.get(type(original).__module__.partition(".")[0])
-    return getattr(module, "from_dlpack", None)
-
-
-class HostBackend(CpuBackend):
-    """The CPU backend, taking host arrays of any library (see :func:`host_view`)."""
-
-    adopt = staticmethod(host_view)
-    like = staticmethod(host_like)
-
-
-_CPU = HostBackend()
+_CPU = CpuBackend()
 
 
 def is_device_array(array: object) -> bool:
@@ -193,18 +127,9 @@ def _type_name(array: object) -> str:
     return f"{type(array).__module__}.{type(array).__qualname__}"
 
 
-def _is_host_array(array: object) -> bool:
-    """Whether ``array`` offers CPU memory through the NumPy array interface or DLPack."""
-    if hasattr(array, "__array_interface__") or hasattr(array, "__array_struct__"):
-        return True
-    device = getattr(array, "__dlpack_device__", None)
-    if device is None or not hasattr(array, "__dlpack__"):
-        return False
-    return int(device()[0]) == _DLPACK_CPU
-
-
 def kind_of(array: object) -> str:
-    """ "cpu" for host arrays (see :func:`host_view`), "cuda" for CUDA arrays.
+    """ "cpu" for host arrays (NumPy's, or DLPack or array-interface exporters on the CPU),
+    "cuda" for CUDA arrays.
 
     Raises
     ------
@@ -215,7 +140,7 @@ def kind_of(array: object) -> str:
         return "cpu"
     if is_device_array(array):
         return "cuda"
-    if _is_host_array(array):
+    if is_host_array(array):
         return "cpu"
     hint = ""
     if isinstance(array, (list, tuple)):
@@ -285,9 +210,32 @@ def all_host(arrays: tuple[object, ...]) -> bool:
     return all(type(array) is np.ndarray or array is None for array in arrays)
 
 
-def host_backend() -> Backend:
+class HostBackend(Backend, Protocol):
+    """The backend of host arrays, which also serves what is on the host whatever the data's
+    device: merges of exchanged per-channel statistics (float64 NumPy vectors, Chan et al.)
+    and the kernel cache."""
+
+    def merge_moments(
+        self, count_a: int, mean_a: np.ndarray, m2_a: np.ndarray,
+        count_b: int, mean_b: np.ndarray, m2_b: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]: ...  # fmt: skip
+    def merge_rows(self, rows: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]: ...
+    def compile_counts(self) -> tuple[int, int]: ...
+    def cache_dir(self) -> str: ...
+
+
+def host_backend() -> HostBackend:
     """The CPU backend."""
     return _CPU
+
+
+def host_values(value: Any) -> np.ndarray:
+    """The values of an array of any backend as a NumPy array (device arrays are copied to
+    the host; anything else is what ``numpy.asarray`` makes of it)."""
+    if is_device_array(value):
+        backend = cuda_backend()
+        return backend.to_host(backend.adopt(value))
+    return np.asarray(value)
 
 
 def backend_for(**arrays: object) -> Backend:

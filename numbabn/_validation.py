@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,8 +18,11 @@ import numpy as np
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
 _FLOAT = np.dtype(np.float32)
-# Input dtype -> parameter dtype: float16 input keeps float32 parameters and statistics.
-PARAM_DTYPES = {dtype: dtype for dtype in SUPPORTED_DTYPES} | {_HALF: _FLOAT}
+# Input dtype -> parameter dtype, per kind of data a backend may take: float32 and
+# float64 data keep parameters of their own dtype, float16 data float32 ones.
+FLOAT_PARAM_DTYPES: dict[np.dtype, np.dtype] = {dtype: dtype for dtype in SUPPORTED_DTYPES}
+HALF_PARAM_DTYPES: dict[np.dtype, np.dtype] = {_HALF: _FLOAT}
+PARAM_DTYPES = FLOAT_PARAM_DTYPES | HALF_PARAM_DTYPES
 # PyTorch's names of the scalar types that NumPy has too, as its messages spell them.
 _TORCH_NAMES = {
     np.dtype(np.bool_): "Bool",
@@ -178,15 +182,16 @@ def flat_vector(vector: Any | None, n_channels: int) -> Any | None:
     return vector.reshape(n_channels)
 
 
-def check_dtype(x: Any, backend: str = "cpu") -> None:
-    """Raise unless ``x`` is float32 or float64 (or float16 on CUDA).
+def check_dtype(x: Any, taken: Mapping[np.dtype, np.dtype] = FLOAT_PARAM_DTYPES) -> None:
+    """Raise unless ``x`` has a dtype the backend takes: a key of ``taken``.
 
+    ``taken`` is the backend's ``param_dtypes`` (float16 only on CUDA).
     PyTorch's NotImplementedError for the dtypes it has a kernel name for;
     TypeError for float16 on the CPU (PyTorch takes it; numbabn does not) and
     for dtypes PyTorch has no tensors of.
     """
     dtype = x.dtype
-    if dtype in PARAM_DTYPES and (dtype != _HALF or backend == "cuda"):
+    if dtype in taken:
         return
     if dtype == _HALF:
         raise TypeError(
@@ -196,7 +201,7 @@ def check_dtype(x: Any, backend: str = "cpu") -> None:
         )
     if dtype in _TORCH_NAMES:
         raise NotImplementedError(f"\"batch_norm\" not implemented for '{_TORCH_NAMES[dtype]}'")
-    supported = "float32 and float64" + (" (and float16)" if backend == "cuda" else "")
+    supported = "float32 and float64" + (" (and float16)" if _HALF in taken else "")
     raise TypeError(f"input has dtype {x.dtype}; numbabn supports {supported}")
 
 

@@ -34,8 +34,7 @@ from typing import Any
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._cpu import CpuBackend
-from numbabn._cpu.backend import on_calling_thread
+from numbabn._dispatch import host_backend
 from numbabn._tunables import SPLIT_EVERY
 from numbabn.epilogue import Epilogue, epilogue_for
 from numbabn.functional import check_forward_args
@@ -140,7 +139,7 @@ def batch_norm(
     check.check_running_writeable(training, running_mean, running_var)
     if x.size == 0:
         return x.copy()
-    backend = CpuBackend
+    backend = host_backend()
     n_channels = x.shape[1]
     param_dtype = check.param_dtype(x.dtype)
     weight = backend.filled(1.0, n_channels, param_dtype) if weight is None else weight
@@ -182,7 +181,7 @@ def _channel_axis(x: da.Array, axis: int) -> int:
 
 def _block_moments(block: np.ndarray, axis: int, n_channels: int) -> ChannelStats:
     """One block's statistics: the channel axis moved to 1 (a view, never a copy)."""
-    with on_calling_thread():
+    with host_backend().one_thread():
         return ChannelStats(n_channels).update(np.moveaxis(block, axis, 1))
 
 
@@ -213,5 +212,6 @@ def _normalised_block(
     """``(block - mean) * scale + shift`` with this block's channels' coefficients."""
     channels = slice(starts[block_id[1]], starts[block_id[1] + 1])
     mean, scale, shift = coefficients[:, channels]
-    with on_calling_thread():
-        return CpuBackend.affine(block, mean, scale, shift, None, epilogue)
+    backend = host_backend()
+    with backend.one_thread():
+        return backend.affine(block, mean, scale, shift, None, epilogue)

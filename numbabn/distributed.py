@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._cpu import CpuBackend
 from numbabn._dispatch import Backend, kind_of
 from numbabn.functional import SavedStats, check_forward_args
 from numbabn.modules import _BatchNorm
@@ -72,12 +71,6 @@ class ExchangeTimeout(RuntimeError):
 
 def _comm_key(comm: Any) -> int:
     return comm.py2f()
-
-
-def _host(backend: Backend) -> CpuBackend:
-    """The backend of a call on host arrays: the only arrays SyncBatchNorm takes."""
-    assert isinstance(backend, CpuBackend)
-    return backend
 
 
 def _wait(
@@ -350,7 +343,7 @@ class SyncBatchNorm(_BatchNorm):
         self._total_count = total.count
         return out if out is not None else self._backend.like(output, x)
 
-    def _checked_args(self, x: np.ndarray, out: Any | None) -> tuple[CpuBackend, np.ndarray, Any]:
+    def _checked_args(self, x: np.ndarray, out: Any | None) -> tuple[Backend, np.ndarray, Any]:
         """Check a training call's arguments as PyTorch's SyncBatchNorm passes them on.
 
         Without a process group, ``torch.nn.SyncBatchNorm`` is ``F.batch_norm``
@@ -367,10 +360,10 @@ class SyncBatchNorm(_BatchNorm):
         except RuntimeError as error:
             self._explain_dtype_mismatch(error, x.dtype)
             raise
-        return _host(checked), arrays[0], arrays[-1]
+        return checked, arrays[0], arrays[-1]
 
     def _normalise(
-        self, x: np.ndarray, out: np.ndarray | None, backend: CpuBackend, total: ChannelStats
+        self, x: np.ndarray, out: np.ndarray | None, backend: Backend, total: ChannelStats
     ) -> tuple[np.ndarray, SavedStats]:
         """Normalise ``x`` with ``total``; update the running statistics and counter.
 
@@ -416,7 +409,7 @@ class SyncBatchNorm(_BatchNorm):
             last = self._saved_for_backward()
             saved = last.stats
             checked, arrays = check_forward_args(last.input, None, None, self.weight, None, out)
-            backend = _host(checked)
+            backend = checked
             x, out_array = arrays[0], arrays[-1]
             self._check_kind(grad_output, "grad_output")
             dy = backend.adopt(grad_output)

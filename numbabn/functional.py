@@ -70,7 +70,7 @@ def check_forward_args(
     """
     arrays = (input, running_mean, running_var, weight, bias, out)
     if all_host(arrays):  # the common case, checked first: small calls feel every microsecond
-        backend = host_backend()
+        backend: Backend = host_backend()
     else:
         backend = backend_for(
             input=input,
@@ -90,11 +90,11 @@ def check_forward_args(
     check.check_eps(eps, training)
     check.check_scalar_args(training, momentum, eps)
     if x.size == 0:  # ATen returns an empty batch before any other check but the dtype's
-        check.check_dtype(x, backend.name)
+        check.check_dtype(x, backend.param_dtypes)
         check.check_out(out, x)
         return backend, arrays
     weight, bias = check.channel_vectors(x, running_mean, running_var, weight, bias, training)
-    check.check_dtype(x, backend.name)
+    check.check_dtype(x, backend.param_dtypes)
     check.check_param_dtypes(x, running_mean, running_var, weight, bias, training)
     check.check_out(out, x)
     return backend, (x, running_mean, running_var, weight, bias, out)
@@ -316,7 +316,7 @@ def batch_norm_backward(
     arrays = (grad_output, input, weight, bias, out)
     dy, x, weight_array, bias_array, out_array = map(backend.adopt, arrays)
     check.check_like("grad_output", dy, x)
-    check.check_dtype(x, backend.name)
+    check.check_dtype(x, backend.param_dtypes)
     check.check_channel_vector("weight", weight_array, x)
     check.check_channel_vector("bias", bias_array, x)
     check.check_out(out_array, x)

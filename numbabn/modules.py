@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import builtins
-import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
 from numbabn import _validation as check
 from numbabn._dispatch import (
-    array_kind,
     backend_named,
-    cuda_backend,
     device_index,
+    host_values,
     is_dask_array,
     kind_of,
 )
@@ -63,32 +60,6 @@ def _device_name(device: str | None) -> str:
     )
 
 
-def _gpu_of(device: str) -> int | None:
-    """The GPU a module on ``device`` keeps its state on: ``"cuda:N"``'s N, for ``"cuda"``
-    the GPU current when the module moves there; None on the CPU."""
-    if device == "cpu":
-        return None
-    index = device_index(device)
-    if index is not None:
-        return index
-    from numbabn._cuda import arrays
-
-    return arrays.current_device()
-
-
-# A reusable context that does nothing: the host needs no device made current.
-_ON_HOST = contextlib.nullcontext()
-
-
-def _on_gpu(gpu: int | None) -> AbstractContextManager[Any]:
-    """Make GPU ``gpu`` current for what follows (a module's state lives there)."""
-    if gpu is None:
-        return _ON_HOST
-    from numbabn._cuda import arrays
-
-    return arrays.on_device(gpu)
-
-
 def _module_dtype(dtype: Any) -> np.dtype:
     """``dtype`` as a NumPy dtype of parameters and statistics (float32 or float64)."""
     dtype = np.dtype(dtype)
@@ -104,14 +75,6 @@ class _Saved(NamedTuple):
     stats: SavedStats
     residual: Any
     overwritten: tuple[str, ...]  # arrays that out= wrote over
-
-
-def _host_array(value: Any) -> np.ndarray:
-    """A state-dict value as a NumPy array (device arrays are copied to the host)."""
-    if array_kind(value) == "cuda":
-        backend = cuda_backend()
-        return backend.to_host(backend.adopt(value))
-    return np.asarray(value)
 
 
 class _BatchNorm:
@@ -144,7 +107,7 @@ class _BatchNorm:
         check_activation(activation)
         self.device = _device_name(device)
         self._backend = backend_named(self.device)
-        self._gpu = _gpu_of(self.device)
+        self._gpu = self._backend.device_for(device_index(self.device))
         dtype = _module_dtype(np.float32 if dtype is None else dtype)
         # Kept as given and checked at each call, as in PyTorch.
         self.eps = eps
@@ -170,7 +133,7 @@ class _BatchNorm:
             num_features = check.check_num_features(num_features, "zeros")
         self.num_features = num_features
         c, dtype = num_features, self.dtype
-        with _on_gpu(self._gpu):
+        with self._backend.on_device(self._gpu):
             self._allocate_arrays(c, dtype)
 
     def _allocate_arrays(self, c: int, dtype: np.dtype) -> None:
@@ -257,14 +220,14 @@ class _BatchNorm:
         if target == self.device and new_dtype == self.dtype:
             return self
         backend = backend_named(target)
-        gpu = _gpu_of(target)
+        gpu = backend.device_for(device_index(target))
 
         def moved(array: Any) -> Any:
             if array is None:
                 return None
-            with _on_gpu(self._gpu):
+            with self._backend.on_device(self._gpu):
                 host = self._backend.to_host(array).astype(new_dtype, copy=False)
-            with _on_gpu(gpu):
+            with backend.on_device(gpu):
                 return backend.from_host(host)
 
         # Copy everything first, so a failure leaves the module where it was.
@@ -330,9 +293,7 @@ class _BatchNorm:
                 f"move the module with .to({kind!r}) or the {name} to {self.device}"
             )
         if self._gpu is not None:
-            from numbabn._cuda import arrays
-
-            gpu = arrays.device_of(x)
+            gpu = self._backend.device_of(x)
             if gpu is not None and gpu != self._gpu:
                 raise TypeError(
                     f"{type(self).__name__} is on cuda:{self._gpu} but the {name} is on "
@@ -411,7 +372,7 @@ class _BatchNorm:
 
                 output = nbdask.batch_norm(*args, activation=self.activation)
             else:
-                with _on_gpu(self._gpu):
+                with self._backend.on_device(self._gpu):
                     output, saved = batch_norm_forward(
                         *args, out=out, residual=residual, activation=self.activation
                     )
@@ -512,7 +473,7 @@ class _BatchNorm:
         check.check_like(
             "grad_output", adopt(grad_output), adopt(saved.input), "the last forward's input"
         )
-        with _on_gpu(self._gpu):
+        with self._backend.on_device(self._gpu):
             grad_input, grad_weight, grad_bias, *grad_residual = batch_norm_backward(
                 grad_output,
                 saved.input,
@@ -615,7 +576,7 @@ class _BatchNorm:
         Returns the host arrays to load, and the missing and unexpected keys.
         """
         current = {key: getattr(self, key) for key in _STATE_KEYS if getattr(self, key) is not None}
-        values = {key: _host_array(value) for key, value in state_dict.items()}
+        values = {key: host_values(value) for key, value in state_dict.items()}
         # Like PyTorch, a checkpoint without a batch counter loads with 0.
         if "num_batches_tracked" in current and "num_batches_tracked" not in values:
             values["num_batches_tracked"] = np.array(0, dtype=np.int64)

@@ -7,8 +7,7 @@ from typing import Any
 import numpy as np
 
 from numbabn import _validation as check
-from numbabn._cpu import CpuBackend, kernels
-from numbabn._dispatch import backend_for
+from numbabn._dispatch import backend_for, host_backend
 
 __all__ = ["ChannelStats", "set_running_stats"]
 
@@ -54,19 +53,19 @@ class ChannelStats:
             return np.full(self.num_features, np.nan)
         return self.m2 / (self.count - 1)
 
-    def update(self, x: np.ndarray) -> ChannelStats:
-        """Add a batch of shape ``(N, C, *spatial)``; return self."""
+    def update(self, x: Any) -> ChannelStats:
+        """Add a batch of shape ``(N, C, *spatial)``, a host or CUDA array; return self."""
         backend = backend_for(x=x)
-        if not isinstance(backend, CpuBackend):
-            raise TypeError(f"expected a NumPy array, got {type(x).__qualname__}")
+        x = backend.adopt(x)
         if x.ndim < 2:
             raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
-        check.check_dtype(x)
+        check.check_dtype(x, backend.param_dtypes)
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels, got input size {x.shape}")
         if x.size == 0:
             return self
-        mean, m2 = backend.moments(x)
+        with backend.on_stream(None, x):
+            mean, m2 = backend.moments(x)
         return self._merge_moments(x.size // x.shape[1], mean, m2)
 
     def merge(self, other: ChannelStats) -> ChannelStats:
@@ -85,7 +84,7 @@ class ChannelStats:
         (+-inf, or NaN for NaN or infinities of both signs) and an M2 of NaN.
         """
         if count:
-            self.mean, self.m2 = kernels.merge_moments(
+            self.mean, self.m2 = host_backend().merge_moments(
                 self.count, self.mean, self.m2, count, mean, m2
             )
             self.count += count
@@ -100,7 +99,7 @@ class ChannelStats:
     def from_rows(cls, rows: np.ndarray) -> ChannelStats:
         """Statistics of rows made by :meth:`row` (one per rank or chunk), merged in row
         order: the same rows in the same order give the same bits."""
-        count, mean, m2 = kernels.merge_rows(rows)
+        count, mean, m2 = host_backend().merge_rows(rows)
         stats = cls(mean.shape[0])
         stats.count, stats.mean, stats.m2 = int(count), mean, m2
         return stats

@@ -5,11 +5,11 @@ container image builds and cluster job prologues, so that jobs start with every
 kernel they can need already compiled.
 
 Each kernel has two compiled variants per dtype (every operand C-contiguous, or
-any other mix of layouts: see :mod:`numbabn._cpu.jit`), and the serial and
+any other mix of layouts), and the serial and
 threaded paths have kernels of their own. Rather than listing those signatures
 by hand (they would drift from the code), the warm-up drives the public API over
 a small list of representative calls, one per code path and operand kind, on
-tiny arrays (below and above :data:`numbabn._cpu.backend.PARALLEL_MIN_ELEMENTS`).
+tiny arrays (below and above :data:`numbabn._tunables.PARALLEL_MIN_ELEMENTS`).
 
 Concurrent warm-ups on one cache (``mpiexec -n 64 python -m numbabn warmup``)
 take turns on a lock file in the cache directory: the first compiles, the others
@@ -30,10 +30,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from numbabn import functional
-from numbabn._cpu import CpuBackend, jit, kernels
-from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
+from numbabn._dispatch import host_backend
 from numbabn._file_lock import exclusive
 from numbabn._layouts import LAYOUTS_ANY, LAYOUTS_SPATIAL, make_layout
+from numbabn._tunables import PARALLEL_MIN_ELEMENTS
 from numbabn.modules import BatchNorm1d, BatchNorm2d
 from numbabn.stats import ChannelStats
 
@@ -56,12 +56,7 @@ def compile_counts() -> tuple[int, int]:
     Summed over the CPU backend's dispatchers in this process (Numba's cache
     misses and hits).
     """
-    compiled = loaded = 0
-    for dispatcher in jit.DISPATCHERS:
-        stats = dispatcher.stats
-        compiled += sum(stats.cache_misses.values())
-        loaded += sum(stats.cache_hits.values())
-    return compiled, loaded
+    return host_backend().compile_counts()
 
 
 def cache_dir() -> str:
@@ -70,10 +65,7 @@ def cache_dir() -> str:
     ``NUMBA_CACHE_DIR`` when set, else the ``__pycache__`` beside the installed
     sources, else (a read-only install) Numba's per-user cache directory.
     """
-    dispatcher: Any = kernels.moments_from_sums
-    path = str(dispatcher._cache.cache_path)  # Numba's FunctionCache knows its locator
-    os.makedirs(path, exist_ok=True)
-    return path
+    return host_backend().cache_dir()
 
 
 # -- the representative calls -----------------------------------------------------------
@@ -192,15 +184,16 @@ def _functional(dtype: np.dtype, size: str) -> None:
         stats.merge(stats)
         weight = np.ones(_CHANNELS, dtype)
         tracked = (np.zeros(_CHANNELS, dtype), np.ones(_CHANNELS, dtype))
+        backend = host_backend()
         for running_mean, running_var in (tracked, (None, None)):
-            invstd, scale, shift = CpuBackend.train_coefficients(
+            invstd, scale, shift = backend.train_coefficients(
                 stats.mean, stats.m2, stats.count, weight, weight, 1e-5, running_mean,
                 running_var, 0.1,
             )  # fmt: skip
-        CpuBackend.affine(x, stats.mean, scale, shift, None)
-        sums = CpuBackend.grad_sums(dy, x, stats.mean)
+        backend.affine(x, stats.mean, scale, shift, None)
+        sums = backend.grad_sums(dy, x, stats.mean)
         count = x.size // _CHANNELS
-        CpuBackend.grad_input_from_sums(dy, x, stats.mean, invstd, weight, sums, count, None)
+        backend.grad_input_from_sums(dy, x, stats.mean, invstd, weight, sums, count, None)
 
 
 @dataclass(frozen=True)

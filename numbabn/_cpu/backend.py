@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -13,10 +14,11 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from numbabn._cpu import fused, kernels
+from numbabn._cpu import fused, host_arrays, jit, kernels
 from numbabn._cpu.jit import launch
 from numbabn._cpu.parallel import run_items
 from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS, STAGING_ARRAYS_KEPT
+from numbabn._validation import FLOAT_PARAM_DTYPES
 from numbabn._views import Layout, plan
 from numbabn.epilogue import Epilogue
 
@@ -275,14 +277,6 @@ def _as_input(view: np.ndarray) -> np.ndarray:
     return view
 
 
-def _adopt(array: np.ndarray | None) -> np.ndarray | None:
-    return array
-
-
-def _like(result: np.ndarray, original: np.ndarray) -> np.ndarray:
-    return result
-
-
 @functools.lru_cache(maxsize=64)
 def _filled(value: float, n: int, dtype: np.dtype) -> np.ndarray:
     """A shared constant vector standing in for a missing weight or bias (never written)."""
@@ -290,15 +284,65 @@ def _filled(value: float, n: int, dtype: np.dtype) -> np.ndarray:
 
 
 class CpuBackend:
-    """Batch-norm passes over NumPy arrays of any strides; per-channel vectors are float64."""
+    """Batch-norm passes over host arrays of any strides; per-channel vectors are float64.
+
+    Host arrays of any library are taken as NumPy views (:mod:`.host_arrays`).
+    Besides the passes, this backend serves what lives on the host whatever the
+    data's device: the merges of exchanged statistics and the kernel cache.
+    """
 
     name = "cpu"
-    adopt = staticmethod(_adopt)
-    like = staticmethod(_like)
+    param_dtypes = FLOAT_PARAM_DTYPES
+    adopt = staticmethod(host_arrays.adopt)
+    like = staticmethod(host_arrays.like)
+    one_thread = staticmethod(on_calling_thread)
+    merge_moments = staticmethod(kernels.merge_moments)
+    merge_rows = staticmethod(kernels.merge_rows)
     empty_like = staticmethod(np.empty_like)
     filled = staticmethod(_filled)
     may_share_memory = staticmethod(np.may_share_memory)
     eval_coefficients = staticmethod(kernels.eval_coefficients)
+
+    @staticmethod
+    def device_for(index: int | None) -> None:
+        """The device a module placed here keeps its state on: none, on the host."""
+        return None
+
+    @staticmethod
+    def on_device(device: int | None) -> contextlib.AbstractContextManager[None]:
+        """Nothing to make current on the host."""
+        return _NOTHING_TO_ORDER
+
+    @staticmethod
+    def device_of(array: Any) -> None:
+        """Host arrays are on no device."""
+        return None
+
+    @staticmethod
+    def compile_counts() -> tuple[int, int]:
+        """``(compiled, loaded)``: kernel signatures compiled and loaded from the cache so far.
+
+        Summed over the backend's dispatchers in this process (Numba's cache
+        misses and hits).
+        """
+        compiled = loaded = 0
+        for dispatcher in jit.DISPATCHERS:
+            stats = dispatcher.stats
+            compiled += sum(stats.cache_misses.values())
+            loaded += sum(stats.cache_hits.values())
+        return compiled, loaded
+
+    @staticmethod
+    def cache_dir() -> str:
+        """The directory where Numba caches the kernels (created if missing).
+
+        ``NUMBA_CACHE_DIR`` when set, else the ``__pycache__`` beside the installed
+        sources, else (a read-only install) Numba's per-user cache directory.
+        """
+        dispatcher: Any = kernels.moments_from_sums
+        path = str(dispatcher._cache.cache_path)  # Numba's FunctionCache knows its locator
+        os.makedirs(path, exist_ok=True)
+        return path
 
     @staticmethod
     def from_host(array: np.ndarray) -> np.ndarray:

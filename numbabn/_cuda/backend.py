@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -10,8 +11,12 @@ import numpy as np
 
 from numbabn._cuda import arrays, kernels
 from numbabn._tunables import MAX_PER_THREAD, MIN_PER_THREAD, TARGET_BLOCKS
+from numbabn._validation import FLOAT_PARAM_DTYPES, HALF_PARAM_DTYPES
 from numbabn._views import plan_strided
 from numbabn.epilogue import Epilogue
+
+# A reusable context that does nothing.
+_AS_IT_IS = contextlib.nullcontext()
 
 # The grid depends on the shape and the tunables alone, so results do not depend on the GPU.
 
@@ -206,6 +211,8 @@ class CudaBackend:
     """Batch-norm passes over device arrays; per-channel statistics are float64 device vectors."""
 
     name = "cuda"
+    param_dtypes = FLOAT_PARAM_DTYPES | HALF_PARAM_DTYPES
+    device_of = staticmethod(arrays.device_of)
     adopt = staticmethod(arrays.adopt)
     like = staticmethod(arrays.like)
     empty_like = staticmethod(arrays.empty_like)
@@ -215,6 +222,22 @@ class CudaBackend:
     assign = staticmethod(arrays.assign)
     may_share_memory = staticmethod(arrays.may_share_memory)
     on_stream = staticmethod(arrays.on_stream)
+
+    @staticmethod
+    def device_for(index: int | None) -> int:
+        """The GPU a module placed on ``cuda:index`` keeps its state on (``cuda``: the
+        current one)."""
+        return arrays.current_device() if index is None else index
+
+    @staticmethod
+    def on_device(device: int | None) -> contextlib.AbstractContextManager[Any]:
+        """Make GPU ``device`` current for what follows (None: leave the current one)."""
+        return _AS_IT_IS if device is None else arrays.on_device(device)
+
+    @staticmethod
+    def one_thread() -> contextlib.AbstractContextManager[Any]:
+        """Nothing to change: the host thread only queues the GPU's work."""
+        return _AS_IT_IS
 
     @staticmethod
     def train_forward(
