@@ -55,20 +55,20 @@ test-gpu:
 
 ## bench-gpu: numbabn on the GPU beside PyTorch's CUDA batch norm and a streaming roofline
 bench-gpu:
-	$(GPU_RUN) -m numbabn.bench --device cuda
+	$(GPU_RUN) -m tools.bench --device cuda
 
 ## gpu-check: every GPU check in one run of under 8 minutes into OUT (log, summary, report,
 ## JUnit XML); DRY_RUN=1 runs it in the CUDA simulator on tiny shapes; STEPS=a,b picks steps
 .PHONY: gpu-check
 gpu-check:
 	$(if $(OUT),,$(error name the results folder: make gpu-check OUT=dir))
-	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m numbabn.bench.gpu_check --out $(OUT) \
+	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m tools.bench.gpu_check --out $(OUT) \
 		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS))
 
 ## gpu-static: the CUDA kernels compiled for sm_90 without a GPU (registers, spills, occupancy,
 ## SASS per element) into benchmarks/results/gpu-static.md
 gpu-static: $(VENV)/.installed-test
-	NUMBA_ENABLE_CUDASIM=0 $(PY) -m numbabn.bench.gpu_static --out benchmarks/results/gpu-static.md
+	NUMBA_ENABLE_CUDASIM=0 $(PY) -m tools.bench.gpu_static --out benchmarks/results/gpu-static.md
 
 ## asv-quick: run each asv benchmark once in this environment (fails on a broken one);
 ## the cold-start ones, which compile everything each time, are left to a full asv run
@@ -80,20 +80,20 @@ asv-quick: $(VENV)/.installed-test
 
 ## bench: numbabn beside PyTorch, NumPy and the memory roofline (tables, JSON, PNG)
 bench: $(VENV)/.installed-bench
-	$(PY) -m numbabn.bench
+	$(PY) -m tools.bench
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check numbabn tests benchmarks examples
-	$(VENV)/bin/ruff format --check numbabn tests benchmarks examples
+	$(VENV)/bin/ruff check numbabn tools tests benchmarks examples
+	$(VENV)/bin/ruff format --check numbabn tools tests benchmarks examples
 	$(VENV)/bin/mypy
 
 ## bench-sync: cost of SyncBatchNorm's exchange on 2 ranks, beside plain BatchNorm2d
 bench-sync: $(VENV)/.installed-test
-	NUMBA_NUM_THREADS=1 $(VENV)/bin/mpiexec -n 2 $(PY) -m numbabn.bench.sync
+	NUMBA_NUM_THREADS=1 $(VENV)/bin/mpiexec -n 2 $(PY) -m tools.bench.sync
 
 ## bench-dask: numbabn.dask.channel_stats beside Dask's mean and var, 2 GB on 2 worker processes
 bench-dask: $(VENV)/.installed-test
-	$(PY) -m numbabn.bench.chunked
+	$(PY) -m tools.bench.chunked
 
 clean:
 	rm -rf $(VENV) .asv .pytest_cache .ruff_cache .mypy_cache

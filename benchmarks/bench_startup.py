@@ -2,13 +2,19 @@
 
 Cold start runs a fresh process on an empty Numba cache of its own, so the
 figure includes compiling every kernel the first training forward + backward
-needs (``numbabn.bench.startup``); warm start reruns it on that filled cache.
+needs (``tools.bench.startup``); warm start reruns it on that filled cache.
 """
 
 import os
+import sys
 import tempfile
+from pathlib import Path
 
-from numbabn.bench import layouts, startup
+# The helpers live in the checkout's tools/, which is not installed: its root goes last on
+# the path, so that the numbabn under test is still the installed one.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from tools.bench import layouts, startup  # noqa: E402
 
 
 class Startup:

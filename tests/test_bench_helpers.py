@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from numbabn.bench import layouts, machine, startup
-from numbabn.bench.timing import interleaved_medians
+from tools.bench import layouts, machine, startup
+from tools.bench.timing import interleaved_medians
 
 
 def test_interleaved_medians_samples_each_function_every_round():

@@ -6,8 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+# The benchmark lives in tools/, which runs from the checkout's root.
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -23,10 +27,10 @@ def test_demo_runs_and_checks_itself():
 @pytest.mark.slow
 def test_benchmark_command_quick(tmp_path):
     command = [
-        sys.executable, "-m", "numbabn.bench", "--quick", "--repeat", "2",
+        sys.executable, "-m", "tools.bench", "--quick", "--repeat", "2",
         "--no-startup", "--output", str(tmp_path),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     titles = (
         "Train forward",
@@ -46,11 +50,13 @@ def test_benchmark_command_quick(tmp_path):
 @pytest.mark.slow
 def test_gpu_benchmark_command_runs_in_the_simulator(tmp_path):
     command = [
-        sys.executable, "-m", "numbabn.bench", "--device", "cuda", "--no-torch",
+        sys.executable, "-m", "tools.bench", "--device", "cuda", "--no-torch",
         "--repeat", "1", "--output", str(tmp_path),
     ]  # fmt: skip
     environment = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=environment, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| 2x3x4x4 float32 |" in result.stdout
     saved = json.loads((tmp_path / "gpu.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("numba_cuda")
 
-from numbabn.bench import gpu_check  # noqa: E402
+from tools.bench import gpu_check  # noqa: E402
 
 # What the dry run does with each step: the hardware-only ones are skipped.
 EXPECTED = {
@@ -31,7 +31,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
-    command = [sys.executable, "-m", "numbabn.bench.gpu_check", "--out", str(out), "--dry-run"]
+    command = [sys.executable, "-m", "tools.bench.gpu_check", "--out", str(out), "--dry-run"]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=600, cwd=gpu_check.ROOT, check=False
     )

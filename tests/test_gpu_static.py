@@ -1,11 +1,11 @@
 """The CUDA kernels compiled offline for sm_90 (H100, H200), without a GPU.
 
-Every kernel of the catalogue (numbabn/_cuda/catalogue.py), for every input
+Every kernel of the catalogue (tools/bench/catalogue.py), for every input
 dtype, must compile and assemble without register spills, reach at least 50% theoretical
 occupancy at numbabn's block size, and use no PTX ``min``/``max`` that drops NaN
 (they return the operand that is not NaN, where PyTorch propagates NaN; the
 simulator runs Python's ``max``, so only the compiled code shows them). The
-compile and its method are in numbabn/bench/gpu_static.py; it needs NVVM and
+compile and its method are in tools/bench/gpu_static.py; it needs NVVM and
 ``ptxas`` from a CUDA toolkit, and the test skips without them. The readers of
 the tools' output are checked on samples here too.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from numbabn.bench import gpu_static
+from tools.bench import gpu_static
 
 
 @pytest.mark.slow
@@ -27,7 +27,7 @@ def test_cuda_kernels_do_not_spill_fill_half_an_sm_and_keep_nan(tmp_path):
     environment = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "NUMBA_CACHE_DIR": str(tmp_path)}
     table = tmp_path / "gpu-static.md"
     # The checks need no SASS: the disassembly is left out, for time.
-    command = ["-m", "numbabn.bench.gpu_static", "--check", "--no-sass", "--out", str(table)]
+    command = ["-m", "tools.bench.gpu_static", "--check", "--no-sass", "--out", str(table)]
     result = subprocess.run(
         [sys.executable, *command],
         capture_output=True, text=True, env=environment, cwd=Path(__file__).parent.parent,

@@ -2,7 +2,9 @@
 
 Nothing tracked refers to a file outside the repository; every relative link in
 the Markdown files reaches an existing file (and heading); ``numbabn.__version__``
-is the installed version and the latest one in CHANGELOG.md.
+is the installed version and the latest one in CHANGELOG.md. The package holds the
+library only: the tools of the checkout (``tools/``) are neither installed nor
+imported by it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ OUTSIDE = [
 # Path-like names of Markdown files, and of repository files under a top-level folder.
 MARKDOWN_NAME = re.compile(r"(?<![\w./-])([\w./-]*\w\.md)\b")
 REPO_PATH = re.compile(
-    r"(?<![\w./-])((?:numbabn|tests|docs|benchmarks|examples)/[\w./-]*\w\.(?:py|md))\b"
+    r"(?<![\w./-])((?:numbabn|tools|tests|docs|benchmarks|examples)/[\w./-]*\w\.(?:py|md))\b"
 )
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^\s*```")
@@ -166,3 +168,23 @@ def test_version_is_defined_once():
     assert "version" in pyproject["project"]["dynamic"]
     dynamic = pyproject["tool"]["setuptools"]["dynamic"]["version"]
     assert dynamic == {"attr": "numbabn.__version__"}
+
+
+def test_the_package_holds_the_library_only():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["numbabn*"]
+    assert not list(ROOT.glob("numbabn/bench/*.py")), "the benchmarks live in tools/bench/"
+
+
+TOOLS_IMPORT = re.compile(r"^\s*(?:from|import)\s+tools\b", re.M)
+
+
+def test_the_library_does_not_import_the_tools():
+    found = [
+        f"{_where(path, text, match.start())}: {match.group(0).strip()!r}"
+        for path in sorted((ROOT / "numbabn").rglob("*.py"))
+        for text in [path.read_text(encoding="utf-8")]
+        for match in TOOLS_IMPORT.finditer(text)
+    ]
+    assert not found, "the library imports the checkout's tools:\n" + "\n".join(found)

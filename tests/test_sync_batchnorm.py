@@ -184,7 +184,7 @@ def test_merge_of_finite_statistics_is_unchanged_bit_for_bit():
 def test_bench_sync_makes_the_count_of_calls_every_rank_agrees_on():
     """A timing sample makes the most calls any rank needs: each call is a collective."""
     pytest.importorskip("mpi4py")
-    from numbabn.bench.sync import agreed_median_seconds
+    from tools.bench.sync import agreed_median_seconds
 
     class SlowerRankElsewhere:
         """A communicator where another rank needs 50 calls per sample."""

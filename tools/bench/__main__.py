@@ -1,4 +1,4 @@
-"""``python -m numbabn.bench``: numbabn beside PyTorch, NumPy and the memory roofline."""
+"""``python -m tools.bench``: numbabn beside PyTorch, NumPy and the memory roofline."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import numba
 import numpy as np
 
 import numbabn
-from numbabn.bench import machine
-from numbabn.bench.cases import DEFAULT_CASES, QUICK_CASES, Case
-from numbabn.bench.fused import FUSED_CASES, QUICK_FUSED_CASES, fused_markdown, measure_fused
-from numbabn.bench.layouts import layouts_markdown, measure_layouts
-from numbabn.bench.measure import measure_case
-from numbabn.bench.peers import torch_available
-from numbabn.bench.report import markdown, write_json, write_png
-from numbabn.bench.startup import startup_markdown, startup_seconds
+from tools.bench import machine
+from tools.bench.cases import DEFAULT_CASES, QUICK_CASES, Case
+from tools.bench.fused import FUSED_CASES, QUICK_FUSED_CASES, fused_markdown, measure_fused
+from tools.bench.layouts import layouts_markdown, measure_layouts
+from tools.bench.measure import measure_case
+from tools.bench.peers import torch_available
+from tools.bench.report import markdown, write_json, write_png
+from tools.bench.startup import startup_markdown, startup_seconds
 
 
 def _progress(items: Sequence[Case], description: str) -> Iterator[Case]:
@@ -38,7 +38,7 @@ def _progress(items: Sequence[Case], description: str) -> Iterator[Case]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m numbabn.bench",
+        prog="python -m tools.bench",
         description="Time numbabn's kernels beside PyTorch, plain NumPy and a roofline.",
     )
     parser.add_argument(
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main_gpu(args: argparse.Namespace) -> None:
     """The ``--device cuda`` run: numbabn's CUDA kernels beside cuDNN and a streaming roofline."""
-    from numbabn.bench import gpu
+    from tools.bench import gpu
 
     torch = None
     if not args.no_torch and torch_available():

@@ -7,16 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from numbabn.bench.cases import Case, module_for
-from numbabn.bench.peers import NumpyBatchNorm, Roofline, TorchBatchNorm
-from numbabn.bench.timing import interleaved_medians, peak_bytes
+from tools.bench.cases import Case, module_for
+from tools.bench.peers import NumpyBatchNorm, Roofline, TorchBatchNorm
+from tools.bench.timing import interleaved_medians, peak_bytes
 
 
 def measure_case(case: Case, repeat: int, threads: int, with_torch: bool) -> dict[str, Any]:
     """Median seconds for every pass and peer, and peak bytes, for ``case``.
 
     Every timing is sampled in the same rounds (see
-    :func:`~numbabn.bench.timing.interleaved_medians`), so the ratios compare
+    :func:`~tools.bench.timing.interleaved_medians`), so the ratios compare
     measurements taken under the same conditions.
     """
     x = case.make()

@@ -1,6 +1,6 @@
 """One small call of every CUDA pass, NCHW and channels-last: a workload for compute-sanitizer.
 
-``python -m numbabn.bench.kernel_calls [--shape N,C,H,W] [--layout ...]`` runs
+``python -m tools.bench.kernel_calls [--shape N,C,H,W] [--layout ...]`` runs
 through :mod:`numbabn.functional`, once each: the training forward and
 backward, the eval forward and backward, and the same with a fused residual
 add and ReLU, on float32 data in both memory layouts, synchronising and
@@ -73,7 +73,7 @@ def passes(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m numbabn.bench.kernel_calls",
+        prog="python -m tools.bench.kernel_calls",
         description="Run every CUDA pass once on small data, NCHW and channels-last.",
     )
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""``python -m numbabn.bench.gpu_check --out DIR``: every GPU check in one run of under 8 minutes.
+"""``python -m tools.bench.gpu_check --out DIR``: every GPU check in one run of under 8 minutes.
 
 Made for a GPU machine that is lent for minutes and has no network (``make
 gpu-check OUT=DIR``): its own Python with numpy, numba-cuda and pytest (PyTorch
@@ -12,7 +12,7 @@ and CuPy where present). The steps, in order, each with a time budget:
   eval passes, GPU against the CPU backend (the GPU's float min/max drop NaN,
   which the simulator hides);
 - ``kernels``, ``racecheck``, ``memcheck``: one small call of every pass
-  (:mod:`numbabn.bench.kernel_calls`), plainly and under compute-sanitizer;
+  (:mod:`tools.bench.kernel_calls`), plainly and under compute-sanitizer;
 - ``benchmark``, ``host-time``: numbabn beside PyTorch (cuDNN) and a streaming
   roofline, and the host time per small forward;
 - ``cpu-threads``: the CPU kernels' training pass with 1 to 16 threads beside
@@ -250,7 +250,7 @@ def step_versions(context: Context) -> Outcome:
     """Python, the libraries, CUDA driver and runtime, nvidia-smi and ``numba.cuda.detect()``."""
     from numba import cuda
 
-    from numbabn.bench.gpu import gpu_name
+    from tools.bench.gpu import gpu_name
 
     def torch_cuda() -> str:
         import torch
@@ -374,7 +374,7 @@ def _tests_step(name: str) -> Callable[[Context], Outcome]:
             )
         files, _ = TEST_RUNS[name]
         if not all((ROOT / file).exists() for file in files):
-            return Outcome("skipped", "the tests are not beside this copy of numbabn")
+            return Outcome("skipped", "the tests are not beside these tools")
         junit = context.out / f"junit-{name}.xml"
         command = pytest_command(name, junit)
         finished = run_command(
@@ -449,7 +449,7 @@ def _probe_inputs(shape: tuple[int, ...], dtype: str, channels_last: bool) -> di
     """Finite inputs with each channel's scenario written in."""
     import numpy as np
 
-    from numbabn.bench.cases import Case
+    from tools.bench.cases import Case
 
     case = Case(shape, dtype, channels_last)
     rng = np.random.default_rng(7)
@@ -612,7 +612,7 @@ DRY_KERNEL_ARGUMENTS = ["--shape", "2,3,2,2", "--layout", "channels-last"]
 
 
 def _kernel_calls_command(context: Context) -> list[str]:
-    command = [sys.executable, "-m", "numbabn.bench.kernel_calls"]
+    command = [sys.executable, "-m", "tools.bench.kernel_calls"]
     return command + (DRY_KERNEL_ARGUMENTS if context.dry_run else [])
 
 
@@ -658,7 +658,7 @@ def _sanitizer_step(tool: str) -> Callable[[Context], Outcome]:
         )
         reports = [line for line in finished.output.splitlines() if line.startswith("=====")]
         summaries = [line.strip("= ") for line in reports if "SUMMARY" in line]
-        markdown = f"`compute-sanitizer --tool {tool} ... python -m numbabn.bench.kernel_calls`\n\n"
+        markdown = f"`compute-sanitizer --tool {tool} ... python -m tools.bench.kernel_calls`\n\n"
         markdown += _code_block("\n".join(reports[:80]) or "(no report)")
         ran = _passes_ran(finished.output)
         if finished.timed_out:
@@ -710,8 +710,8 @@ def _torch_cuda(context: Context) -> Any | None:
 
 def step_benchmark(context: Context) -> Outcome:
     """numbabn beside PyTorch's CUDA batch norm and a streaming roofline (CUDA events)."""
-    from numbabn.bench import gpu
-    from numbabn.bench.cases import Case
+    from tools.bench import gpu
+    from tools.bench.cases import Case
 
     torch = _torch_cuda(context)
     specs = DRY_BENCH_CASES if context.dry_run else BENCH_CASES
@@ -749,8 +749,8 @@ def _host_times(
     """Host seconds per training forward of one small case, by ``HOST_COLUMNS``."""
     import numbabn
     from numbabn._cuda import arrays
-    from numbabn.bench import gpu
-    from numbabn.bench.cases import Case
+    from tools.bench import gpu
+    from tools.bench.cases import Case
 
     case = Case(shape, channels_last=channels_last)
     x = arrays.to_device(case.make())
@@ -771,7 +771,7 @@ def _host_times(
 
 def step_host_time(context: Context) -> Outcome:
     """Host microseconds per small training forward: numbabn's, and PyTorch's."""
-    from numbabn.bench.cases import Case
+    from tools.bench.cases import Case
 
     torch = _torch_cuda(context)
     specs, calls = (DRY_HOST_CASES, DRY_HOST_CALLS) if context.dry_run else (HOST_CASES, HOST_CALLS)
@@ -810,13 +810,13 @@ def cpu_worker(library: str, threads: int, shape: tuple[int, ...], repeat: int) 
     """
     import numpy as np
 
-    from numbabn.bench.cases import Case, module_for
-    from numbabn.bench.timing import median_seconds
+    from tools.bench.cases import Case, module_for
+    from tools.bench.timing import median_seconds
 
     case = Case(shape)
     x, dy = case.make(0), case.make(1)
     if library == "torch":
-        from numbabn.bench.peers import TorchBatchNorm
+        from tools.bench.peers import TorchBatchNorm
 
         peer = TorchBatchNorm(x, threads)
         return {"seconds": median_seconds(peer.forward_backward, repeat), "threads": threads}
@@ -835,7 +835,7 @@ def _worker_result(
     environment = _child_environment(
         NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)
     )
-    command = [sys.executable, "-m", "numbabn.bench.gpu_check", "--cpu-worker", library]
+    command = [sys.executable, "-m", "tools.bench.gpu_check", "--cpu-worker", library]
     command += ["--threads", str(threads), "--shape", ",".join(map(str, shape))]
     command += ["--repeat", str(repeat)]
     finished = run_command(command, timeout, _print_indented, environment)
@@ -951,7 +951,7 @@ def _run_step_process(step: Step, out: Path, dry_run: bool, deadline: float, log
     """Run one step in a process of its own, stopped at ``deadline``, and read its outcome."""
     result = out / STEP_RESULTS / f"{step.name}.json"
     result.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "numbabn.bench.gpu_check", "--step", step.name]
+    command = [sys.executable, "-m", "tools.bench.gpu_check", "--step", step.name]
     command += ["--out", str(out), "--deadline", repr(deadline)] + (
         ["--dry-run"] if dry_run else []
     )
@@ -990,7 +990,7 @@ def write_reports(
         line = "The dry run of `make gpu-check` in Numba's CUDA simulator (tiny shapes; no time "
         line += "is a measurement)"
     else:
-        line = "Written by `make gpu-check` (`python -m numbabn.bench.gpu_check`)"
+        line = "Written by `make gpu-check` (`python -m tools.bench.gpu_check`)"
     line += f", started {started:%Y-%m-%d %H:%M} UTC, {seconds:.0f} s in all."
     gpu = next((row.outcome.note for row in rows if row.step.name == "versions"), "")
     if gpu and not dry_run:
@@ -1060,7 +1060,7 @@ def _run_step_here(name: str, out: Path, dry_run: bool, deadline: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m numbabn.bench.gpu_check",
+        prog="python -m tools.bench.gpu_check",
         description="Every GPU check in one run of under 8 minutes: versions, the CUDA tests, a "
         "NaN probe, compute-sanitizer, a benchmark and CPU thread scaling.",
     )

@@ -1,6 +1,6 @@
 """Static evidence for the CUDA kernels, compiled offline for sm_90 (H100, H200): no GPU needed.
 
-Run ``python -m numbabn.bench.gpu_static`` (``make gpu-static``): it prints a
+Run ``python -m tools.bench.gpu_static`` (``make gpu-static``): it prints a
 Markdown table, ``--out FILE`` writes it to a file too, and ``--check`` exits
 with 1 on any spill, any occupancy below 50%, any NaN-dropping min/max or any
 kernel that does not compile, printing each failure (``--no-sass`` leaves the
@@ -8,7 +8,7 @@ disassembly out, which the checks do not need). Where the CUDA toolkit
 (``ptxas``) or NVVM is missing it prints one line, starting with
 :data:`MISSING`, and exits with 0.
 
-Every entry of :func:`numbabn._cuda.catalogue.catalogue` is compiled for each
+Every entry of :func:`tools.bench.catalogue.catalogue` is compiled for each
 input dtype, in parallel worker processes: to PTX by numba-cuda with NVVM
 (``compile_ptx`` for compute capability 9.0, with the two look-ups that only
 matter on a GPU stubbed, and with a dispatcher's own code-generation options,
@@ -219,7 +219,7 @@ def _nvvm_version() -> str:
 def _entries(dtype: str) -> list[tuple[str, Any, tuple[Any, ...]]]:
     from numba import types
 
-    from numbabn._cuda.catalogue import catalogue
+    from tools.bench.catalogue import catalogue
 
     return catalogue(getattr(types, dtype))
 
@@ -650,8 +650,8 @@ def _header(tools: Tools, disassembler: str, compiles: int, workers: int, second
     return "\n".join([
         f"## CUDA kernels compiled for {ARCH}, {THREADS} threads per block",
         "",
-        "Written by `make gpu-static` (`python -m numbabn.bench.gpu_static`), without a GPU;",
-        "the method is described in numbabn/bench/gpu_static.py.",
+        "Written by `make gpu-static` (`python -m tools.bench.gpu_static`), without a GPU;",
+        "the method is described in tools/bench/gpu_static.py.",
         "",
         f"- numba-cuda {version('numba-cuda')}, {_nvvm_version()}",
         f"- ptxas: {_release(tools.ptxas)}",
@@ -663,7 +663,7 @@ def _header(tools: Tools, disassembler: str, compiles: int, workers: int, second
 def main(argv: list[str] | None = None) -> int:
     """Compile, print the table (and write it with ``--out``); the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m numbabn.bench.gpu_static",
+        prog="python -m tools.bench.gpu_static",
         description="Registers, spills, shared memory, occupancy, min/max and SASS per "
         f"element of numbabn's CUDA kernels, compiled for {ARCH} without a GPU.",
     )

@@ -1,4 +1,4 @@
-"""Cost of SyncBatchNorm's exchange: ``mpiexec -n 2 python -m numbabn.bench.sync``.
+"""Cost of SyncBatchNorm's exchange: ``mpiexec -n 2 python -m tools.bench.sync``.
 
 Times train forward + backward of SyncBatchNorm and of plain BatchNorm2d on the
 same per-rank batch, side by side (their samples alternate), and prints the
@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 import numbabn as nbn
-from numbabn.bench.timing import _calls_per_sample
+from tools.bench.timing import _calls_per_sample
 
 SHAPES = [(4, 64, 56, 56), (16, 256, 14, 14), (16, 2048, 7, 7), (2, 16, 8, 8)]
 
@@ -47,7 +47,7 @@ def agreed_median_seconds(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m numbabn.bench.sync")
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.sync")
     parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD

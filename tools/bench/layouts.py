@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from numbabn.bench.cases import Case, module_for
-from numbabn.bench.timing import interleaved_medians
+from tools.bench.cases import Case, module_for
+from tools.bench.timing import interleaved_medians
 
 SHAPE = (32, 64, 56, 56)
 QUICK_SHAPE = (8, 64, 28, 28)

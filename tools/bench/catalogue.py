@@ -1,6 +1,6 @@
 """Every CUDA kernel specialisation numbabn launches, with its Numba argument types.
 
-The table that the offline compile of :mod:`numbabn.bench.gpu_static` reads:
+The table that the offline compile of :mod:`tools.bench.gpu_static` reads:
 for one input dtype, each kernel of :mod:`numbabn._cuda.kernels` that the
 backend launches, with the argument types it launches it with. Data arrays have
 the input's dtype; parameters, running statistics and parameter gradients are

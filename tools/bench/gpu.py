@@ -1,6 +1,6 @@
 """numbabn's CUDA kernels beside PyTorch's CUDA batch norm (cuDNN) and a streaming roofline.
 
-Run by ``python -m numbabn.bench --device cuda`` (``make bench-gpu``). Times are
+Run by ``python -m tools.bench --device cuda`` (``make bench-gpu``). Times are
 medians of CUDA-event timings on the default stream, which PyTorch's default
 stream shares, so every peer is timed the same way.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from numba import cuda
 
 from numbabn._cuda import arrays
-from numbabn.bench.cases import DEFAULT_CASES, Case, module_for
+from tools.bench.cases import DEFAULT_CASES, Case, module_for
 
 GPU_CASES = [*DEFAULT_CASES, Case((256, 64, 112, 112)), Case((32, 64, 56, 56), "float16")]
 QUICK_GPU_CASES = [

@@ -1,4 +1,4 @@
-"""Exact statistics of a Dask array: ``python -m numbabn.bench.chunked``.
+"""Exact statistics of a Dask array: ``python -m tools.bench.chunked``.
 
 Times :func:`numbabn.dask.channel_stats` beside Dask's own ``x.mean(axis)``
 plus ``x.var(axis)`` (computed together, so Dask shares what it can) on the
@@ -17,7 +17,7 @@ import numpy as np
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m numbabn.bench.chunked")
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.chunked")
     parser.add_argument("--gigabytes", type=float, default=2.0, help="size of the array")
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each")
