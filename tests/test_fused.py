@@ -44,7 +44,10 @@ def fetched(array, device: str) -> np.ndarray:
 
 
 def torch_composition(x, z, dy, weight, bias, running_mean, running_var, training, momentum):
-    """relu(batch_norm(x) + z) in PyTorch, unfused; returns outputs, grads and statistics."""
+    """relu(batch_norm(x) + z) in PyTorch, unfused; returns outputs, grads and statistics.
+
+    ``pre`` is the ReLU's input, ``batch_norm(x) + z``.
+    """
     tx = torch.tensor(x, requires_grad=True)
     tw = torch.tensor(weight, requires_grad=True)
     tb = torch.tensor(bias, requires_grad=True)
@@ -54,9 +57,11 @@ def torch_composition(x, z, dy, weight, bias, running_mean, running_var, trainin
     if z is not None:
         tz = torch.tensor(z, requires_grad=True)
         y = y + tz
+    pre = y.detach().numpy().copy()
     y = torch.relu(y)
     y.backward(torch.tensor(dy))
     return {
+        "pre": pre,
         "y": y.detach().numpy(),
         "dx": tx.grad.numpy(),
         "dz": None if tz is None else tz.grad.numpy(),
@@ -113,6 +118,129 @@ def test_module_matches_pytorch(rng, device, shape, layout, training, with_resid
     after = module.state_dict()
     np.testing.assert_allclose(after["running_mean"], truth["running_mean"], **tol)
     np.testing.assert_allclose(after["running_var"], truth["running_var"], **tol)
+
+
+# -- a pre-activation of exactly 0 ------------------------------------------------------
+# PyTorch's ReLU passes no gradient where its input is 0 (threshold_backward zeroes it
+# where the input is 0 or below), and random data never makes an exact 0. Here each
+# channel's values are a power of two (or 0) plus multiples of 1/4 that cancel in pairs,
+# a third of them 0: the batch mean, or the running mean in eval, is that power of two
+# exactly, so x - mean is exactly 0 at those points, as is mean * weight * invstd - that
+# product in PyTorch's x * alpha + (bias - mean * alpha). The pre-activation is then
+# exactly the bias there: 0 in the channels with no bias, and 0 with a residual of minus
+# the bias in the channels of mean 0 (whose bias - 0 * alpha is the bias exactly).
+ZERO_MEANS = np.array([2.0, -1.0, 0.0, 0.0])
+ZERO_BIAS = np.array([0.0, 0.0, 0.5, -0.25])
+
+
+def exact_zero_inputs(rng, shape, layout, dtype, with_residual):
+    """``x`` (and ``z``) whose pre-activation is exactly 0 at many points; and those points."""
+    n_channels = shape[1]
+    assert n_channels == len(ZERO_MEANS)
+    x = make_input(rng, shape, layout, dtype)
+    per_channel = x.size // n_channels
+    for c in range(n_channels):
+        half = rng.integers(1, 9, per_channel // 2) * 0.25
+        half[::3] = 0.0
+        steps = np.concatenate([half, -half, np.zeros(per_channel % 2)])
+        rng.shuffle(steps)
+        x[:, c] = (ZERO_MEANS[c] + steps).reshape(x[:, c].shape)
+    broadcast = (1, n_channels) + (1,) * (len(shape) - 2)
+    at_mean = x == ZERO_MEANS.reshape(broadcast)
+    z = None
+    if with_residual:
+        z = make_input(rng, shape, layout, dtype, scale=0.5)
+        z[...] = np.where(at_mean, -ZERO_BIAS.reshape(broadcast), z)
+        at_zero = at_mean
+    else:
+        at_zero = at_mean & (ZERO_BIAS.reshape(broadcast) == 0)
+    assert at_zero[:, :2].sum() >= 2 * (per_channel // 6)
+    return x, z, at_zero
+
+
+ZERO_CASES = [
+    ((4, 4, 3), "contiguous"),
+    ((8, 4), "contiguous"),  # channels-inner
+    ((3, 4, 3, 2), "channels_last"),
+    ((3, 4, 3, 4), "crop"),
+]
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize(("shape", "layout"), ZERO_CASES)
+def test_module_passes_no_gradient_where_the_pre_activation_is_exactly_zero(
+    rng, device, shape, layout, training, with_residual
+):
+    dtype = np.float64
+    x, z, at_zero = exact_zero_inputs(rng, shape, layout, dtype, with_residual)
+    dy = make_input(rng, shape, "contiguous", dtype)
+    weight = random_vector(rng, 4, dtype)
+    state = {
+        "weight": weight,
+        "bias": ZERO_BIAS.astype(dtype),
+        "running_mean": ZERO_MEANS.astype(dtype),
+        "running_var": random_vector(rng, 4, dtype),
+    }
+    truth = torch_composition(
+        x, z, dy, weight, state["bias"], state["running_mean"], state["running_var"],
+        training, 0.1,
+    )  # fmt: skip
+    assert np.all(truth["pre"][at_zero] == 0.0)  # what the case is about
+
+    bn = numbabn.BatchNorm2d if len(shape) == 4 else numbabn.BatchNorm1d
+    module = bn(4, dtype=dtype, device=device, activation="relu")
+    module.load_state_dict(state, strict=False)
+    module.train(training)
+    y = module(placed(x, device), residual=None if z is None else placed(z, device))
+    grads = module.backward(placed(dy, device))
+    dx, dz = grads if with_residual else (grads, None)
+
+    tol = tolerances(dtype)
+    np.testing.assert_array_equal(fetched(y, device)[at_zero], 0.0)
+    np.testing.assert_allclose(fetched(y, device), truth["y"], **tol)
+    np.testing.assert_allclose(fetched(dx, device), truth["dx"], **tol)
+    if with_residual:
+        np.testing.assert_array_equal(fetched(dz, device)[at_zero], 0.0)
+        np.testing.assert_allclose(fetched(dz, device), truth["dz"], **tol)
+    np.testing.assert_allclose(fetched(module.grads["weight"], device), truth["dw"], **tol)
+    np.testing.assert_allclose(fetched(module.grads["bias"], device), truth["db"], **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["relu", "residual_relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_passes_no_gradient_where_the_pre_activation_is_exactly_zero(
+    rng, device, training, with_residual, dtype
+):
+    shape = (4, 4, 2, 3)
+    x, z, at_zero = exact_zero_inputs(rng, shape, "contiguous", dtype, with_residual)
+    dy = make_input(rng, shape, "contiguous", dtype)
+    weight, bias = random_vector(rng, 4, dtype), ZERO_BIAS.astype(dtype)
+    running_mean, running_var = ZERO_MEANS.astype(dtype), random_vector(rng, 4, dtype)
+    arrays = (x, z, dy, weight, bias, running_mean, running_var)
+    as64 = [None if a is None else a.astype(np.float64) for a in arrays]
+    truth = torch_composition(*as64, training, 0.1)  # in float64
+    assert np.all(truth["pre"][at_zero] == 0.0)
+
+    rm, rv = placed(running_mean.copy(), device), placed(running_var.copy(), device)
+    x_, w_, b_ = placed(x, device), placed(weight, device), placed(bias, device)
+    z_ = None if z is None else placed(z, device)
+    y, saved = F.batch_norm_forward(
+        x_, rm, rv, w_, b_, training, 0.1, residual=z_, activation="relu"
+    )  # fmt: skip
+    grads = F.batch_norm_backward(
+        placed(dy, device), x_, saved, w_, bias=b_, residual=z_, activation="relu"
+    )  # fmt: skip
+    keys = ("dx", "dw", "db", "dz") if with_residual else ("dx", "dw", "db")
+    assert len(grads) == len(keys)
+
+    tol = tolerances(dtype)
+    np.testing.assert_allclose(fetched(y, device), truth["y"], **tol)
+    for got, key in zip(grads, keys, strict=True):
+        np.testing.assert_allclose(fetched(got, device), truth[key], err_msg=key, **tol)
+    np.testing.assert_allclose(fetched(rm, device), truth["running_mean"], **tol)
+    np.testing.assert_allclose(fetched(rv, device), truth["running_var"], **tol)
 
 
 @pytest.mark.parametrize("options", [{"affine": False}, {"track_running_stats": False}])
