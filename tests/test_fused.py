@@ -338,6 +338,40 @@ def test_threaded_path_on_a_large_tensor(rng, layout):
     np.testing.assert_allclose(module.grads["weight"], truth["dw"], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_threaded_relu_without_a_residual(rng, layout, training):
+    """The ReLU alone, threaded: its input gradient comes from a pass of its own, item by item.
+
+    (With a residual the gradient goes through the residual's pass instead.) Every
+    work item's values, the last one's included, against PyTorch.
+    """
+    from numbabn._tunables import PARALLEL_MIN_ELEMENTS
+    from numbabn._views import plan
+
+    shape = (4, 8, 64, 64)
+    x = make_input(rng, shape, layout, np.float64)
+    assert x.size >= PARALLEL_MIN_ELEMENTS and plan(x).n_items >= 8
+    dy = make_input(rng, shape, "contiguous", np.float64)
+    state = {
+        "weight": random_vector(rng, 8),
+        "bias": random_vector(rng, 8, low=-0.5, high=0.5),
+        "running_mean": random_vector(rng, 8, low=-1, high=1) + np.arange(8),
+        "running_var": random_vector(rng, 8),
+    }
+    module = numbabn.BatchNorm2d(8, dtype=np.float64, activation="relu")
+    module.load_state_dict(state, strict=False)
+    module.train(training)
+    truth = torch_composition(
+        x, None, dy, state["weight"], state["bias"], state["running_mean"],
+        state["running_var"], training, 0.1,
+    )  # fmt: skip
+    np.testing.assert_allclose(module(x), truth["y"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(module.backward(dy), truth["dx"], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(module.grads["weight"], truth["dw"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(module.grads["bias"], truth["db"], rtol=1e-9, atol=1e-9)
+
+
 def test_residual_gradient_is_not_written_over(rng):
     """Without an activation, grad_output is also dz: out= must not overwrite it."""
     x = make_input(rng, (4, 3, 5), "contiguous", np.float32)
