@@ -47,6 +47,25 @@ LARGE_SHAPES = [
     (300, 1030),  # (N, C) with many channels, a partial last channel block
 ]
 
+# Rows and position ranges that do not split evenly into work items, where every
+# TILED_SHAPES row does (16900 = 2 x 8450, 70000 = 5 x 14000): each case has a last
+# chunk of a row ("chunk") or a last tile of rows or positions ("tile") shorter than
+# the others. (shape, layout, which is uneven, path.)
+UNEVEN_CASES = [
+    ((4, 3, 131, 131), "contiguous", "chunk", "threaded"),  # rows of 17161: 8581 + 8580
+    ((1, 2, 131, 131), "contiguous", "chunk", "serial"),  # the same rows, in one call
+    ((3, 5, 40000), "contiguous", "chunk", "threaded"),  # 2 x 13334 + 13332
+    ((50001, 3), "fortran", "chunk", "threaded"),  # N inner, rows of 50001: 3 x 12501 + 12498
+    ((4, 3, 131, 131), "channels_last", "tile", "threaded"),  # 68644 positions: 12 x 5461 + 3112
+    ((50001, 3), "contiguous", "tile", "threaded"),  # (N, C): 9 x 5461 + 852 positions
+    ((67, 3, 40, 40), "contiguous", "tile", "threaded"),  # 13 x 5 + 2 rows; channels 2 + 1
+]
+_uneven = pytest.mark.parametrize(
+    ("shape", "layout", "uneven", "path"),
+    UNEVEN_CASES,
+    ids=[f"{shape}-{layout}" for shape, layout, _, _ in UNEVEN_CASES],
+)
+
 DTYPES = [np.float32, np.float64]
 # What the CUDA simulator runs of SMALL_SHAPES: one of each rank, and one channel.
 SIMULATED_SHAPES = [(5, 3), (2, 1), (4, 3, 7), (3, 4, 5, 6), (2, 3, 3, 4, 5)]
@@ -176,6 +195,30 @@ def test_large_shapes_are_large(shape, layout):
     if not layout_plan.channels_inner:
         # Each tile holds at most TILE_ELEMENTS values of one channel.
         assert x.size // shape[1] > TILE_ELEMENTS
+
+
+@_uneven
+def test_uneven_splits_are_uneven(shape, layout, uneven, path):
+    """Guard: each uneven case has the short last chunk or tile it says, on the path it says."""
+    x = make_input(np.random.default_rng(0), shape, layout, np.float32, scale=0.0)
+    layout_plan = plan(x)
+    view = layout_plan.view_shape
+    n_rows, n_s = (view[0], 1) if layout_plan.channels_inner else (view[0] * view[2], view[3])
+    if uneven == "chunk":
+        assert not layout_plan.channels_inner
+        assert n_s > layout_plan.s_chunk and n_s % layout_plan.s_chunk != 0
+    else:
+        assert n_rows > layout_plan.row_block and n_rows % layout_plan.row_block != 0
+    assert (x.size >= PARALLEL_MIN_ELEMENTS) == (path == "threaded")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@_uneven
+def test_uneven_splits(shape, layout, uneven, path, dtype, rng):
+    """Training and eval, forward and backward, with a short last chunk or tile."""
+    x = make_input(rng, shape, layout, dtype)
+    _check_train(x, rng, affine=True, momentum=0.3)
+    _check_eval(x, rng, affine=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
