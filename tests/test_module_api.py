@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_same_state, snapshot
+import reference as ref
+from conftest import assert_same_state, make_input, random_vector, snapshot, tolerances
 
 import numbabn
 
@@ -103,16 +104,33 @@ def test_float_converts_back_and_matches_torch():
 
 
 def test_conversion_keeps_a_pending_backward_when_nothing_changes():
+    """A conversion to the module's own dtype and device is no conversion: the forward
+    before it stays pending, and its backward gives the values the reference gives, the
+    parameter gradients accumulating onto the earlier backward's."""
     bn = _trained()
-    bn(np.ones((4, 3), np.float32))
-    bn.to(dtype=np.float32).float().to("cpu")
-    bn.backward(np.ones((4, 3), np.float32))
+    rng = np.random.default_rng(4)
+    bn.weight[...] = random_vector(rng, 3, np.float32)
+    bn.bias[...] = random_vector(rng, 3, np.float32, -0.5, 0.5)
+    earlier = {name: grad.copy() for name, grad in bn.grads.items()}
+    x = make_input(rng, (6, 3), dtype=np.float32)
+    dy = make_input(rng, (6, 3), dtype=np.float32)
+    y = bn(x)
+    assert bn.to(dtype=np.float32).float().to("cpu") is bn
+    dx = bn.backward(dy)
+
+    truth = ref.forward(x, bn.weight, bn.bias, training=True)
+    grads = ref.backward(dy, x, truth.mean, truth.invstd, bn.weight)
+    tol = tolerances(np.float32)
+    np.testing.assert_allclose(y, truth.output, **tol)
+    np.testing.assert_allclose(dx, grads.grad_input, **tol)
+    np.testing.assert_allclose(bn.grads["weight"], earlier["weight"] + grads.grad_weight, **tol)
+    np.testing.assert_allclose(bn.grads["bias"], earlier["bias"] + grads.grad_bias, **tol)
 
 
 def test_lazy_module_converts_before_it_materialises():
     bn = numbabn.LazyBatchNorm2d().double()
     y = bn(np.ones((2, 3, 2, 2)))
-    assert type(bn) is numbabn.BatchNorm2d and bn.weight.dtype == y.dtype == np.float64
+    assert isinstance(bn, numbabn.BatchNorm2d) and bn.weight.dtype == y.dtype == np.float64
 
 
 def test_unsupported_dtype_changes_nothing():
