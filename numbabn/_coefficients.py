@@ -15,6 +15,7 @@ that NaN fails, so NaN and infinities propagate as in PyTorch.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 
 def channel_moments(total: float, total_squares: float, shift: float, count: int) -> tuple:
@@ -66,6 +67,14 @@ def backward_channel(
     beta = -invstd * invstd * sum_dy_xmu / count
     gamma = -sum_dy / count
     return alpha, beta, gamma
+
+
+def parameter_gradients(sum_dy: Any, sum_dy_xmu: Any, invstd: Any) -> tuple:
+    """``(dweight, dbias) = (sum(dy * xhat), sum(dy))`` from the backward's sums.
+
+    Plain arithmetic, so it takes NumPy vectors as well as one channel's values.
+    """
+    return sum_dy_xmu * invstd, sum_dy
 
 
 def merged_channel(

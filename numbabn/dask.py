@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from numbabn import _phases
 from numbabn import _validation as check
-from numbabn._dispatch import host_backend
+from numbabn._dispatch import Backend, host_backend
 from numbabn._tunables import SPLIT_EVERY
 from numbabn.epilogue import Epilogue, epilogue_for
 from numbabn.functional import check_forward_args
@@ -140,27 +141,36 @@ def batch_norm(
     if x.size == 0:
         return x.copy()
     backend = host_backend()
-    n_channels = x.shape[1]
-    param_dtype = check.param_dtype(x.dtype)
-    weight = backend.filled(1.0, n_channels, param_dtype) if weight is None else weight
-    bias = backend.filled(0.0, n_channels, param_dtype) if bias is None else bias
-    if training:
-        stats = channel_stats(x)
-        mean = stats.mean
-        _, scale, shift = backend.train_coefficients(
-            mean, stats.m2, stats.count, weight, bias, float(eps),
-            running_mean, running_var, float(momentum),
-        )  # fmt: skip
-    else:
-        mean, _, scale, shift = backend.eval_coefficients(
-            running_mean, running_var, weight, bias, float(eps)
-        )
-    coefficients = np.stack([mean, scale, shift])
-    starts = np.cumsum((0, *x.chunks[1]))
-    normalise = functools.partial(
-        _normalised_block, coefficients=coefficients, starts=starts, epilogue=epilogue
+    weight, bias = _phases.with_defaults(
+        backend, weight, bias, x.shape[1], backend.param_dtypes[x.dtype]
     )
-    return da.map_blocks(normalise, x, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
+    running = _phases.Running(running_mean, running_var, float(momentum))
+    output, _ = _phases.forward(
+        backend, x, running, weight, bias, training, float(eps), None, epilogue, _BLOCKS
+    )
+    return output
+
+
+class _BlockExchange:
+    """The exchange of a Dask array's blocks: statistics by a tree of merges, the elementwise
+    pass as a lazy ``map_blocks`` (see :class:`numbabn._phases.Exchange`)."""
+
+    def statistics(self, backend: Backend, x: da.Array) -> ChannelStats:
+        return channel_stats(x)
+
+    def normalise(
+        self, backend: Backend, x: da.Array, mean: np.ndarray, scale: np.ndarray,
+        shift: np.ndarray, out: None, epilogue: Epilogue | None,
+    ) -> da.Array:  # fmt: skip
+        coefficients = np.stack([mean, scale, shift])
+        starts = np.cumsum((0, *x.chunks[1]))
+        normalise = functools.partial(
+            _normalised_block, coefficients=coefficients, starts=starts, epilogue=epilogue
+        )
+        return da.map_blocks(normalise, x, dtype=x.dtype, meta=np.empty((0,) * x.ndim, x.dtype))
+
+
+_BLOCKS = _BlockExchange()
 
 
 def _check_array(x: Any) -> None:

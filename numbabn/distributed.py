@@ -12,29 +12,25 @@ order, so every rank computes bit-identical statistics, run after run.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, NoReturn
 
 import numpy as np
 
-from numbabn import _validation as check
-from numbabn._dispatch import Backend, kind_of
-from numbabn.functional import SavedStats, check_forward_args
+from numbabn._dispatch import Backend
+from numbabn._phases import BACKWARD, FORWARD, Pass
+from numbabn.epilogue import Epilogue
 from numbabn.modules import _BatchNorm
 from numbabn.stats import ChannelStats
 
-if TYPE_CHECKING:
-    from typing_extensions import Self  # typing.Self from Python 3.11
-
-__all__ = ["ExchangeTimeout", "SyncBatchNorm"]
+__all__ = ["ExchangeTimeout", "MpiExchange", "SyncBatchNorm"]
 
 # Exchanges wait this long for every rank by default: torch.distributed's default
 # process-group timeout. A rank that never joins (one in eval mode while the
 # others train, one that died) then makes the others raise instead of hanging.
 DEFAULT_TIMEOUT = 1800.0
 
-_FORWARD, _BACKWARD = 1, 2
-_KINDS = {_FORWARD: "forward", _BACKWARD: "backward"}
-_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1}
+_KINDS = {int(FORWARD): "forward", int(BACKWARD): "backward"}
+_DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
 _TEXT_BYTES = 1024  # of each failing rank's error text that the others quote
 
@@ -195,14 +191,75 @@ class _Exchange:
 
 def _payload_size(kind: int, n_channels: int) -> int:
     """Values per rank: a statistics row (count, means, M2s) or the two gradient sums."""
-    return 1 + 2 * n_channels if kind == _FORWARD else 2 * n_channels
+    return 1 + 2 * n_channels if kind == FORWARD else 2 * n_channels
 
 
-def _check_host(device: str | None) -> None:
-    if device not in (None, "cpu"):
-        raise ValueError(
-            f"SyncBatchNorm exchanges host arrays over MPI and runs on 'cpu'; got device {device!r}"
-        )
+class MpiExchange:
+    """Batch norm's exchange over MPI: whole-batch statistics and gradient sums.
+
+    What runs between the phases of a :class:`SyncBatchNorm` in training (see
+    :class:`numbabn._phases.Exchange`). Only per-channel float64 vectors cross,
+    staged through host memory whatever the data's device.
+    """
+
+    def __init__(self, comm: Any, timeout: float | None) -> None:
+        self.comm = comm
+        self.timeout = timeout
+        self.count = 0
+
+    def refuse(self, kind: Pass, error: Exception) -> NoReturn:
+        exchange = _Exchange(self.comm, kind, error, (-1, -1), self.timeout)
+        exchange.gather(error, None)
+        raise error  # gather raises first: the header says this rank failed
+
+    def statistics(self, backend: Backend, x: Any) -> ChannelStats:
+        exchange = _Exchange(self.comm, FORWARD, None, _header(x), self.timeout)
+        payload, error = None, None
+        try:  # while the headers travel
+            count = x.size // x.shape[1] if x.size else 0
+            mean, m2 = backend.moments(x) if count else (np.zeros(x.shape[1]),) * 2
+            payload = ChannelStats.row(count, mean, m2)
+        except Exception as caught:
+            error = caught
+        total = ChannelStats.from_rows(exchange.gather(error, payload))  # identical on every rank
+        if total.count == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, "
+                f"got input size {tuple(x.shape)} over all ranks"
+            )
+        self.count = total.count
+        return total
+
+    def normalise(
+        self, backend: Backend, x: Any, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+        out: Any | None, epilogue: Epilogue | None,
+    ) -> Any:  # fmt: skip
+        return backend.affine(x, mean, scale, shift, out, epilogue)
+
+    def gradient_sums(
+        self, backend: Backend, dy: Any, x: Any, mean: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        exchange = _Exchange(self.comm, BACKWARD, None, _header(x), self.timeout)
+        sums, error = None, None
+        try:  # while the headers travel
+            sums = backend.grad_sums(dy, x, mean) if x.size else np.zeros((2, x.shape[1]))
+        except Exception as caught:
+            error = caught
+        gathered = exchange.gather(error, None if sums is None else sums.ravel())
+        assert sums is not None  # gather raised otherwise
+        # Summed in rank order: identical on every rank.
+        return sums, gathered.reshape(gathered.shape[0], *sums.shape).sum(axis=0)
+
+
+def _checked_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
+    return timeout
+
+
+def _header(x: Any) -> tuple[int, int]:
+    """What every rank's part must agree on: its channels and dtype."""
+    return x.shape[1], _DTYPE_CODES[x.dtype]
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -215,6 +272,11 @@ class SyncBatchNorm(_BatchNorm):
     Parameter gradients are this rank's contribution, as in PyTorch: summed
     over ranks (what data-parallel training all-reduces) they are the
     whole-batch gradients. Evaluation communicates nothing.
+
+    It is a batch-norm module whose training passes run their phases with an
+    :class:`MpiExchange` between them, on the CPU or on a GPU (``device="cuda"``:
+    each rank's data stays on its GPU, the per-channel vectors go through host
+    memory).
 
     Parameters
     ----------
@@ -233,8 +295,8 @@ class SyncBatchNorm(_BatchNorm):
     Arguments are checked as ``torch.nn.SyncBatchNorm`` checks them, with its
     texts and in its order (``eps`` and ``momentum`` at each call), except
     that "more than 1 value per channel" counts the values of all ranks, so
-    it comes after the other checks. Any host array is taken, as by the other
-    modules, and results come back as the caller's kind of array.
+    it comes after the other checks. Any array the other modules take is
+    taken, and results come back as the caller's kind of array.
 
     A local failure on one rank (a wrong shape, dtype or channel count, a
     backward without a forward) makes every rank raise, and the call changes
@@ -257,30 +319,26 @@ class SyncBatchNorm(_BatchNorm):
         comm: Any = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
-        _check_host(device)
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout}")
+        timeout = _checked_timeout(timeout)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
-        self.comm = _world() if comm is None else comm
-        self.timeout = timeout
-        self._total_count: int | None = None
+        self._mpi = MpiExchange(_world() if comm is None else comm, timeout)
+        self._exchange = self._mpi
 
-    def to(self, device: Any = None, dtype: Any = None) -> Self:
-        """Convert the parameters, running statistics and gradients; stay on the CPU.
+    @property
+    def comm(self) -> Any:
+        """The communicator of the ranks that share statistics."""
+        return self._mpi.comm
 
-        As :meth:`numbabn.BatchNorm1d.to`: ``to(np.float64)``,
-        ``to(dtype=np.float32)``, ``to("cpu", np.float64)``; return self.
+    @property
+    def timeout(self) -> float | None:
+        """Seconds an exchange waits for every rank (None: forever)."""
+        return self._mpi.timeout
 
-        Raises
-        ------
-        ValueError
-            For any device other than ``"cpu"``.
-        """
-        if device is None or isinstance(device, str):
-            _check_host(device)
-        return super().to(device, dtype)
+    @timeout.setter
+    def timeout(self, timeout: float | None) -> None:
+        self._mpi.timeout = _checked_timeout(timeout)
 
     def _check_input(self, x: Any) -> None:
         """``torch.nn.SyncBatchNorm``'s checks of the input's rank and channels."""
@@ -289,157 +347,16 @@ class SyncBatchNorm(_BatchNorm):
         if x.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def _check_kind(self, x: Any, name: str) -> None:
-        """Raise TypeError unless ``x`` is a host array (SyncBatchNorm exchanges host data)."""
-        kind = kind_of(x)  # TypeError, naming what is accepted, for anything else
-        if kind != "cpu":
-            raise TypeError(
-                f"SyncBatchNorm exchanges statistics of host arrays but the {name} is a {kind} "
-                f"array; move the {name} to the CPU"
-            )
-
     def forward(self, x: Any, out: Any | None = None, *, residual: None = None) -> Any:
         """Normalise ``x`` with whole-batch statistics (training) or running ones (eval).
 
-        ``x`` and ``out`` are host arrays of any library, as for
+        ``x`` and ``out`` are arrays on the module's device, as for
         :meth:`numbabn.BatchNorm1d.forward`; the output is of the kind of ``x``,
         or ``out`` itself.
         """
         if residual is not None:
             raise ValueError("SyncBatchNorm has no fused residual add; add the residual after it")
-        if not self.training:
-            output = super().forward(x, out)
-            self._total_count = None  # a local forward: backward stays local too
-            return output
-        backend, error, header = None, None, (-1, -1)
-        array: Any = None
-        out_array: Any = None
-        try:
-            array = self._adopt(x, "input")
-            self._check_input(array)
-            backend, array, out_array = self._checked_args(array, out)
-            header = (array.shape[1], _DTYPE_CODES[array.dtype])
-        except Exception as caught:  # any local failure: the other ranks must hear of it
-            error = caught
-        exchange = _Exchange(self.comm, _FORWARD, error, header, self.timeout)
-        payload = None
-        if backend is not None and error is None:
-            try:  # while the headers travel
-                count = array.size // array.shape[1] if array.size else 0
-                mean, m2 = backend.moments(array) if count else (np.zeros(array.shape[1]),) * 2
-                payload = ChannelStats.row(count, mean, m2)
-            except Exception as caught:
-                error = caught
-        gathered = exchange.gather(error, payload)
-        total = ChannelStats.from_rows(gathered)  # in rank order: identical on every rank
-        if total.count == 1:
-            raise ValueError(
-                "Expected more than 1 value per channel when training, "
-                f"got input size {tuple(array.shape)} over all ranks"
-            )
-        assert backend is not None  # gather raised otherwise
-        output, saved = self._normalise(array, out_array, backend, total)
-        self._remember(x, saved, out)
-        self._total_count = total.count
-        return out if out is not None else self._backend.like(output, x)
-
-    def _checked_args(self, x: np.ndarray, out: Any | None) -> tuple[Backend, np.ndarray, Any]:
-        """Check a training call's arguments as PyTorch's SyncBatchNorm passes them on.
-
-        Without a process group, ``torch.nn.SyncBatchNorm`` is ``F.batch_norm``
-        with the running-average factor as ``momentum``: the same checks, texts
-        and order (the batch size apart, counted over all ranks later).
-        Returns the backend, the input and ``out`` as NumPy arrays.
-        """
-        momentum = self._momentum_argument(self.track_running_stats)
-        try:
-            checked, arrays = check_forward_args(
-                x, self.running_mean, self.running_var, self.weight, self.bias, out,
-                True, momentum, self.eps,
-            )  # fmt: skip
-        except RuntimeError as error:
-            self._explain_dtype_mismatch(error, x.dtype)
-            raise
-        return checked, arrays[0], arrays[-1]
-
-    def _normalise(
-        self, x: np.ndarray, out: np.ndarray | None, backend: Backend, total: ChannelStats
-    ) -> tuple[np.ndarray, SavedStats]:
-        """Normalise ``x`` with ``total``; update the running statistics and counter.
-
-        Returns the output (``out`` when given) and what backward needs.
-        """
-        n_channels = x.shape[1]
-        tracking = self.track_running_stats
-        if total.count == 0:
-            output = np.empty_like(x) if out is None else out
-            saved = SavedStats(np.zeros(n_channels), np.ones(n_channels), True)
-        else:
-            filled = backend.filled
-            running = (self.running_mean, self.running_var) if tracking else (None, None)
-            weight = filled(1.0, n_channels, x.dtype) if self.weight is None else self.weight
-            bias = filled(0.0, n_channels, x.dtype) if self.bias is None else self.bias
-            invstd, scale, shift = backend.train_coefficients(
-                total.mean, total.m2, total.count, weight, bias, self.eps, *running,
-                self._momentum_factor() if tracking else 0.0,
-            )  # fmt: skip
-            output = backend.affine(x, total.mean, scale, shift, out)
-            saved = SavedStats(total.mean, invstd, True)
-        if tracking:
-            assert self.num_batches_tracked is not None
-            self.num_batches_tracked += 1
-        return output, saved
-
-    def backward(self, grad_output: Any, out: Any | None = None) -> Any:
-        """This rank's slice of the whole-batch input gradient; accumulate local grads.
-
-        ``grad_output`` and ``out`` are host arrays of any library; the gradient
-        is of the kind of the last forward's input, or ``out`` itself.
-        """
-        # A training forward's backward exchanges; so does a training-mode backward
-        # without a forward, so that its error reaches the ranks waiting for it.
-        exchanging = self.training if self._saved is None else self._total_count is not None
-        if not exchanging:
-            return super().backward(grad_output, out)
-        sums, backend, error, header = None, None, None, (-1, -1)
-        x: Any = None
-        dy: Any = None
-        out_array: Any = None
-        try:
-            last = self._saved_for_backward()
-            saved = last.stats
-            checked, arrays = check_forward_args(last.input, None, None, self.weight, None, out)
-            backend = checked
-            x, out_array = arrays[0], arrays[-1]
-            self._check_kind(grad_output, "grad_output")
-            dy = backend.adopt(grad_output)
-            check.check_like("grad_output", dy, x, "the last forward's input")
-            header = (x.shape[1], _DTYPE_CODES[x.dtype])
-        except Exception as caught:  # any local failure: the other ranks must hear of it
-            error = caught
-        exchange = _Exchange(self.comm, _BACKWARD, error, header, self.timeout)
-        if backend is not None and error is None:
-            try:  # while the headers travel
-                sums = backend.grad_sums(dy, x, saved.mean) if x.size else np.zeros((2, x.shape[1]))
-            except Exception as caught:
-                error = caught
-        gathered = exchange.gather(error, None if sums is None else sums.ravel())
-        # gather raised unless this rank's forward, checks and sums went through.
-        assert sums is not None and backend is not None and self._total_count is not None
-        # Summed in rank order: identical on every rank.
-        total = gathered.reshape(gathered.shape[0], *sums.shape).sum(axis=0)
-        if x.size == 0:
-            grad_input = np.empty_like(x) if out is None else out_array
-        else:
-            weight = np.ones(x.shape[1], x.dtype) if self.weight is None else self.weight
-            grad_input = backend.grad_input_from_sums(
-                dy, x, saved.mean, saved.invstd, weight, total, self._total_count, out_array
-            )
-        # This rank's share of the parameter gradients, as in PyTorch.
-        self._accumulate_grads(
-            (sums[1] * saved.invstd).astype(self.dtype), sums[0].astype(self.dtype)
-        )
-        return out if out is not None else self._backend.like(grad_input, last.input)
+        return super().forward(x, out)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: Any, comm: Any = None) -> Any:
@@ -458,16 +375,14 @@ def _convert(item: Any, cls: type[SyncBatchNorm], comm: Any, seen: set[int]) -> 
     if isinstance(item, _BatchNorm) and not isinstance(item, SyncBatchNorm):
         if item.num_features == 0:
             raise ValueError("initialise a lazy batch-norm module before converting it")
-        if item.activation is not None or item.device != "cpu":
-            raise ValueError(
-                "SyncBatchNorm runs on the CPU without a fused activation; "
-                f"cannot convert {item!r} on {item.device}"
-            )
-        synced = cls.__new__(cls)
-        synced.__dict__ = item.__dict__.copy()  # the same arrays and grads dict
-        synced.comm = comm
-        synced.timeout = DEFAULT_TIMEOUT
-        synced._total_count = None
+        if item.activation is not None:
+            raise ValueError(f"SyncBatchNorm has no fused activation; cannot convert {item!r}")
+        synced = cls(
+            item.num_features, item.eps, item.momentum, item.affine, item.track_running_stats,
+            item.device, item.dtype, bias=item.has_bias, comm=comm,
+        )  # fmt: skip
+        synced.share_state(item)
+        synced.train(item.training)
         return synced
     if id(item) in seen or isinstance(item, np.ndarray | str | bytes | int | float):
         return item

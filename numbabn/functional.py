@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import numpy as np
-
+from numbabn import _phases
 from numbabn import _validation as check
 from numbabn._dispatch import Backend, all_host, backend_for, host_backend
+from numbabn._phases import Running, SavedStats
 from numbabn.epilogue import Epilogue, epilogue_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
@@ -22,26 +22,6 @@ __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forwar
 # array: anything with ``__cuda_array_interface__`` (Numba device arrays, CuPy
 # arrays, PyTorch CUDA tensors). Results come back as the kind of array given.
 Array = Any
-
-
-class SavedStats(NamedTuple):
-    """What :func:`batch_norm_backward` needs from the forward pass.
-
-    Attributes
-    ----------
-    mean : ndarray or device array
-        Per-channel mean used to normalise, float64, shape ``(C,)``, on the
-        input's device (a Numba device array for CUDA input).
-    invstd : ndarray or device array
-        Per-channel ``1 / sqrt(var + eps)``, float64, shape ``(C,)``.
-    batch_stats : bool
-        True when ``mean`` and ``invstd`` are the batch's own (training), so
-        the gradient flows through them; False when they are running statistics.
-    """
-
-    mean: Array
-    invstd: Array
-    batch_stats: bool
 
 
 def check_forward_args(
@@ -56,6 +36,7 @@ def check_forward_args(
     eps: Any = 1e-5,
     *,
     check_batch: bool = False,
+    backend: Backend | None = None,
 ) -> tuple[Backend, tuple[Any, ...]]:
     """Validate a forward call's arguments, in PyTorch's order and with its errors.
 
@@ -63,14 +44,19 @@ def check_forward_args(
     ``training`` (SyncBatchNorm leaves it out: it counts the whole batch).
 
     Returns the backend that serves them and the arrays as that backend's own
-    kind (views, not copies), in the order given; weight and bias come back
+    kind (views, not copies), in the order given (a ``backend`` given means
+    that all but ``out`` are its kind already); weight and bias come back
     with shape ``(C,)`` (PyTorch takes any shape with ``C`` elements), except
     for an empty input, whose per-channel arrays are not checked (as in
     PyTorch) and come back as given.
     """
+    if backend is not None:  # a module's call: its arrays are the backend's, all but out
+        out = backend.adopt(out)
     arrays = (input, running_mean, running_var, weight, bias, out)
-    if all_host(arrays):  # the common case, checked first: small calls feel every microsecond
-        backend: Backend = host_backend()
+    if backend is not None:
+        pass
+    elif all_host(arrays):  # the common case, checked first: small calls feel every microsecond
+        backend = host_backend()
     else:
         backend = backend_for(
             input=input,
@@ -174,51 +160,90 @@ def batch_norm_forward(
         On a bad shape, channel count, dtype or argument, with PyTorch's
         exception types and texts, in PyTorch's order; nothing is modified then.
     """
+    call = prepare_forward(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, out, residual,
+        activation,
+    )  # fmt: skip
+    return run_forward(call, stream)
+
+
+class ForwardCall(NamedTuple):
+    """A forward call's checked arguments, as its backend's arrays."""
+
+    backend: Backend
+    x: Any
+    running: Running
+    weight: Any
+    bias: Any
+    out: Any | None
+    epilogue: Epilogue | None
+    training: bool
+    eps: float
+    input: Any  # the caller's arrays, whose kinds the results take
+    caller_out: Any | None
+
+
+def prepare_forward(
+    input: Any,
+    running_mean: Any | None,
+    running_var: Any | None,
+    weight: Any | None,
+    bias: Any | None,
+    training: Any,
+    momentum: Any,
+    eps: Any,
+    out: Any | None,
+    residual: Any | None,
+    activation: str | None,
+    *,
+    check_batch: bool = True,
+    backend: Backend | None = None,
+    caller_input: Any = None,
+) -> ForwardCall:
+    """Check a forward call's arguments (see :func:`check_forward_args`); change nothing.
+
+    ``caller_input``, when ``input`` is already the backend's view of it, is the
+    array whose kind the output takes.
+    """
     backend, arrays = check_forward_args(
         input, running_mean, running_var, weight, bias, out, training, momentum, eps,
-        check_batch=True,
+        check_batch=check_batch, backend=backend,
     )  # fmt: skip
     x, running_mean, running_var, weight, bias, out_array = arrays
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     check.check_running_writeable(training, running_mean, running_var)
+    weight, bias = _phases.with_defaults(
+        backend, weight, bias, x.shape[1], backend.param_dtypes[x.dtype]
+    )
     # Python floats for the kernels: one compiled signature whatever number type was given.
-    momentum, eps = float(momentum), float(eps)
-    others = arrays if epilogue is None else (*arrays, epilogue.residual)
-    with backend.on_stream(stream, x, others):
-        return _forward(backend, arrays, epilogue, input, out, training, momentum, eps)
+    running = Running(running_mean, running_var, float(momentum))
+    caller_input = input if caller_input is None else caller_input
+    return ForwardCall(
+        backend, x, running, weight, bias, out_array, epilogue, training, float(eps),
+        caller_input, out,
+    )  # fmt: skip
 
 
-def _forward(
-    backend: Backend,
-    arrays: tuple[Any, ...],
-    epilogue: Epilogue | None,
-    input: Any,
-    out: Any | None,
-    training: bool,
-    momentum: float,
-    eps: float,
+def run_forward(
+    call: ForwardCall, stream: Any | None = None, exchange: _phases.Exchange | None = None
 ) -> tuple[Array, SavedStats]:
-    """:func:`batch_norm_forward` once its arguments are checked."""
-    x, running_mean, running_var, weight, bias, out_array = arrays
-    n_channels = x.shape[1]
-    if x.size == 0:
-        # An empty batch: empty output, running statistics untouched.
-        output = backend.empty_like(x) if out is None else out_array
-        stats = (backend.from_host(np.zeros(n_channels)), backend.from_host(np.ones(n_channels)))
-        return _returned(backend, output, input, out), SavedStats(*stats, training)
-
-    param_dtype = check.param_dtype(x.dtype)
-    weight = _or_filled(backend, weight, 1.0, n_channels, param_dtype)
-    bias = _or_filled(backend, bias, 0.0, n_channels, param_dtype)
-    if training:
-        output, mean, invstd = backend.train_forward(
-            x, weight, bias, running_mean, running_var, momentum, eps, out_array, epilogue
-        )
-    else:
-        output, mean, invstd = backend.eval_forward(
-            x, running_mean, running_var, weight, bias, eps, out_array, epilogue
-        )
-    return _returned(backend, output, input, out), SavedStats(mean, invstd, training)
+    """Run a checked forward call (with an exchange between its phases when given)."""
+    backend, x = call.backend, call.x
+    others: tuple[Any, ...] = (
+        call.running.mean,
+        call.running.var,
+        call.weight,
+        call.bias,
+        call.out,
+    )
+    if call.epilogue is not None:
+        others += (call.epilogue.residual,)
+    with backend.on_stream(stream, x, others):
+        output, saved = _phases.forward(
+            backend, x, call.running, call.weight, call.bias, call.training, call.eps, call.out,
+            call.epilogue, exchange,
+        )  # fmt: skip
+    return _returned(backend, output, call.input, call.caller_out), saved
 
 
 def _adopt_like(backend: Backend, name: str, array: Any | None, x: Any) -> Any | None:
@@ -309,10 +334,48 @@ def batch_norm_backward(
         Only when ``residual`` is given: the gradient w.r.t. it (``g``; with no
         activation, ``grad_output`` itself).
     """
-    backend = backend_for(
-        grad_output=grad_output, input=input, weight=weight, bias=bias, out=out,
-        saved_mean=saved.mean,
+    call = prepare_backward(
+        grad_output, input, saved, weight, out=out, bias=bias, residual=residual,
+        activation=activation,
     )  # fmt: skip
+    return run_backward(call, stream)
+
+
+class BackwardCall(NamedTuple):
+    """A backward call's checked arguments, as its backend's arrays."""
+
+    backend: Backend
+    dy: Any
+    x: Any
+    saved: SavedStats
+    weight: Any | None
+    bias: Any | None
+    out: Any | None
+    epilogue: Epilogue | None
+    originals: tuple[Any, Any | None, Any | None]  # the caller's input, weight and residual
+    caller_out: Any | None
+    grad_output: Any
+
+
+def prepare_backward(
+    grad_output: Any,
+    input: Any,
+    saved: SavedStats,
+    weight: Any | None,
+    *,
+    out: Any | None = None,
+    bias: Any | None = None,
+    residual: Any | None = None,
+    activation: str | None = None,
+    backend: Backend | None = None,
+) -> BackwardCall:
+    """Check a backward call's arguments (a ``backend`` given means they are known to be
+    its arrays); change nothing."""
+    if backend is None:
+        backend = backend_for(
+            grad_output=grad_output, input=input, weight=weight, bias=bias, out=out,
+            saved_mean=saved.mean,
+        )  # fmt: skip
     arrays = (grad_output, input, weight, bias, out)
     dy, x, weight_array, bias_array, out_array = map(backend.adopt, arrays)
     check.check_like("grad_output", dy, x)
@@ -335,68 +398,29 @@ def batch_norm_backward(
             "out= shares memory with grad_output, which is also returned as the residual's "
             "gradient; pass another out= array"
         )
-
-    others = (
-        x,
-        weight_array,
-        bias_array,
-        out_array,
-        None if epilogue is None else epilogue.residual,
-    )
-    with backend.on_stream(stream, dy, others):
-        grads = _backward(backend, dy, x, saved, weight_array, bias_array, out_array, epilogue)
-    return _backward_results(backend, grads, (input, weight, residual), out, grad_output)
+    return BackwardCall(
+        backend, dy, x, saved, weight_array, bias_array, out_array, epilogue,
+        (input, weight, residual), out, grad_output,
+    )  # fmt: skip
 
 
-def _backward(
-    backend: Backend,
-    dy: Any,
-    x: Any,
-    saved: SavedStats,
-    weight_array: Any | None,
-    bias_array: Any | None,
-    out_array: Any | None,
-    epilogue: Epilogue | None,
-) -> tuple[Any, Any | None, Any | None, Any | None]:
-    """:func:`batch_norm_backward` once its arguments are checked: ``(dx, dweight, dbias,
-    dz)``, dz None when it is ``grad_output`` itself or there is no residual."""
-    n_channels = x.shape[1]
-    if x.size == 0:
-        grad_input = backend.empty_like(x) if out_array is None else out_array
-        grad_residual = backend.empty_like(x)
-        grad_weight = grad_bias = None
-        if weight_array is not None:
-            zeros = np.zeros(n_channels, weight_array.dtype)
-            grad_weight, grad_bias = backend.from_host(zeros), backend.from_host(zeros)
-    elif epilogue is not None and epilogue.relu:
-        param_dtype = check.param_dtype(x.dtype)
-        grad_input, grad_residual, grad_weight, grad_bias = backend.masked_backward(
-            dy,
-            x,
-            saved.mean,
-            saved.invstd,
-            _or_filled(backend, weight_array, 1.0, n_channels, param_dtype),
-            _or_filled(backend, bias_array, 0.0, n_channels, param_dtype),
-            saved.batch_stats,
-            epilogue,
-            out_array,
-        )
-    else:
-        grad_input, grad_weight, grad_bias = _plain_backward(
-            backend, dy, x, saved, weight_array, out_array
-        )
-        grad_residual = None
-    return grad_input, grad_weight, grad_bias, grad_residual
-
-
-def _plain_backward(
-    backend: Backend, dy: Any, x: Any, saved: SavedStats, weight: Any | None, out: Any | None
-) -> tuple[Any, Any | None, Any | None]:
-    """``(dx, dweight, dbias)`` of batch norm without an activation."""
-    if saved.batch_stats:
-        stand_in = _or_filled(backend, weight, 1.0, x.shape[1], check.param_dtype(x.dtype))
-        return backend.train_backward(dy, x, saved.mean, saved.invstd, stand_in, out)
-    return backend.eval_backward(dy, x, saved.mean, saved.invstd, weight, out)
+def run_backward(
+    call: BackwardCall,
+    stream: Any | None = None,
+    exchange: _phases.TrainingExchange | None = None,
+    count: int = 0,
+) -> tuple[Array, ...]:
+    """Run a checked backward call; with an exchange, over a whole batch of ``count``
+    values per channel. Returns what :func:`batch_norm_backward` returns."""
+    backend, x = call.backend, call.x
+    residual = None if call.epilogue is None else call.epilogue.residual
+    others = (x, call.weight, call.bias, call.out, residual, call.saved.mean, call.saved.invstd)
+    with backend.on_stream(stream, call.dy, others):
+        grads = _phases.backward(
+            backend, call.dy, x, call.saved, call.weight, call.bias,
+            backend.param_dtypes[x.dtype], call.out, call.epilogue, exchange, count,
+        )  # fmt: skip
+    return _backward_results(backend, grads, call.originals, call.caller_out, call.grad_output)
 
 
 def _backward_results(
@@ -426,8 +450,3 @@ def _backward_results(
     if grad_residual is None:
         return grad_input, grad_weight, grad_bias, grad_output
     return grad_input, grad_weight, grad_bias, backend.like(grad_residual, residual)
-
-
-def _or_filled(backend: Backend, vector: Any | None, value: float, n: int, dtype: Any) -> Any:
-    """``vector``, or a shared constant stand-in for a missing one."""
-    return vector if vector is not None else backend.filled(value, n, dtype)

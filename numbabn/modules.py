@@ -17,8 +17,16 @@ from numbabn._dispatch import (
     is_dask_array,
     kind_of,
 )
+from numbabn._phases import BACKWARD, FORWARD, SavedStats, TrainingExchange
 from numbabn.epilogue import check_activation
-from numbabn.functional import SavedStats, batch_norm_backward, batch_norm_forward
+from numbabn.functional import (
+    BackwardCall,
+    ForwardCall,
+    prepare_backward,
+    prepare_forward,
+    run_backward,
+    run_forward,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self from Python 3.11
@@ -71,10 +79,11 @@ def _module_dtype(dtype: Any) -> np.dtype:
 class _Saved(NamedTuple):
     """What the last forward left for backward (references, not copies)."""
 
-    input: Any
+    input: Any  # the caller's array
     stats: SavedStats
     residual: Any
     overwritten: tuple[str, ...]  # arrays that out= wrote over
+    whole_count: int | None  # values per channel of the whole batch when an exchange ran
 
 
 class _BatchNorm:
@@ -90,6 +99,8 @@ class _BatchNorm:
     running_var: Any | None
     # A host int64 0-d array on every device; None without running statistics.
     num_batches_tracked: np.ndarray | None
+    # What runs between the phases in training when the batch is spread (SyncBatchNorm).
+    _exchange: TrainingExchange | None = None
 
     def __init__(
         self,
@@ -262,41 +273,19 @@ class _BatchNorm:
         """Check the rank of ``x``, an input already viewed as the backend's kind of array."""
         check.check_ndim(x, self._allowed_ndims, self._ndim_label)
 
-    def _adopt(self, array: Any, name: str) -> Any:
-        """``array`` viewed as the backend's kind, after checking it is on the module's device."""
-        self._check_kind(array, name)
-        return self._backend.adopt(array)
-
-    def _adopt_input(self, x: Any, out: Any | None, residual: Any | None) -> Any:
-        """The input as the backend's kind; a Dask array as it is, once checked that it
-        can be normalised here (on the CPU, without ``out=``)."""
-        if not is_dask_array(x):
-            return self._adopt(x, "input")
-        if self.device != "cpu":
-            raise TypeError(
-                f"{type(self).__name__} is on {self.device} but the input is a Dask array "
-                "(of host blocks); move the module with .to('cpu')"
-            )
-        if out is not None or residual is not None:
-            raise ValueError(
-                "a Dask input gives a lazy Dask output: out= and residual= take in-memory "
-                "arrays only (add a residual to the result with +)"
-            )
-        return x
-
     def _check_kind(self, x: Any, name: str) -> None:
         """Raise TypeError unless ``x`` is an array on the module's device."""
         kind = kind_of(x)  # TypeError, naming what is accepted, for anything else
         if kind != self.device and kind != self.device.partition(":")[0]:
             raise TypeError(
-                f"{type(self).__name__} is on {self.device} but the {name} is a {kind} array; "
+                f"{self._name()} is on {self.device} but the {name} is a {kind} array; "
                 f"move the module with .to({kind!r}) or the {name} to {self.device}"
             )
         if self._gpu is not None:
             gpu = self._backend.device_of(x)
             if gpu is not None and gpu != self._gpu:
                 raise TypeError(
-                    f"{type(self).__name__} is on cuda:{self._gpu} but the {name} is on "
+                    f"{self._name()} is on cuda:{self._gpu} but the {name} is on "
                     f"cuda:{gpu}; move the module with .to('cuda:{gpu}') or the {name} to "
                     f"cuda:{self._gpu}"
                 )
@@ -347,48 +336,82 @@ class _BatchNorm:
             PyTorch's text when ``x`` has another dtype than the module's
             parameters, followed by the module's dtype and how to convert either.
         """
-        lazy = is_dask_array(x)
-        array = self._adopt_input(x, out, residual)
-        self._check_input(array)
-        if residual is not None:
-            self._check_kind(residual, "residual")
-        batch_stats = self.training or self.running_mean is None
+        if is_dask_array(x):
+            return self._dask_forward(x, out, residual)
+        exchange = self._exchange if self.training else None
         tracking = self.training and self.track_running_stats
-        use_running = not self.training or self.track_running_stats
-        momentum = self._momentum_argument(tracking)
-        args = (
-            array,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            batch_stats,
-            momentum,
-            self.eps,
-        )
-        try:
-            if lazy:
-                from numbabn import dask as nbdask
-
-                output = nbdask.batch_norm(*args, activation=self.activation)
-            else:
-                with self._backend.on_device(self._gpu):
-                    output, saved = batch_norm_forward(
-                        *args, out=out, residual=residual, activation=self.activation
-                    )
-        except RuntimeError as error:
-            self._explain_dtype_mismatch(error, array.dtype)
-            raise
+        with self._backend.on_device(self._gpu):
+            try:
+                call = self._prepare_forward(x, out, residual, tracking, exchange is None)
+            except Exception as error:
+                if exchange is None:
+                    raise
+                exchange.refuse(FORWARD, error)  # every rank raises
+            output, saved = run_forward(call, exchange=exchange)
         if tracking:
             # Item assignment: several times cheaper than += on a 0-d array.
             counter = self.num_batches_tracked
             assert counter is not None  # tracking: allocated with the statistics
             counter[()] = counter[()] + 1
-        if lazy:
-            self._saved = None  # backward takes in-memory arrays only
-            return output
-        self._remember(x, saved, out, residual)
-        return output if out is not None else self._backend.like(output, x)
+        count = None if exchange is None else exchange.count
+        self._remember(call, saved, residual, count)
+        return output
+
+    def _prepare_forward(
+        self, x: Any, out: Any | None, residual: Any | None, tracking: bool, check_batch: bool
+    ) -> ForwardCall:
+        """Check a forward call of this module's arrays; change nothing."""
+        self._check_kind(x, "input")
+        array = self._backend.adopt(x)
+        self._check_input(array)
+        if residual is not None:
+            self._check_kind(residual, "residual")
+        use_running = not self.training or self.track_running_stats
+        try:
+            return prepare_forward(
+                array, self.running_mean if use_running else None,
+                self.running_var if use_running else None, self.weight, self.bias,
+                self.training or self.running_mean is None, self._momentum_argument(tracking),
+                self.eps, out, residual, self.activation, check_batch=check_batch,
+                backend=self._backend, caller_input=x,
+            )  # fmt: skip
+        except RuntimeError as error:
+            self._explain_dtype_mismatch(error, array.dtype)
+            raise
+
+    def _dask_forward(self, x: Any, out: Any | None, residual: Any | None) -> Any:
+        """A lazy forward of a Dask array (of host blocks), on the CPU, without ``out=``."""
+        if self.device != "cpu":
+            raise TypeError(
+                f"{self._name()} is on {self.device} but the input is a Dask array "
+                "(of host blocks); move the module with .to('cpu')"
+            )
+        if out is not None or residual is not None:
+            raise ValueError(
+                "a Dask input gives a lazy Dask output: out= and residual= take in-memory "
+                "arrays only (add a residual to the result with +)"
+            )
+        self._check_input(x)
+        from numbabn import dask as nbdask
+
+        tracking = self.training and self.track_running_stats
+        use_running = not self.training or self.track_running_stats
+        try:
+            output = nbdask.batch_norm(
+                x, self.running_mean if use_running else None,
+                self.running_var if use_running else None, self.weight, self.bias,
+                self.training or self.running_mean is None, self._momentum_argument(tracking),
+                self.eps, activation=self.activation,
+            )  # fmt: skip
+        except RuntimeError as error:
+            self._explain_dtype_mismatch(error, x.dtype)
+            raise
+        if tracking:
+            counter = self.num_batches_tracked
+            assert counter is not None
+            counter[()] = counter[()] + 1
+        self._saved = None  # backward takes in-memory arrays only
+        return output
 
     def _explain_dtype_mismatch(self, error: RuntimeError, dtype: np.dtype) -> None:
         """Add to PyTorch's text of a parameter-dtype error what to do about it.
@@ -401,7 +424,7 @@ class _BatchNorm:
         wanted = check.PARAM_DTYPES.get(dtype)
         text = error.args[0]
         text += ("" if text.endswith(".") else ".") + (
-            f" {type(self).__name__} has {self.dtype} parameters and running statistics "
+            f" {self._name()} has {self.dtype} parameters and running statistics "
             f"but the input is {dtype}: "
         )
         if wanted is not None:
@@ -413,17 +436,17 @@ class _BatchNorm:
         error.args = (f"{text}convert the input to {self.dtype}",)
 
     def _remember(
-        self, x: Any, saved: SavedStats, out: Any | None, residual: Any | None = None
+        self, call: ForwardCall, saved: SavedStats, residual: Any | None, count: int | None
     ) -> None:
         """Keep what backward needs; note when ``out=`` wrote over an array it reads."""
         overwritten = []
-        if out is not None:
-            adopt = self._backend.adopt
-            written = adopt(out)
-            for name, array in (("input", x), ("residual", residual)):
-                if array is not None and self._backend.may_share_memory(written, adopt(array)):
+        if call.out is not None:
+            may_share_memory = self._backend.may_share_memory
+            residual_array = None if call.epilogue is None else call.epilogue.residual
+            for name, array in (("input", call.x), ("residual", residual_array)):
+                if array is not None and may_share_memory(call.out, array):
                     overwritten.append(name)
-        self._saved = _Saved(x, saved, residual, tuple(overwritten))
+        self._saved = _Saved(call.input, saved, residual, tuple(overwritten), count)
 
     def _saved_for_backward(self) -> _Saved:
         if self._saved is None:
@@ -467,25 +490,36 @@ class _BatchNorm:
             input's kind), and w.r.t. its residual when one was given. The
             parameter gradients accumulate in :attr:`grads` as NumPy arrays.
         """
+        saved = self._saved
+        exchange = self._exchange if saved is None or saved.whole_count is not None else None
+        if saved is None and not self.training:
+            exchange = None  # eval exchanges nothing, so neither does its backward
+        with self._backend.on_device(self._gpu):
+            try:
+                call = self._prepare_backward(grad_output, out)
+            except Exception as error:
+                if exchange is None:
+                    raise
+                exchange.refuse(BACKWARD, error)  # every rank raises
+            count = 0 if self._saved is None else self._saved.whole_count or 0
+            grad_input, grad_weight, grad_bias, *grad_residual = run_backward(
+                call, exchange=exchange, count=count
+            )
+            self._accumulate_grads(grad_weight, grad_bias)
+        return grad_input if call.originals[2] is None else (grad_input, grad_residual[0])
+
+    def _prepare_backward(self, grad_output: Any, out: Any | None) -> BackwardCall:
+        """Check a backward call against the last forward; change nothing."""
         saved = self._saved_for_backward()
         self._check_kind(grad_output, "grad_output")
         adopt = self._backend.adopt
         check.check_like(
             "grad_output", adopt(grad_output), adopt(saved.input), "the last forward's input"
         )
-        with self._backend.on_device(self._gpu):
-            grad_input, grad_weight, grad_bias, *grad_residual = batch_norm_backward(
-                grad_output,
-                saved.input,
-                saved.stats,
-                self.weight,
-                out=out,
-                bias=self.bias,
-                residual=saved.residual,
-                activation=self.activation,
-            )
-            self._accumulate_grads(grad_weight, grad_bias)
-        return grad_input if saved.residual is None else (grad_input, grad_residual[0])
+        return prepare_backward(
+            grad_output, saved.input, saved.stats, self.weight, out=out, bias=self.bias,
+            residual=saved.residual, activation=self.activation, backend=self._backend,
+        )  # fmt: skip
 
     def _accumulate_grads(self, grad_weight: np.ndarray, grad_bias: np.ndarray) -> None:
         """Add parameter gradients to ``grads`` (kept until :meth:`zero_grad`)."""
@@ -496,6 +530,14 @@ class _BatchNorm:
                 self.grads[name] = grad
             else:
                 self._backend.accumulate(self.grads[name], grad)
+
+    def share_state(self, other: _BatchNorm) -> None:
+        """Take ``other``'s arrays as this module's own, not copies: its parameters, running
+        statistics, batch counter and gradients, so that an update through either module
+        shows in both (``SyncBatchNorm.convert_sync_batchnorm`` does this)."""
+        for key in _STATE_KEYS:
+            setattr(self, key, getattr(other, key))
+        self.grads = other.grads
 
     # -- parameters and buffers ------------------------------------------------
 
@@ -598,8 +640,7 @@ class _BatchNorm:
                 )
         if errors:
             raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
-                + "\n\t".join(errors)
+                f"Error(s) in loading state_dict for {self._name()}:\n\t" + "\n\t".join(errors)
             )
         # Converted before anything is written, so a value that cannot be changes nothing.
         loadable = {
@@ -609,9 +650,13 @@ class _BatchNorm:
         }
         return loadable, missing, unexpected
 
+    def _name(self) -> str:
+        """The module's class name, as its messages and repr show it."""
+        return type(self).__name__
+
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+            f"{self._name()}({self.num_features}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, bias={self.has_bias}, "
             f"track_running_stats={self.track_running_stats}"
             + (f", activation={self.activation!r})" if self.activation else ")")
@@ -673,10 +718,13 @@ class BatchNorm3d(_BatchNorm):
     _ndim_label = "5D"
 
 
-class _LazyBatchNorm(_BatchNorm):
-    """Infers ``num_features`` from the first input, then becomes its eager class."""
+class _Lazy(_BatchNorm):
+    """Infers ``num_features`` from the first input (mixed in before its eager class).
 
-    _becomes: ClassVar[type[_BatchNorm]]
+    Until then the module has no parameters or statistics; the first forward
+    (or a state dict) allocates them, and from then on it is its eager class
+    in all but name (an instance of it, too).
+    """
 
     def __init__(
         self,
@@ -690,77 +738,77 @@ class _LazyBatchNorm(_BatchNorm):
         bias: bool = True,
         activation: str | None = None,
     ) -> None:
+        self._materialized = False
         super().__init__(
             0, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, activation=activation,
         )  # fmt: skip
 
     def _materialize_then(self, num_features: int, action: Callable[[], Any]) -> Any:
-        """Become the eager class with ``num_features`` and run ``action``.
+        """Allocate the state of ``num_features`` channels and run ``action``.
 
         If ``action`` fails the module goes back to being lazy and empty, so a
         failed call changes nothing.
         """
-        lazy_class = type(self)
         self._allocate(num_features)
-        module: _BatchNorm = self  # it stops being a lazy module
-        module.__class__ = self._becomes
+        self._materialized = True
         try:
             return action()
         except BaseException:
-            module.__class__ = lazy_class
+            self._materialized = False
             self._allocate(0)
             raise
 
     def reset_running_stats(self) -> None:
-        """Raise PyTorch's ValueError: there are no statistics before the first input."""
-        if self.track_running_stats:
+        """As the eager class's; before the first input, PyTorch's ValueError."""
+        if not self._materialized and self.track_running_stats:
             raise ValueError(
                 "Attempted to use an uninitialized parameter in reset_running_stats. This "
                 "error happens when you are using a `LazyModule`: call forward with a batch "
                 "first to initialize the parameters"
             )
+        super().reset_running_stats()
 
     def reset_parameters(self) -> None:
-        """Nothing to reset before the first input (as in PyTorch)."""
+        """As the eager class's; nothing to reset before the first input (as in PyTorch)."""
+        if self._materialized:
+            super().reset_parameters()
 
     def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
-        array = self._adopt_input(x, out, residual)
+        if self._materialized:
+            return super().forward(x, out, residual=residual)
+        if is_dask_array(x):
+            array = x
+        else:
+            self._check_kind(x, "input")
+            array = self._backend.adopt(x)
         self._check_input(array)
         return self._materialize_then(
-            array.shape[1], lambda: self.forward(x, out, residual=residual)
+            array.shape[1], lambda: super(_Lazy, self).forward(x, out, residual=residual)
         )
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
     ) -> IncompatibleKeys:
         reference = state_dict.get("running_mean", state_dict.get("weight"))
-        if reference is None:
+        if self._materialized or reference is None:
             return super().load_state_dict(state_dict, strict)
         return self._materialize_then(
-            np.shape(reference)[0], lambda: self.load_state_dict(state_dict, strict)
+            np.shape(reference)[0], lambda: super(_Lazy, self).load_state_dict(state_dict, strict)
         )
 
+    def _name(self) -> str:
+        """The eager class's name once materialized, as PyTorch's module becomes it."""
+        return type(self).__mro__[2].__name__ if self._materialized else type(self).__name__
 
-class LazyBatchNorm1d(_LazyBatchNorm):
+
+class LazyBatchNorm1d(_Lazy, BatchNorm1d):
     """:class:`BatchNorm1d` whose ``num_features`` comes from the first input."""
 
-    _becomes = BatchNorm1d
-    _allowed_ndims = BatchNorm1d._allowed_ndims
-    _ndim_label = BatchNorm1d._ndim_label
 
-
-class LazyBatchNorm2d(_LazyBatchNorm):
+class LazyBatchNorm2d(_Lazy, BatchNorm2d):
     """:class:`BatchNorm2d` whose ``num_features`` comes from the first input."""
 
-    _becomes = BatchNorm2d
-    _allowed_ndims = BatchNorm2d._allowed_ndims
-    _ndim_label = BatchNorm2d._ndim_label
 
-
-class LazyBatchNorm3d(_LazyBatchNorm):
+class LazyBatchNorm3d(_Lazy, BatchNorm3d):
     """:class:`BatchNorm3d` whose ``num_features`` comes from the first input."""
-
-    _becomes = BatchNorm3d
-    _allowed_ndims = BatchNorm3d._allowed_ndims
-    _ndim_label = BatchNorm3d._ndim_label

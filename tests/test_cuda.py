@@ -222,7 +222,7 @@ def test_state_moves_between_devices_and_pytorch(rng):
 def test_lazy_module_on_cuda(rng):
     bn = numbabn.LazyBatchNorm2d(device="cuda")
     y = bn(to_device(make_input(rng, (2, 5, 3, 3), dtype=np.float32)))
-    assert type(bn) is numbabn.BatchNorm2d
+    assert isinstance(bn, numbabn.BatchNorm2d)
     assert bn.num_features == 5
     assert host(y).shape == (2, 5, 3, 3)
 

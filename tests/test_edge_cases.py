@@ -71,7 +71,7 @@ def test_empty_batch_with_out():
 def test_lazy_infers_from_shape_1(shape):
     module = numbabn.LazyBatchNorm2d()
     module(np.ones(shape, np.float32) * np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2))
-    assert type(module) is numbabn.BatchNorm2d
+    assert isinstance(module, numbabn.BatchNorm2d)
     assert module.num_features == 5
     assert module.weight.shape == module.running_mean.shape == (5,)
     assert int(module.num_batches_tracked) == 1

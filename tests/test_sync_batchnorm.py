@@ -23,12 +23,17 @@ MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shut
 @pytest.mark.slow
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_sync_matches_single_process_on_concatenated_batch(ranks):
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sync_matches_single_process_on_concatenated_batch(ranks, device):
+    """On host arrays, and on CUDA arrays in Numba's simulator (a GPU's in make gpu-check)."""
     env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
-    command = [MPIEXEC, "-n", str(ranks), sys.executable, str(HERE / "mpi" / "sync_workload.py")]
+    if device == "cuda":
+        env.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    workload = str(HERE / "mpi" / "sync_workload.py")
+    command = [MPIEXEC, "-n", str(ranks), sys.executable, workload, "--device", device]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"sync ok on {ranks} ranks" in result.stdout
+    assert f"sync ok on {ranks} ranks ({device})" in result.stdout
 
 
 def test_sync_with_one_rank_equals_batchnorm():

@@ -282,7 +282,7 @@ def test_lazy(name, dim, shape, params, dtype, rng):
         step.backward(rng.standard_normal(shape).astype(dtype))
         compare_state(ours, theirs, dtype)
         assert ours.num_features == theirs.num_features == shape[1]
-        assert type(ours) is CLASSES[dim][0]
+        assert isinstance(ours, CLASSES[dim][0])
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from numbabn import _coefficients
 from numbabn._cpu import fused, host_arrays, jit, kernels
 from numbabn._cpu.jit import launch
 from numbabn._cpu.parallel import run_items
@@ -659,4 +660,5 @@ def _param_grads(
     sum_dy: np.ndarray, sum_dy_xmu: np.ndarray, invstd: np.ndarray, dtype: np.dtype
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(dweight, dbias) = (sum(dy * xhat), sum(dy))`` in the parameters' dtype."""
-    return (sum_dy_xmu * invstd).astype(dtype), sum_dy.astype(dtype)
+    grad_weight, grad_bias = _coefficients.parameter_gradients(sum_dy, sum_dy_xmu, invstd)
+    return grad_weight.astype(dtype), grad_bias.astype(dtype)

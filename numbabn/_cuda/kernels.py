@@ -114,6 +114,7 @@ _scale_channel = _device(_coefficients.scale_channel)
 _running_average = _device(_coefficients.running_average)
 _unbiased_variance = _device(_coefficients.unbiased_variance)
 _backward_channel = _device(_coefficients.backward_channel)
+_parameter_gradients = _device(_coefficients.parameter_gradients)
 
 
 @_device
@@ -460,8 +461,7 @@ def gradient_sums(family: int, masked: bool, residual: bool) -> Any:
         if not finishing:
             return
         c = channel
-        grads[0, c] = total_gx * invstd[c]
-        grads[1, c] = total_g
+        grads[0, c], grads[1, c] = _parameter_gradients(total_g, total_gx, invstd[c])
         count = _n_values(x)
         alpha, beta, gamma = _backward_channel(
             total_g, total_gx, count, invstd[c], float64(weight[c])

@@ -71,7 +71,6 @@ def state(module: nbn.SyncBatchNorm) -> dict[str, Any]:
         "state_dict": {key: value.copy() for key, value in module.state_dict().items()},
         "grads": grads,
         "saved": module._saved,
-        "total_count": module._total_count,
         "training": module.training,
     }
 
