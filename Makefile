@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-gpu bench-sync bench-dask clean
+.PHONY: demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-small bench-gpu bench-sync bench-dask clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,11 @@ asv-quick: $(VENV)/.installed-test
 ## bench: numbabn beside PyTorch, NumPy and the memory roofline (tables, JSON, PNG)
 bench: $(VENV)/.installed-bench
 	$(PY) -m tools.bench
+
+## bench-small: small module calls beside torch.nn's and a one-call floor, in a minute or two,
+## into benchmarks/results/small-calls.md (make bench has the same table in its report)
+bench-small: $(VENV)/.installed-test
+	$(PY) -m tools.bench.small_calls --output benchmarks/results/small-calls.md
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check numbabn tools tests benchmarks examples

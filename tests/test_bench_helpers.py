@@ -1,13 +1,15 @@
-"""The benchmark's helpers: sampling in rounds, and the machine description."""
+"""The benchmark's helpers: sampling in rounds, the machine description, the tables' code."""
 
 from __future__ import annotations
 
 import os
 import time
 
+import numpy as np
 import pytest
 
-from tools.bench import layouts, machine, startup
+import numbabn
+from tools.bench import layouts, machine, small_calls, startup
 from tools.bench.timing import interleaved_medians
 
 
@@ -84,3 +86,31 @@ def test_pytorch_layout_steps_run():
     pytest.importorskip("torch")
     for case in layouts.LAYOUT_CASES:
         layouts.make_torch_step(case, (2, 3, 4, 4), 1)()
+
+
+def test_small_calls_table_runs_on_a_tiny_case():
+    """Every call of the table runs, beside PyTorch's where it is installed, and is reported."""
+    torch = pytest.importorskip("torch")
+    cases = [small_calls.SmallCase("BatchNorm1d", (4, 3)), small_calls.FLOOR_CASE]
+    threads = torch.get_num_threads()  # left as it is for the other tests
+    small = small_calls.measure_small(1, threads, True, cases, progress=False, runs=2)
+    keys = {f"{library}_{key}" for library in ("numbabn", "torch") for key in small_calls.PASSES}
+    assert set(small["results"][0]["seconds"]) == keys
+    assert set(small["results"][1]["seconds"]) == keys | {"floor_forward"}
+    assert small["calls"]["all"] >= small["calls"]["python"] > 0
+    table = small_calls.small_markdown(small)
+    assert "| BatchNorm1d | 4x3 |" in table
+    assert "| one-call floor | 2x16x8x8 |" in table and "numbabn / floor:" in table
+    assert "PyTorch's time over numbabn's" in table
+
+
+def test_one_call_floor_is_numbabns_training_forward():
+    x = small_calls.FLOOR_CASE.make(0)
+    floor = small_calls.Floor(x)
+    bn = numbabn.BatchNorm2d(x.shape[1], momentum=small_calls.MOMENTUM)
+    for _ in range(2):  # the running statistics update on top of the last
+        floor()
+        y = bn(x)
+    np.testing.assert_allclose(floor.out.reshape(x.shape), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(floor.running_mean, bn.running_mean, rtol=1e-6)
+    np.testing.assert_allclose(floor.running_var, bn.running_var, rtol=1e-6)

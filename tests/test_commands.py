@@ -39,6 +39,8 @@ def test_benchmark_command_quick(tmp_path):
         "Peak memory",
         "relu(bn",
         "Mixed layouts",
+        "Small calls",
+        "one-call floor",
     )
     for title in titles:
         assert title in result.stdout

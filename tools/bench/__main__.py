@@ -19,6 +19,7 @@ from tools.bench.layouts import layouts_markdown, measure_layouts
 from tools.bench.measure import measure_case
 from tools.bench.peers import torch_available
 from tools.bench.report import markdown, write_json, write_png
+from tools.bench.small_calls import measure_small, small_markdown
 from tools.bench.startup import startup_markdown, startup_seconds
 
 
@@ -83,13 +84,19 @@ def main(argv: list[str] | None = None) -> None:
         measure_fused(case, repeat, threads, with_torch) for case in _progress(fused_cases, "fused")
     ]
     layouts = measure_layouts(repeat, args.quick, threads, with_torch)
+    small = measure_small(repeat, threads, with_torch)
     startup = None
     if not args.no_startup:
         print("start-up: cold and warm processes, then a warm-up per dtype", file=sys.stderr)
         # --quick: float32 only, without the minutes-long whole warm-up.
         startup = startup_seconds(("float32",), False) if args.quick else startup_seconds()
     report = "\n".join(
-        [markdown(results, header), fused_markdown(fused), layouts_markdown(layouts)]
+        [
+            markdown(results, header),
+            fused_markdown(fused),
+            layouts_markdown(layouts),
+            small_markdown(small),
+        ]
         + ([startup_markdown(startup)] if startup else [])
     )
     print(report)
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     meta = {
         "header": header, "threads": threads, "repeat": repeat, "startup": startup, "fused": fused,
-        "layouts": layouts,
+        "layouts": layouts, "small": small,
     }  # fmt: skip
     json_path, png_path = args.output / "cpu.json", args.output / "cpu.png"
     write_json(json_path, results, meta)
