@@ -197,14 +197,6 @@ def backend_named(device: str) -> Backend:
     return backend
 
 
-def array_kind(array: object) -> str | None:
-    """:func:`kind_of`, or None for anything that is not an array."""
-    try:
-        return kind_of(array)
-    except TypeError:
-        return None
-
-
 def all_host(arrays: tuple[object, ...]) -> bool:
     """Whether every entry is a plain NumPy array or None (the fast path: nothing to adopt)."""
     return all(type(array) is np.ndarray or array is None for array in arrays)

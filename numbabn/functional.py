@@ -53,11 +53,9 @@ def check_forward_args(
     if backend is not None:  # a module's call: its arrays are the backend's, all but out
         out = backend.adopt(out)
     arrays = (input, running_mean, running_var, weight, bias, out)
-    if backend is not None:
-        pass
-    elif all_host(arrays):  # the common case, checked first: small calls feel every microsecond
+    if backend is None and all_host(arrays):  # the common case: small calls feel every µs
         backend = host_backend()
-    else:
+    elif backend is None:
         backend = backend_for(
             input=input,
             running_mean=running_mean,

@@ -349,10 +349,7 @@ class _BatchNorm:
                 exchange.refuse(FORWARD, error)  # every rank raises
             output, saved = run_forward(call, exchange=exchange)
         if tracking:
-            # Item assignment: several times cheaper than += on a 0-d array.
-            counter = self.num_batches_tracked
-            assert counter is not None  # tracking: allocated with the statistics
-            counter[()] = counter[()] + 1
+            self._count_batch()
         count = None if exchange is None else exchange.count
         self._remember(call, saved, residual, count)
         return output
@@ -366,18 +363,36 @@ class _BatchNorm:
         self._check_input(array)
         if residual is not None:
             self._check_kind(residual, "residual")
-        use_running = not self.training or self.track_running_stats
         try:
             return prepare_forward(
-                array, self.running_mean if use_running else None,
-                self.running_var if use_running else None, self.weight, self.bias,
-                self.training or self.running_mean is None, self._momentum_argument(tracking),
-                self.eps, out, residual, self.activation, check_batch=check_batch,
-                backend=self._backend, caller_input=x,
+                array, *self._call_args(tracking), out=out, residual=residual,
+                activation=self.activation, check_batch=check_batch, backend=self._backend,
+                caller_input=x,
             )  # fmt: skip
         except RuntimeError as error:
             self._explain_dtype_mismatch(error, array.dtype)
             raise
+
+    def _call_args(self, tracking: bool) -> tuple[Any, Any, Any, Any, bool, Any, Any]:
+        """``(running_mean, running_var, weight, bias, training, momentum, eps)`` of a call,
+        as ``functional.batch_norm`` takes them (batch statistics without running ones)."""
+        use_running = not self.training or self.track_running_stats
+        return (
+            self.running_mean if use_running else None,
+            self.running_var if use_running else None,
+            self.weight,
+            self.bias,
+            self.training or self.running_mean is None,
+            self._momentum_argument(tracking),
+            self.eps,
+        )
+
+    def _count_batch(self) -> None:
+        """Add one to ``num_batches_tracked`` (a training forward that tracks statistics)."""
+        # Item assignment: several times cheaper than += on a 0-d array.
+        counter = self.num_batches_tracked
+        assert counter is not None  # tracking: allocated with the statistics
+        counter[()] = counter[()] + 1
 
     def _dask_forward(self, x: Any, out: Any | None, residual: Any | None) -> Any:
         """A lazy forward of a Dask array (of host blocks), on the CPU, without ``out=``."""
@@ -395,21 +410,13 @@ class _BatchNorm:
         from numbabn import dask as nbdask
 
         tracking = self.training and self.track_running_stats
-        use_running = not self.training or self.track_running_stats
         try:
-            output = nbdask.batch_norm(
-                x, self.running_mean if use_running else None,
-                self.running_var if use_running else None, self.weight, self.bias,
-                self.training or self.running_mean is None, self._momentum_argument(tracking),
-                self.eps, activation=self.activation,
-            )  # fmt: skip
+            output = nbdask.batch_norm(x, *self._call_args(tracking), activation=self.activation)
         except RuntimeError as error:
             self._explain_dtype_mismatch(error, x.dtype)
             raise
         if tracking:
-            counter = self.num_batches_tracked
-            assert counter is not None
-            counter[()] = counter[()] + 1
+            self._count_batch()
         self._saved = None  # backward takes in-memory arrays only
         return output
 
@@ -491,9 +498,10 @@ class _BatchNorm:
             parameter gradients accumulate in :attr:`grads` as NumPy arrays.
         """
         saved = self._saved
-        exchange = self._exchange if saved is None or saved.whole_count is not None else None
-        if saved is None and not self.training:
-            exchange = None  # eval exchanges nothing, so neither does its backward
+        # An exchanged forward's backward exchanges; so does a training backward without a
+        # forward, so that its error reaches the ranks waiting for it.
+        exchanging = self.training if saved is None else saved.whole_count is not None
+        exchange = self._exchange if exchanging else None
         with self._backend.on_device(self._gpu):
             try:
                 call = self._prepare_backward(grad_output, out)
@@ -501,7 +509,7 @@ class _BatchNorm:
                 if exchange is None:
                     raise
                 exchange.refuse(BACKWARD, error)  # every rank raises
-            count = 0 if self._saved is None else self._saved.whole_count or 0
+            count = 0 if saved is None else saved.whole_count or 0
             grad_input, grad_weight, grad_bias, *grad_residual = run_backward(
                 call, exchange=exchange, count=count
             )
