@@ -26,7 +26,11 @@ class Backend(Protocol):
     fused fast paths of the same phases for one array in one process
     (:meth:`train_forward`, :meth:`train_backward`, ...). The per-channel
     arithmetic between the phases is :mod:`numbabn._coefficients`, shared by
-    both backends.
+    both backends. :meth:`plan_forward` may give, once per signature of a call,
+    a runner ``(x, weight,
+    bias, running_mean, running_var, momentum, eps) -> (output, mean, invstd)``
+    that serves the forwards of that signature faster than the fused passes (see
+    ``numbabn.functional.ForwardPlan``).
 
     A module placed on a backend keeps its state on :meth:`device_for` its
     index (a GPU, or None on the host) and runs there inside :meth:`on_device`;
@@ -84,6 +88,10 @@ class Backend(Protocol):
     ) -> Any: ...  # fmt: skip
 
     # -- the fused fast paths ---------------------------------------------------
+    def plan_forward(
+        self, x: Any, weight: Any, bias: Any, running: tuple[Any, Any], training: bool,
+        epilogue: Epilogue | None,
+    ) -> Any | None: ...  # fmt: skip
     def train_forward(
         self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,
         momentum: float, eps: float, out: Any | None, epilogue: Epilogue | None = None,

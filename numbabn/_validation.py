@@ -308,17 +308,18 @@ def check_out(out: Any | None, x: Any) -> None:
     check_writeable("out", out)
 
 
-def check_writeable(name: str, array: Any, why: str = "") -> None:
-    """Raise ValueError if ``array`` is read-only (``why`` says who writes it).
-
-    NumPy arrays say so in their flags; device arrays whose exporter marked
-    them read-only in the CUDA Array Interface carry ``writeable = False``.
-    """
+def writeable(array: Any) -> bool:
+    """Whether ``array`` may be written: NumPy arrays say so in their flags; device arrays
+    whose exporter marked them read-only in the CUDA Array Interface carry
+    ``writeable = False``."""
     if isinstance(array, np.ndarray):
-        writeable = array.flags.writeable
-    else:
-        writeable = getattr(array, "writeable", True)
-    if not writeable:
+        return bool(array.flags.writeable)
+    return bool(getattr(array, "writeable", True))
+
+
+def check_writeable(name: str, array: Any, why: str = "") -> None:
+    """Raise ValueError if ``array`` is read-only (``why`` says who writes it)."""
+    if not writeable(array):
         raise ValueError(f"{name} is read-only{why}; pass a writeable array")
 
 

@@ -158,11 +158,60 @@ def batch_norm_forward(
         On a bad shape, channel count, dtype or argument, with PyTorch's
         exception types and texts, in PyTorch's order; nothing is modified then.
     """
-    call = prepare_forward(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, out, residual,
-        activation,
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if out is None and residual is None and stream is None:
+        signature = _signature(*args, activation)
+        plan = _PLANS.get(signature) if signature is not None else None
+        if plan is None:
+            call = prepare_forward(*args, None, None, activation)
+            plan = plan_forward(call, (running_mean, running_var, weight, bias))
+            if signature is not None:
+                _keep(signature, plan)
+        return run_planned(plan, plan.call.backend.adopt(input), input, momentum)
+    return run_forward(prepare_forward(*args, out, residual, activation), stream)
+
+
+# The plans of the functional API's last signatures, oldest first.
+_PLANS: dict[tuple[Any, ...], ForwardPlan] = {}
+PLANS_KEPT = 32
+
+
+def _signature(
+    input: Any,
+    running_mean: Any | None,
+    running_var: Any | None,
+    weight: Any | None,
+    bias: Any | None,
+    training: Any,
+    momentum: Any,
+    eps: Any,
+    activation: str | None,
+) -> tuple[Any, ...] | None:
+    """What the checks of a forward call read; None when that cannot be read without
+    adopting ``input`` (an array without ``strides``, such as a PyTorch tensor) or an
+    argument is unhashable."""
+    strides = getattr(input, "strides", None)
+    if strides is None:
+        return None
+    updates = training is True
+    signature = (
+        type(input), input.shape, strides, input.dtype, type(training), training,
+        type(momentum), type(eps), eps, activation, id(running_mean), id(running_var),
+        id(weight), id(bias), updates and check.writeable(running_mean),
+        updates and check.writeable(running_var),
     )  # fmt: skip
-    return run_forward(call, stream)
+    try:
+        hash(signature)
+    except TypeError:
+        return None
+    return signature
+
+
+def _keep(signature: tuple[Any, ...], plan: ForwardPlan) -> None:
+    """Keep ``plan`` for ``signature``; forget the oldest beyond :data:`PLANS_KEPT`."""
+    _PLANS[signature] = plan
+    if len(_PLANS) > PLANS_KEPT:
+        _PLANS.pop(next(iter(_PLANS)), None)
 
 
 class ForwardCall(NamedTuple):
@@ -242,6 +291,47 @@ def run_forward(
             call.epilogue, exchange,
         )  # fmt: skip
     return _returned(backend, output, call.input, call.caller_out), saved
+
+
+class ForwardPlan(NamedTuple):
+    """What a forward call's checks decided, reused by the calls of the same signature.
+
+    A signature is what the checks read: the input's shape, strides and dtype,
+    the per-channel arrays (by identity: a plan holds them, so an identity is
+    never reused while it lives), the mode and the scalars' types. Calls that
+    share one are checked once; each then only views its input and runs
+    ``runner``: the backend's own for that signature (one compiled call for a
+    small tensor on the CPU), else the fused passes.
+    """
+
+    call: ForwardCall  # the planning call's checked arguments, its own arrays left out
+    runner: Any | None
+    held: tuple[Any, ...]  # the arrays whose identities the signature holds, as given
+
+
+def plan_forward(call: ForwardCall, held: tuple[Any, ...]) -> ForwardPlan:
+    """A plan for the calls of ``call``'s signature (made after its checks passed), holding
+    the arrays ``held`` whose identities are in the signature."""
+    runner = None
+    if call.out is None and call.x.size:
+        runner = call.backend.plan_forward(
+            call.x, call.weight, call.bias, call.running[:2], call.training, call.epilogue
+        )
+    return ForwardPlan(call._replace(x=None, input=None), runner, held)
+
+
+def run_planned(
+    plan: ForwardPlan, x: Any, caller_input: Any, momentum: float
+) -> tuple[Array, SavedStats]:
+    """Run a forward of ``x`` (the backend's array of the plan's signature) by ``plan``."""
+    call = plan.call
+    if plan.runner is None:
+        running = Running(call.running.mean, call.running.var, float(momentum))
+        return run_forward(call._replace(x=x, input=caller_input, running=running))
+    output, mean, invstd = plan.runner(
+        x, call.weight, call.bias, call.running.mean, call.running.var, float(momentum), call.eps
+    )
+    return call.backend.like(output, caller_input), SavedStats(mean, invstd, call.training)
 
 
 def _adopt_like(backend: Backend, name: str, array: Any | None, x: Any) -> Any | None:

@@ -22,10 +22,13 @@ from numbabn.epilogue import check_activation
 from numbabn.functional import (
     BackwardCall,
     ForwardCall,
+    ForwardPlan,
+    plan_forward,
     prepare_backward,
     prepare_forward,
     run_backward,
     run_forward,
+    run_planned,
 )
 
 if TYPE_CHECKING:
@@ -130,6 +133,8 @@ class _BatchNorm:
         self.dtype = dtype
         self.training = True
         self._saved: _Saved | None = None
+        # The last planned forward's signature and plan (see _planned_forward).
+        self._plan: tuple[tuple[Any, ...], ForwardPlan] | None = None
         self._allocate(num_features)
 
     def _allocate(self, num_features: int) -> None:
@@ -340,6 +345,8 @@ class _BatchNorm:
             return self._dask_forward(x, out, residual)
         exchange = self._exchange if self.training else None
         tracking = self.training and self.track_running_stats
+        if out is None and residual is None and exchange is None:
+            return self._planned_forward(x, tracking)
         with self._backend.on_device(self._gpu):
             try:
                 call = self._prepare_forward(x, out, residual, tracking, exchange is None)
@@ -353,6 +360,35 @@ class _BatchNorm:
         count = None if exchange is None else exchange.count
         self._remember(call, saved, residual, count)
         return output
+
+    def _planned_forward(self, x: Any, tracking: bool) -> Any:
+        """A forward without ``out=``, a residual or an exchange, checked in full only when
+        its signature differs from the last such call's (see :class:`ForwardPlan`)."""
+        self._check_kind(x, "input")
+        backend = self._backend
+        array = backend.adopt(x)
+        momentum = self._momentum_argument(tracking)
+        signature = self._signature(array, tracking, momentum)
+        with backend.on_device(self._gpu):
+            plan = self._plan
+            if plan is None or plan[0] != signature:
+                call = self._prepare_forward(x, None, None, tracking, True)
+                held = (self.weight, self.bias, self.running_mean, self.running_var)
+                plan = self._plan = (signature, plan_forward(call, held))
+            output, saved = run_planned(plan[1], array, x, momentum)
+        if tracking:
+            self._count_batch()
+        self._saved = _Saved(x, saved, None, (), None)
+        return output
+
+    def _signature(self, array: Any, tracking: bool, momentum: Any) -> tuple[Any, ...]:
+        """What the checks of a forward of ``array`` read, besides the module's type."""
+        running = self.running_mean
+        return (
+            array.shape, array.strides, array.dtype, self.training, tracking, self.activation,
+            id(self.weight), id(self.bias), id(running), id(self.running_var),
+            tracking and check.writeable(running), type(momentum), type(self.eps), self.eps,
+        )  # fmt: skip
 
     def _prepare_forward(
         self, x: Any, out: Any | None, residual: Any | None, tracking: bool, check_batch: bool

@@ -15,8 +15,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from numbabn import _coefficients
-from numbabn._cpu import fused, host_arrays, jit, kernels
-from numbabn._cpu.jit import launch
+from numbabn._cpu import fused, host_arrays, jit, kernels, serial
+from numbabn._cpu.jit import launch, native_address
 from numbabn._cpu.parallel import run_items
 from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS, STAGING_ARRAYS_KEPT
 from numbabn._validation import FLOAT_PARAM_DTYPES
@@ -278,6 +278,105 @@ def _as_input(view: np.ndarray) -> np.ndarray:
     return view
 
 
+class _SerialForward:
+    """Small forwards of one signature (shape, strides, dtype), each in one compiled call.
+
+    Made once per signature by :meth:`CpuBackend.plan_forward`: the views, the
+    kernels' variants and their addresses are looked up here, and a call only
+    views its arrays and runs :mod:`numbabn._cpu.serial`.
+    """
+
+    def __init__(
+        self,
+        ops: _Operands,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        running: tuple[np.ndarray | None, np.ndarray | None],
+        training: bool,
+    ) -> None:
+        x, layout = ops.x, ops.layout
+        output = np.empty_like(x)
+        # How to view the input and a new output: a reshape, or these strides.
+        self.x_view = _view_recipe(layout, x)
+        self.out_view = _view_recipe(layout, output)
+        self.view_shape = layout.view_shape
+        self.geometry = layout.geometry
+        self.channels_inner = layout.channels_inner
+        self.training = training
+        out_view = layout.view(output)
+        n_channels = x.shape[1]
+        vector = np.zeros(n_channels)
+        coefficients = np.zeros((4, n_channels))
+        affine_args = (ops.view, vector, vector, vector, self.geometry, out_view, 0, 0)
+        self.affine = _address(kernels.AFFINE[ops.lanes], affine_args)
+        running_mean, running_var = running
+        if not training:
+            self.sums = 0
+            self.coefficients = _address(
+                serial.running_coefficients,
+                (running_mean, running_var, weight, bias, 1.0, coefficients),
+            )
+            return
+        if running_mean is None or running_var is None:
+            running_mean = running_var = _filled(0.0, 0, x.dtype)
+        partials = np.zeros((layout.n_tiles, 2, n_channels))
+        sums_args = (ops.view, ops.view, vector, vector, True, self.geometry, partials, 0, 0)
+        self.sums = _address(kernels.SUMS[ops.lanes], sums_args)
+        self.coefficients = _address(
+            serial.batch_coefficients,
+            (partials[0], vector, 1, weight, bias, 1.0, running_mean, running_var, 0.0,
+             coefficients),
+        )  # fmt: skip
+
+    def _view(self, array: np.ndarray, recipe: tuple[bool, tuple[int, ...] | None]) -> np.ndarray:
+        reshaped, strides = recipe
+        if reshaped:
+            return array.reshape(self.view_shape)
+        return as_strided(array, self.view_shape, strides)
+
+    def __call__(
+        self,
+        x: np.ndarray,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        running_mean: np.ndarray | None,
+        running_var: np.ndarray | None,
+        momentum: float,
+        eps: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(output, mean, invstd)`` of a forward of ``x``, an array of the planned signature."""
+        view = self._view(x, self.x_view)
+        view.flags.writeable = False  # the kernels' input variants (see _as_input)
+        output = np.empty_like(x)
+        out_view = self._view(output, self.out_view)
+        if self.training:
+            if running_mean is None or running_var is None:
+                running_mean = running_var = _filled(0.0, 0, x.dtype)
+            coefficients = launch(
+                serial.train_forward, self.sums, self.coefficients, self.affine, view, weight,
+                bias, running_mean, running_var, momentum, eps, self.channels_inner,
+                self.geometry, out_view,
+            )  # fmt: skip
+        else:
+            coefficients = launch(
+                serial.eval_forward, self.coefficients, self.affine, view, running_mean,
+                running_var, weight, bias, eps, self.geometry, out_view,
+            )  # fmt: skip
+        return output, coefficients[0], coefficients[1]
+
+
+def _view_recipe(layout: Layout, array: np.ndarray) -> tuple[bool, tuple[int, ...] | None]:
+    """How to view arrays of ``array``'s signature in ``layout``: a reshape, or these strides."""
+    strides = layout.view_strides(array.shape, array.strides)
+    return layout.c_order and array.flags.c_contiguous, strides
+
+
+def _address(kernel: Callable[..., None], args: tuple[Any, ...]) -> int:
+    """The address of ``kernel``'s variant for ``args``, compiled (or loaded) first."""
+    launch(kernel, *args)
+    return native_address(kernel, args)
+
+
 @functools.lru_cache(maxsize=64)
 def _filled(value: float, n: int, dtype: np.dtype) -> np.ndarray:
     """A shared constant vector standing in for a missing weight or bias (never written)."""
@@ -302,7 +401,18 @@ class CpuBackend:
     empty_like = staticmethod(np.empty_like)
     filled = staticmethod(_filled)
     may_share_memory = staticmethod(np.may_share_memory)
-    eval_coefficients = staticmethod(kernels.eval_coefficients)
+
+    @staticmethod
+    def eval_coefficients(
+        running_mean: np.ndarray, running_var: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+        eps: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """Per-channel float64 ``(mean, invstd, scale, shift)`` of the eval-mode normalisation."""
+        coefficients = np.empty((4, running_mean.shape[0]))
+        args = (running_mean, running_var, weight, bias, eps, coefficients)
+        launch(serial.running_coefficients, *args)
+        mean, invstd, scale, shift = coefficients
+        return mean, invstd, scale, shift
 
     @staticmethod
     def device_for(index: int | None) -> None:
@@ -410,15 +520,40 @@ class CpuBackend:
             shift = ops.first_values()
             sums = kernels.SUMS[ops.lanes]
             ops.run(sums, view, view, shift, shift, True, *ops.launch_args, partials)
-            mean, invstd, scale, shift = kernels.finish_forward(
-                _merged(partials), shift, x.size // x.shape[1], weight, bias, eps,
-                running_mean, running_var, momentum,
+            coefficients = np.empty((4, x.shape[1]))
+            launch(
+                serial.batch_coefficients, _merged(partials), shift, x.size // x.shape[1], weight,
+                bias, eps, running_mean, running_var, momentum, coefficients,
             )  # fmt: skip
+            mean, invstd, scale, shift = coefficients
             ops.normalise(mean, scale, shift, epilogue, target)
             return mean, invstd
 
         output, (mean, invstd) = ops.write(out, kernel)
         return output, mean, invstd
+
+    @staticmethod
+    def plan_forward(
+        x: np.ndarray,
+        weight: np.ndarray,
+        bias: np.ndarray,
+        running: tuple[np.ndarray | None, np.ndarray | None],
+        training: bool,
+        epilogue: Epilogue | None,
+    ) -> _SerialForward | None:
+        """A runner of forwards of arrays of ``x``'s signature with these parameters and
+        running statistics, made once for them; None where the fused passes serve as well.
+
+        Small tensors (which run on the calling thread) with no epilogue, normalised
+        into a new output that fits their layout, get one: each call is then one
+        compiled call (:mod:`.serial`), with the bits of the fused passes.
+        """
+        if epilogue is not None or not 0 < x.size < PARALLEL_MIN_ELEMENTS:
+            return None
+        ops = _Operands(x)
+        if ops.x is not x or not ops.fits(ops.layout.view(np.empty_like(x))):
+            return None  # a copy or a staged output: the fused passes handle those
+        return _SerialForward(ops, weight, bias, running, training)
 
     @staticmethod
     def eval_forward(
@@ -432,7 +567,7 @@ class CpuBackend:
         epilogue: Epilogue | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Normalise with the running statistics; return ``(output, mean, invstd)``."""
-        mean, invstd, scale, shift = kernels.eval_coefficients(
+        mean, invstd, scale, shift = CpuBackend.eval_coefficients(
             running_mean, running_var, weight, bias, eps
         )
         ops = _Operands(x)

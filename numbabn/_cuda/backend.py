@@ -240,6 +240,18 @@ class CudaBackend:
         return _AS_IT_IS
 
     @staticmethod
+    def plan_forward(
+        x: Any,
+        weight: Any,
+        bias: Any,
+        running: tuple[Any, Any],
+        training: bool,
+        epilogue: Epilogue | None,
+    ) -> None:
+        """No runner of its own: the fused passes serve every signature."""
+        return None
+
+    @staticmethod
     def train_forward(
         x: Any,
         weight: Any,

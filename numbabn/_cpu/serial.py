@@ -1,0 +1,122 @@
+"""A whole small forward in one compiled call, with the bits of the separate calls.
+
+A tensor below ``PARALLEL_MIN_ELEMENTS`` is normalised on the calling thread,
+where each kernel called from Python costs more in argument handling than the
+work itself. :func:`train_forward` and :func:`eval_forward` run every phase of a
+forward in one call from Python. Each phase runs the very code the separate
+calls run (:func:`~numbabn._cpu.jit.call_native`, given the addresses the caller
+looked up): the statistics kernel, the per-channel coefficients below, and the
+elementwise kernel. Code inlined into another function can round differently
+(LLVM contracts to FMA by context), so the coefficients are compiled functions
+of their own, which the separate calls run from Python too.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from numbabn._cpu import kernels
+from numbabn._cpu.jit import call_native
+from numbabn._cpu.jit import kernel as _kernel
+
+
+class Row(enum.IntEnum):
+    """The rows of a forward's ``(4, C)`` float64 coefficients."""
+
+    MEAN = 0
+    INVSTD = 1
+    SCALE = 2
+    SHIFT = 3
+
+
+_MEAN, _INVSTD, _SCALE, _SHIFT = Row.MEAN.value, Row.INVSTD.value, Row.SCALE.value, Row.SHIFT.value
+
+
+@_kernel
+def batch_coefficients(
+    totals, shift, count, weight, bias, eps, running_mean, running_var, momentum, coefficients
+):  # fmt: skip
+    """Write a training forward's :class:`Row` s from the statistics sums into ``coefficients``.
+
+    Also updates ``running_mean``/``running_var`` in place unless they are empty.
+    """
+    mean, invstd, scale, bias_shift = kernels.finish_forward(
+        totals, shift, count, weight, bias, eps, running_mean, running_var, momentum
+    )
+    coefficients[_MEAN] = mean
+    coefficients[_INVSTD] = invstd
+    coefficients[_SCALE] = scale
+    coefficients[_SHIFT] = bias_shift
+
+
+@_kernel
+def running_coefficients(running_mean, running_var, weight, bias, eps, coefficients):
+    """Write an eval forward's :class:`Row` s from the running statistics into ``coefficients``."""
+    mean, invstd, scale, shift = kernels.eval_coefficients(
+        running_mean, running_var, weight, bias, eps
+    )
+    coefficients[_MEAN] = mean
+    coefficients[_INVSTD] = invstd
+    coefficients[_SCALE] = scale
+    coefficients[_SHIFT] = shift
+
+
+@_kernel
+def train_forward(
+    sums, coefficients_of, affine, x, weight, bias, running_mean, running_var, momentum, eps,
+    channels_inner, geometry, out,
+):  # fmt: skip
+    """Normalise ``x`` with its own statistics into ``out``; return the coefficients.
+
+    ``sums``, ``coefficients_of`` and ``affine`` are the addresses of the
+    statistics kernel's, :func:`batch_coefficients`' and the elementwise
+    kernel's variants for these operands; ``geometry`` is the kernels' tiling.
+    """
+    channel_block, _, _, n_tiles = geometry
+    n_channels = x.shape[3] if channels_inner else x.shape[1]
+    start = np.int64(0)
+    n_items = np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
+    # Each channel's first value: the shift the sums are taken around.
+    shift = np.empty(n_channels)
+    for c in range(n_channels):
+        shift[c] = x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0]
+    partials = np.empty((n_tiles, 2, n_channels))
+    squares = True
+    call_native(sums, (x, x, shift, shift, squares, geometry, partials, start, n_items))
+    # The tiles' partials summed in tile order, as the separate calls sum them.
+    totals = partials[0].copy()
+    for tile in range(1, n_tiles):
+        for row in range(2):
+            for c in range(n_channels):
+                totals[row, c] += partials[tile, row, c]
+    count = np.int64(x.size // n_channels)
+    coefficients = np.empty((4, n_channels))
+    call_native(
+        coefficients_of,
+        (totals, shift, count, weight, bias, eps, running_mean, running_var, momentum,
+         coefficients),
+    )  # fmt: skip
+    mean, scale, bias_shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
+    call_native(affine, (x, mean, scale, bias_shift, geometry, out, start, n_items))
+    return coefficients
+
+
+@_kernel
+def eval_forward(
+    coefficients_of, affine, x, running_mean, running_var, weight, bias, eps, geometry, out
+):  # fmt: skip
+    """Normalise ``x`` with the running statistics into ``out``; return the coefficients.
+
+    ``coefficients_of`` is the address of :func:`running_coefficients`' variant.
+    """
+    channel_block, _, _, n_tiles = geometry
+    n_channels = running_mean.shape[0]
+    start = np.int64(0)
+    n_items = np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
+    coefficients = np.empty((4, n_channels))
+    call_native(coefficients_of, (running_mean, running_var, weight, bias, eps, coefficients))
+    mean, scale, shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
+    call_native(affine, (x, mean, scale, shift, geometry, out, start, n_items))
+    return coefficients

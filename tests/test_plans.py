@@ -1,0 +1,161 @@
+"""Per-call plans: checks made once per signature, results the bits of the full path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import numbabn as nbn
+from numbabn import functional
+from numbabn import modules as nbn_modules
+from numbabn._layouts import make_layout
+
+
+def _module(ndim: int, channels: int, dtype: type, **options: object) -> nbn.modules._BatchNorm:
+    kind = {2: nbn.BatchNorm1d, 3: nbn.BatchNorm1d, 4: nbn.BatchNorm2d, 5: nbn.BatchNorm3d}[ndim]
+    module = kind(channels, dtype=dtype, **options)
+    rng = np.random.default_rng(channels)
+    if module.weight is not None:
+        module.weight[...] = rng.uniform(0.5, 2.0, channels)
+        module.bias[...] = rng.uniform(-1.0, 1.0, channels)
+    return module
+
+
+_SHAPES = st.sampled_from(
+    [(2, 3), (64, 32), (5, 7, 11), (2, 16, 8, 8), (3, 4, 5, 6, 2), (300, 400), (4, 3, 131, 131)]
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=_SHAPES,
+    dtype=st.sampled_from([np.float32, np.float64]),
+    layout=st.sampled_from(["contiguous", "channels_last", "batch_slice", "negative"]),
+    momentum=st.sampled_from([0.1, None, -0.5]),
+    affine=st.booleans(),
+    track=st.booleans(),
+)
+def test_planned_forward_is_the_full_path(shape, dtype, layout, momentum, affine, track):
+    """Module forwards without out= (planned) give the bits of forwards with out= (checked
+    in full every time): outputs, saved statistics, running statistics, over train and eval."""
+    if layout == "channels_last" and len(shape) < 3:
+        layout = "contiguous"
+    rng = np.random.default_rng(len(shape))
+    options = {"momentum": momentum, "affine": affine, "track_running_stats": track}
+    planned = _module(len(shape), shape[1], dtype, **options)
+    checked = _module(len(shape), shape[1], dtype, **options)
+    for step in range(4):
+        if step == 3:
+            planned.eval()
+            checked.eval()
+        x = make_layout(lambda s: (rng.standard_normal(s) * 3 + 1).astype(dtype), shape, layout)
+        y = planned(x)
+        out = np.empty_like(y)
+        checked(x, out=out)
+        np.testing.assert_array_equal(y, out)
+        for name in ("running_mean", "running_var"):
+            a, b = getattr(planned, name), getattr(checked, name)
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+        assert planned._saved is not None and checked._saved is not None
+        np.testing.assert_array_equal(planned._saved.stats.mean, checked._saved.stats.mean)
+        np.testing.assert_array_equal(planned._saved.stats.invstd, checked._saved.stats.invstd)
+        dx = planned.backward(np.ones_like(y))
+        np.testing.assert_array_equal(dx, checked.backward(np.ones_like(y)))
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """Counts the calls checked in full (modules and the functional API alike)."""
+    counted = []
+    prepare = functional.prepare_forward
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "prepare_forward", counting)
+    monkeypatch.setattr(nbn_modules, "prepare_forward", counting)
+    return counted
+
+
+def test_a_module_checks_each_signature_once(checks):
+    bn = nbn.BatchNorm2d(4)
+    x = np.ones((2, 4, 3, 3), np.float32)
+    for _ in range(3):
+        bn(x + np.arange(4, dtype=np.float32)[:, None, None])
+    assert len(checks) == 1
+    bn(np.ones((3, 4, 3, 3), np.float32))  # another shape
+    bn(np.ones((3, 4, 3, 3), np.float32).transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2))
+    bn.eval()
+    bn(x)
+    bn(x)
+    assert len(checks) == 4
+
+
+def test_functional_checks_each_signature_once(checks):
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    mean, var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for _ in range(3):
+        nbn.functional.batch_norm(x, mean, var, training=True)
+    assert len(checks) == 1
+    nbn.functional.batch_norm(x, mean.copy(), var, training=True)  # another array
+    nbn.functional.batch_norm(x, mean, var, training=False)
+    nbn.functional.batch_norm(x, mean, var, training=False)
+    assert len(checks) == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "text"),
+    [
+        (lambda bn: setattr(bn, "weight", np.ones(5, np.float32)), RuntimeError, "weight"),
+        (lambda bn: setattr(bn, "eps", 0.0), ValueError, "eps must be positive"),
+        (lambda bn: setattr(bn, "momentum", "0.1"), TypeError, "momentum"),
+        (lambda bn: setattr(bn.running_mean.flags, "writeable", False), ValueError, "read-only"),
+        (lambda bn: setattr(bn, "running_var", bn.running_var.astype(np.float64)), RuntimeError,
+         "expected"),
+    ],
+)  # fmt: skip
+def test_a_changed_module_is_checked_again(change, error, text):
+    """What a plan took as checked is rechecked once it changes; the failed call changes
+    nothing."""
+    bn = nbn.BatchNorm2d(4)
+    x = np.random.default_rng(1).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    bn(x)
+    change(bn)
+    state = {name: np.copy(value) for name, value in bn.state_dict().items()}
+    with pytest.raises(error, match=text):
+        bn(x)
+    for name, value in bn.state_dict().items():
+        np.testing.assert_array_equal(value, state[name])
+
+
+def test_functional_arguments_that_change_are_checked_again():
+    x = np.random.default_rng(2).standard_normal((4, 3)).astype(np.float32)
+    mean, var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    nbn.functional.batch_norm(x, mean, var, training=True)
+    before = mean.copy()
+    with pytest.raises(TypeError, match="argument 'training'"):
+        nbn.functional.batch_norm(x, mean, var, training=1)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        nbn.functional.batch_norm(x, mean, var, training=True, eps=0.0)
+    mean.flags.writeable = False
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        nbn.functional.batch_norm(x, mean, var, training=True)
+    np.testing.assert_array_equal(mean, before)
+    # NaN eps never equals itself: such calls are checked every time, and no plan piles up.
+    for _ in range(2 * functional.PLANS_KEPT):
+        nbn.functional.batch_norm(x, None, None, training=True, eps=float("nan"))
+    assert len(functional._PLANS) <= functional.PLANS_KEPT
+
+
+def test_a_plan_holds_the_arrays_whose_identities_it_checked():
+    """A plan keyed by an array's identity keeps the array alive, so that no other array
+    can take that identity while the plan lives."""
+    x = np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32)
+    weight = np.ones(3, np.float32)
+    nbn.functional.batch_norm(x, None, None, weight, training=True)
+    plans = [plan for plan in functional._PLANS.values() if any(a is weight for a in plan.held)]
+    assert plans
