@@ -26,9 +26,8 @@ class Backend(Protocol):
     fused fast paths of the same phases for one array in one process
     (:meth:`train_forward`, :meth:`train_backward`, ...). The per-channel
     arithmetic between the phases is :mod:`numbabn._coefficients`, shared by
-    both backends. :meth:`plan_forward` may give, once per signature of a call,
-    a runner ``(x, weight,
-    bias, running_mean, running_var, momentum, eps) -> (output, mean, invstd)``
+    both backends. :meth:`plan_forward` may give, once per signature of a call and
+    its per-channel arrays, a runner ``(x, momentum) -> (output, mean, invstd)``
     that serves the forwards of that signature faster than the fused passes (see
     ``numbabn.functional.ForwardPlan``).
 
@@ -89,8 +88,8 @@ class Backend(Protocol):
 
     # -- the fused fast paths ---------------------------------------------------
     def plan_forward(
-        self, x: Any, weight: Any, bias: Any, running: tuple[Any, Any], training: bool,
-        epilogue: Epilogue | None,
+        self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,
+        training: bool, eps: float, epilogue: Epilogue | None,
     ) -> Any | None: ...  # fmt: skip
     def train_forward(
         self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,

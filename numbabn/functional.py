@@ -300,8 +300,8 @@ class ForwardPlan(NamedTuple):
     the per-channel arrays (by identity: a plan holds them, so an identity is
     never reused while it lives), the mode and the scalars' types. Calls that
     share one are checked once; each then only views its input and runs
-    ``runner``: the backend's own for that signature (one compiled call for a
-    small tensor on the CPU), else the fused passes.
+    ``runner(x, momentum)``: the backend's own for that signature and those
+    arrays (one compiled call for a small tensor on the CPU), else the fused passes.
     """
 
     call: ForwardCall  # the planning call's checked arguments, its own arrays left out
@@ -315,8 +315,9 @@ def plan_forward(call: ForwardCall, held: tuple[Any, ...]) -> ForwardPlan:
     runner = None
     if call.out is None and call.x.size:
         runner = call.backend.plan_forward(
-            call.x, call.weight, call.bias, call.running[:2], call.training, call.epilogue
-        )
+            call.x, call.weight, call.bias, call.running.mean, call.running.var, call.training,
+            call.eps, call.epilogue,
+        )  # fmt: skip
     return ForwardPlan(call._replace(x=None, input=None), runner, held)
 
 
@@ -328,9 +329,7 @@ def run_planned(
     if plan.runner is None:
         running = Running(call.running.mean, call.running.var, float(momentum))
         return run_forward(call._replace(x=x, input=caller_input, running=running))
-    output, mean, invstd = plan.runner(
-        x, call.weight, call.bias, call.running.mean, call.running.var, float(momentum), call.eps
-    )
+    output, mean, invstd = plan.runner(x, float(momentum))
     return call.backend.like(output, caller_input), SavedStats(mean, invstd, call.training)
 
 

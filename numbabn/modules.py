@@ -365,30 +365,32 @@ class _BatchNorm:
         """A forward without ``out=``, a residual or an exchange, checked in full only when
         its signature differs from the last such call's (see :class:`ForwardPlan`)."""
         self._check_kind(x, "input")
-        backend = self._backend
-        array = backend.adopt(x)
+        array = self._backend.adopt(x)
         momentum = self._momentum_argument(tracking)
-        signature = self._signature(array, tracking, momentum)
-        with backend.on_device(self._gpu):
+        running = self.running_mean
+        signature = (
+            array.shape, array.strides, array.dtype, self.training, tracking, self.activation,
+            id(self.weight), id(self.bias), id(running), id(self.running_var),
+            tracking and check.writeable(running), type(momentum), type(self.eps), self.eps,
+        )  # fmt: skip
+        with self._backend.on_device(self._gpu):
             plan = self._plan
             if plan is None or plan[0] != signature:
-                call = self._prepare_forward(x, None, None, tracking, True)
-                held = (self.weight, self.bias, self.running_mean, self.running_var)
-                plan = self._plan = (signature, plan_forward(call, held))
+                plan = self._new_plan(x, tracking, signature)
             output, saved = run_planned(plan[1], array, x, momentum)
         if tracking:
             self._count_batch()
         self._saved = _Saved(x, saved, None, (), None)
         return output
 
-    def _signature(self, array: Any, tracking: bool, momentum: Any) -> tuple[Any, ...]:
-        """What the checks of a forward of ``array`` read, besides the module's type."""
-        running = self.running_mean
-        return (
-            array.shape, array.strides, array.dtype, self.training, tracking, self.activation,
-            id(self.weight), id(self.bias), id(running), id(self.running_var),
-            tracking and check.writeable(running), type(momentum), type(self.eps), self.eps,
-        )  # fmt: skip
+    def _new_plan(
+        self, x: Any, tracking: bool, signature: tuple[Any, ...]
+    ) -> tuple[tuple[Any, ...], ForwardPlan]:
+        """Check a forward of ``x`` in full; keep the plan of its signature."""
+        call = self._prepare_forward(x, None, None, tracking, True)
+        held = (self.weight, self.bias, self.running_mean, self.running_var)
+        self._plan = (signature, plan_forward(call, held))
+        return self._plan
 
     def _prepare_forward(
         self, x: Any, out: Any | None, residual: Any | None, tracking: bool, check_batch: bool

@@ -279,11 +279,12 @@ def _as_input(view: np.ndarray) -> np.ndarray:
 
 
 class _SerialForward:
-    """Small forwards of one signature (shape, strides, dtype), each in one compiled call.
+    """Small forwards of one signature, each in one compiled call.
 
-    Made once per signature by :meth:`CpuBackend.plan_forward`: the views, the
-    kernels' variants and their addresses are looked up here, and a call only
-    views its arrays and runs :mod:`numbabn._cpu.serial`.
+    Made once per signature by :meth:`CpuBackend.plan_forward`, with the call's
+    parameters and running statistics: the views, the kernels' variants and their
+    addresses are looked up here, and a call only views its arrays and runs
+    :mod:`numbabn._cpu.serial`.
     """
 
     def __init__(
@@ -291,8 +292,10 @@ class _SerialForward:
         ops: _Operands,
         weight: np.ndarray,
         bias: np.ndarray,
-        running: tuple[np.ndarray | None, np.ndarray | None],
+        running_mean: np.ndarray | None,
+        running_var: np.ndarray | None,
         training: bool,
+        eps: float,
     ) -> None:
         x, layout = ops.x, ops.layout
         output = np.empty_like(x)
@@ -300,33 +303,37 @@ class _SerialForward:
         self.x_view = _view_recipe(layout, x)
         self.out_view = _view_recipe(layout, output)
         self.view_shape = layout.view_shape
-        self.geometry = layout.geometry
-        self.channels_inner = layout.channels_inner
-        self.training = training
-        out_view = layout.view(output)
         n_channels = x.shape[1]
         vector = np.zeros(n_channels)
         coefficients = np.zeros((4, n_channels))
-        affine_args = (ops.view, vector, vector, vector, self.geometry, out_view, 0, 0)
-        self.affine = _address(kernels.AFFINE[ops.lanes], affine_args)
-        running_mean, running_var = running
+        geometry = layout.geometry
+        affine_args = (ops.view, vector, vector, vector, geometry, layout.view(output), 0, 0)
+        affine = _address(kernels.AFFINE[ops.lanes], affine_args)
+        self.training = training
+        # The kernel's arguments before the input's view, and after it (eval: up to out).
+        self.before: tuple[Any, ...]
+        self.after: tuple[Any, ...]
+        self.tail: tuple[Any, ...] = ()  # training: after the momentum, up to out
         if not training:
-            self.sums = 0
-            self.coefficients = _address(
+            coefficients_of = _address(
                 serial.running_coefficients,
-                (running_mean, running_var, weight, bias, 1.0, coefficients),
+                (running_mean, running_var, weight, bias, eps, coefficients),
             )
+            self.before = (coefficients_of, affine)
+            self.after = (running_mean, running_var, weight, bias, eps, geometry)
             return
         if running_mean is None or running_var is None:
             running_mean = running_var = _filled(0.0, 0, x.dtype)
         partials = np.zeros((layout.n_tiles, 2, n_channels))
-        sums_args = (ops.view, ops.view, vector, vector, True, self.geometry, partials, 0, 0)
-        self.sums = _address(kernels.SUMS[ops.lanes], sums_args)
-        self.coefficients = _address(
+        sums_args = (ops.view, ops.view, vector, vector, True, geometry, partials, 0, 0)
+        coefficients_of = _address(
             serial.batch_coefficients,
-            (partials[0], vector, 1, weight, bias, 1.0, running_mean, running_var, 0.0,
+            (partials[0], vector, 1, weight, bias, eps, running_mean, running_var, 0.0,
              coefficients),
         )  # fmt: skip
+        self.before = (_address(kernels.SUMS[ops.lanes], sums_args), coefficients_of, affine)
+        self.after = (weight, bias, running_mean, running_var)
+        self.tail = (eps, layout.channels_inner, geometry)
 
     def _view(self, array: np.ndarray, recipe: tuple[bool, tuple[int, ...] | None]) -> np.ndarray:
         reshaped, strides = recipe
@@ -334,34 +341,19 @@ class _SerialForward:
             return array.reshape(self.view_shape)
         return as_strided(array, self.view_shape, strides)
 
-    def __call__(
-        self,
-        x: np.ndarray,
-        weight: np.ndarray,
-        bias: np.ndarray,
-        running_mean: np.ndarray | None,
-        running_var: np.ndarray | None,
-        momentum: float,
-        eps: float,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, x: np.ndarray, momentum: float) -> tuple[np.ndarray, Any, Any]:
         """``(output, mean, invstd)`` of a forward of ``x``, an array of the planned signature."""
         view = self._view(x, self.x_view)
         view.flags.writeable = False  # the kernels' input variants (see _as_input)
         output = np.empty_like(x)
         out_view = self._view(output, self.out_view)
         if self.training:
-            if running_mean is None or running_var is None:
-                running_mean = running_var = _filled(0.0, 0, x.dtype)
             coefficients = launch(
-                serial.train_forward, self.sums, self.coefficients, self.affine, view, weight,
-                bias, running_mean, running_var, momentum, eps, self.channels_inner,
-                self.geometry, out_view,
+                serial.train_forward, *self.before, view, *self.after, momentum, *self.tail,
+                out_view,
             )  # fmt: skip
         else:
-            coefficients = launch(
-                serial.eval_forward, self.coefficients, self.affine, view, running_mean,
-                running_var, weight, bias, eps, self.geometry, out_view,
-            )  # fmt: skip
+            coefficients = launch(serial.eval_forward, *self.before, view, *self.after, out_view)
         return output, coefficients[0], coefficients[1]
 
 
@@ -537,12 +529,14 @@ class CpuBackend:
         x: np.ndarray,
         weight: np.ndarray,
         bias: np.ndarray,
-        running: tuple[np.ndarray | None, np.ndarray | None],
+        running_mean: np.ndarray | None,
+        running_var: np.ndarray | None,
         training: bool,
+        eps: float,
         epilogue: Epilogue | None,
     ) -> _SerialForward | None:
-        """A runner of forwards of arrays of ``x``'s signature with these parameters and
-        running statistics, made once for them; None where the fused passes serve as well.
+        """A runner of forwards of arrays of ``x``'s signature with these arguments, made
+        once for them; None where the fused passes serve as well.
 
         Small tensors (which run on the calling thread) with no epilogue, normalised
         into a new output that fits their layout, get one: each call is then one
@@ -553,7 +547,7 @@ class CpuBackend:
         ops = _Operands(x)
         if ops.x is not x or not ops.fits(ops.layout.view(np.empty_like(x))):
             return None  # a copy or a staged output: the fused passes handle those
-        return _SerialForward(ops, weight, bias, running, training)
+        return _SerialForward(ops, weight, bias, running_mean, running_var, training, eps)
 
     @staticmethod
     def eval_forward(

@@ -244,8 +244,10 @@ class CudaBackend:
         x: Any,
         weight: Any,
         bias: Any,
-        running: tuple[Any, Any],
+        running_mean: Any | None,
+        running_var: Any | None,
         training: bool,
+        eps: float,
         epilogue: Epilogue | None,
     ) -> None:
         """No runner of its own: the fused passes serve every signature."""
