@@ -9,10 +9,15 @@ Every operand is a 4-D canonical view (see :mod:`numbabn._views`):
   that a row of channels is a contiguous slice that LLVM vectorises.
 
 Work items are (channel block, tile) pairs whose bounds depend only on the shape,
-never on the number of threads. Channel blocks make each item read memory in
-runs of kilobytes even when rows are short (7x7 feature maps). Reductions write
-one partial per (tile, channel); the partials are then summed in a fixed order,
-so results are bit-for-bit identical whatever the thread count.
+never on the number of threads. Channel blocks make each planar item read memory
+in runs of kilobytes even when rows are short (7x7 feature maps); a channels-inner
+item takes whole rows of positions, which are runs of memory themselves. Narrow
+channels-inner rows are grouped: ``lane_rows`` adjacent positions (the geometry's
+third entry there) make one row of lanes, at least
+:data:`numbabn._tunables.LANE_ELEMENTS` long, so that inner loops stay long, and
+C-contiguous operands are walked as flat runs of such rows. Reductions write one
+partial per (tile, channel); the partials are then summed in a fixed order, so
+results are bit-for-bit identical whatever the thread count.
 
 The ``*_items`` kernels run a range of items: small tensors all of them in one
 call on the calling thread, larger ones spread over Numba's threads by
@@ -26,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba.extending import overload
 
 from numbabn import _coefficients
 from numbabn._cpu.jit import inline as _inline
@@ -113,8 +119,47 @@ def _finite_or_zero(shift):
     return value if np.isfinite(value) else 0.0
 
 
+def _is_flat(x):
+    """Whether a 4-D operand is typed C-contiguous, so that :func:`_flat` can view it."""
+    raise NotImplementedError  # stands in for Python; compiled code takes the overload
+
+
+def _flat(x):
+    """A C-contiguous 4-D operand as one flat run (compiled code only; see :func:`_is_flat`)."""
+    raise NotImplementedError
+
+
+@overload(_is_flat)
+def _is_flat_overload(x):
+    contiguous = x.layout == "C"
+    return lambda x: contiguous
+
+
+@overload(_flat)
+def _flat_overload(x):
+    if x.layout == "C":
+        return lambda x: x.reshape(x.size)
+    # Typed only: callers take this branch for C-contiguous operands alone.
+    return lambda x: x[0, 0, 0, :]
+
+
 @_inline
-def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
+def _lane_group(flat, p, n_c, width):
+    """Positions ``p`` onwards of a flat channels-inner operand: one row of ``width`` lanes."""
+    return flat[p * n_c : p * n_c + width]
+
+
+@_inline
+def _lanes(vector, c0, n_c, width):
+    """``vector[c0:c0 + n_c]`` repeated over ``width`` lanes, in float64."""
+    lanes = np.empty(width)
+    for j in range(width):
+        lanes[j] = vector[c0 + j % n_c]
+    return lanes
+
+
+@_inline
+def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, lane_rows, partials):
     """Channels-inner item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into partials.
 
     ``kv`` is ``v_shift`` with non-finite values as 0 (see :func:`_finite_or_zero`).
@@ -122,29 +167,66 @@ def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
     With ``squares`` (``u`` is ``v``, ``ku`` is ``kv``) the second sum is
     ``sum((v - kv) ** 2)`` and ``u`` is never read: half the loads and
     conversions, which short rows feel.
+
+    Position ``row0 + g * lane_rows + r`` adds to lanes ``r * C`` to ``r * C + C``;
+    the lanes of a channel are added up in order at the end. C-contiguous
+    operands go a row of lanes at a time, any other a position at a time, with
+    the same sums in the same order.
     """
     tile, c0, c1, row0, row1, _, _ = bounds
-    sum_v = np.zeros(c1 - c0)
-    sum_vu = np.zeros(c1 - c0)
-    kv = np.empty(c1 - c0)
-    for c in range(c1 - c0):
-        kv[c] = _finite_or_zero(v_shift[c0 + c])
-    # The branch on ``squares`` stays outside the position loops: rows are short
-    # enough that slicing an unused ``u`` row per position would cost a third.
-    if squares:
-        # Positions go two at a time: the per-channel sums live in memory (a row
-        # of channels is too wide for registers), and pairs halve their loads and
-        # stores. (Pairs of the two-input sums measured slower: four streams.)
-        pairs_end = row1 - (row1 - row0) % 2
-        for p in range(row0, pairs_end, 2):
-            _square_pair_sums(v[p, 0, 0, c0:c1], v[p + 1, 0, 0, c0:c1], kv, sum_v, sum_vu)
-        for p in range(pairs_end, row1):
-            _square_sums(v[p, 0, 0, c0:c1], kv, sum_v, sum_vu)
+    n_c = c1 - c0
+    width = lane_rows * n_c
+    sum_v = np.zeros(width)
+    sum_vu = np.zeros(width)
+    kv = np.empty(width)
+    for j in range(width):
+        kv[j] = _finite_or_zero(v_shift[c0 + j % n_c])
+    ku = _lanes(u_shift, c0, n_c, width)
+    # Rows of lanes go two at a time with ``squares``: the sums live in memory (a
+    # row of lanes is too wide for registers), and pairs halve their loads and
+    # stores. (Pairs of the two-input sums measured slower: four streams.)
+    step = 2 if squares else 1
+    n_groups = (row1 - row0) // lane_rows
+    grouped_end = row0 + (n_groups - n_groups % step) * lane_rows
+    # ``u`` is sliced only where it is read: rows are short enough that slicing an
+    # unused ``u`` row per position would cost a third.
+    if lane_rows > 1 and _is_flat(v) and _is_flat(u):
+        v_flat, u_flat = _flat(v), _flat(u)
+        for p in range(row0, grouped_end, step * lane_rows):
+            v_lanes = _lane_group(v_flat, p, n_c, width)
+            if squares:
+                v_next = _lane_group(v_flat, p + lane_rows, n_c, width)
+                _square_pair_sums(v_lanes, v_next, kv, sum_v, sum_vu)
+            else:
+                _cross_sums(v_lanes, _lane_group(u_flat, p, n_c, width), kv, ku, sum_v, sum_vu)
     else:
-        ku = u_shift[c0:c1]
-        for p in range(row0, row1):
-            _cross_sums(v[p, 0, 0, c0:c1], u[p, 0, 0, c0:c1], kv, ku, sum_v, sum_vu)
-    _store_partials(partials, tile, c0, sum_v, sum_vu)
+        for p in range(row0, grouped_end, step * lane_rows):
+            for r in range(lane_rows):
+                lanes = slice(r * n_c, r * n_c + n_c)
+                v_row = v[p + r, 0, 0, c0:c1]
+                if squares:
+                    v_next = v[p + lane_rows + r, 0, 0, c0:c1]
+                    _square_pair_sums(v_row, v_next, kv[lanes], sum_v[lanes], sum_vu[lanes])
+                else:
+                    _cross_sums(
+                        v_row, u[p + r, 0, 0, c0:c1], kv[lanes], ku[lanes], sum_v[lanes],
+                        sum_vu[lanes],
+                    )  # fmt: skip
+    for p in range(grouped_end, row1):
+        r = (p - row0) % lane_rows
+        lanes = slice(r * n_c, r * n_c + n_c)
+        if squares:
+            _square_sums(v[p, 0, 0, c0:c1], kv[lanes], sum_v[lanes], sum_vu[lanes])
+        else:
+            _cross_sums(
+                v[p, 0, 0, c0:c1], u[p, 0, 0, c0:c1], kv[lanes], ku[lanes], sum_v[lanes],
+                sum_vu[lanes],
+            )  # fmt: skip
+    for r in range(1, lane_rows):
+        for c in range(n_c):
+            sum_v[c] += sum_v[r * n_c + c]
+            sum_vu[c] += sum_vu[r * n_c + c]
+    _store_partials(partials, tile, c0, sum_v[:n_c], sum_vu[:n_c])
 
 
 @_inline
@@ -203,17 +285,42 @@ def _store_partials(partials, tile, c0, sum_a, sum_b):
 
 
 @_inline
-def _affine_lanes(x, mean, scale, shift, bounds, out):
+def _affine_lanes(x, mean, scale, shift, bounds, lane_rows, out):
     """``out = (x - mean) * scale + shift`` per channel over a channels-inner item, in float64."""
     _, c0, c1, row0, row1, _, _ = bounds
-    m = mean[c0:c1]
-    k = scale[c0:c1]
-    b = shift[c0:c1]
-    for p in range(row0, row1):
-        x_row = x[p, 0, 0, c0:c1]
-        out_row = out[p, 0, 0, c0:c1]
-        for c in range(c1 - c0):
-            out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
+    if lane_rows == 1:
+        _affine_positions(x, mean[c0:c1], scale[c0:c1], shift[c0:c1], bounds, row0, out)
+    else:
+        n_c = c1 - c0
+        width = lane_rows * n_c
+        m = _lanes(mean, c0, n_c, width)
+        k = _lanes(scale, c0, n_c, width)
+        b = _lanes(shift, c0, n_c, width)
+        grouped_end = row0
+        if _is_flat(x) and _is_flat(out):
+            x_flat, out_flat = _flat(x), _flat(out)
+            grouped_end = row0 + (row1 - row0) // lane_rows * lane_rows
+            for p in range(row0, grouped_end, lane_rows):
+                _affine_run(
+                    _lane_group(x_flat, p, n_c, width), m, k, b,
+                    _lane_group(out_flat, p, n_c, width),
+                )  # fmt: skip
+        _affine_positions(x, m, k, b, bounds, grouped_end, out)
+
+
+@_inline
+def _affine_positions(x, m, k, b, bounds, first, out):
+    """:func:`_affine_lanes` a position at a time, from position ``first`` to the item's end."""
+    _, c0, c1, _, row1, _, _ = bounds
+    for p in range(first, row1):
+        _affine_run(x[p, 0, 0, c0:c1], m, k, b, out[p, 0, 0, c0:c1])
+
+
+@_inline
+def _affine_run(x_run, m, k, b, out_run):
+    """``out_run = (x_run - m) * k + b`` elementwise, ``m``, ``k``, ``b`` lane by lane."""
+    for j in range(x_run.shape[0]):
+        out_run[j] = (np.float64(x_run[j]) - m[j]) * k[j] + b[j]
 
 
 @_inline
@@ -241,7 +348,7 @@ def _affine_rows(x, mean, scale, shift, bounds, out):
 
 
 @_inline
-def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out):
+def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, lane_rows, out):
     """``out = (dy + beta * (x - mean) + gamma) * alpha`` over a channels-inner item.
 
     In float64. ``alpha`` (the weight times invstd) multiplies last, as in
@@ -249,18 +356,42 @@ def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out):
     ``inf - inf``.
     """
     _, c0, c1, row0, row1, _, _ = bounds
-    m = mean[c0:c1]
-    ka = alpha[c0:c1]
-    kb = beta[c0:c1]
-    kg = gamma[c0:c1]
-    for p in range(row0, row1):
-        dy_row = dy[p, 0, 0, c0:c1]
-        x_row = x[p, 0, 0, c0:c1]
-        out_row = out[p, 0, 0, c0:c1]
-        for c in range(c1 - c0):
-            out_row[c] = (
-                np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
-            ) * ka[c]
+    if lane_rows == 1:
+        _grad_positions(
+            dy, x, mean[c0:c1], alpha[c0:c1], beta[c0:c1], gamma[c0:c1], bounds, row0, out
+        )
+    else:
+        n_c = c1 - c0
+        width = lane_rows * n_c
+        m = _lanes(mean, c0, n_c, width)
+        ka = _lanes(alpha, c0, n_c, width)
+        kb = _lanes(beta, c0, n_c, width)
+        kg = _lanes(gamma, c0, n_c, width)
+        grouped_end = row0
+        if _is_flat(dy) and _is_flat(x) and _is_flat(out):
+            dy_flat, x_flat, out_flat = _flat(dy), _flat(x), _flat(out)
+            grouped_end = row0 + (row1 - row0) // lane_rows * lane_rows
+            for p in range(row0, grouped_end, lane_rows):
+                _grad_run(
+                    _lane_group(dy_flat, p, n_c, width), _lane_group(x_flat, p, n_c, width), m,
+                    ka, kb, kg, _lane_group(out_flat, p, n_c, width),
+                )  # fmt: skip
+        _grad_positions(dy, x, m, ka, kb, kg, bounds, grouped_end, out)
+
+
+@_inline
+def _grad_positions(dy, x, m, ka, kb, kg, bounds, first, out):
+    """:func:`_grad_lanes` a position at a time, from position ``first`` to the item's end."""
+    _, c0, c1, _, row1, _, _ = bounds
+    for p in range(first, row1):
+        _grad_run(dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], m, ka, kb, kg, out[p, 0, 0, c0:c1])
+
+
+@_inline
+def _grad_run(dy_run, x_run, m, ka, kb, kg, out_run):
+    """:func:`_grad_lanes`'s formula elementwise over a run, coefficients lane by lane."""
+    for j in range(x_run.shape[0]):
+        out_run[j] = (np.float64(dy_run[j]) + kb[j] * (np.float64(x_run[j]) - m[j]) + kg[j]) * ka[j]
 
 
 @_inline
@@ -301,7 +432,7 @@ def _sums_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, v.shape, channels_inner, geometry)
             if channels_inner:
-                _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials)
+                _sums_lanes(u, v, u_shift, v_shift, squares, bounds, geometry[2], partials)
             else:
                 _sums_rows(u, v, u_shift, v_shift, squares, bounds, partials)
 
@@ -315,7 +446,7 @@ def _affine_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _affine_lanes(x, mean, scale, shift, bounds, out)
+                _affine_lanes(x, mean, scale, shift, bounds, geometry[2], out)
             else:
                 _affine_rows(x, mean, scale, shift, bounds, out)
 
@@ -329,7 +460,7 @@ def _grad_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out)
+                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, geometry[2], out)
             else:
                 _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out)
 
