@@ -46,7 +46,7 @@ class Layout:
     n_tiles : int
         Row tiles times ``S`` chunks.
     lane_rows : int
-        Adjacent positions the channels-inner kernels take as one row of lanes
+        Adjacent positions the channels-inner elementwise kernels take as one row of lanes
         (at least ``LANE_ELEMENTS`` of them); 1 for the planar view.
     c_order : bool
         Whether the view lists the axes that matter in logical order, so that a

@@ -11,13 +11,13 @@ Every operand is a 4-D canonical view (see :mod:`numbabn._views`):
 Work items are (channel block, tile) pairs whose bounds depend only on the shape,
 never on the number of threads. Channel blocks make each planar item read memory
 in runs of kilobytes even when rows are short (7x7 feature maps); a channels-inner
-item takes whole rows of positions, which are runs of memory themselves. Narrow
-channels-inner rows are grouped: ``lane_rows`` adjacent positions (the geometry's
-third entry there) make one row of lanes, at least
-:data:`numbabn._tunables.LANE_ELEMENTS` long, so that inner loops stay long, and
-C-contiguous operands are walked as flat runs of such rows. Reductions write one
-partial per (tile, channel); the partials are then summed in a fixed order, so
-results are bit-for-bit identical whatever the thread count.
+item takes whole rows of positions, which are runs of memory themselves. The
+elementwise passes group narrow channels-inner rows: ``lane_rows`` adjacent
+positions (the geometry's third entry there) make one row of lanes, at least
+:data:`numbabn._tunables.LANE_ELEMENTS` long, which C-contiguous operands walk as
+one flat run, so that inner loops stay long. Reductions write one partial per
+(tile, channel); the partials are then summed in a fixed order, so results are
+bit-for-bit identical whatever the thread count.
 
 The ``*_items`` kernels run a range of items: small tensors all of them in one
 call on the calling thread, larger ones spread over Numba's threads by
@@ -159,7 +159,7 @@ def _lanes(vector, c0, n_c, width):
 
 
 @_inline
-def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, lane_rows, partials):
+def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
     """Channels-inner item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into partials.
 
     ``kv`` is ``v_shift`` with non-finite values as 0 (see :func:`_finite_or_zero`).
@@ -167,66 +167,29 @@ def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, lane_rows, partials):
     With ``squares`` (``u`` is ``v``, ``ku`` is ``kv``) the second sum is
     ``sum((v - kv) ** 2)`` and ``u`` is never read: half the loads and
     conversions, which short rows feel.
-
-    Position ``row0 + g * lane_rows + r`` adds to lanes ``r * C`` to ``r * C + C``;
-    the lanes of a channel are added up in order at the end. C-contiguous
-    operands go a row of lanes at a time, any other a position at a time, with
-    the same sums in the same order.
     """
     tile, c0, c1, row0, row1, _, _ = bounds
-    n_c = c1 - c0
-    width = lane_rows * n_c
-    sum_v = np.zeros(width)
-    sum_vu = np.zeros(width)
-    kv = np.empty(width)
-    for j in range(width):
-        kv[j] = _finite_or_zero(v_shift[c0 + j % n_c])
-    ku = _lanes(u_shift, c0, n_c, width)
-    # Rows of lanes go two at a time with ``squares``: the sums live in memory (a
-    # row of lanes is too wide for registers), and pairs halve their loads and
-    # stores. (Pairs of the two-input sums measured slower: four streams.)
-    step = 2 if squares else 1
-    n_groups = (row1 - row0) // lane_rows
-    grouped_end = row0 + (n_groups - n_groups % step) * lane_rows
-    # ``u`` is sliced only where it is read: rows are short enough that slicing an
-    # unused ``u`` row per position would cost a third.
-    if lane_rows > 1 and _is_flat(v) and _is_flat(u):
-        v_flat, u_flat = _flat(v), _flat(u)
-        for p in range(row0, grouped_end, step * lane_rows):
-            v_lanes = _lane_group(v_flat, p, n_c, width)
-            if squares:
-                v_next = _lane_group(v_flat, p + lane_rows, n_c, width)
-                _square_pair_sums(v_lanes, v_next, kv, sum_v, sum_vu)
-            else:
-                _cross_sums(v_lanes, _lane_group(u_flat, p, n_c, width), kv, ku, sum_v, sum_vu)
+    sum_v = np.zeros(c1 - c0)
+    sum_vu = np.zeros(c1 - c0)
+    kv = np.empty(c1 - c0)
+    for c in range(c1 - c0):
+        kv[c] = _finite_or_zero(v_shift[c0 + c])
+    # The branch on ``squares`` stays outside the position loops: rows are short
+    # enough that slicing an unused ``u`` row per position would cost a third.
+    if squares:
+        # Positions go two at a time: the per-channel sums live in memory (a row
+        # of channels is too wide for registers), and pairs halve their loads and
+        # stores. (Pairs of the two-input sums measured slower: four streams.)
+        pairs_end = row1 - (row1 - row0) % 2
+        for p in range(row0, pairs_end, 2):
+            _square_pair_sums(v[p, 0, 0, c0:c1], v[p + 1, 0, 0, c0:c1], kv, sum_v, sum_vu)
+        for p in range(pairs_end, row1):
+            _square_sums(v[p, 0, 0, c0:c1], kv, sum_v, sum_vu)
     else:
-        for p in range(row0, grouped_end, step * lane_rows):
-            for r in range(lane_rows):
-                lanes = slice(r * n_c, r * n_c + n_c)
-                v_row = v[p + r, 0, 0, c0:c1]
-                if squares:
-                    v_next = v[p + lane_rows + r, 0, 0, c0:c1]
-                    _square_pair_sums(v_row, v_next, kv[lanes], sum_v[lanes], sum_vu[lanes])
-                else:
-                    _cross_sums(
-                        v_row, u[p + r, 0, 0, c0:c1], kv[lanes], ku[lanes], sum_v[lanes],
-                        sum_vu[lanes],
-                    )  # fmt: skip
-    for p in range(grouped_end, row1):
-        r = (p - row0) % lane_rows
-        lanes = slice(r * n_c, r * n_c + n_c)
-        if squares:
-            _square_sums(v[p, 0, 0, c0:c1], kv[lanes], sum_v[lanes], sum_vu[lanes])
-        else:
-            _cross_sums(
-                v[p, 0, 0, c0:c1], u[p, 0, 0, c0:c1], kv[lanes], ku[lanes], sum_v[lanes],
-                sum_vu[lanes],
-            )  # fmt: skip
-    for r in range(1, lane_rows):
-        for c in range(n_c):
-            sum_v[c] += sum_v[r * n_c + c]
-            sum_vu[c] += sum_vu[r * n_c + c]
-    _store_partials(partials, tile, c0, sum_v[:n_c], sum_vu[:n_c])
+        ku = u_shift[c0:c1]
+        for p in range(row0, row1):
+            _cross_sums(v[p, 0, 0, c0:c1], u[p, 0, 0, c0:c1], kv, ku, sum_v, sum_vu)
+    _store_partials(partials, tile, c0, sum_v, sum_vu)
 
 
 @_inline
@@ -432,7 +395,7 @@ def _sums_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, v.shape, channels_inner, geometry)
             if channels_inner:
-                _sums_lanes(u, v, u_shift, v_shift, squares, bounds, geometry[2], partials)
+                _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials)
             else:
                 _sums_rows(u, v, u_shift, v_shift, squares, bounds, partials)
 
