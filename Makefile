@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-small bench-gpu bench-sync bench-dask clean
+.PHONY: demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-small bench-wide bench-gpu bench-sync bench-dask clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,11 @@ bench: $(VENV)/.installed-bench
 ## into benchmarks/results/small-calls.md (make bench has the same table in its report)
 bench-small: $(VENV)/.installed-test
 	$(PY) -m tools.bench.small_calls --output benchmarks/results/small-calls.md
+
+## bench-wide: BatchNorm1d on wide (N, C) matrices (C = 16 to 8192) beside torch.nn's and a
+## NumPy multiply, into benchmarks/results/wide.md
+bench-wide: $(VENV)/.installed-test
+	$(PY) -m tools.bench.wide --runs 3 --output benchmarks/results/wide.md
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check numbabn tools tests benchmarks examples

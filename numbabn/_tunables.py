@@ -13,10 +13,13 @@ TILE_ELEMENTS = 16384
 # Planar items take whole channels until they read runs of at least this many
 # adjacent elements, so short rows (7x7 maps) still stream through memory.
 RUN_ELEMENTS = 2048
-# Channels-inner items cover at most this many channels, and at least this many
-# positions so that partials stay small.
-CHANNEL_BLOCK = 512
-MIN_POSITIONS = 256
+# Channels-inner items take whole rows, at least this many of them, so that partials
+# stay a thirty-second of the data (and a (512, 8192) matrix still makes 4 items).
+MIN_POSITIONS = 128
+# The channels-inner elementwise passes take ceil(LANE_ELEMENTS / C) adjacent positions
+# as one row of lanes, so that the inner loops of narrow rows (C = 16) run as long as
+# wide ones'.
+LANE_ELEMENTS = 256
 # Channels and positions per square tile of a copy between layouts (64 x 64 float32
 # is 16 KiB a side, well within the first-level cache).
 COPY_BLOCK = 64

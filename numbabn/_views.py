@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from numbabn._tunables import CHANNEL_BLOCK, MIN_POSITIONS, RUN_ELEMENTS, TILE_ELEMENTS
+from numbabn._tunables import LANE_ELEMENTS, MIN_POSITIONS, RUN_ELEMENTS, TILE_ELEMENTS
 
 _CHANNEL: tuple[int, ...] = (1,)
 _PAD: tuple[int, ...] = ()
@@ -33,7 +33,7 @@ class Layout:
     channels_inner : bool
         True for the ``(P, 1, 1, C)`` view, False for ``(A, C, R, S)``.
     channel_block : int
-        Channels per work item.
+        Channels per work item (all of them for the channels-inner view).
     slots : tuple of tuple of int
         For each axis of the view, the input axes merged into it, outermost in
         memory first (``(1,)`` is the channel axis, ``()`` a padding axis).
@@ -45,6 +45,9 @@ class Layout:
         Elements of the innermost axis per tile (planar only).
     n_tiles : int
         Row tiles times ``S`` chunks.
+    lane_rows : int
+        Adjacent positions the channels-inner elementwise kernels take as one row of lanes
+        (at least ``LANE_ELEMENTS`` of them); 1 for the planar view.
     c_order : bool
         Whether the view lists the axes that matter in logical order, so that a
         C-contiguous array reaches it with a plain reshape.
@@ -57,6 +60,7 @@ class Layout:
     row_block: int
     s_chunk: int
     n_tiles: int
+    lane_rows: int = 1
     c_order: bool = False
 
     def __post_init__(self) -> None:
@@ -71,8 +75,13 @@ class Layout:
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:
-        """The tiling the kernels take: ``(channel_block, row_block, s_chunk, n_tiles)``."""
-        return (self.channel_block, self.row_block, self.s_chunk, self.n_tiles)
+        """The tiling the kernels take: ``(channel_block, row_block, s_chunk, n_tiles)``.
+
+        ``lane_rows`` stands in the place of ``s_chunk`` for the channels-inner
+        view, which has no ``S`` axis to chunk.
+        """
+        third = self.lane_rows if self.channels_inner else self.s_chunk
+        return (self.channel_block, self.row_block, third, self.n_tiles)
 
     def view(self, array: np.ndarray) -> np.ndarray | None:
         """Return ``array`` viewed in this layout, or None if its strides do not allow it."""
@@ -114,12 +123,14 @@ def plan_strided(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | N
     channel_stride = abs(strides[1])
     if n_channels > 1 and len(groups) <= 1 and all(channel_stride < abs(strides[a]) for a in axes):
         n_pos = math.prod(shape[axis] for axis in axes)
-        channel_block = min(n_channels, CHANNEL_BLOCK)
-        row_block = max(MIN_POSITIONS, TILE_ELEMENTS // channel_block)
+        # Whole rows: a block of a row's channels would read runs shorter than a
+        # row, and an elementwise pass then ran at half speed from C = 1024 on.
+        row_block = max(MIN_POSITIONS, TILE_ELEMENTS // n_channels)
         slots = (groups[0] if groups else _PAD, _PAD, _PAD, _CHANNEL)
         n_tiles = -(-n_pos // row_block)
         view_shape = (n_pos, 1, 1, n_channels)
-        return Layout(True, channel_block, slots, view_shape, row_block, 1, n_tiles)
+        lane_rows = -(-LANE_ELEMENTS // n_channels)
+        return Layout(True, n_channels, slots, view_shape, row_block, 1, n_tiles, lane_rows)
     if len(groups) > 3:
         return None
     # Place the groups as (A, R, S): the innermost group is always S.

@@ -9,10 +9,15 @@ Every operand is a 4-D canonical view (see :mod:`numbabn._views`):
   that a row of channels is a contiguous slice that LLVM vectorises.
 
 Work items are (channel block, tile) pairs whose bounds depend only on the shape,
-never on the number of threads. Channel blocks make each item read memory in
-runs of kilobytes even when rows are short (7x7 feature maps). Reductions write
-one partial per (tile, channel); the partials are then summed in a fixed order,
-so results are bit-for-bit identical whatever the thread count.
+never on the number of threads. Channel blocks make each planar item read memory
+in runs of kilobytes even when rows are short (7x7 feature maps); a channels-inner
+item takes whole rows of positions, which are runs of memory themselves. The
+elementwise passes group narrow channels-inner rows: ``lane_rows`` adjacent
+positions (the geometry's third entry there) make one row of lanes, at least
+:data:`numbabn._tunables.LANE_ELEMENTS` long, which C-contiguous operands walk as
+one flat run, so that inner loops stay long. Reductions write one partial per
+(tile, channel); the partials are then summed in a fixed order, so results are
+bit-for-bit identical whatever the thread count.
 
 The ``*_items`` kernels run a range of items: small tensors all of them in one
 call on the calling thread, larger ones spread over Numba's threads by
@@ -26,6 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numba.extending import overload
 
 from numbabn import _coefficients
 from numbabn._cpu.jit import inline as _inline
@@ -111,6 +117,45 @@ def _finite_or_zero(shift):
     """
     value = np.float64(shift)
     return value if np.isfinite(value) else 0.0
+
+
+def _is_flat(x):
+    """Whether a 4-D operand is typed C-contiguous, so that :func:`_flat` can view it."""
+    raise NotImplementedError  # stands in for Python; compiled code takes the overload
+
+
+def _flat(x):
+    """A C-contiguous 4-D operand as one flat run (compiled code only; see :func:`_is_flat`)."""
+    raise NotImplementedError
+
+
+@overload(_is_flat)
+def _is_flat_overload(x):
+    contiguous = x.layout == "C"
+    return lambda x: contiguous
+
+
+@overload(_flat)
+def _flat_overload(x):
+    if x.layout == "C":
+        return lambda x: x.reshape(x.size)
+    # Typed only: callers take this branch for C-contiguous operands alone.
+    return lambda x: x[0, 0, 0, :]
+
+
+@_inline
+def _lane_group(flat, p, n_c, width):
+    """Positions ``p`` onwards of a flat channels-inner operand: one row of ``width`` lanes."""
+    return flat[p * n_c : p * n_c + width]
+
+
+@_inline
+def _lanes(vector, c0, n_c, width):
+    """``vector[c0:c0 + n_c]`` repeated over ``width`` lanes, in float64."""
+    lanes = np.empty(width)
+    for j in range(width):
+        lanes[j] = vector[c0 + j % n_c]
+    return lanes
 
 
 @_inline
@@ -203,17 +248,42 @@ def _store_partials(partials, tile, c0, sum_a, sum_b):
 
 
 @_inline
-def _affine_lanes(x, mean, scale, shift, bounds, out):
+def _affine_lanes(x, mean, scale, shift, bounds, lane_rows, out):
     """``out = (x - mean) * scale + shift`` per channel over a channels-inner item, in float64."""
     _, c0, c1, row0, row1, _, _ = bounds
-    m = mean[c0:c1]
-    k = scale[c0:c1]
-    b = shift[c0:c1]
-    for p in range(row0, row1):
-        x_row = x[p, 0, 0, c0:c1]
-        out_row = out[p, 0, 0, c0:c1]
-        for c in range(c1 - c0):
-            out_row[c] = (np.float64(x_row[c]) - m[c]) * k[c] + b[c]
+    if lane_rows == 1:
+        _affine_positions(x, mean[c0:c1], scale[c0:c1], shift[c0:c1], bounds, row0, out)
+    else:
+        n_c = c1 - c0
+        width = lane_rows * n_c
+        m = _lanes(mean, c0, n_c, width)
+        k = _lanes(scale, c0, n_c, width)
+        b = _lanes(shift, c0, n_c, width)
+        grouped_end = row0
+        if _is_flat(x) and _is_flat(out):
+            x_flat, out_flat = _flat(x), _flat(out)
+            grouped_end = row0 + (row1 - row0) // lane_rows * lane_rows
+            for p in range(row0, grouped_end, lane_rows):
+                _affine_run(
+                    _lane_group(x_flat, p, n_c, width), m, k, b,
+                    _lane_group(out_flat, p, n_c, width),
+                )  # fmt: skip
+        _affine_positions(x, m, k, b, bounds, grouped_end, out)
+
+
+@_inline
+def _affine_positions(x, m, k, b, bounds, first, out):
+    """:func:`_affine_lanes` a position at a time, from position ``first`` to the item's end."""
+    _, c0, c1, _, row1, _, _ = bounds
+    for p in range(first, row1):
+        _affine_run(x[p, 0, 0, c0:c1], m, k, b, out[p, 0, 0, c0:c1])
+
+
+@_inline
+def _affine_run(x_run, m, k, b, out_run):
+    """``out_run = (x_run - m) * k + b`` elementwise, ``m``, ``k``, ``b`` lane by lane."""
+    for j in range(x_run.shape[0]):
+        out_run[j] = (np.float64(x_run[j]) - m[j]) * k[j] + b[j]
 
 
 @_inline
@@ -241,7 +311,7 @@ def _affine_rows(x, mean, scale, shift, bounds, out):
 
 
 @_inline
-def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out):
+def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, lane_rows, out):
     """``out = (dy + beta * (x - mean) + gamma) * alpha`` over a channels-inner item.
 
     In float64. ``alpha`` (the weight times invstd) multiplies last, as in
@@ -249,18 +319,42 @@ def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out):
     ``inf - inf``.
     """
     _, c0, c1, row0, row1, _, _ = bounds
-    m = mean[c0:c1]
-    ka = alpha[c0:c1]
-    kb = beta[c0:c1]
-    kg = gamma[c0:c1]
-    for p in range(row0, row1):
-        dy_row = dy[p, 0, 0, c0:c1]
-        x_row = x[p, 0, 0, c0:c1]
-        out_row = out[p, 0, 0, c0:c1]
-        for c in range(c1 - c0):
-            out_row[c] = (
-                np.float64(dy_row[c]) + kb[c] * (np.float64(x_row[c]) - m[c]) + kg[c]
-            ) * ka[c]
+    if lane_rows == 1:
+        _grad_positions(
+            dy, x, mean[c0:c1], alpha[c0:c1], beta[c0:c1], gamma[c0:c1], bounds, row0, out
+        )
+    else:
+        n_c = c1 - c0
+        width = lane_rows * n_c
+        m = _lanes(mean, c0, n_c, width)
+        ka = _lanes(alpha, c0, n_c, width)
+        kb = _lanes(beta, c0, n_c, width)
+        kg = _lanes(gamma, c0, n_c, width)
+        grouped_end = row0
+        if _is_flat(dy) and _is_flat(x) and _is_flat(out):
+            dy_flat, x_flat, out_flat = _flat(dy), _flat(x), _flat(out)
+            grouped_end = row0 + (row1 - row0) // lane_rows * lane_rows
+            for p in range(row0, grouped_end, lane_rows):
+                _grad_run(
+                    _lane_group(dy_flat, p, n_c, width), _lane_group(x_flat, p, n_c, width), m,
+                    ka, kb, kg, _lane_group(out_flat, p, n_c, width),
+                )  # fmt: skip
+        _grad_positions(dy, x, m, ka, kb, kg, bounds, grouped_end, out)
+
+
+@_inline
+def _grad_positions(dy, x, m, ka, kb, kg, bounds, first, out):
+    """:func:`_grad_lanes` a position at a time, from position ``first`` to the item's end."""
+    _, c0, c1, _, row1, _, _ = bounds
+    for p in range(first, row1):
+        _grad_run(dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], m, ka, kb, kg, out[p, 0, 0, c0:c1])
+
+
+@_inline
+def _grad_run(dy_run, x_run, m, ka, kb, kg, out_run):
+    """:func:`_grad_lanes`'s formula elementwise over a run, coefficients lane by lane."""
+    for j in range(x_run.shape[0]):
+        out_run[j] = (np.float64(dy_run[j]) + kb[j] * (np.float64(x_run[j]) - m[j]) + kg[j]) * ka[j]
 
 
 @_inline
@@ -315,7 +409,7 @@ def _affine_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _affine_lanes(x, mean, scale, shift, bounds, out)
+                _affine_lanes(x, mean, scale, shift, bounds, geometry[2], out)
             else:
                 _affine_rows(x, mean, scale, shift, bounds, out)
 
@@ -329,7 +423,7 @@ def _grad_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, out)
+                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, geometry[2], out)
             else:
                 _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out)
 

@@ -28,6 +28,7 @@ from typing import Any
 import numba
 import numpy as np
 from numba import prange
+from numba._dispatcher import compute_fingerprint
 
 from numbabn._cpu import fused, kernels
 from numbabn._cpu.jit import call_native, launch, native_address
@@ -140,14 +141,24 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# The address of each kernel variant a driver has called, by the kernel and the
+# Numba type fingerprints of its arguments (which fix the variant): the lookup
+# then costs about a microsecond, where compiling the key of
+# :func:`~numbabn._cpu.jit.native_address` and a call of the kernel on no items cost 8.
+_addresses: dict[tuple, int] = {}
+
+
 def run_items(kernel: Callable[..., None], n_items: int, *args: Any) -> None:
     """Run ``kernel(*args, start, stop)`` over items ``0`` to ``n_items`` on Numba's threads."""
     global _launched
     if _serial_only:
         launch(kernel, *args, 0, n_items)
         return
-    launch(kernel, *args, 0, 0)  # compiles (or loads) the variant the driver is to call
-    address = native_address(kernel, args + (0, 0))
+    key = (kernel, *map(compute_fingerprint, args))
+    address = _addresses.get(key)
+    if address is None:
+        launch(kernel, *args, 0, 0)  # compiles (or loads) the variant the driver is to call
+        address = _addresses[key] = native_address(kernel, args + (0, 0))
     with _launch_lock:
         launch(_DRIVERS[kernel], n_items, address, *args)
         _launched = True

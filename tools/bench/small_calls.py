@@ -202,9 +202,13 @@ def torch_calls(
 
 
 def measure_small_case(
-    case: SmallCase, repeat: int, threads: int, with_torch: bool
+    case: SmallCase, repeat: int, threads: int, with_torch: bool, multiply: bool = False
 ) -> dict[str, Any]:
-    """Median seconds of each call of ``case``, numbabn's and PyTorch's sampled in turn."""
+    """Median seconds of each call of ``case``, numbabn's and PyTorch's sampled in turn.
+
+    With ``multiply``, also NumPy's ``multiply(x, scale, out=y)`` into a preallocated
+    array (``"multiply"``): one read and one write of the data, the least an eval does.
+    """
     x = case.make(0)
     g = case.make(1)
     funcs = {f"numbabn_{key}": call for key, call in numbabn_calls(case, x, g).items()}
@@ -212,6 +216,10 @@ def measure_small_case(
         funcs |= {f"torch_{key}": call for key, call in torch_calls(case, x, g, threads).items()}
     if case == FLOOR_CASE:
         funcs["floor_forward"] = Floor(x)
+    if multiply:
+        scale = np.ones(case.shape[1], np.float32).reshape((-1,) + (1,) * (x.ndim - 2))
+        y = np.empty_like(x)
+        funcs["multiply"] = lambda: np.multiply(x, scale, out=y)
     return {
         "case": case.name,
         "shape": list(case.shape),
@@ -251,6 +259,7 @@ def measure_small(
     cases: list[SmallCase] | None = None,
     progress: bool = True,
     runs: int = 1,
+    multiply: bool = False,
 ) -> dict[str, Any]:
     """Every small case in turn, ``runs`` times over, and the Python calls of one warm forward.
 
@@ -270,7 +279,9 @@ def measure_small(
                     f"[{step}/{runs * len(cases)}] small calls {case.name}{which}",
                     file=sys.stderr, flush=True,
                 )  # fmt: skip
-            measured[index].append(measure_small_case(case, repeat, threads, with_torch)["seconds"])
+            measured[index].append(
+                measure_small_case(case, repeat, threads, with_torch, multiply)["seconds"]
+            )
     results = []
     for case, samples in zip(cases, measured, strict=True):
         seconds = {key: float(np.median([sample[key] for sample in samples])) for key in samples[0]}
@@ -352,23 +363,8 @@ def library_origin() -> str:
     return f"commit {commit}" + (" with uncommitted changes" if changed else "")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m tools.bench.small_calls",
-        description="Small module calls: numbabn beside torch.nn on CPU tensors.",
-    )
-    parser.add_argument("--repeat", type=int, default=21, help="samples per median")
-    parser.add_argument(
-        "--runs", type=int, default=3, help="runs of every case; each figure is their median"
-    )
-    parser.add_argument("--threads", type=int, default=None, help="Numba and PyTorch threads")
-    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
-    parser.add_argument("--output", type=Path, default=None, help="write the table here too")
-    args = parser.parse_args(argv)
-    if args.threads:
-        numba.set_num_threads(args.threads)
-    threads = numba.get_num_threads()
-    with_torch = not args.no_torch and torch_available()
+def report_header(title: str, threads: int, with_torch: bool) -> str:
+    """A report's title and the machine, load, threads and versions it was measured with."""
     print(f"numbabn from {numbabn.__file__}", file=sys.stderr)
     versions = (
         f"numbabn {numbabn.__version__} ({library_origin()}), numpy {np.__version__}, "
@@ -381,21 +377,54 @@ def main(argv: list[str] | None = None) -> None:
     load = ""
     if hasattr(os, "getloadavg"):
         load = f", load average {os.getloadavg()[0]:.2f} at the start"
-    header = (
-        f"## numbabn small calls\n\nMachine: {machine.describe()}{load}, {threads} threads "
+    return (
+        f"## {title}\n\nMachine: {machine.describe()}{load}, {threads} threads "
         f"(numbabn and PyTorch alike), Python {platform.python_version()}; {versions}."
     )
-    print(header.replace("## ", ""), file=sys.stderr)
-    report = (
-        header
-        + "\n\n"
-        + small_markdown(measure_small(args.repeat, threads, with_torch, runs=args.runs))
+
+
+def run_table(
+    argv: list[str] | None,
+    prog: str,
+    description: str,
+    title: str,
+    table: Callable[[int, int, bool, int], str],
+    repeat: int,
+    runs: int,
+) -> None:
+    """A table's command line: ``table(repeat, threads, with_torch, runs)`` under a header."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--repeat", type=int, default=repeat, help="samples per median")
+    parser.add_argument(
+        "--runs", type=int, default=runs, help="runs of every case; each figure is their median"
     )
+    parser.add_argument("--threads", type=int, default=None, help="Numba and PyTorch threads")
+    parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
+    parser.add_argument("--output", type=Path, default=None, help="write the table here too")
+    args = parser.parse_args(argv)
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    threads = numba.get_num_threads()
+    with_torch = not args.no_torch and torch_available()
+    header = report_header(title, threads, with_torch)
+    print(header.replace("## ", ""), file=sys.stderr)
+    report = header + "\n\n" + table(args.repeat, threads, with_torch, args.runs)
     print(report, end="")
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(report)
         print(f"wrote {args.output}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_table(
+        argv, "python -m tools.bench.small_calls",
+        "Small module calls: numbabn beside torch.nn on CPU tensors.", "numbabn small calls",
+        lambda repeat, threads, with_torch, runs: small_markdown(
+            measure_small(repeat, threads, with_torch, runs=runs)
+        ),
+        repeat=21, runs=3,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
