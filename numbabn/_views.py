@@ -11,6 +11,7 @@ as ``(P, C, 1, 1)`` for the channels-inner case); the work items' sizes are in
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 from dataclasses import dataclass
@@ -24,9 +25,18 @@ _CHANNEL: tuple[int, ...] = (1,)
 _PAD: tuple[int, ...] = ()
 
 
+class Family(enum.IntEnum):
+    """The two kinds of canonical view; each kernel is compiled once per family, and a
+    kernel tuple (``kernels.SUMS``, ...) is indexed by it."""
+
+    PLANAR = 0  # (A, C, R, S)
+    CHANNELS_INNER = 1  # (P, 1, 1, C)
+
+
 @dataclass(frozen=True)
-class Layout:
-    """How to view arrays shaped like one input as a kernel operand.
+class Tiling:
+    """How to view arrays shaped like one input as a kernel operand, and cut it into work
+    items.
 
     Attributes
     ----------
@@ -68,6 +78,11 @@ class Layout:
         object.__setattr__(self, "c_order", in_view == sorted(in_view))
 
     @property
+    def family(self) -> Family:
+        """The family of kernels that take this view."""
+        return Family.CHANNELS_INNER if self.channels_inner else Family.PLANAR
+
+    @property
     def n_items(self) -> int:
         """Work items: channel blocks times tiles."""
         n_channels = self.view_shape[3] if self.channels_inner else self.view_shape[1]
@@ -103,13 +118,13 @@ class Layout:
         return tuple(merged)
 
 
-def plan(x: np.ndarray) -> Layout | None:
+def tiling_of(x: np.ndarray) -> Tiling | None:
     """Choose the canonical layout for ``x``; None when no copy-free view exists."""
-    return plan_strided(x.shape, x.strides)
+    return tiling_for(x.shape, x.strides)
 
 
 @functools.lru_cache(maxsize=256)
-def plan_strided(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | None:
+def tiling_for(shape: tuple[int, ...], strides: tuple[int, ...]) -> Tiling | None:
     """Choose the canonical layout for an array of ``shape`` and byte ``strides``."""
     n_channels = shape[1]
     axes = [axis for axis in range(len(shape)) if axis != 1 and shape[axis] != 1]
@@ -130,7 +145,7 @@ def plan_strided(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | N
         n_tiles = -(-n_pos // row_block)
         view_shape = (n_pos, 1, 1, n_channels)
         lane_rows = -(-LANE_ELEMENTS // n_channels)
-        return Layout(True, n_channels, slots, view_shape, row_block, 1, n_tiles, lane_rows)
+        return Tiling(True, n_channels, slots, view_shape, row_block, 1, n_tiles, lane_rows)
     if len(groups) > 3:
         return None
     # Place the groups as (A, R, S): the innermost group is always S.
@@ -150,4 +165,4 @@ def plan_strided(shape: tuple[int, ...], strides: tuple[int, ...]) -> Layout | N
         row_block = max(1, TILE_ELEMENTS // (s * channel_block))
     n_tiles = -(-(a * r) // row_block) * n_chunks
     slots = (a_slot, _CHANNEL, r_slot, s_slot)
-    return Layout(False, channel_block, slots, (a, n_channels, r, s), row_block, s_chunk, n_tiles)
+    return Tiling(False, channel_block, slots, (a, n_channels, r, s), row_block, s_chunk, n_tiles)

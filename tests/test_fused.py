@@ -360,11 +360,11 @@ def test_threaded_relu_without_a_residual(rng, layout, training):
     work item's values, the last one's included, against PyTorch.
     """
     from numbabn._tunables import PARALLEL_MIN_ELEMENTS
-    from numbabn._views import plan
+    from numbabn._views import tiling_of
 
     shape = (4, 8, 64, 64)
     x = make_input(rng, shape, layout, np.float64)
-    assert x.size >= PARALLEL_MIN_ELEMENTS and plan(x).n_items >= 8
+    assert x.size >= PARALLEL_MIN_ELEMENTS and tiling_of(x).n_items >= 8
     dy = make_input(rng, shape, "contiguous", np.float64)
     state = {
         "weight": random_vector(rng, 8),

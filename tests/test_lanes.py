@@ -16,7 +16,7 @@ from conftest import make_input
 from test_reference import _check_eval, _check_train
 
 from numbabn._tunables import LANE_ELEMENTS, PARALLEL_MIN_ELEMENTS
-from numbabn._views import plan
+from numbabn._views import tiling_of
 
 # (shape, path): rows of 16, 24 and 100 channels (16, 11 and 3 positions a row of
 # lanes), and wide rows of 2000 channels, an item taking whole rows.
@@ -42,10 +42,10 @@ def _cases():
 def test_cases_take_the_paths_they_name(shape, path, layout):
     """Guard: grouped rows where the rows are narrow, and the serial or threaded path named."""
     x = make_input(np.random.default_rng(0), shape, layout, np.float32)
-    layout_plan = plan(x)
-    assert layout_plan.channels_inner
-    assert layout_plan.lane_rows == -(-LANE_ELEMENTS // shape[1])
-    assert layout_plan.channel_block == shape[1]
+    tiling = tiling_of(x)
+    assert tiling.channels_inner
+    assert tiling.lane_rows == -(-LANE_ELEMENTS // shape[1])
+    assert tiling.channel_block == shape[1]
     assert (x.size >= PARALLEL_MIN_ELEMENTS) == (path == "threaded")
     # Only contiguous data is walked a row of lanes at a time.
     assert x.flags.c_contiguous == (layout == "contiguous")

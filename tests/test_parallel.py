@@ -27,13 +27,13 @@ def test_threads_write_what_one_call_writes(dtype, channels_last):
     if channels_last:
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
     ops = _Operands(x)
-    assert ops.layout.channels_inner == channels_last
+    assert ops.tiling.channels_inner == channels_last
     shift = ops.first_values()
     vector = np.linspace(0.5, 1.5, x.shape[1])
     calls = {
-        "sums": (kernels.SUMS[ops.lanes], ops.view, ops.view, shift, shift, True),
-        "affine": (kernels.AFFINE[ops.lanes], ops.view, shift, vector, vector),
-        "grad": (kernels.GRAD[ops.lanes], ops.view, ops.view, shift, vector, vector, vector),
+        "sums": (kernels.SUMS[ops.family], ops.view, ops.view, shift, shift, True),
+        "affine": (kernels.AFFINE[ops.family], ops.view, shift, vector, vector),
+        "grad": (kernels.GRAD[ops.family], ops.view, ops.view, shift, vector, vector, vector),
     }
     for name, (kernel, *args) in calls.items():
         one, spread = (
@@ -54,8 +54,8 @@ def test_one_strided_driver_variant_runs_both_kernel_variants():
         vector = np.linspace(0.5, 1.5, x.shape[1])
         args = (ops.view, vector, vector, vector, *ops.launch_args)
         one, spread = np.empty_like(ops.view), np.empty_like(ops.view)
-        launch(kernels.AFFINE[ops.lanes], *args, one, 0, ops.n_items)
-        run_items(kernels.AFFINE[ops.lanes], ops.n_items, *args, spread)
+        launch(kernels.AFFINE[ops.family], *args, one, 0, ops.n_items)
+        run_items(kernels.AFFINE[ops.family], ops.n_items, *args, spread)
         assert one.tobytes() == spread.tobytes()
     float64_variants = [
         signature

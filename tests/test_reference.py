@@ -15,7 +15,7 @@ import numbabn
 from numbabn import functional as F
 from numbabn._cpu.backend import PARALLEL_MIN_ELEMENTS
 from numbabn._tunables import TILE_ELEMENTS
-from numbabn._views import plan
+from numbabn._views import tiling_of
 
 SMALL_SHAPES = [
     (5, 3),  # (N, C)
@@ -189,10 +189,10 @@ def test_large(shape, layout, dtype, rng):
 def test_large_shapes_are_large(shape, layout):
     """Guard: the large shapes really do take the tiled, parallel code paths."""
     x = make_input(np.random.default_rng(0), shape, layout, np.float32, scale=0.0)
-    layout_plan = plan(x)
+    tiling = tiling_of(x)
     assert x.size >= PARALLEL_MIN_ELEMENTS
-    assert layout_plan.n_tiles > 1
-    if not layout_plan.channels_inner:
+    assert tiling.n_tiles > 1
+    if not tiling.channels_inner:
         # Each tile holds at most TILE_ELEMENTS values of one channel.
         assert x.size // shape[1] > TILE_ELEMENTS
 
@@ -201,14 +201,14 @@ def test_large_shapes_are_large(shape, layout):
 def test_uneven_splits_are_uneven(shape, layout, uneven, path):
     """Guard: each uneven case has the short last chunk or tile it says, on the path it says."""
     x = make_input(np.random.default_rng(0), shape, layout, np.float32, scale=0.0)
-    layout_plan = plan(x)
-    view = layout_plan.view_shape
-    n_rows, n_s = (view[0], 1) if layout_plan.channels_inner else (view[0] * view[2], view[3])
+    tiling = tiling_of(x)
+    view = tiling.view_shape
+    n_rows, n_s = (view[0], 1) if tiling.channels_inner else (view[0] * view[2], view[3])
     if uneven == "chunk":
-        assert not layout_plan.channels_inner
-        assert n_s > layout_plan.s_chunk and n_s % layout_plan.s_chunk != 0
+        assert not tiling.channels_inner
+        assert n_s > tiling.s_chunk and n_s % tiling.s_chunk != 0
     else:
-        assert n_rows > layout_plan.row_block and n_rows % layout_plan.row_block != 0
+        assert n_rows > tiling.row_block and n_rows % tiling.row_block != 0
     assert (x.size >= PARALLEL_MIN_ELEMENTS) == (path == "threaded")
 
 

@@ -20,7 +20,7 @@ from numbabn._cpu.jit import launch, native_address
 from numbabn._cpu.parallel import run_items
 from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS, STAGING_ARRAYS_KEPT
 from numbabn._validation import FLOAT_PARAM_DTYPES
-from numbabn._views import Layout, plan
+from numbabn._views import Tiling, tiling_of
 from numbabn.epilogue import Epilogue
 
 _this_thread = threading.local()
@@ -74,25 +74,25 @@ class _Operands:
 
     def __init__(self, x: np.ndarray) -> None:
         self.original = x
-        layout = plan(x)
-        if layout is None:
+        tiling = tiling_of(x)
+        if tiling is None:
             # More than three separate strided groups: the one case that copies.
             x = np.ascontiguousarray(x)
-            layout = plan(x)
-            assert layout is not None  # a C-contiguous array always has a layout
+            tiling = tiling_of(x)
+            assert tiling is not None  # a C-contiguous array always has one
         self.x = x
-        self.layout: Layout = layout
-        view = layout.view(x)
-        assert view is not None  # x is in its own layout
+        self.tiling: Tiling = tiling
+        view = tiling.view(x)
+        assert view is not None  # x has its own tiling's view
         self.view = _as_input(view)
         self.serial = _serial(x.size)
-        self.n_items = layout.n_items
-        # Kernels come in one compiled family per view kind: FAMILY[ops.lanes] picks.
-        self.lanes = int(layout.channels_inner)
-        self.launch_args = (layout.geometry,)
+        self.n_items = tiling.n_items
+        # Kernels come in one compiled family per view kind: FAMILY[ops.family] picks.
+        self.family = int(tiling.channels_inner)
+        self.launch_args = (tiling.geometry,)
 
     def fits(self, view: np.ndarray | None) -> bool:
-        """Whether ``view`` (of another array in this layout) streams like ``x``'s own.
+        """Whether ``view`` (of another array, by this tiling) streams like ``x``'s own.
 
         A view whose innermost axis is strided where ``x``'s is contiguous (a
         channels-last gradient for NCHW data) would read or write one element
@@ -105,7 +105,7 @@ class _Operands:
 
     def input_view(self, array: np.ndarray) -> np.ndarray:
         """View another input, copying it into ``x``'s layout unless it fits as it is."""
-        view = self.layout.view(array)
+        view = self.tiling.view(array)
         if not self.fits(view):
             staged = _staging_like(self.x)
             _copy(staged, array)
@@ -114,8 +114,8 @@ class _Operands:
         return _as_input(view)
 
     def staged_view(self, staged: np.ndarray) -> np.ndarray:
-        """View ``staged``, made like ``self.x``: its strides always fit the layout."""
-        view = self.layout.view(staged)
+        """View ``staged``, made like ``self.x``: its strides always fit the tiling."""
+        view = self.tiling.view(staged)
         assert view is not None
         return view
 
@@ -125,11 +125,11 @@ class _Operands:
         The kernels and ``moments_from_sums`` take a non-finite one as 0. NumPy
         rather than a compiled function, which would cost a first call a compilation.
         """
-        first = self.view[0, 0, 0, :] if self.layout.channels_inner else self.view[0, :, 0, 0]
+        first = self.view[0, 0, 0, :] if self.tiling.channels_inner else self.view[0, :, 0, 0]
         return first.astype(np.float64)
 
     def partials(self) -> np.ndarray:
-        return np.empty((self.layout.n_tiles, 2, self.x.shape[1]))
+        return np.empty((self.tiling.n_tiles, 2, self.x.shape[1]))
 
     def run(self, kernel: Callable[..., None], *args: Any) -> None:
         """Run an ``*_items`` kernel over every item."""
@@ -145,12 +145,12 @@ class _Operands:
     ) -> None:
         """``target = (x - mean) * scale + shift``, then the epilogue's residual add and ReLU."""
         if epilogue is None:
-            affine = kernels.AFFINE[self.lanes]
+            affine = kernels.AFFINE[self.family]
             self.run(affine, self.view, mean, scale, shift, *self.launch_args, target)
             return
         z = self.view if epilogue.residual is None else self.input_view(epilogue.residual)
         self.run(
-            fused.AFFINE_ACT[self.lanes], self.view, z, mean, scale, shift,
+            fused.AFFINE_ACT[self.family], self.view, z, mean, scale, shift,
             epilogue.residual is not None, epilogue.relu, *self.launch_args, target,
         )  # fmt: skip
 
@@ -161,7 +161,7 @@ class _Operands:
         through such an array when its strides do not fit the layout.
         """
         target = np.empty_like(self.original) if out is None else out
-        view = self.layout.view(target)
+        view = self.tiling.view(target)
         if view is not None and self.fits(view):
             return target, kernel(view)
         staged = _staging_like(self.x)
@@ -255,7 +255,7 @@ def _grad_from_sums(
     """Write ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` into ``target``."""
     alpha, beta, gamma = kernels.finish_backward(sums, count, invstd, weight)
     ops.run(
-        kernels.GRAD[ops.lanes],
+        kernels.GRAD[ops.family],
         dy_view,
         ops.view,
         mean,
@@ -297,18 +297,18 @@ class _SerialForward:
         training: bool,
         eps: float,
     ) -> None:
-        x, layout = ops.x, ops.layout
+        x, tiling = ops.x, ops.tiling
         output = np.empty_like(x)
         # How to view the input and a new output: a reshape, or these strides.
-        self.x_view = _view_recipe(layout, x)
-        self.out_view = _view_recipe(layout, output)
-        self.view_shape = layout.view_shape
+        self.x_view = _view_recipe(tiling, x)
+        self.out_view = _view_recipe(tiling, output)
+        self.view_shape = tiling.view_shape
         n_channels = x.shape[1]
         vector = np.zeros(n_channels)
         coefficients = np.zeros((4, n_channels))
-        geometry = layout.geometry
-        affine_args = (ops.view, vector, vector, vector, geometry, layout.view(output), 0, 0)
-        affine = _address(kernels.AFFINE[ops.lanes], affine_args)
+        geometry = tiling.geometry
+        affine_args = (ops.view, vector, vector, vector, geometry, tiling.view(output), 0, 0)
+        affine = _address(kernels.AFFINE[ops.family], affine_args)
         self.training = training
         # The kernel's arguments before the input's view, and after it (eval: up to out).
         self.before: tuple[Any, ...]
@@ -324,16 +324,16 @@ class _SerialForward:
             return
         if running_mean is None or running_var is None:
             running_mean = running_var = _filled(0.0, 0, x.dtype)
-        partials = np.zeros((layout.n_tiles, 2, n_channels))
+        partials = np.zeros((tiling.n_tiles, 2, n_channels))
         sums_args = (ops.view, ops.view, vector, vector, True, geometry, partials, 0, 0)
         coefficients_of = _address(
             serial.batch_coefficients,
             (partials[0], vector, 1, weight, bias, eps, running_mean, running_var, 0.0,
              coefficients),
         )  # fmt: skip
-        self.before = (_address(kernels.SUMS[ops.lanes], sums_args), coefficients_of, affine)
+        self.before = (_address(kernels.SUMS[ops.family], sums_args), coefficients_of, affine)
         self.after = (weight, bias, running_mean, running_var)
-        self.tail = (eps, layout.channels_inner, geometry)
+        self.tail = (eps, tiling.channels_inner, geometry)
 
     def _view(self, array: np.ndarray, recipe: tuple[bool, tuple[int, ...] | None]) -> np.ndarray:
         reshaped, strides = recipe
@@ -357,10 +357,10 @@ class _SerialForward:
         return output, coefficients[0], coefficients[1]
 
 
-def _view_recipe(layout: Layout, array: np.ndarray) -> tuple[bool, tuple[int, ...] | None]:
-    """How to view arrays of ``array``'s signature in ``layout``: a reshape, or these strides."""
-    strides = layout.view_strides(array.shape, array.strides)
-    return layout.c_order and array.flags.c_contiguous, strides
+def _view_recipe(tiling: Tiling, array: np.ndarray) -> tuple[bool, tuple[int, ...] | None]:
+    """How to view arrays of ``array``'s signature for ``tiling``: a reshape, or these strides."""
+    strides = tiling.view_strides(array.shape, array.strides)
+    return tiling.c_order and array.flags.c_contiguous, strides
 
 
 def _address(kernel: Callable[..., None], args: tuple[Any, ...]) -> int:
@@ -510,7 +510,7 @@ class CpuBackend:
         def kernel(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             view = ops.view
             shift = ops.first_values()
-            sums = kernels.SUMS[ops.lanes]
+            sums = kernels.SUMS[ops.family]
             ops.run(sums, view, view, shift, shift, True, *ops.launch_args, partials)
             coefficients = np.empty((4, x.shape[1]))
             launch(
@@ -545,7 +545,7 @@ class CpuBackend:
         if epilogue is not None or not 0 < x.size < PARALLEL_MIN_ELEMENTS:
             return None
         ops = _Operands(x)
-        if ops.x is not x or not ops.fits(ops.layout.view(np.empty_like(x))):
+        if ops.x is not x or not ops.fits(ops.tiling.view(np.empty_like(x))):
             return None  # a copy or a staged output: the fused passes handle those
         return _SerialForward(ops, weight, bias, running_mean, running_var, training, eps)
 
@@ -597,11 +597,11 @@ class CpuBackend:
         grad_residual = dz_view = None
         if residual is not None:
             grad_residual = np.empty_like(x)
-            dz_view = ops.layout.view(grad_residual)
+            dz_view = ops.tiling.view(grad_residual)
             if dz_view is None:  # x was copied into another layout
                 grad_residual = np.empty_like(ops.x)
-                dz_view = ops.layout.view(grad_residual)
-            assert dz_view is not None  # an array made like x or ops.x fits the layout
+                dz_view = ops.tiling.view(grad_residual)
+            assert dz_view is not None  # an array made like x or ops.x fits the tiling
             # Read back as the second pass's input, typed like the other inputs.
             dz_input = _as_input(dz_view.view())  # dz_view itself is still written
         partials = ops.partials()
@@ -611,7 +611,7 @@ class CpuBackend:
             # Without a residual the first pass writes nothing; it still takes a
             # writable array for dz (x may be read-only), and dx is one.
             ops.run(
-                fused.MASKED_SUMS[ops.lanes], dy_view, ops.view, z_view, mean, scale, shift,
+                fused.MASKED_SUMS[ops.family], dy_view, ops.view, z_view, mean, scale, shift,
                 residual is not None, *ops.launch_args, partials,
                 target if dz_view is None else dz_view,
             )  # fmt: skip
@@ -622,20 +622,20 @@ class CpuBackend:
                 alpha, beta, gamma = scale, np.zeros_like(scale), np.zeros_like(scale)
             if residual is None:
                 ops.run(
-                    fused.MASKED_GRAD[ops.lanes], dy_view, ops.view, mean, scale, shift, alpha,
+                    fused.MASKED_GRAD[ops.family], dy_view, ops.view, mean, scale, shift, alpha,
                     beta, gamma, batch_stats, *ops.launch_args, target,
                 )  # fmt: skip
             elif not batch_stats:
                 # dx = dz * alpha: x must not enter (0 * (x - mean) is NaN for infinite x).
                 ops.run(
-                    kernels.AFFINE[ops.lanes], dz_input, beta, alpha, gamma,
+                    kernels.AFFINE[ops.family], dz_input, beta, alpha, gamma,
                     *ops.launch_args, target,
                 )  # fmt: skip
             else:
                 # The first pass wrote the masked dy to dz: the plain gradient pass reads
                 # it in place of dy and z (two reads and a write instead of three and two).
                 ops.run(
-                    kernels.GRAD[ops.lanes], dz_input, ops.view, mean, alpha, beta, gamma,
+                    kernels.GRAD[ops.family], dz_input, ops.view, mean, alpha, beta, gamma,
                     *ops.launch_args, target,
                 )  # fmt: skip
             return totals
@@ -651,7 +651,7 @@ class CpuBackend:
         shift = ops.first_values()
         partials = ops.partials()
         ops.run(
-            kernels.SUMS[ops.lanes],
+            kernels.SUMS[ops.family],
             ops.view,
             ops.view,
             shift,
@@ -704,7 +704,7 @@ class CpuBackend:
         dy_view = ops.input_view(dy)
         zeros = np.zeros_like(mean)
         ops.run(
-            kernels.SUMS[ops.lanes],
+            kernels.SUMS[ops.family],
             ops.view,
             dy_view,
             mean,
@@ -756,7 +756,7 @@ class CpuBackend:
         def kernel(target: np.ndarray) -> np.ndarray:
             zeros = np.zeros_like(mean)
             args = (ops.view, dy_view, mean, zeros, False, *ops.launch_args, partials)
-            ops.run(kernels.SUMS[ops.lanes], *args)
+            ops.run(kernels.SUMS[ops.family], *args)
             totals = _merged(partials)
             count = x.size // x.shape[1]
             _grad_from_sums(ops, dy_view, mean, invstd, weight, totals, count, target)

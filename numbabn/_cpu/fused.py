@@ -51,7 +51,7 @@ def _relu(value):
 
 
 @_inline
-def _affine_act_lanes(x_row, z_row, m, k, b, residual, relu, out_row):
+def _affine_act_channels_inner(x_row, z_row, m, k, b, residual, relu, out_row):
     """One row of adjacent channels (channels-inner): per-element coefficients."""
     for i in range(x_row.shape[0]):
         value = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
@@ -67,19 +67,19 @@ def _affine_act_run(x_row, z_row, m, k, b, residual, relu, out_row):
 
 
 @_inline
-def _affine_act_lanes_item(x, z, mean, scale, shift, residual, relu, bounds, out):
+def _affine_act_channels_inner_item(x, z, mean, scale, shift, residual, relu, bounds, out):
     """``out = relu((x - mean) * scale + shift + z)`` over a channels-inner item."""
     _, c0, c1, row0, row1, _, _ = bounds
     m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
     for p in range(row0, row1):
-        _affine_act_lanes(
+        _affine_act_channels_inner(
             x[p, 0, 0, c0:c1], z[p, 0, 0, c0:c1], m, k, b, residual, relu, out[p, 0, 0, c0:c1]
         )
 
 
 @_inline
-def _affine_act_rows_item(x, z, mean, scale, shift, residual, relu, bounds, out):
-    """:func:`_affine_act_lanes_item` over a planar item."""
+def _affine_act_planar_item(x, z, mean, scale, shift, residual, relu, bounds, out):
+    """:func:`_affine_act_channels_inner_item` over a planar item."""
     _, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
     whole = s1 - s0 == x.shape[3]
@@ -98,7 +98,7 @@ def _affine_act_rows_item(x, z, mean, scale, shift, residual, relu, bounds, out)
 
 
 @_inline
-def _masked_sums_lanes(dy, x, z, mean, scale, shift, residual, bounds, partials, dz):
+def _masked_sums_channels_inner(dy, x, z, mean, scale, shift, residual, bounds, partials, dz):
     """Channels-inner item's ``sum(g)``, ``sum(g * (x - mean))``; ``g`` to ``dz`` if residual."""
     tile, c0, c1, row0, row1, _, _ = bounds
     m, k, b = mean[c0:c1], scale[c0:c1], shift[c0:c1]
@@ -118,8 +118,8 @@ def _masked_sums_lanes(dy, x, z, mean, scale, shift, residual, bounds, partials,
 
 
 @_inline
-def _masked_sums_rows(dy, x, z, mean, scale, shift, residual, bounds, partials, dz):
-    """:func:`_masked_sums_lanes` over a planar item."""
+def _masked_sums_planar(dy, x, z, mean, scale, shift, residual, bounds, partials, dz):
+    """:func:`_masked_sums_channels_inner` over a planar item."""
     tile, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
     for c in range(c0, c1):
@@ -131,7 +131,7 @@ def _masked_sums_rows(dy, x, z, mean, scale, shift, residual, bounds, partials, 
         for _ in range(row0, row1):
             dy_row, x_row, z_row = dy[a, c, r, s0:s1], x[a, c, r, s0:s1], z[a, c, r, s0:s1]
             dz_row = dz[a, c, r, s0:s1]
-            row_g = 0.0  # each row from zero, as in kernels._sums_rows
+            row_g = 0.0  # each row from zero, as in kernels._sums_planar
             row_gx = 0.0
             for i in range(x_row.shape[0]):
                 g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
@@ -150,7 +150,9 @@ def _masked_sums_rows(dy, x, z, mean, scale, shift, residual, bounds, partials, 
 
 
 @_inline
-def _masked_grad_lanes(dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx):
+def _masked_grad_channels_inner(
+    dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx
+):
     """``dx = (g + beta * (x - mean) + gamma) * alpha`` over a channels-inner item.
 
     Without ``batch_stats`` (fixed statistics) ``dx = g * alpha``: ``x`` enters
@@ -170,8 +172,8 @@ def _masked_grad_lanes(dy, x, mean, scale, shift, alpha, beta, gamma, batch_stat
 
 
 @_inline
-def _masked_grad_rows(dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx):
-    """:func:`_masked_grad_lanes` over a planar item."""
+def _masked_grad_planar(dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx):
+    """:func:`_masked_grad_channels_inner` over a planar item."""
     _, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
     whole = s1 - s0 == x.shape[3]
@@ -196,7 +198,7 @@ def _masked_grad_rows(dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats
 
 
 # As in numbabn._cpu.kernels: one compiled kernel per family of views, the
-# family a constant of the closure; ``FAMILY[channels_inner]`` picks.
+# family a constant of the closure; the tuples are indexed by ``numbabn._views.Family``.
 
 
 def _affine_act_kernel(channels_inner: bool) -> Any:
@@ -206,9 +208,11 @@ def _affine_act_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _affine_act_lanes_item(x, z, mean, scale, shift, residual, relu, bounds, out)
+                _affine_act_channels_inner_item(
+                    x, z, mean, scale, shift, residual, relu, bounds, out
+                )
             else:
-                _affine_act_rows_item(x, z, mean, scale, shift, residual, relu, bounds, out)
+                _affine_act_planar_item(x, z, mean, scale, shift, residual, relu, bounds, out)
 
     return affine_act_items
 
@@ -226,9 +230,11 @@ def _masked_sums_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _masked_sums_lanes(dy, x, z, mean, scale, shift, residual, bounds, partials, dz)
+                _masked_sums_channels_inner(
+                    dy, x, z, mean, scale, shift, residual, bounds, partials, dz
+                )
             else:
-                _masked_sums_rows(dy, x, z, mean, scale, shift, residual, bounds, partials, dz)
+                _masked_sums_planar(dy, x, z, mean, scale, shift, residual, bounds, partials, dz)
 
     return masked_sums_items
 
@@ -242,11 +248,11 @@ def _masked_grad_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _masked_grad_lanes(
+                _masked_grad_channels_inner(
                     dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx
                 )
             else:
-                _masked_grad_rows(
+                _masked_grad_planar(
                     dy, x, mean, scale, shift, alpha, beta, gamma, batch_stats, bounds, dx
                 )
 
@@ -254,9 +260,15 @@ def _masked_grad_kernel(channels_inner: bool) -> Any:
 
 
 # Module globals, so that the drivers of numbabn._cpu.parallel can call them by name.
-affine_act_rows, affine_act_lanes = _affine_act_kernel(False), _affine_act_kernel(True)
-masked_sums_rows, masked_sums_lanes = _masked_sums_kernel(False), _masked_sums_kernel(True)
-masked_grad_rows, masked_grad_lanes = _masked_grad_kernel(False), _masked_grad_kernel(True)
-AFFINE_ACT = (affine_act_rows, affine_act_lanes)
-MASKED_SUMS = (masked_sums_rows, masked_sums_lanes)
-MASKED_GRAD = (masked_grad_rows, masked_grad_lanes)
+affine_act_planar, affine_act_channels_inner = _affine_act_kernel(False), _affine_act_kernel(True)
+masked_sums_planar, masked_sums_channels_inner = (
+    _masked_sums_kernel(False),
+    _masked_sums_kernel(True),
+)
+masked_grad_planar, masked_grad_channels_inner = (
+    _masked_grad_kernel(False),
+    _masked_grad_kernel(True),
+)
+AFFINE_ACT = (affine_act_planar, affine_act_channels_inner)
+MASKED_SUMS = (masked_sums_planar, masked_sums_channels_inner)
+MASKED_GRAD = (masked_grad_planar, masked_grad_channels_inner)

@@ -159,7 +159,7 @@ def _lanes(vector, c0, n_c, width):
 
 
 @_inline
-def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
+def _sums_channels_inner(u, v, u_shift, v_shift, squares, bounds, partials):
     """Channels-inner item's ``sum(v - kv)`` and ``sum((v - kv) * (u - ku))`` into partials.
 
     ``kv`` is ``v_shift`` with non-finite values as 0 (see :func:`_finite_or_zero`).
@@ -193,8 +193,8 @@ def _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials):
 
 
 @_inline
-def _sums_rows(u, v, u_shift, v_shift, squares, bounds, partials):
-    """:func:`_sums_lanes` for a planar item."""
+def _sums_planar(u, v, u_shift, v_shift, squares, bounds, partials):
+    """:func:`_sums_channels_inner` for a planar item."""
     tile, c0, c1, row0, row1, s0, s1 = bounds
     n_r = v.shape[2]
     a0 = row0 // n_r
@@ -248,7 +248,7 @@ def _store_partials(partials, tile, c0, sum_a, sum_b):
 
 
 @_inline
-def _affine_lanes(x, mean, scale, shift, bounds, lane_rows, out):
+def _affine_channels_inner(x, mean, scale, shift, bounds, lane_rows, out):
     """``out = (x - mean) * scale + shift`` per channel over a channels-inner item, in float64."""
     _, c0, c1, row0, row1, _, _ = bounds
     if lane_rows == 1:
@@ -273,7 +273,7 @@ def _affine_lanes(x, mean, scale, shift, bounds, lane_rows, out):
 
 @_inline
 def _affine_positions(x, m, k, b, bounds, first, out):
-    """:func:`_affine_lanes` a position at a time, from position ``first`` to the item's end."""
+    """:func:`_affine_channels_inner` a position at a time, from ``first`` to the item's end."""
     _, c0, c1, _, row1, _, _ = bounds
     for p in range(first, row1):
         _affine_run(x[p, 0, 0, c0:c1], m, k, b, out[p, 0, 0, c0:c1])
@@ -287,8 +287,8 @@ def _affine_run(x_run, m, k, b, out_run):
 
 
 @_inline
-def _affine_rows(x, mean, scale, shift, bounds, out):
-    """:func:`_affine_lanes` over a planar item."""
+def _affine_planar(x, mean, scale, shift, bounds, out):
+    """:func:`_affine_channels_inner` over a planar item."""
     _, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
     whole = s1 - s0 == x.shape[3]
@@ -311,7 +311,7 @@ def _affine_rows(x, mean, scale, shift, bounds, out):
 
 
 @_inline
-def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, lane_rows, out):
+def _grad_channels_inner(dy, x, mean, alpha, beta, gamma, bounds, lane_rows, out):
     """``out = (dy + beta * (x - mean) + gamma) * alpha`` over a channels-inner item.
 
     In float64. ``alpha`` (the weight times invstd) multiplies last, as in
@@ -344,7 +344,7 @@ def _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, lane_rows, out):
 
 @_inline
 def _grad_positions(dy, x, m, ka, kb, kg, bounds, first, out):
-    """:func:`_grad_lanes` a position at a time, from position ``first`` to the item's end."""
+    """:func:`_grad_channels_inner` a position at a time, from ``first`` to the item's end."""
     _, c0, c1, _, row1, _, _ = bounds
     for p in range(first, row1):
         _grad_run(dy[p, 0, 0, c0:c1], x[p, 0, 0, c0:c1], m, ka, kb, kg, out[p, 0, 0, c0:c1])
@@ -352,14 +352,14 @@ def _grad_positions(dy, x, m, ka, kb, kg, bounds, first, out):
 
 @_inline
 def _grad_run(dy_run, x_run, m, ka, kb, kg, out_run):
-    """:func:`_grad_lanes`'s formula elementwise over a run, coefficients lane by lane."""
+    """:func:`_grad_channels_inner`'s formula elementwise over a run, coefficients lane by lane."""
     for j in range(x_run.shape[0]):
         out_run[j] = (np.float64(dy_run[j]) + kb[j] * (np.float64(x_run[j]) - m[j]) + kg[j]) * ka[j]
 
 
 @_inline
-def _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out):
-    """:func:`_grad_lanes` over a planar item."""
+def _grad_planar(dy, x, mean, alpha, beta, gamma, bounds, out):
+    """:func:`_grad_channels_inner` over a planar item."""
     _, c0, c1, row0, row1, s0, s1 = bounds
     n_r = x.shape[2]
     whole = s1 - s0 == x.shape[3]
@@ -385,7 +385,8 @@ def _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out):
 
 # Each kernel below is compiled for one family of views (``channels_inner`` a
 # constant of the closure, so Numba prunes the other family's code before it
-# types anything: half the code to compile). ``FAMILIES[channels_inner]`` picks.
+# types anything: half the code to compile). The tuples below are indexed by
+# ``numbabn._views.Family``.
 
 
 def _sums_kernel(channels_inner: bool) -> Any:
@@ -395,9 +396,9 @@ def _sums_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, v.shape, channels_inner, geometry)
             if channels_inner:
-                _sums_lanes(u, v, u_shift, v_shift, squares, bounds, partials)
+                _sums_channels_inner(u, v, u_shift, v_shift, squares, bounds, partials)
             else:
-                _sums_rows(u, v, u_shift, v_shift, squares, bounds, partials)
+                _sums_planar(u, v, u_shift, v_shift, squares, bounds, partials)
 
     return sums_items
 
@@ -409,9 +410,9 @@ def _affine_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _affine_lanes(x, mean, scale, shift, bounds, geometry[2], out)
+                _affine_channels_inner(x, mean, scale, shift, bounds, geometry[2], out)
             else:
-                _affine_rows(x, mean, scale, shift, bounds, out)
+                _affine_planar(x, mean, scale, shift, bounds, out)
 
     return affine_items
 
@@ -423,20 +424,20 @@ def _grad_kernel(channels_inner: bool) -> Any:
         for item in range(start, stop):
             bounds = _bounds(item, x.shape, channels_inner, geometry)
             if channels_inner:
-                _grad_lanes(dy, x, mean, alpha, beta, gamma, bounds, geometry[2], out)
+                _grad_channels_inner(dy, x, mean, alpha, beta, gamma, bounds, geometry[2], out)
             else:
-                _grad_rows(dy, x, mean, alpha, beta, gamma, bounds, out)
+                _grad_planar(dy, x, mean, alpha, beta, gamma, bounds, out)
 
     return grad_items
 
 
 # Module globals, so that the drivers of numbabn._cpu.parallel can call them by name.
-sums_rows, sums_lanes = _sums_kernel(False), _sums_kernel(True)
-affine_rows, affine_lanes = _affine_kernel(False), _affine_kernel(True)
-grad_rows, grad_lanes = _grad_kernel(False), _grad_kernel(True)
-SUMS = (sums_rows, sums_lanes)
-AFFINE = (affine_rows, affine_lanes)
-GRAD = (grad_rows, grad_lanes)
+sums_planar, sums_channels_inner = _sums_kernel(False), _sums_kernel(True)
+affine_planar, affine_channels_inner = _affine_kernel(False), _affine_kernel(True)
+grad_planar, grad_channels_inner = _grad_kernel(False), _grad_kernel(True)
+SUMS = (sums_planar, sums_channels_inner)
+AFFINE = (affine_planar, affine_channels_inner)
+GRAD = (grad_planar, grad_channels_inner)
 
 
 @_kernel

@@ -12,7 +12,7 @@ import numpy as np
 from numbabn._cuda import arrays, kernels
 from numbabn._tunables import MAX_PER_THREAD, MIN_PER_THREAD, TARGET_BLOCKS
 from numbabn._validation import FLOAT_PARAM_DTYPES, HALF_PARAM_DTYPES
-from numbabn._views import plan_strided
+from numbabn._views import tiling_for
 from numbabn.epilogue import Epilogue
 
 # A reusable context that does nothing.
@@ -57,7 +57,7 @@ class _Grid:
 def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ...]) -> _Grid | None:
     """The grid for an input; ``sizes`` are the tunables (part of the cache key)."""
     threads, lanes, target, min_per_thread, max_per_thread, wide_row_threads = sizes
-    layout = plan_strided(shape, strides)
+    layout = tiling_for(shape, strides)
     if layout is None:
         return None
     if layout.channels_inner:
