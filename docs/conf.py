@@ -25,7 +25,7 @@ exclude_patterns = ["_build", "design.md"]
 nitpicky = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": False}
+autodoc_default_options = {"members": True}
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 napoleon_use_rtype = False
@@ -36,5 +36,6 @@ html_static_path: list[str] = []
 html_theme_options = {
     "description": "PyTorch's batch normalization for NumPy, on Numba kernels",
     "fixed_sidebar": True,
+    "page_width": "1160px",
     "show_relbars": True,
 }
