@@ -162,8 +162,8 @@ def cuda_backend() -> Backend:
     """The CUDA backend, imported on first use so the CPU install never needs numba-cuda."""
     if importlib.util.find_spec("numba_cuda") is None:
         raise ImportError(
-            "CUDA arrays need the numba-cuda package; install numbabn with the cuda extra "
-            "(pip install 'numbabn[cuda]')"
+            "CUDA arrays need the numba-cuda package: pip install 'numba-cuda[cu12]' "
+            "(numbabn's [cuda] extra)"
         )
     from numbabn._cuda import CudaBackend
 

@@ -270,10 +270,12 @@ def check_param_dtypes(
     if given[0].dtype != x.dtype:  # PyTorch's "mixed type": float32 parameters for float16
         if any(vector.dtype != _FLOAT for vector in given):
             raise _param_dtype_error(
-                "mixed dtype (CPU): expect parameter to have scalar type of Float"
+                "mixed dtype (CPU): expect parameter to have scalar type of Float", x.dtype
             )
         if x.dtype != _HALF:
-            raise _param_dtype_error("mixed dtype (CPU): all inputs must share same datatype.")
+            raise _param_dtype_error(
+                "mixed dtype (CPU): all inputs must share same datatype.", x.dtype
+            )
         for vector in (running_mean, running_var):
             _check_rank(vector)
         return
@@ -287,7 +289,8 @@ def check_param_dtypes(
         if dtype != x.dtype:
             raise _param_dtype_error(
                 f"expected scalar type {torch_dtype_name(x.dtype)} "
-                f"but found {torch_dtype_name(dtype)}"
+                f"but found {torch_dtype_name(dtype)}",
+                x.dtype,
             )
     if x.dtype == _HALF:
         raise TypeError(
@@ -296,10 +299,23 @@ def check_param_dtypes(
         )
 
 
-def _param_dtype_error(text: str) -> RuntimeError:
-    """PyTorch's RuntimeError for a parameter dtype, marked so modules can explain it."""
-    error = RuntimeError(text)
+def _param_dtype_error(text: str, dtype: np.dtype) -> RuntimeError:
+    """PyTorch's RuntimeError for a parameter dtype, then what to do for ``dtype`` input.
+
+    The error keeps PyTorch's own text as ``pytorch_text``, so that a module can give
+    its own advice after it instead.
+    """
+    wanted = PARAM_DTYPES.get(dtype)
+    advice = ""
+    if wanted is not None:
+        advice = (
+            f"{'' if text.endswith('.') else '.'} weight, bias, running_mean and running_var "
+            f"must be {wanted} for {dtype} input: convert them with .astype(np.{wanted}), "
+            "or convert the input"
+        )
+    error = RuntimeError(text + advice)
     error.param_dtype_mismatch = True  # type: ignore[attr-defined]
+    error.pytorch_text = text  # type: ignore[attr-defined]
     return error
 
 

@@ -16,7 +16,7 @@ Each task runs its kernel on its own thread, never on Numba's thread pool:
 Dask's workers and threads are the parallelism, so a cluster of single-threaded
 worker processes uses one core per worker whatever ``NUMBA_NUM_THREADS`` is.
 
-Dask itself is imported only by this module (install ``numbabn[dask]``).
+Dask itself is imported only by this module (install ``dask[array]``).
 
 Examples
 --------
@@ -45,7 +45,9 @@ try:
     import dask
     import dask.array as da
 except ImportError as error:  # pragma: no cover - the message is the point
-    raise ImportError("numbabn.dask needs Dask's arrays: pip install 'numbabn[dask]'") from error
+    raise ImportError(
+        "numbabn.dask needs Dask's arrays: pip install 'dask[array]' (numbabn's [dask] extra)"
+    ) from error
 
 __all__ = ["batch_norm", "channel_stats"]
 

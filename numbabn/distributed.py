@@ -47,7 +47,8 @@ def _world() -> Any:
         from mpi4py import MPI
     except ImportError as error:
         raise ImportError(
-            "SyncBatchNorm needs mpi4py and an MPI library: pip install 'numbabn[mpi]'"
+            "SyncBatchNorm needs mpi4py and an MPI library: pip install mpi4py mpich "
+            "(numbabn's [mpi] extra: pip install '.[mpi]' from a checkout)"
         ) from error
     return MPI.COMM_WORLD
 

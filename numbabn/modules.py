@@ -467,7 +467,7 @@ class _BatchNorm:
         if not check.is_param_dtype_error(error):
             return
         wanted = check.PARAM_DTYPES.get(dtype)
-        text = error.args[0]
+        text = getattr(error, "pytorch_text", error.args[0])
         text += ("" if text.endswith(".") else ".") + (
             f" {self._name()} has {self.dtype} parameters and running statistics "
             f"but the input is {dtype}: "
@@ -709,9 +709,8 @@ class _BatchNorm:
         )
 
 
-class BatchNorm1d(_BatchNorm):
-    """Batch normalization over ``(N, C)`` or ``(N, C, L)`` input, as ``torch.nn.BatchNorm1d``.
-
+# The constructor parameters of every eager module, in each class's docstring.
+_PARAMETERS = """
     Parameters
     ----------
     num_features : int
@@ -738,27 +737,34 @@ class BatchNorm1d(_BatchNorm):
     activation : {None, "relu"}
         Applied to the output in the same pass (``forward(x, residual=z)``
         adds ``z`` first); backward recomputes the ReLU mask from the input.
-    """
+"""
+
+
+class BatchNorm1d(_BatchNorm):
+    __doc__ = (
+        "Batch normalization over ``(N, C)`` or ``(N, C, L)`` input, as "
+        "``torch.nn.BatchNorm1d``.\n" + _PARAMETERS
+    )
 
     _allowed_ndims = (2, 3)
     _ndim_label = "2D or 3D"
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch normalization over ``(N, C, H, W)`` input, as ``torch.nn.BatchNorm2d``.
-
-    Parameters are those of :class:`BatchNorm1d`.
-    """
+    __doc__ = (
+        "Batch normalization over ``(N, C, H, W)`` input, as ``torch.nn.BatchNorm2d``.\n"
+        + _PARAMETERS
+    )
 
     _allowed_ndims = (4,)
     _ndim_label = "4D"
 
 
 class BatchNorm3d(_BatchNorm):
-    """Batch normalization over ``(N, C, D, H, W)`` input, as ``torch.nn.BatchNorm3d``.
-
-    Parameters are those of :class:`BatchNorm1d`.
-    """
+    __doc__ = (
+        "Batch normalization over ``(N, C, D, H, W)`` input, as ``torch.nn.BatchNorm3d``.\n"
+        + _PARAMETERS
+    )
 
     _allowed_ndims = (5,)
     _ndim_label = "5D"

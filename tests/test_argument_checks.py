@@ -69,6 +69,13 @@ ADVICE = {
         r"num_features is the number of channels \(axis 1 of the input\) and must be an int, "
         r"such as 3; got .+"
     ),
+    r"(mixed dtype \(CPU\): expect parameter to have scalar type of Float|"
+    r"mixed dtype \(CPU\): all inputs must share same datatype\.|"
+    r"expected scalar type \w+ but found \w+)": (
+        r"weight, bias, running_mean and running_var must be (float32|float64) for "
+        r"(float16|float32|float64) input: convert them with \.astype\(np\.(float32|float64)\), "
+        r"or convert the input"
+    ),
     r"(Trying to create tensor with negative dimension -\d+: \[-\d+\]|"
     r"zeros: Dimension size must be non-negative\.)": (
         r"num_features is the number of channels and cannot be negative; got -\d+"

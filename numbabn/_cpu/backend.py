@@ -439,8 +439,8 @@ class CpuBackend:
     def cache_dir() -> str:
         """The directory where Numba caches the kernels (created if missing).
 
-        ``NUMBA_CACHE_DIR`` when set, else the ``__pycache__`` beside the installed
-        sources, else (a read-only install) Numba's per-user cache directory.
+        A folder named after the digest of the sources, in ``NUMBA_CACHE_DIR`` when
+        set, else in the user's cache directory.
         """
         dispatcher: Any = kernels.moments_from_sums
         path = str(dispatcher._cache.cache_path)  # Numba's FunctionCache knows its locator

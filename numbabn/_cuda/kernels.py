@@ -82,7 +82,8 @@ _BOUNDED: dict[str, Any] = {} if SIMULATOR else {"launch_bounds": (THREADS, MIN_
 
 def _kernel(function: Any, bounded: bool = True) -> Any:
     options = _BOUNDED if bounded else {}
-    return _source_stamp.stamp(cuda.jit(cache=True, **options)(function), "numbabn._cuda", _DIGEST)
+    # The stamp installs the kernel cache (numba-cuda's own would be looked up at import).
+    return _source_stamp.stamp(cuda.jit(**options)(function), "numbabn._cuda", _DIGEST)
 
 
 # Device functions are inlined into the kernels, where their family and flag
