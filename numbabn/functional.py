@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from numbabn import _phases
 from numbabn import _validation as check
 from numbabn._dispatch import Backend, all_host, backend_for, host_backend
-from numbabn._phases import Running, SavedStats
+from numbabn._phases import Affine, Running, SavedStats
 from numbabn.epilogue import Epilogue, epilogue_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
@@ -220,8 +220,7 @@ class ForwardCall(NamedTuple):
     backend: Backend
     x: Any
     running: Running
-    weight: Any
-    bias: Any
+    affine: Affine
     out: Any | None
     epilogue: Epilogue | None
     training: bool
@@ -259,15 +258,15 @@ def prepare_forward(
     x, running_mean, running_var, weight, bias, out_array = arrays
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     check.check_running_writeable(training, running_mean, running_var)
-    weight, bias = _phases.with_defaults(
-        backend, weight, bias, x.shape[1], backend.param_dtypes[x.dtype]
+    affine = _phases.with_defaults(
+        backend, Affine(weight, bias), x.shape[1], backend.param_dtypes[x.dtype]
     )
     # Python floats for the kernels: one compiled signature whatever number type was given.
     running = Running(running_mean, running_var, float(momentum))
     caller_input = input if caller_input is None else caller_input
     return ForwardCall(
-        backend, x, running, weight, bias, out_array, epilogue, training, float(eps),
-        caller_input, out,
+        backend, x, running, affine, out_array, epilogue, training, float(eps), caller_input,
+        out,
     )  # fmt: skip
 
 
@@ -276,18 +275,12 @@ def run_forward(
 ) -> tuple[Array, SavedStats]:
     """Run a checked forward call (with an exchange between its phases when given)."""
     backend, x = call.backend, call.x
-    others: tuple[Any, ...] = (
-        call.running.mean,
-        call.running.var,
-        call.weight,
-        call.bias,
-        call.out,
-    )
+    others: tuple[Any, ...] = (*call.running[:2], *call.affine, call.out)
     if call.epilogue is not None:
         others += (call.epilogue.residual,)
     with backend.on_stream(stream, x, others):
         output, saved = _phases.forward(
-            backend, x, call.running, call.weight, call.bias, call.training, call.eps, call.out,
+            backend, x, call.running, call.affine, call.training, call.eps, call.out,
             call.epilogue, exchange,
         )  # fmt: skip
     return _returned(backend, output, call.input, call.caller_out), saved
@@ -315,8 +308,7 @@ def plan_forward(call: ForwardCall, held: tuple[Any, ...]) -> ForwardPlan:
     runner = None
     if call.out is None and call.x.size:
         runner = call.backend.plan_forward(
-            call.x, call.weight, call.bias, call.running.mean, call.running.var, call.training,
-            call.eps, call.epilogue,
+            call.x, *call.affine, *call.running[:2], call.training, call.eps, call.epilogue,
         )  # fmt: skip
     return ForwardPlan(call._replace(x=None, input=None), runner, held)
 
@@ -435,8 +427,7 @@ class BackwardCall(NamedTuple):
     dy: Any
     x: Any
     saved: SavedStats
-    weight: Any | None
-    bias: Any | None
+    affine: Affine  # weight None: no affine parameters
     out: Any | None
     epilogue: Epilogue | None
     originals: tuple[Any, Any | None, Any | None]  # the caller's input, weight and residual
@@ -486,7 +477,7 @@ def prepare_backward(
             "gradient; pass another out= array"
         )
     return BackwardCall(
-        backend, dy, x, saved, weight_array, bias_array, out_array, epilogue,
+        backend, dy, x, saved, Affine(weight_array, bias_array), out_array, epilogue,
         (input, weight, residual), out, grad_output,
     )  # fmt: skip
 
@@ -501,11 +492,11 @@ def run_backward(
     values per channel. Returns what :func:`batch_norm_backward` returns."""
     backend, x = call.backend, call.x
     residual = None if call.epilogue is None else call.epilogue.residual
-    others = (x, call.weight, call.bias, call.out, residual, call.saved.mean, call.saved.invstd)
+    others = (x, *call.affine, call.out, residual, call.saved.mean, call.saved.invstd)
     with backend.on_stream(stream, call.dy, others):
         grads = _phases.backward(
-            backend, call.dy, x, call.saved, call.weight, call.bias,
-            backend.param_dtypes[x.dtype], call.out, call.epilogue, exchange, count,
+            backend, call.dy, x, call.saved, call.affine, backend.param_dtypes[x.dtype],
+            call.out, call.epilogue, exchange, count,
         )  # fmt: skip
     return _backward_results(backend, grads, call.originals, call.caller_out, call.grad_output)
 
