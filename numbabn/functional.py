@@ -6,7 +6,9 @@ statistics, gradients) and call these functions.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
+
+import numpy as np
 
 from numbabn import _phases
 from numbabn import _validation as check
@@ -84,6 +86,38 @@ def check_forward_args(
     return backend, (x, running_mean, running_var, weight, bias, out)
 
 
+@overload
+def batch_norm_forward(
+    input: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    stream: None = None,
+) -> tuple[np.ndarray, SavedStats]: ...
+@overload
+def batch_norm_forward(
+    input: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
+    stream: Any | None = None,
+) -> tuple[Array, SavedStats]: ...
 def batch_norm_forward(
     input: Array,
     running_mean: Array | None,
@@ -340,6 +374,38 @@ def _returned(backend: Backend, output: Any, input: Any, out: Any | None) -> Any
     return out if out is not None else backend.like(output, input)
 
 
+@overload
+def batch_norm(
+    input: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    stream: None = None,
+) -> np.ndarray: ...
+@overload
+def batch_norm(
+    input: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
+    stream: Any | None = None,
+) -> Array: ...
 def batch_norm(
     input: Array,
     running_mean: Array | None,
@@ -367,6 +433,45 @@ def batch_norm(
     return output
 
 
+@overload
+def batch_norm_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    saved: SavedStats,
+    weight: np.ndarray | None = None,
+    *,
+    out: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    residual: None = None,
+    activation: str | None = None,
+    stream: None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
+@overload
+def batch_norm_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    saved: SavedStats,
+    weight: np.ndarray | None = None,
+    *,
+    out: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    residual: np.ndarray,
+    activation: str | None = None,
+    stream: None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]: ...
+@overload
+def batch_norm_backward(
+    grad_output: Array,
+    input: Array,
+    saved: SavedStats,
+    weight: Array | None = None,
+    *,
+    out: Array | None = None,
+    bias: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
+    stream: Any | None = None,
+) -> tuple[Array, ...]: ...
 def batch_norm_backward(
     grad_output: Array,
     input: Array,

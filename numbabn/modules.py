@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, overload
 
 import numpy as np
 
@@ -312,6 +312,12 @@ class _BatchNorm:
             return 1.0 / float(self.num_batches_tracked + 1)
         return self.momentum
 
+    @overload
+    def forward(
+        self, x: np.ndarray, out: np.ndarray | None = None, *, residual: np.ndarray | None = None
+    ) -> np.ndarray: ...
+    @overload
+    def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any: ...
     def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         """Normalise ``x``; in training, update the running statistics.
 
@@ -513,10 +519,22 @@ class _BatchNorm:
             )
         return saved
 
+    @overload
+    def __call__(
+        self, x: np.ndarray, out: np.ndarray | None = None, *, residual: np.ndarray | None = None
+    ) -> np.ndarray: ...
+    @overload
+    def __call__(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any: ...
     def __call__(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         """Same as :meth:`forward`."""
         return self.forward(x, out, residual=residual)
 
+    @overload
+    def backward(
+        self, grad_output: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+    @overload
+    def backward(self, grad_output: Any, out: Any | None = None) -> Any: ...
     def backward(self, grad_output: Any, out: Any | None = None) -> Any:
         """Gradient w.r.t. the last forward's input; accumulate parameter gradients.
 
