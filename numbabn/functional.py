@@ -200,13 +200,14 @@ def batch_norm_forward(
             call = prepare_forward(*args, None, None, activation)
             plan = plan_forward(call, (running_mean, running_var, weight, bias))
             if signature is not None:
-                _keep(signature, plan)
+                _keep(_PLANS, signature, plan)
         return run_planned(plan, plan.call.backend.adopt(input), input, momentum)
     return run_forward(prepare_forward(*args, out, residual, activation), stream)
 
 
 # The plans of the functional API's last signatures, oldest first.
 _PLANS: dict[tuple[Any, ...], ForwardPlan] = {}
+_BACKWARD_PLANS: dict[tuple[Any, ...], BackwardPlan] = {}
 PLANS_KEPT = 32
 
 
@@ -241,11 +242,11 @@ def _signature(
     return signature
 
 
-def _keep(signature: tuple[Any, ...], plan: ForwardPlan) -> None:
+def _keep(plans: dict[tuple[Any, ...], Any], signature: tuple[Any, ...], plan: Any) -> None:
     """Keep ``plan`` for ``signature``; forget the oldest beyond :data:`PLANS_KEPT`."""
-    _PLANS[signature] = plan
-    if len(_PLANS) > PLANS_KEPT:
-        _PLANS.pop(next(iter(_PLANS)), None)
+    plans[signature] = plan
+    if len(plans) > PLANS_KEPT:
+        plans.pop(next(iter(plans)), None)
 
 
 class ForwardCall(NamedTuple):
@@ -518,11 +519,44 @@ def batch_norm_backward(
         Only when ``residual`` is given: the gradient w.r.t. it (``g``; with no
         activation, ``grad_output`` itself).
     """
+    if out is None and residual is None and stream is None:
+        signature = _backward_signature(grad_output, input, saved, weight, bias, activation)
+        plan = _BACKWARD_PLANS.get(signature) if signature is not None else None
+        if plan is None:
+            call = prepare_backward(
+                grad_output, input, saved, weight, bias=bias, activation=activation
+            )
+            plan = plan_backward(call, (weight, bias))
+            if signature is not None:
+                _keep(_BACKWARD_PLANS, signature, plan)
+        adopt = plan.call.backend.adopt
+        return run_planned_backward(
+            plan, adopt(grad_output), adopt(input), saved, grad_output, input
+        )
     call = prepare_backward(
         grad_output, input, saved, weight, out=out, bias=bias, residual=residual,
         activation=activation,
     )  # fmt: skip
     return run_backward(call, stream)
+
+
+def _backward_signature(
+    grad_output: Any,
+    input: Any,
+    saved: SavedStats,
+    weight: Any | None,
+    bias: Any | None,
+    activation: str | None,
+) -> tuple[Any, ...] | None:
+    """What the checks of a backward call read (see :func:`_signature`)."""
+    strides = getattr(grad_output, "strides", None), getattr(input, "strides", None)
+    if None in strides:
+        return None
+    return (
+        type(grad_output), grad_output.shape, grad_output.dtype, type(input), input.shape,
+        input.dtype, *strides, type(saved.mean), tuple(saved.mean.shape), saved.batch_stats,
+        id(weight), id(bias), activation,
+    )  # fmt: skip
 
 
 class BackwardCall(NamedTuple):
@@ -604,6 +638,43 @@ def run_backward(
             call.out, call.epilogue, exchange, count,
         )  # fmt: skip
     return _backward_results(backend, grads, call.originals, call.caller_out, call.grad_output)
+
+
+class BackwardPlan(NamedTuple):
+    """What a backward call's checks decided, reused by the calls of the same signature (as
+    :class:`ForwardPlan`; the saved statistics are the call's own, checked by shape)."""
+
+    call: BackwardCall  # the planning call's checked arguments, its own arrays left out
+    runner: Any | None
+    held: tuple[Any, ...]  # the arrays whose identities the signature holds, as given
+
+
+def plan_backward(call: BackwardCall, held: tuple[Any, ...]) -> BackwardPlan:
+    """A plan for the backwards of ``call``'s signature (made after its checks passed)."""
+    runner = None
+    if call.out is None and call.x.size:
+        backend, x = call.backend, call.x
+        weight = _phases.with_defaults(
+            backend, call.affine, x.shape[1], backend.param_dtypes[x.dtype]
+        ).weight
+        runner = backend.plan_backward(call.dy, x, weight, call.saved.batch_stats, call.epilogue)
+    input, weight, residual = call.originals
+    leftover = call._replace(dy=None, x=None, originals=(None, weight, residual), grad_output=None)
+    return BackwardPlan(leftover, runner, held)
+
+
+def run_planned_backward(
+    plan: BackwardPlan, dy: Any, x: Any, saved: SavedStats, grad_output: Any, caller_input: Any
+) -> tuple[Array, ...]:
+    """Run a backward of ``dy`` and ``x`` (the backend's arrays of the plan's signature)."""
+    call = plan.call
+    originals = (caller_input, *call.originals[1:])
+    if plan.runner is None:
+        return run_backward(
+            call._replace(dy=dy, x=x, saved=saved, originals=originals, grad_output=grad_output)
+        )
+    grads = (*plan.runner(dy, x, saved.mean, saved.invstd), None)
+    return _backward_results(call.backend, grads, originals, None, grad_output)
 
 
 def _backward_results(

@@ -254,6 +254,13 @@ class CudaBackend:
         return None
 
     @staticmethod
+    def plan_backward(
+        dy: Any, x: Any, weight: Any, batch_stats: bool, epilogue: Epilogue | None
+    ) -> None:
+        """No runner of its own: the fused passes serve every signature."""
+        return None
+
+    @staticmethod
     def train_forward(
         x: Any,
         weight: Any,
