@@ -125,7 +125,7 @@ def tolerances(dtype) -> dict:
 def cuda_small_blocks(monkeypatch):
     """Several blocks, chunks and ragged channel groups on tiny shapes.
 
-    Under the CUDA simulator: blocks of 16 threads (4 channel lanes) and chunks
+    Under the CUDA simulator: blocks of 16 threads (at most 4 channels) and chunks
     of a few values. On a real GPU the block sizes are compiled in, so only the
     chunking is made fine.
     """
@@ -133,7 +133,7 @@ def cuda_small_blocks(monkeypatch):
 
     if arrays.SIMULATOR:
         monkeypatch.setattr(kernels, "THREADS", 16)
-        monkeypatch.setattr(kernels, "LANES", 4)
+        monkeypatch.setattr(kernels, "CHANNELS_PER_BLOCK", 4)
     monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
     monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)
     monkeypatch.setattr(backend, "MAX_PER_THREAD", 2)

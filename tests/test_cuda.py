@@ -80,24 +80,25 @@ def test_grid_covers_ragged_blocks():
     """The patched sizes give several chunks and a partial channel group."""
     x = make_input(np.random.default_rng(0), (3, 5, 4, 3), "channels_last")
     grid = cuda_backend._grid_for(to_device(x))
-    assert grid.family == kernels.CHANNELS_INNER
+    assert grid.family == kernels.Family.CHANNELS_INNER
     assert grid.n_chunks > 1
     if SIMULATOR:
-        assert x.shape[1] % grid.lanes != 0
+        assert x.shape[1] % grid.channels_per_block != 0
 
 
-@pytest.mark.parametrize(("n_channels", "lanes"), [(2, 2), (3, 4), (9, 16), (40, 32)])
-def test_narrow_channels_inner_blocks_pack_positions(n_channels, lanes):
-    """Channels-last data with fewer channels than LANES fills the warps with positions."""
+@pytest.mark.parametrize(("n_channels", "channels_per_block"), [(2, 2), (3, 4), (9, 16), (40, 32)])
+def test_narrow_channels_inner_blocks_pack_positions(n_channels, channels_per_block):
+    """Channels-last data with fewer channels than CHANNELS_PER_BLOCK fills the warps with
+    positions."""
     sizes = (256, 32, 2048, 4, 64, 8)
     shape, strides = (
         (64, n_channels, 8, 8),
         (8 * 8 * n_channels * 4, 4, 8 * n_channels * 4, n_channels * 4),
     )
     grid = cuda_backend._grid(shape, strides, sizes)
-    assert grid.family == kernels.CHANNELS_INNER
-    assert grid.lanes == lanes
-    assert grid.n_groups == -(-n_channels // lanes)
+    assert grid.family == kernels.Family.CHANNELS_INNER
+    assert grid.channels_per_block == channels_per_block
+    assert grid.n_groups == -(-n_channels // channels_per_block)
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -109,7 +110,7 @@ def test_wide_rows_are_walked_row_by_row(rng, activation):
     z = make_input(rng, shape, "contiguous", np.float64) if activation else None
     grid = cuda_backend._grid_for(to_device(x))
     if SIMULATOR:
-        assert grid.family == kernels.WIDE_ROWS and grid.n_chunks > 1
+        assert grid.family == kernels.Family.WIDE_ROWS and grid.n_chunks > 1
     bn = numbabn.BatchNorm2d(2, dtype=np.float64, device="cuda", activation=activation)
     reference = numbabn.BatchNorm2d(2, dtype=np.float64, activation=activation)
     for training in (True, False):

@@ -17,12 +17,13 @@ from typing import Any
 from numba import types
 
 from numbabn._cuda import kernels
+from numbabn._cuda.kernels import Family, Mode
 
 FAMILIES = {
-    "rows": kernels.ROWS,
-    "wide_rows": kernels.WIDE_ROWS,
-    "planar": kernels.PLANAR,
-    "channels_inner": kernels.CHANNELS_INNER,
+    "rows": Family.ROWS,
+    "wide_rows": Family.WIDE_ROWS,
+    "planar": Family.PLANAR,
+    "channels_inner": Family.CHANNELS_INNER,
 }
 EVERY = tuple(FAMILIES)
 # Through the forward's ReLU, the operands of planar views are staged as rows, and the
@@ -38,14 +39,14 @@ SUMS = {  # (through the forward's ReLU, with its residual)
     "masked, residual": ((True, True), MASKED),
 }
 PASSES = {  # (mode, residual, ReLU)
-    "affine": ((kernels.AFFINE, False, False), EVERY),
-    "affine, relu": ((kernels.AFFINE, False, True), EVERY),
-    "affine, residual": ((kernels.AFFINE, True, False), EVERY),
-    "affine, residual, relu": ((kernels.AFFINE, True, True), EVERY),
-    "gradient": ((kernels.GRADIENT, False, False), EVERY),
-    "masked gradient": ((kernels.MASKED_GRADIENT, False, False), MASKED),
-    "masked scale": ((kernels.MASKED_SCALE, False, False), MASKED),
-    "scaled gradient": ((kernels.SCALED_GRADIENT, False, False), NOT_PLANAR),
+    "affine": ((Mode.AFFINE, False, False), EVERY),
+    "affine, relu": ((Mode.AFFINE, False, True), EVERY),
+    "affine, residual": ((Mode.AFFINE, True, False), EVERY),
+    "affine, residual, relu": ((Mode.AFFINE, True, True), EVERY),
+    "gradient": ((Mode.GRADIENT, False, False), EVERY),
+    "masked gradient": ((Mode.MASKED_GRADIENT, False, False), MASKED),
+    "masked scale": ((Mode.MASKED_SCALE, False, False), MASKED),
+    "scaled gradient": ((Mode.SCALED_GRADIENT, False, False), NOT_PLANAR),
 }
 EVALUATIONS = {  # (residual, ReLU)
     "": ((False, False), EVERY),
@@ -83,7 +84,7 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
     x, v = _array(dtype, 4), _array(param, 1)
     stats, coeffs, partials = _array(f64, 1), _array(f64, 2), _array(f64, 3)
     counters = _array(types.uint32, 1)
-    # Data kernels take (lanes, per_block) first.
+    # Data kernels take (channels_per_block, per_block) first.
     statistics = (i64, i64, x, v, v, v, v, f64, f64, coeffs, partials, counters)
     grads = _array(param, 2)
     sums = (i64, i64, x, x, x, stats, stats, v, v, b, coeffs, grads, partials, counters, x)

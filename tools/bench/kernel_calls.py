@@ -21,7 +21,7 @@ from numbabn import functional as F
 from numbabn._cuda import arrays
 
 # Several chunks per channel on the real grid (the last-block merge runs), and a
-# channel count that is not a multiple of a warp's channel lanes.
+# channel count that is not a multiple of a block's channels.
 DEFAULT_SHAPE = (16, 3, 20, 20)
 # --layout: which memory layouts run (channels-last or not).
 LAYOUTS = {"both": (False, True), "nchw": (False,), "channels-last": (True,)}
