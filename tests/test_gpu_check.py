@@ -22,6 +22,7 @@ EXPECTED = {
     "kernels": "passed",
     "racecheck": "skipped",
     "memcheck": "skipped",
+    "sync-batchnorm": "passed",
     "benchmark": "passed",
     "host-time": "passed",
     "cpu-threads": "passed",
@@ -81,8 +82,10 @@ def test_dry_run_report_has_every_section_and_table(dry_run):
     assert "All 15 outputs match the CPU backend" in report
     log = (out / gpu_check.LOG).read_text()
     assert log.splitlines()[-1].startswith("done in ")
-    assert "[10/10] cpu-threads: passed" in log
-    assert "[10/10] cpu-threads: passed" in result.stdout
+    assert "| arrays | status | seconds | note |" in report
+    n = len(gpu_check.STEPS)
+    assert f"[{n}/{n}] cpu-threads: passed" in log
+    assert f"[{n}/{n}] cpu-threads: passed" in result.stdout
 
 
 def test_test_steps_run_files_that_exist():

@@ -13,6 +13,9 @@ and CuPy where present). The steps, in order, each with a time budget:
   which the simulator hides);
 - ``kernels``, ``racecheck``, ``memcheck``: one small call of every pass
   (:mod:`tools.bench.kernel_calls`), plainly and under compute-sanitizer;
+- ``sync-batchnorm``: SyncBatchNorm on CUDA arrays under ``mpiexec -n 2``
+  (``tests/mpi/sync_workload.py``), each rank against BatchNorm on the CPU over
+  the whole batch, then the same workload on host arrays;
 - ``benchmark``, ``host-time``: numbabn beside PyTorch (cuDNN) and a streaming
   roofline, and the host time per small forward;
 - ``cpu-threads``: the CPU kernels' training pass with 1 to 16 threads beside
@@ -24,8 +27,8 @@ goes and logged; the status of every step is summarised, and every table is
 gathered into one report, ready to commit under ``benchmarks/results/``.
 
 ``--dry-run`` runs every step it can in Numba's CUDA simulator on tiny shapes,
-in about a minute, and skips what needs the hardware (the tests at real grid
-sizes, compute-sanitizer, timing against cuDNN).
+in about a minute and a half, and skips what needs the hardware (the tests at
+real grid sizes, compute-sanitizer, timing against cuDNN).
 """
 
 from __future__ import annotations
@@ -671,6 +674,90 @@ def _sanitizer_step(tool: str) -> Callable[[Context], Outcome]:
     return run
 
 
+# -- SyncBatchNorm on CUDA arrays under MPI --------------------------------------------
+
+# The workload checks every rank's outputs, gradients and running statistics against
+# BatchNorm on the CPU over the concatenated batch, and prints SYNC_OK on rank 0.
+SYNC_WORKLOAD = "tests/mpi/sync_workload.py"
+SYNC_RANKS = 2
+SYNC_DEVICES = ("cuda", "cpu")  # the GPU first: the CPU run tells a GPU fault from another
+
+
+def _sync_ok(device: str) -> str:
+    return f"sync ok on {SYNC_RANKS} ranks ({device})"
+
+
+def find_mpiexec() -> str | None:
+    """``mpiexec`` beside this Python (MPICH from PyPI), or on PATH."""
+    return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+def sync_command(mpiexec: str, device: str, dry_run: bool) -> list[str]:
+    """``mpiexec`` running the workload on ``device`` through :func:`sync_rank`."""
+    command = [mpiexec, "-n", str(SYNC_RANKS), sys.executable, "-m", "tools.bench.gpu_check"]
+    return command + ["--sync-rank", device] + (["--dry-run"] if dry_run else [])
+
+
+def sync_rank(device: str, dry_run: bool) -> None:
+    """One rank of the workload. In the dry run the simulator takes the small blocks of the
+    tests (tests/conftest.py's ``cuda_small_blocks``): at 256 threads a block it simulates
+    a thread each, minutes for the workload."""
+    import runpy
+
+    if dry_run:
+        from numbabn._cuda import kernels
+
+        kernels.THREADS, kernels.CHANNELS_PER_BLOCK = 16, 4
+    workload = str(ROOT / SYNC_WORKLOAD)
+    sys.argv = [workload, "--device", device]
+    runpy.run_path(workload, run_name="__main__")
+
+
+def step_sync_batchnorm(context: Context) -> Outcome:
+    """SyncBatchNorm under ``mpiexec -n 2`` on CUDA arrays, then on host arrays."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return Outcome("skipped", "mpi4py is not installed")
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        return Outcome("skipped", "mpiexec is not beside this Python nor on PATH")
+    if not (ROOT / SYNC_WORKLOAD).is_file():
+        return Outcome("skipped", "the tests are not beside these tools")
+    environment = _child_environment(
+        NUMBA_NUM_THREADS="1", NUMBA_ENABLE_CUDASIM="1" if context.dry_run else "0"
+    )
+    rows, failed = [], []
+    for device in SYNC_DEVICES:
+        if context.seconds_left() < 3:
+            rows.append((device, "not run", "", "no time left"))
+            failed.append(f"{device}: no time left")
+            continue
+        print(f"sync-batchnorm on {device}", flush=True)
+        start = time.time()
+        finished = run_command(
+            sync_command(mpiexec, device, context.dry_run), context.seconds_left(),
+            _print_indented, environment, ROOT, own_group=True,
+        )  # fmt: skip
+        seconds = f"{time.time() - start:.1f}"
+        if finished.returncode == 0 and _sync_ok(device) in finished.output:
+            rows.append((device, "passed", seconds, _sync_ok(device)))
+            continue
+        why = "stopped at its time budget" if finished.timed_out else _last_line(finished.output)
+        rows.append((device, "failed", seconds, why[:200].replace("|", "/")))
+        failed.append(f"{device}: {why[:150]}")
+    shown = shlex.join(["mpiexec", "-n", str(SYNC_RANKS), "python", SYNC_WORKLOAD, "--device", "D"])
+    markdown = (
+        f"`{shown}`, D = {' then '.join(SYNC_DEVICES)}: each rank's output, input gradient, "
+        "running statistics and (summed over ranks) parameter gradients against BatchNorm on "
+        "the CPU over the concatenated uneven batches, three steps, eval, and a channel "
+        "mismatch that must fail on every rank.\n\n"
+        + _table(("arrays", "status", "seconds", "note"), rows)
+    )
+    if failed:
+        return Outcome("failed", "; ".join(failed), markdown)
+    note = f"{SYNC_RANKS} ranks, CUDA and host arrays agree with BatchNorm on the CPU"
+    return Outcome("passed", note + (" (simulator)" if context.dry_run else ""), markdown)
+
+
 # -- speed: against PyTorch and the roofline, host time, CPU threads -------------------
 
 # float32 ResNet-50 shapes (batch 32, and 256 for the last stage) and three of 100 MB
@@ -910,15 +997,16 @@ def step_cpu_threads(context: Context) -> Outcome:
 # steps then load.
 STEPS = [
     Step("versions", "Versions", 15, step_versions),
-    Step("tests-cuda", "CUDA tests on the GPU", 140, _tests_step("tests-cuda")),
-    Step("tests-semantic", "Semantic tests, CUDA cases", 70, _tests_step("tests-semantic")),
+    Step("tests-cuda", "CUDA tests on the GPU", 130, _tests_step("tests-cuda")),
+    Step("tests-semantic", "Semantic tests, CUDA cases", 65, _tests_step("tests-semantic")),
     Step("nan-probe", "NaN and infinities: GPU against CPU", 30, step_nan_probe),
     Step("kernels", "Every pass once", 20, step_kernels),
     Step("racecheck", "compute-sanitizer racecheck", 40, _sanitizer_step("racecheck")),
     Step("memcheck", "compute-sanitizer memcheck", 30, _sanitizer_step("memcheck")),
-    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 58, step_benchmark),
+    Step("sync-batchnorm", "SyncBatchNorm on CUDA arrays, 2 MPI ranks", 30, step_sync_batchnorm),
+    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 50, step_benchmark),
     Step("host-time", "Host time per small forward", 12, step_host_time),
-    Step("cpu-threads", "CPU thread scaling", 35, step_cpu_threads),
+    Step("cpu-threads", "CPU thread scaling", 28, step_cpu_threads),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -1062,7 +1150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.bench.gpu_check",
         description="Every GPU check in one run of under 8 minutes: versions, the CUDA tests, a "
-        "NaN probe, compute-sanitizer, a benchmark and CPU thread scaling.",
+        "NaN probe, compute-sanitizer, SyncBatchNorm under MPI, a benchmark and CPU thread "
+        "scaling.",
     )
     parser.add_argument("--out", type=Path, help="directory for the log, summary, report, XML")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes in the simulator")
@@ -1073,10 +1162,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", choices=STEP_NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--cpu-worker", choices=("numbabn", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--sync-rank", choices=SYNC_DEVICES, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sync_rank:
+        sync_rank(args.sync_rank, args.dry_run)
+        return 0
     if args.cpu_worker:
         shape = tuple(int(size) for size in args.shape.split(","))
         result = cpu_worker(args.cpu_worker, args.threads, shape, args.repeat)
