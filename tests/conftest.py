@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Callable
@@ -78,17 +77,23 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(SEED)
 
 
+def _host_copy(array: Any) -> Any:
+    """A host copy of a host or device array (None stays None)."""
+    if array is None:
+        return None
+    return array.copy_to_host() if hasattr(array, "copy_to_host") else np.array(array, copy=True)
+
+
 def snapshot(module) -> dict:
-    """A deep copy of everything observable about a numbabn module's state."""
+    """A host copy of everything observable about a numbabn module's state (any device)."""
     state = {
         "class": type(module),
         "num_features": module.num_features,
         "training": module.training,
-        "grads": copy.deepcopy(module.grads),
+        "grads": {name: _host_copy(value) for name, value in module.grads.items()},
     }
     for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        value = getattr(module, key)
-        state[key] = None if value is None else value.copy()
+        state[key] = _host_copy(getattr(module, key))
     return state
 
 
@@ -169,8 +174,12 @@ def device(request) -> Device:
     pytest.importorskip("numba_cuda")
     request.getfixturevalue("cuda_small_blocks")
     from device import SIMULATOR, host, to_device
+    from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
     def put(array):
         return None if array is None else to_device(array)
 
-    return Device("cuda", put, host, SIMULATOR)
+    def get(array):  # what a call returns on the host (a counter, say) stays as it is
+        return host(array) if is_cuda_ndarray(array) else array
+
+    return Device("cuda", put, get, SIMULATOR)

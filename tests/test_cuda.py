@@ -187,6 +187,62 @@ def test_results_repeat_bit_for_bit(rng):
     assert first.tobytes() == second.tobytes()
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_counter_left_wrong_is_reset_before_the_next_reduction(rng, layout):
+    """An aborted launch, or two launches overlapping on one scratch, can leave a merge
+    counter anywhere: the next call of that shape still merges only its own partials."""
+    shape = (5, 3, 4, 3)
+    first = make_input(rng, shape, layout, np.float64, loc=10.0)
+    x = make_input(rng, shape, layout, np.float64, loc=-30.0, scale=3.0)
+    dy = make_input(rng, shape, layout, np.float64)
+    on_device = to_device(first)
+    F.batch_norm(on_device, None, None, training=True)  # the scratch now holds first's partials
+    grid = cuda_backend._grid_for(on_device)
+    assert grid.n_chunks > 1
+    scratch = cuda_backend._scratch(
+        arrays.queue_key(), grid.partials_shape(shape[1]), grid.n_groups, shape[1]
+    )
+
+    def corrupt() -> None:  # as if every block but one had finished already
+        scratch.counters.copy_to_device(np.full(grid.n_groups, grid.n_chunks - 1, np.uint32))
+
+    corrupt()
+    y, saved = F.batch_norm_forward(to_device(x), None, None, None, None, True)
+    truth = ref.forward(x)
+    np.testing.assert_allclose(host(y), truth.output, rtol=1e-10, atol=1e-10)
+    corrupt()
+    dx, _, _ = F.batch_norm_backward(to_device(dy), to_device(x), saved, None)
+    grads = ref.backward(dy, x, truth.mean, truth.invstd)
+    np.testing.assert_allclose(host(dx), grads.grad_input, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", list(kernels.Family))
+def test_data_kernels_do_nothing_for_empty_input(family):
+    """A launch over an input without values (a caller past the host's guard) writes
+    nothing and divides by nothing."""
+    empty = to_device(np.zeros((0, 3, 1, 4)))
+    vector = to_device(np.full(3, 7.0))
+    coeffs = to_device(np.full((kernels.COEFFICIENT_ROWS, 3), 7.0))
+    partials, counters = to_device(np.zeros((3, 1, 2))), to_device(np.zeros(3, np.uint32))
+    launch = arrays.configured  # one block per channel, as the grid of an empty input
+    threads = kernels.THREADS
+    launch(kernels.statistics(family), 3, threads)(
+        1, 1, empty, vector, vector, vector, vector, True, 0.1, 1e-5, coeffs, partials, counters
+    )
+    launch(kernels.gradient_sums(family, False, False), 3, threads)(
+        1, 1, empty, empty, empty, vector, vector, vector, vector, True, coeffs,
+        to_device(np.zeros((2, 3))), partials, counters, empty,
+    )  # fmt: skip
+    launch(kernels.elementwise(family, kernels.Mode.AFFINE, False, False), 3, threads)(
+        1, 1, empty, empty, empty, coeffs, empty
+    )
+    launch(kernels.evaluation(family, False, False), 3, threads)(
+        1, 1, empty, empty, vector, vector, vector, vector, 1e-5, coeffs, empty
+    )
+    assert host(coeffs).tolist() == np.full((kernels.COEFFICIENT_ROWS, 3), 7.0).tolist()
+    assert host(vector).tolist() == [7.0] * 3
+
+
 def test_out_and_empty_batch(rng):
     x = make_input(rng, (3, 4, 5), "contiguous", np.float32)
     out = to_device(np.zeros_like(x))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 from numba.cuda.core import config
-from numba.cuda.cudadrv import devicearray
+from numba.cuda.cudadrv import devicearray, driver
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -179,8 +179,6 @@ def device_of(array: Any) -> int | None:
     pointer = getattr(array, "__cuda_array_interface__", {}).get("data", (0,))[0]
     if not pointer:
         return None
-    from numba.cuda.cudadrv import driver
-
     attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
     try:
         return int(
@@ -250,6 +248,11 @@ def filled(value: float, n: int, dtype: np.dtype) -> Any:
 @functools.lru_cache(maxsize=64)
 def _filled(value: float, n: int, dtype: np.dtype, context: int) -> Any:
     return cuda.to_device(np.full(n, value, dtype))
+
+
+def zero(target: Any) -> None:
+    """Zero the contiguous device array ``target`` on the call's stream."""
+    driver.device_memset(target, 0, target.nbytes, stream=current_stream())
 
 
 def assign(target: Any, values: np.ndarray | float) -> None:

@@ -99,8 +99,8 @@ def _grid_for(x: Any) -> _Grid | None:
 class _Scratch:
     """What a reduction launch works in, reused by every launch of one shape on one stream.
 
-    ``counters`` wrap back to zero by themselves; ``coeffs`` holds the backward's
-    coefficients between its two launches.
+    ``counters`` are zeroed before each launch (:meth:`_Operands.scratch`);
+    ``coeffs`` holds the backward's coefficients between its two launches.
     """
 
     partials: Any
@@ -151,11 +151,15 @@ class _Operands:
         return view
 
     def scratch(self) -> _Scratch:
+        """The scratch of this call's queue and grid, its counters zeroed on the call's stream
+        (an aborted launch, or two overlapping on it, may have left them anywhere)."""
         n_channels = self.x.shape[1]
         grid = self.grid
-        return _scratch(
+        scratch = _scratch(
             arrays.queue_key(), grid.partials_shape(n_channels), grid.n_groups, n_channels
         )
+        arrays.zero(scratch.counters)
+        return scratch
 
     def launch(self, kernel: Any, *args: Any) -> None:
         """Run a data kernel over the grid (its channels per block and chunk size go first)."""
@@ -265,8 +269,8 @@ class CudaBackend:
         update = running_mean is not None
         ops.launch(
             kernels.statistics(ops.grid.family), ops.view, weight, bias,
-            running_mean if update else weight, running_var if update else weight,
-            momentum if update else -1.0, eps, coeffs, scratch.partials, scratch.counters,
+            running_mean if update else weight, running_var if update else weight, update,
+            momentum, eps, coeffs, scratch.partials, scratch.counters,
         )  # fmt: skip
         output = ops.elementwise(ops.view, ops.view, Mode.AFFINE, coeffs, out, epilogue)
         return output, coeffs[ForwardRow.MEAN], coeffs[ForwardRow.INVSTD]
@@ -380,8 +384,8 @@ class CudaBackend:
         scratch = ops.scratch()
         ones = arrays.filled(1.0, x.shape[1], np.dtype(np.float64))
         ops.launch(
-            kernels.statistics(ops.grid.family), ops.view, ones, ones, ones, ones, -1.0, 0.0,
-            scratch.coeffs, scratch.partials, scratch.counters,
+            kernels.statistics(ops.grid.family), ops.view, ones, ones, ones, ones, False, 0.0,
+            0.0, scratch.coeffs, scratch.partials, scratch.counters,
         )  # fmt: skip
         coeffs = scratch.coeffs
         host = arrays.to_host(coeffs)
@@ -401,8 +405,8 @@ class CudaBackend:
         update = running_mean is not None and running_var is not None
         _per_channel(kernels.batch_coefficients, n_channels)(
             arrays.to_device(mean), arrays.to_device(m2), count, weight, bias, eps,
-            running_mean if update else weight, running_var if update else weight,
-            momentum if update else -1.0, coeffs,
+            running_mean if update else weight, running_var if update else weight, update,
+            momentum, coeffs,
         )  # fmt: skip
         host = arrays.to_host(coeffs)
         return host[ForwardRow.INVSTD], host[ForwardRow.SCALE], host[ForwardRow.SHIFT]

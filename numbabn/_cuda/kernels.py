@@ -40,7 +40,12 @@ partials with all its threads in a fixed order and computes the per-channel
 coefficients, so a training pass is two launches, statistics then the
 elementwise pass. The grid depends only on the shape, never on the GPU, so
 results are reproducible. The counters wrap back to zero by themselves
-(``atomic.inc``), so no launch needs to reset them.
+(``atomic.inc``), and the backend also zeroes them on the stream before every
+reduction launch: a launch that was aborted, or that overlapped another on the
+same scratch, cannot leave a later one merging stale partials.
+
+Every data kernel returns at once for an input without values (a caller's
+guard normally keeps such calls away): no chunk count or mean of zero values.
 
 Values are accumulated in float64 around a per-channel shift (the channel's
 first value for the statistics, the mean for the gradient sums), which keeps
@@ -176,6 +181,15 @@ def _relu(value):
 @_device
 def _n_values(x):
     return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+@_device
+def _update_running(running_mean, running_var, c, mean, m2, count, momentum):
+    """PyTorch's update of channel ``c``'s running statistics from a batch's ``mean`` and
+    ``m2`` over ``count`` values (any momentum, NaN included)."""
+    unbiased = _unbiased_variance(m2, count)
+    running_mean[c] = _running_average(float64(running_mean[c]), mean, momentum)
+    running_var[c] = _running_average(float64(running_var[c]), unbiased, momentum)
 
 
 @_device
@@ -393,13 +407,15 @@ def statistics(family: Family) -> Any:
     """The training statistics kernel of a family (see the returned kernel's docstring)."""
 
     def forward_statistics(
-        channels_per_block, per_block, x, weight, bias, running_mean, running_var, momentum, eps,
-        coeffs, partials, counters,
+        channels_per_block, per_block, x, weight, bias, running_mean, running_var,
+        update_running, momentum, eps, coeffs, partials, counters,
     ):  # fmt: skip
         """Batch statistics; writes the :class:`ForwardRow` rows of ``coeffs``.
 
-        Updates the running statistics in place when ``momentum`` is not negative.
+        Updates the running statistics in place when ``update_running``.
         """
+        if _n_values(x) == 0:
+            return
         chunk, group, channel, k, taken, step, active = _thread_range(
             x, family, channels_per_block, per_block
         )
@@ -431,12 +447,8 @@ def statistics(family: Family) -> Any:
         coeffs[ForwardRow.SCALE.value, channel] = scale
         coeffs[ForwardRow.SHIFT.value, channel] = float64(bias[channel])
         coeffs[ForwardRow.M2.value, channel] = m2
-        if momentum >= 0.0:
-            unbiased = _unbiased_variance(m2, count)
-            running_mean[channel] = _running_average(float64(running_mean[channel]), mean, momentum)
-            running_var[channel] = _running_average(
-                float64(running_var[channel]), unbiased, momentum
-            )
+        if update_running:
+            _update_running(running_mean, running_var, channel, mean, m2, count, momentum)
 
     return _kernel(forward_statistics)
 
@@ -472,6 +484,8 @@ def gradient_sums(family: Family, masked: bool, residual: bool) -> Any:
         with ``batch_stats``, else ``g * weight * invstd``), and the mask rows
         rebuild the mask. ``alpha`` multiplies last, as in PyTorch.
         """
+        if _n_values(x) == 0:
+            return
         chunk, group, channel, k, taken, step, active = _thread_range(
             x, family, channels_per_block, per_block
         )
@@ -548,6 +562,8 @@ def elementwise(family: Family, mode: Mode, residual: bool, relu: bool) -> Any:
         passes, as in PyTorch); ``MASKED_SCALE``: ``g * alpha`` (``x`` only
         enters the mask); ``SCALED_GRADIENT``: ``dy * alpha``.
         """
+        if _n_values(x) == 0:
+            return
         _, _, channel, k, taken, step, active = _thread_range(
             x, family, channels_per_block, per_block
         )
@@ -606,6 +622,8 @@ def evaluation(family: Family, residual: bool, relu: bool) -> Any:
         statistics; the first chunk's threads also write its :class:`ForwardRow`
         rows of ``coeffs`` but ``M2`` (backward needs the mean and invstd).
         """
+        if _n_values(x) == 0:
+            return
         _, _, channel, k, taken, step, active = _thread_range(
             x, family, channels_per_block, per_block
         )
@@ -652,13 +670,14 @@ running_coefficients = _kernel(_running_coefficients, bounded=False)
 
 
 def _batch_coefficients(
-    mean, m2, count, weight, bias, eps, running_mean, running_var, momentum, coeffs
+    mean, m2, count, weight, bias, eps, running_mean, running_var, update_running, momentum,
+    coeffs,
 ):  # fmt: skip
     """Training coefficients ``[mean, invstd, scale, shift]`` from statistics merged elsewhere.
 
     ``mean`` and ``m2`` cover ``count`` values per channel (every rank's or
-    chunk's). Updates the running statistics in place when ``momentum`` is not
-    negative, as the statistics kernel does.
+    chunk's). Updates the running statistics in place when ``update_running``,
+    as the statistics kernel does.
     """
     c = cuda.grid(1)
     if c < coeffs.shape[1]:
@@ -667,10 +686,8 @@ def _batch_coefficients(
         coeffs[ForwardRow.INVSTD.value, c] = invstd
         coeffs[ForwardRow.SCALE.value, c] = scale
         coeffs[ForwardRow.SHIFT.value, c] = float64(bias[c])
-        if momentum >= 0.0:
-            unbiased = _unbiased_variance(m2[c], count)
-            running_mean[c] = _running_average(float64(running_mean[c]), mean[c], momentum)
-            running_var[c] = _running_average(float64(running_var[c]), unbiased, momentum)
+        if update_running:
+            _update_running(running_mean, running_var, c, mean[c], m2[c], count, momentum)
 
 
 batch_coefficients = _kernel(_batch_coefficients, bounded=False)

@@ -85,7 +85,7 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
     stats, coeffs, partials = _array(f64, 1), _array(f64, 2), _array(f64, 3)
     counters = _array(types.uint32, 1)
     # Data kernels take (channels_per_block, per_block) first.
-    statistics = (i64, i64, x, v, v, v, v, f64, f64, coeffs, partials, counters)
+    statistics = (i64, i64, x, v, v, v, v, b, f64, f64, coeffs, partials, counters)
     grads = _array(param, 2)
     sums = (i64, i64, x, x, x, stats, stats, v, v, b, coeffs, grads, partials, counters, x)
     elementwise = (i64, i64, x, x, x, coeffs, x)
@@ -109,7 +109,7 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
         (
             "batch_coefficients",
             kernels.batch_coefficients,
-            (stats, stats, i64, v, v, f64, v, v, f64, coeffs),
+            (stats, stats, i64, v, v, f64, v, v, b, f64, coeffs),
         ),
         (
             "gradient_coefficients",
