@@ -315,7 +315,10 @@ def step_versions(context: Context) -> Outcome:
 # The CUDA tests as ``make test-gpu`` runs them, then the semantic tests' CUDA cases
 # (the offline PTX check, a CPU-side compile of every kernel, stays in ``make test``).
 TEST_RUNS = {
-    "tests-cuda": (["tests/test_cuda.py", "tests/test_fused.py"], None),
+    "tests-cuda": (
+        ["tests/test_cuda.py", "tests/test_cuda_arrays.py", "tests/test_fused.py"],
+        None,
+    ),
     "tests-semantic": (
         ["tests/test_reference.py", "tests/test_contract.py", "tests/test_nonfinite.py"],
         "cuda and not ptx",
