@@ -11,8 +11,9 @@ needs:
 * ``CHANNELS_INNER``: ``(P, C, 1, 1)``, the channel axis innermost in memory
   (channels-last data, ``(N, C)`` matrices);
 * ``WIDE_ROWS``: rows views whose rows are wide (at least ``WIDE_ROW_THREADS``
-  times ``THREADS`` values): a block takes whole rows and its threads walk each
-  row with one index, which saves the carries of a walk across rows.
+  times ``THREADS`` values): a block takes whole rows and, in the reductions, its
+  threads walk each row with one index, which saves the carries of a walk across
+  rows (the passes that store walk such chunks as plain rows).
 
 Every data kernel takes ``channels_per_block`` and ``per_block`` (values of a
 channel a block covers) first. The blocks are ``(chunk, channel group)`` pairs:
@@ -285,17 +286,23 @@ def _next_row(family, a, s, ds, per_row):
 
 
 @_device
-def _load(x, family, a, c, r, s):
-    """``x[a, c, r, s]`` in float64, indexing only the axes the family has.
+def _raw(x, family, a, c, r, s):
+    """``x[a, c, r, s]`` in ``x``'s dtype, indexing only the axes the family has.
 
     The indices are never negative: as unsigned integers they skip the
     wraparound a signed index costs in every access.
     """
     if family == Family.CHANNELS_INNER:
-        return float64(x[uint64(a), uint64(c), 0, 0])
+        return x[uint64(a), uint64(c), 0, 0]
     if family == Family.PLANAR:
-        return float64(x[uint64(a), uint64(c), uint64(r), uint64(s)])
-    return float64(x[uint64(a), uint64(c), 0, uint64(s)])
+        return x[uint64(a), uint64(c), uint64(r), uint64(s)]
+    return x[uint64(a), uint64(c), 0, uint64(s)]
+
+
+@_device
+def _load(x, family, a, c, r, s):
+    """``x[a, c, r, s]`` in float64 (see :func:`_raw`)."""
+    return float64(_raw(x, family, a, c, r, s))
 
 
 @_device
@@ -307,6 +314,136 @@ def _store(out, family, a, c, r, s, value):
         out[uint64(a), uint64(c), uint64(r), uint64(s)] = value
     else:
         out[uint64(a), uint64(c), 0, uint64(s)] = value
+
+
+# -- loads in flight ----------------------------------------------------------------------
+# Numba passes arrays without noalias, so the compiler keeps every load after the stores
+# before it: a loop of load, store, load, store has one load in flight per thread. The
+# passes that store therefore load a group of values of each array they read before they
+# store any: IN_FLIGHT loads in all (four values of one array, or two of each of two).
+IN_FLIGHT = 4
+
+
+@_device
+def _group_load(x, family, a, c, r, s, da, dr, ds, width, n):
+    """The first ``n`` of the next ``width`` (2 or 4) values of channel ``c`` from
+    ``(a, r, s)`` on, ``(da, dr, ds)`` apart, in ``x``'s dtype; past the ``n``th, the
+    first again. Four are returned whatever the width (the last two are unused for 2)."""
+    v0 = _raw(x, family, a, c, r, s)
+    a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+    v1 = _raw(x, family, a, c, r, s) if n > 1 else v0
+    v2 = v0
+    v3 = v0
+    if width == 4:
+        a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+        v2 = _raw(x, family, a, c, r, s) if n > 2 else v0
+        a, r, s = _advance(x, family, a, r, s, da, dr, ds)
+        v3 = _raw(x, family, a, c, r, s) if n > 3 else v0
+    return v0, v1, v2, v3
+
+
+@_device
+def _group_store(out, family, a, c, r, s, da, dr, ds, width, n, v0, v1, v2, v3):
+    """Store the first ``n`` values of a group where :func:`_group_load` read them;
+    returns the position ``width`` steps on."""
+    _store(out, family, a, c, r, s, v0)
+    a, r, s = _advance(out, family, a, r, s, da, dr, ds)
+    if n > 1:
+        _store(out, family, a, c, r, s, v1)
+    if width == 4:
+        a, r, s = _advance(out, family, a, r, s, da, dr, ds)
+        if n > 2:
+            _store(out, family, a, c, r, s, v2)
+        a, r, s = _advance(out, family, a, r, s, da, dr, ds)
+        if n > 3:
+            _store(out, family, a, c, r, s, v3)
+    return _advance(out, family, a, r, s, da, dr, ds)
+
+
+@_device
+def _affine(value, z, coefficients, residual, relu):
+    """``relu((value - mean) * scale + shift (+ z))`` in float64, as compiled in, where
+    ``coefficients`` is ``(mean, scale, shift)``."""
+    mean, scale, shift = coefficients
+    out = (float64(value) - mean) * scale + shift
+    if residual:
+        out += float64(z)
+    return _relu(out) if relu else out
+
+
+@_device
+def _affine_group(x, z, out, family, a, c, r, s, da, dr, ds, n, affine, residual, relu):
+    """``out = _affine(x, z)`` for a group of ``n`` values from ``(a, r, s)`` on; returns
+    the position after it (see :func:`_group_load`: 4 values of x, or 2 each of x and z)."""
+    width = 2 if residual else 4
+    x0, x1, x2, x3 = _group_load(x, family, a, c, r, s, da, dr, ds, width, n)
+    z0, z1, z2, z3 = x0, x1, x2, x3
+    if residual:
+        z0, z1, z2, z3 = _group_load(z, family, a, c, r, s, da, dr, ds, width, n)
+    return _group_store(
+        out, family, a, c, r, s, da, dr, ds, width, n,
+        _affine(x0, z0, affine, residual, relu), _affine(x1, z1, affine, residual, relu),
+        _affine(x2, z2, affine, residual, relu), _affine(x3, z3, affine, residual, relu),
+    )  # fmt: skip
+
+
+@_device
+def _gradient(g, value, coefficients, masked, scaled):
+    """One input gradient of the elementwise pass's gradient modes (see its docstring), where
+    ``coefficients`` is ``(mean, alpha, beta, gamma, mask_scale, mask_shift)``."""
+    mean, alpha, beta, gamma, mask_scale, mask_shift = coefficients
+    g = float64(g)
+    centred = float64(value) - mean
+    # NaN passes dy on, as PyTorch's ReLU backward does.
+    if masked and centred * mask_scale + mask_shift <= 0.0:
+        g = 0.0
+    # Scaled: 0 * (x - mean) would be NaN for infinite x.
+    return g * alpha if scaled else (g + beta * centred + gamma) * alpha
+
+
+@_device
+def _gradient_group(dy, x, out, family, a, c, r, s, da, dr, ds, n, gradient, masked, scaled):
+    """``out = _gradient(dy, x)`` for a group of ``n`` values from ``(a, r, s)`` on; returns
+    the position after it (4 values of dy where x is not read, else 2 each)."""
+    reads_x = masked or not scaled
+    width = 2 if reads_x else 4
+    g0, g1, g2, g3 = _group_load(dy, family, a, c, r, s, da, dr, ds, width, n)
+    x0, x1, x2, x3 = g0, g1, g2, g3
+    if reads_x:
+        x0, x1, x2, x3 = _group_load(x, family, a, c, r, s, da, dr, ds, width, n)
+    return _group_store(
+        out, family, a, c, r, s, da, dr, ds, width, n,
+        _gradient(g0, x0, gradient, masked, scaled), _gradient(g1, x1, gradient, masked, scaled),
+        _gradient(g2, x2, gradient, masked, scaled), _gradient(g3, x3, gradient, masked, scaled),
+    )  # fmt: skip
+
+
+@_device
+def _affine_walk(x, z, out, family, a, c, r, s, da, dr, ds, taken, affine, residual, relu):
+    """:func:`_affine_group` over a thread's ``taken`` values: whole groups, then one
+    partial group (a flat walk: see _flat_storing)."""
+    width = 2 if residual else 4
+    for _group in range(taken // width):
+        a, r, s = _affine_group(
+            x, z, out, family, a, c, r, s, da, dr, ds, width, affine, residual, relu
+        )
+    left = taken % width
+    if left:
+        _affine_group(x, z, out, family, a, c, r, s, da, dr, ds, left, affine, residual, relu)
+
+
+@_device
+def _gradient_walk(dy, x, out, family, a, c, r, s, da, dr, ds, taken, gradient, masked, scaled):
+    """:func:`_gradient_group` over a thread's ``taken`` values: whole groups, then one
+    partial group (a flat walk: see _flat_storing)."""
+    width = 2 if masked or not scaled else 4
+    for _group in range(taken // width):
+        a, r, s = _gradient_group(
+            dy, x, out, family, a, c, r, s, da, dr, ds, width, gradient, masked, scaled
+        )
+    left = taken % width
+    if left:
+        _gradient_group(dy, x, out, family, a, c, r, s, da, dr, ds, left, gradient, masked, scaled)
 
 
 # -- block reductions and the merge of partials -------------------------------------
@@ -458,6 +595,9 @@ def statistics(family: Family) -> Any:
 # _flat_when_masked: the passes through the forward's ReLU walk wide rows as plain rows
 # (any chunk of whole rows is a chunk of values): rebuilding the mask, a row-by-row walk
 # needs more than the 64 registers a thread that half occupancy leaves.
+# _flat_storing: so do the elementwise and evaluation passes, which load a group of values
+# before storing any: the compiler unrolls a row-by-row walk of groups and keeps an offset
+# for each of its 16 positions, more than those 64 registers.
 
 
 @functools.cache
@@ -546,9 +686,9 @@ def gradient_sums(family: Family, masked: bool, residual: bool) -> Any:
 def elementwise(family: Family, mode: Mode, residual: bool, relu: bool) -> Any:
     """The elementwise kernel of a family for one ``mode`` (``AFFINE`` with or without the
     residual and ReLU, ``GRADIENT``, ``MASKED_GRADIENT``, ``MASKED_SCALE``, ``SCALED_GRADIENT``)."""
+    if family == Family.WIDE_ROWS:
+        return elementwise(Family.ROWS, mode, residual, relu)  # see _flat_storing
     masked = mode in (Mode.MASKED_GRADIENT, Mode.MASKED_SCALE)
-    if masked and family == Family.WIDE_ROWS:
-        return elementwise(Family.ROWS, mode, residual, relu)  # see _flat_when_masked
     scaled = mode in (Mode.MASKED_SCALE, Mode.SCALED_GRADIENT)
 
     def pass_(channels_per_block, per_block, x, dy, z, coeffs, out):
@@ -569,41 +709,29 @@ def elementwise(family: Family, mode: Mode, residual: bool, relu: bool) -> Any:
         )
         if not active:
             return
-        if mode == Mode.AFFINE:
-            mean = coeffs[ForwardRow.MEAN.value, channel]
-            scale = coeffs[ForwardRow.SCALE.value, channel]
-            shift = coeffs[ForwardRow.SHIFT.value, channel]
-            alpha = beta = gamma = 0.0
-        else:
-            mean = coeffs[GradientRow.MEAN.value, channel]
-            alpha = coeffs[GradientRow.ALPHA.value, channel]
-            beta = coeffs[GradientRow.BETA.value, channel]
-            gamma = coeffs[GradientRow.GAMMA.value, channel]
-            scale = shift = 0.0
-        mask_scale = coeffs[GradientRow.MASK_SCALE.value, channel] if masked else 0.0
-        mask_shift = coeffs[GradientRow.MASK_SHIFT.value, channel] if masked else 0.0
+        affine = (
+            coeffs[ForwardRow.MEAN.value, channel],
+            coeffs[ForwardRow.SCALE.value, channel],
+            coeffs[ForwardRow.SHIFT.value, channel],
+        )
+        gradient = (
+            coeffs[GradientRow.MEAN.value, channel],
+            coeffs[GradientRow.ALPHA.value, channel],
+            coeffs[GradientRow.BETA.value, channel],
+            coeffs[GradientRow.GAMMA.value, channel],
+            coeffs[GradientRow.MASK_SCALE.value, channel] if masked else 0.0,
+            coeffs[GradientRow.MASK_SHIFT.value, channel] if masked else 0.0,
+        )
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
-        rows, per_row = _loop_counts(x, family, taken, s)
-        for _row in range(rows):
-            for _value in range(per_row):
-                if mode == Mode.AFFINE:
-                    value = (_load(x, family, a, channel, r, s) - mean) * scale + shift
-                    if residual:
-                        value += _load(z, family, a, channel, r, s)
-                    if relu:
-                        value = _relu(value)
-                else:
-                    g = _load(dy, family, a, channel, r, s)
-                    # NaN passes dy on, as PyTorch's ReLU backward does.
-                    centred = _load(x, family, a, channel, r, s) - mean
-                    if masked and centred * mask_scale + mask_shift <= 0.0:
-                        g = 0.0
-                    # Scaled: 0 * (x - mean) would be NaN for infinite x.
-                    value = g * alpha if scaled else (g + beta * centred + gamma) * alpha
-                _store(out, family, a, channel, r, s, value)
-                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
-            a, s = _next_row(family, a, s, ds, per_row)
+        if mode == Mode.AFFINE:
+            _affine_walk(
+                x, z, out, family, a, channel, r, s, da, dr, ds, taken, affine, residual, relu
+            )
+        else:
+            _gradient_walk(
+                dy, x, out, family, a, channel, r, s, da, dr, ds, taken, gradient, masked, scaled
+            )
 
     return _kernel(pass_)
 
@@ -611,6 +739,8 @@ def elementwise(family: Family, mode: Mode, residual: bool, relu: bool) -> Any:
 @functools.cache
 def evaluation(family: Family, residual: bool, relu: bool) -> Any:
     """The evaluation forward of a family: coefficients and normalisation in one launch."""
+    if family == Family.WIDE_ROWS:
+        return evaluation(Family.ROWS, residual, relu)  # see _flat_storing
 
     def evaluate(
         channels_per_block, per_block, x, z, running_mean, running_var, weight, bias, eps,
@@ -639,15 +769,8 @@ def evaluation(family: Family, residual: bool, relu: bool) -> Any:
             coeffs[ForwardRow.SHIFT.value, channel] = shift
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
-        rows, per_row = _loop_counts(x, family, taken, s)
-        for _row in range(rows):
-            for _value in range(per_row):
-                value = (_load(x, family, a, channel, r, s) - mean) * scale + shift
-                if residual:
-                    value += _load(z, family, a, channel, r, s)
-                _store(out, family, a, channel, r, s, _relu(value) if relu else value)
-                a, r, s = _advance(x, family, a, r, s, da, dr, ds)
-            a, s = _next_row(family, a, s, ds, per_row)
+        affine = (mean, scale, shift)
+        _affine_walk(x, z, out, family, a, channel, r, s, da, dr, ds, taken, affine, residual, relu)
 
     return _kernel(evaluate)
 

@@ -29,8 +29,10 @@ EVERY = tuple(FAMILIES)
 # Through the forward's ReLU, the operands of planar views are staged as rows, and the
 # passes that rebuild the mask take the rows kernels for wide rows too.
 MASKED = ("rows", "channels_inner")
+# The passes that store take the rows kernels for wide rows (kernels._flat_storing).
+STORING = ("rows", "planar", "channels_inner")
 # The scaled gradient follows a ReLU with a residual: never over a planar view.
-NOT_PLANAR = ("rows", "wide_rows", "channels_inner")
+NOT_PLANAR = ("rows", "channels_inner")
 
 # What the backend launches of each factory: the flags and the families.
 SUMS = {  # (through the forward's ReLU, with its residual)
@@ -39,20 +41,20 @@ SUMS = {  # (through the forward's ReLU, with its residual)
     "masked, residual": ((True, True), MASKED),
 }
 PASSES = {  # (mode, residual, ReLU)
-    "affine": ((Mode.AFFINE, False, False), EVERY),
-    "affine, relu": ((Mode.AFFINE, False, True), EVERY),
-    "affine, residual": ((Mode.AFFINE, True, False), EVERY),
-    "affine, residual, relu": ((Mode.AFFINE, True, True), EVERY),
-    "gradient": ((Mode.GRADIENT, False, False), EVERY),
+    "affine": ((Mode.AFFINE, False, False), STORING),
+    "affine, relu": ((Mode.AFFINE, False, True), STORING),
+    "affine, residual": ((Mode.AFFINE, True, False), STORING),
+    "affine, residual, relu": ((Mode.AFFINE, True, True), STORING),
+    "gradient": ((Mode.GRADIENT, False, False), STORING),
     "masked gradient": ((Mode.MASKED_GRADIENT, False, False), MASKED),
     "masked scale": ((Mode.MASKED_SCALE, False, False), MASKED),
     "scaled gradient": ((Mode.SCALED_GRADIENT, False, False), NOT_PLANAR),
 }
 EVALUATIONS = {  # (residual, ReLU)
-    "": ((False, False), EVERY),
-    "relu": ((False, True), EVERY),
-    "residual": ((True, False), EVERY),
-    "residual, relu": ((True, True), EVERY),
+    "": ((False, False), STORING),
+    "relu": ((False, True), STORING),
+    "residual": ((True, False), STORING),
+    "residual, relu": ((True, True), STORING),
 }
 
 
