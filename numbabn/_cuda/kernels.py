@@ -361,89 +361,67 @@ def _group_store(out, family, a, c, r, s, da, dr, ds, width, n, v0, v1, v2, v3):
 
 
 @_device
-def _affine(value, z, coefficients, residual, relu):
-    """``relu((value - mean) * scale + shift (+ z))`` in float64, as compiled in, where
-    ``coefficients`` is ``(mean, scale, shift)``."""
-    mean, scale, shift = coefficients
-    out = (float64(value) - mean) * scale + shift
-    if residual:
-        out += float64(z)
-    return _relu(out) if relu else out
+def _reads_second(mode, residual):
+    """Whether a storing pass reads a second array: ``z`` with a residual, ``x`` in the
+    gradient modes but ``SCALED_GRADIENT``."""
+    if mode == Mode.AFFINE:
+        return residual
+    return mode != Mode.SCALED_GRADIENT
 
 
 @_device
-def _affine_group(x, z, out, family, a, c, r, s, da, dr, ds, n, affine, residual, relu):
-    """``out = _affine(x, z)`` for a group of ``n`` values from ``(a, r, s)`` on; returns
-    the position after it (see :func:`_group_load`: 4 values of x, or 2 each of x and z)."""
-    width = 2 if residual else 4
-    x0, x1, x2, x3 = _group_load(x, family, a, c, r, s, da, dr, ds, width, n)
-    z0, z1, z2, z3 = x0, x1, x2, x3
-    if residual:
-        z0, z1, z2, z3 = _group_load(z, family, a, c, r, s, da, dr, ds, width, n)
-    return _group_store(
-        out, family, a, c, r, s, da, dr, ds, width, n,
-        _affine(x0, z0, affine, residual, relu), _affine(x1, z1, affine, residual, relu),
-        _affine(x2, z2, affine, residual, relu), _affine(x3, z3, affine, residual, relu),
-    )  # fmt: skip
-
-
-@_device
-def _gradient(g, value, coefficients, masked, scaled):
-    """One input gradient of the elementwise pass's gradient modes (see its docstring), where
-    ``coefficients`` is ``(mean, alpha, beta, gamma, mask_scale, mask_shift)``."""
+def _value(mode, residual, relu, first, second, coefficients):
+    """One value of the elementwise pass in float64 (see its docstring): from ``x`` and
+    ``z`` with the :class:`ForwardRow` coefficients ``(mean, scale, shift, 0, 0, 0)`` in
+    the ``AFFINE`` mode, else from ``dy`` and ``x`` with the :class:`GradientRow` ones."""
+    if mode == Mode.AFFINE:
+        mean, scale, shift = coefficients[0], coefficients[1], coefficients[2]
+        out = (float64(first) - mean) * scale + shift
+        if residual:
+            out += float64(second)
+        return _relu(out) if relu else out
     mean, alpha, beta, gamma, mask_scale, mask_shift = coefficients
-    g = float64(g)
-    centred = float64(value) - mean
+    g = float64(first)
+    centred = float64(second) - mean
     # NaN passes dy on, as PyTorch's ReLU backward does.
-    if masked and centred * mask_scale + mask_shift <= 0.0:
+    if (mode == Mode.MASKED_GRADIENT or mode == Mode.MASKED_SCALE) and (
+        centred * mask_scale + mask_shift <= 0.0
+    ):
         g = 0.0
-    # Scaled: 0 * (x - mean) would be NaN for infinite x.
-    return g * alpha if scaled else (g + beta * centred + gamma) * alpha
+    if mode == Mode.MASKED_SCALE or mode == Mode.SCALED_GRADIENT:
+        return g * alpha  # 0 * (x - mean) would be NaN for infinite x
+    return (g + beta * centred + gamma) * alpha
 
 
 @_device
-def _gradient_group(dy, x, out, family, a, c, r, s, da, dr, ds, n, gradient, masked, scaled):
-    """``out = _gradient(dy, x)`` for a group of ``n`` values from ``(a, r, s)`` on; returns
-    the position after it (4 values of dy where x is not read, else 2 each)."""
-    reads_x = masked or not scaled
-    width = 2 if reads_x else 4
-    g0, g1, g2, g3 = _group_load(dy, family, a, c, r, s, da, dr, ds, width, n)
-    x0, x1, x2, x3 = g0, g1, g2, g3
-    if reads_x:
-        x0, x1, x2, x3 = _group_load(x, family, a, c, r, s, da, dr, ds, width, n)
+def _group(first, second, out, family, a, c, r, s, da, dr, ds, n, mode, residual, relu, co):
+    """``out = _value(first, second)`` for a group of ``n`` values from ``(a, r, s)`` on
+    (4 values of ``first``, or 2 each of both arrays: see :func:`_reads_second`); returns
+    the position after the group."""
+    width = 2 if _reads_second(mode, residual) else 4
+    f0, f1, f2, f3 = _group_load(first, family, a, c, r, s, da, dr, ds, width, n)
+    s0, s1, s2, s3 = f0, f1, f2, f3
+    if _reads_second(mode, residual):
+        s0, s1, s2, s3 = _group_load(second, family, a, c, r, s, da, dr, ds, width, n)
     return _group_store(
         out, family, a, c, r, s, da, dr, ds, width, n,
-        _gradient(g0, x0, gradient, masked, scaled), _gradient(g1, x1, gradient, masked, scaled),
-        _gradient(g2, x2, gradient, masked, scaled), _gradient(g3, x3, gradient, masked, scaled),
+        _value(mode, residual, relu, f0, s0, co), _value(mode, residual, relu, f1, s1, co),
+        _value(mode, residual, relu, f2, s2, co), _value(mode, residual, relu, f3, s3, co),
     )  # fmt: skip
 
 
 @_device
-def _affine_walk(x, z, out, family, a, c, r, s, da, dr, ds, taken, affine, residual, relu):
-    """:func:`_affine_group` over a thread's ``taken`` values: whole groups, then one
-    partial group (a flat walk: see _flat_storing)."""
-    width = 2 if residual else 4
-    for _group in range(taken // width):
-        a, r, s = _affine_group(
-            x, z, out, family, a, c, r, s, da, dr, ds, width, affine, residual, relu
+def _walk(first, second, out, family, a, c, r, s, da, dr, ds, taken, mode, residual, relu, co):
+    """:func:`_group` over a thread's ``taken`` values: whole groups, then one partial
+    group (a flat walk: see _flat_storing)."""
+    width = 2 if _reads_second(mode, residual) else 4
+    for _group_number in range(taken // width):
+        a, r, s = _group(
+            first, second, out, family, a, c, r, s, da, dr, ds, width, mode, residual, relu, co
         )
     left = taken % width
     if left:
-        _affine_group(x, z, out, family, a, c, r, s, da, dr, ds, left, affine, residual, relu)
-
-
-@_device
-def _gradient_walk(dy, x, out, family, a, c, r, s, da, dr, ds, taken, gradient, masked, scaled):
-    """:func:`_gradient_group` over a thread's ``taken`` values: whole groups, then one
-    partial group (a flat walk: see _flat_storing)."""
-    width = 2 if masked or not scaled else 4
-    for _group in range(taken // width):
-        a, r, s = _gradient_group(
-            dy, x, out, family, a, c, r, s, da, dr, ds, width, gradient, masked, scaled
-        )
-    left = taken % width
-    if left:
-        _gradient_group(dy, x, out, family, a, c, r, s, da, dr, ds, left, gradient, masked, scaled)
+        _group(first, second, out, family, a, c, r, s, da, dr, ds, left, mode, residual, relu, co)
 
 
 # -- block reductions and the merge of partials -------------------------------------
@@ -689,7 +667,6 @@ def elementwise(family: Family, mode: Mode, residual: bool, relu: bool) -> Any:
     if family == Family.WIDE_ROWS:
         return elementwise(Family.ROWS, mode, residual, relu)  # see _flat_storing
     masked = mode in (Mode.MASKED_GRADIENT, Mode.MASKED_SCALE)
-    scaled = mode in (Mode.MASKED_SCALE, Mode.SCALED_GRADIENT)
 
     def pass_(channels_per_block, per_block, x, dy, z, coeffs, out):
         """``out`` from ``x`` (and ``dy``, ``z``) with per-channel ``coeffs``, in float64.
@@ -709,29 +686,31 @@ def elementwise(family: Family, mode: Mode, residual: bool, relu: bool) -> Any:
         )
         if not active:
             return
-        affine = (
-            coeffs[ForwardRow.MEAN.value, channel],
-            coeffs[ForwardRow.SCALE.value, channel],
-            coeffs[ForwardRow.SHIFT.value, channel],
-        )
-        gradient = (
-            coeffs[GradientRow.MEAN.value, channel],
-            coeffs[GradientRow.ALPHA.value, channel],
-            coeffs[GradientRow.BETA.value, channel],
-            coeffs[GradientRow.GAMMA.value, channel],
-            coeffs[GradientRow.MASK_SCALE.value, channel] if masked else 0.0,
-            coeffs[GradientRow.MASK_SHIFT.value, channel] if masked else 0.0,
-        )
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
         if mode == Mode.AFFINE:
-            _affine_walk(
-                x, z, out, family, a, channel, r, s, da, dr, ds, taken, affine, residual, relu
+            affine = (
+                coeffs[ForwardRow.MEAN.value, channel],
+                coeffs[ForwardRow.SCALE.value, channel],
+                coeffs[ForwardRow.SHIFT.value, channel],
+                0.0, 0.0, 0.0,
+            )  # fmt: skip
+            _walk(
+                x, z, out, family, a, channel, r, s, da, dr, ds, taken, mode, residual, relu, affine
             )
         else:
-            _gradient_walk(
-                dy, x, out, family, a, channel, r, s, da, dr, ds, taken, gradient, masked, scaled
+            gradient = (
+                coeffs[GradientRow.MEAN.value, channel],
+                coeffs[GradientRow.ALPHA.value, channel],
+                coeffs[GradientRow.BETA.value, channel],
+                coeffs[GradientRow.GAMMA.value, channel],
+                coeffs[GradientRow.MASK_SCALE.value, channel] if masked else 0.0,
+                coeffs[GradientRow.MASK_SHIFT.value, channel] if masked else 0.0,
             )
+            _walk(
+                dy, x, out, family, a, channel, r, s, da, dr, ds, taken, mode, False, False,
+                gradient,
+            )  # fmt: skip
 
     return _kernel(pass_)
 
@@ -769,8 +748,11 @@ def evaluation(family: Family, residual: bool, relu: bool) -> Any:
             coeffs[ForwardRow.SHIFT.value, channel] = shift
         a, r, s = _position(x, family, k)
         da, dr, ds = _position(x, family, step)
-        affine = (mean, scale, shift)
-        _affine_walk(x, z, out, family, a, channel, r, s, da, dr, ds, taken, affine, residual, relu)
+        affine = (mean, scale, shift, 0.0, 0.0, 0.0)
+        _walk(
+            x, z, out, family, a, channel, r, s, da, dr, ds, taken, Mode.AFFINE, residual, relu,
+            affine,
+        )  # fmt: skip
 
     return _kernel(evaluate)
 
