@@ -65,6 +65,14 @@ def test_dry_run_lists_every_step_with_its_status(dry_run):
 
 
 @pytest.mark.slow
+def test_dry_run_leaves_few_enough_files_for_a_lent_machine(dry_run):
+    out, _ = dry_run
+    left = sorted(path.relative_to(out).as_posix() for path in out.rglob("*"))
+    assert all((out / name).is_file() for name in left), left
+    assert len(left) <= gpu_check.MAX_FILES - 2, left  # the GPU run adds two JUnit files
+
+
+@pytest.mark.slow
 def test_dry_run_report_has_every_section_and_table(dry_run):
     out, result = dry_run
     report = (out / gpu_check.REPORT).read_text()

@@ -65,7 +65,10 @@ ROOT = Path(__file__).resolve().parents[2]
 LOG = "log.txt"
 SUMMARY = "summary" + ".md"
 REPORT = "gpu" + ".md"
-STEP_RESULTS = "steps"
+STEP_RESULTS = "steps"  # each step process's outcome, removed once the reports are written
+# A lent GPU machine returns at most 8 files of its output folder: the run leaves 6 (the log,
+# the summary, the report, the benchmark JSON and the two test steps' JUnit XML).
+MAX_FILES = 6
 
 # A step's own child processes are stopped this long before the step's deadline (so
 # that it can still report what they did), and one that outlives SIGINT by
@@ -1128,6 +1131,7 @@ def run_all(out: Path, dry_run: bool, names: list[str]) -> int:
         )
     seconds = time.time() - start
     write_reports(out, rows, started, seconds, dry_run)
+    shutil.rmtree(out / STEP_RESULTS, ignore_errors=True)  # their content is in the reports
     counts = Counter(row.outcome.status for row in rows)
     log(
         f"done in {seconds:.0f} s: "
