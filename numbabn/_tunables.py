@@ -47,6 +47,9 @@ WIDE_ROW_THREADS = 8
 TARGET_BLOCKS = 2048
 MIN_PER_THREAD = 4
 MAX_PER_THREAD = 64
+# Wide rows are walked row by row, a block taking whole rows, only where that gives at
+# least this many blocks: two per multiprocessor of an H100 (132).
+MIN_GRID_BLOCKS = 264
 
 # -- Dask --------------------------------------------------------------------------
 

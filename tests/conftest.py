@@ -140,6 +140,7 @@ def cuda_small_blocks(monkeypatch):
         monkeypatch.setattr(kernels, "THREADS", 16)
         monkeypatch.setattr(kernels, "CHANNELS_PER_BLOCK", 4)
     monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
+    monkeypatch.setattr(backend, "MIN_GRID_BLOCKS", 2)
     monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)
     monkeypatch.setattr(backend, "MAX_PER_THREAD", 2)
 

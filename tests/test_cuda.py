@@ -9,6 +9,7 @@ the real block sizes and grids: large shapes on a GPU, a tiny one in the simulat
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -21,9 +22,11 @@ pytest.importorskip("numba_cuda")
 from device import SIMULATOR, host, to_device  # noqa: E402
 
 import numbabn  # noqa: E402
+from numbabn import _tunables  # noqa: E402
 from numbabn import functional as F  # noqa: E402
 from numbabn._cuda import arrays, kernels  # noqa: E402
 from numbabn._cuda import backend as cuda_backend  # noqa: E402
+from tools.bench.gpu_check import BENCH_CASES  # noqa: E402
 
 # (shape, memory layout) pairs covering 1d/2d/3d input, channels-inner and planar
 # views, slices, negative strides and a layout that needs more than one axis group.
@@ -90,7 +93,7 @@ def test_grid_covers_ragged_blocks():
 def test_narrow_channels_inner_blocks_pack_positions(n_channels, channels_per_block):
     """Channels-last data with fewer channels than CHANNELS_PER_BLOCK fills the warps with
     positions."""
-    sizes = (256, 32, 2048, 4, 64, 8)
+    sizes = (256, 32, 2048, 4, 64, 8, 264)
     shape, strides = (
         (64, n_channels, 8, 8),
         (8 * 8 * n_channels * 4, 4, 8 * n_channels * 4, n_channels * 4),
@@ -99,6 +102,46 @@ def test_narrow_channels_inner_blocks_pack_positions(n_channels, channels_per_bl
     assert grid.family == kernels.Family.CHANNELS_INNER
     assert grid.channels_per_block == channels_per_block
     assert grid.n_groups == -(-n_channels // channels_per_block)
+
+
+# Shapes of 1 MB and more whose rows are few and long, then the GPU benchmark's; float32,
+# NCHW unless channels-last (True).
+FILLING = [
+    ((8, 3, 224, 224), False),
+    ((8, 3, 224, 224), True),
+    ((4, 3, 512, 512), False),
+    ((1, 3, 2048, 2048), False),
+    ((1, 3, 2048, 2048), True),
+    ((1, 8, 10**6), False),
+    ((1, 1, 10**8), False),
+    *BENCH_CASES,
+]
+
+
+def _strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    """float32 strides, C order or channels-last."""
+    order = [0, *range(2, len(shape)), 1] if channels_last else list(range(len(shape)))
+    strides = [0] * len(shape)
+    stride = 4
+    for axis in reversed(order):
+        strides[axis] = stride
+        stride *= shape[axis]
+    return tuple(strides)
+
+
+@pytest.mark.parametrize(("shape", "channels_last"), FILLING)
+def test_grids_of_a_megabyte_or_more_fill_an_h100(shape, channels_last):
+    """Two blocks or more per multiprocessor of an H100 (132) for every tensor of 1 MB or
+    more, at the real block sizes, whatever the shape."""
+    sizes = (
+        _tunables.THREADS, _tunables.CHANNELS_PER_BLOCK, _tunables.TARGET_BLOCKS,
+        _tunables.MIN_PER_THREAD, _tunables.MAX_PER_THREAD, _tunables.WIDE_ROW_THREADS,
+        _tunables.MIN_GRID_BLOCKS,
+    )  # fmt: skip
+    grid = cuda_backend._grid(shape, _strides(shape, channels_last), sizes)
+    if math.prod(shape) * 4 >= 1 << 20:
+        assert grid.blocks >= 2 * 132, grid
+    assert grid.n_chunks * grid.per_block >= math.prod(shape) // shape[1]  # every value
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])

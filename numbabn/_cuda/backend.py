@@ -11,7 +11,7 @@ import numpy as np
 
 from numbabn._cuda import arrays, kernels
 from numbabn._cuda.kernels import Family, ForwardRow, Mode
-from numbabn._tunables import MAX_PER_THREAD, MIN_PER_THREAD, TARGET_BLOCKS
+from numbabn._tunables import MAX_PER_THREAD, MIN_GRID_BLOCKS, MIN_PER_THREAD, TARGET_BLOCKS
 from numbabn._validation import FLOAT_PARAM_DTYPES, HALF_PARAM_DTYPES
 from numbabn._views import plan_strided
 from numbabn.epilogue import Epilogue
@@ -56,8 +56,14 @@ class _Grid:
 
 @functools.lru_cache(maxsize=256)
 def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ...]) -> _Grid | None:
-    """The grid for an input; ``sizes`` are the tunables (part of the cache key)."""
-    threads, most_channels, target, min_per_thread, max_per_thread, wide_row_threads = sizes
+    """The grid for an input; ``sizes`` are the tunables (part of the cache key).
+
+    Wide rows are walked row by row (``WIDE_ROWS``, chunks of whole rows) only where
+    such chunks still give at least ``min_blocks`` blocks: a few long rows, such as
+    (1, 3, 2048, 2048), are cut into chunks of values instead (``ROWS``).
+    """
+    threads, most_channels, target, min_per_thread, max_per_thread, wide_row_threads = sizes[:6]
+    min_blocks = sizes[6]
     layout = plan_strided(shape, strides)
     if layout is None:
         return None
@@ -82,7 +88,11 @@ def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ..
     per_thread = min(max_per_thread, max(min_per_thread, -(-wanted // threads_per_channel)))
     per_block = per_thread * threads_per_channel
     if family == Family.WIDE_ROWS:  # whole rows a block
-        per_block = max(1, per_block // s) * s
+        whole_rows = max(1, per_block // s) * s
+        if -(-n_values // whole_rows) * n_groups >= min_blocks:
+            per_block = whole_rows
+        else:
+            family = Family.ROWS
     n_chunks = max(1, -(-n_values // per_block))
     return _Grid(layout, view_shape, family, channels_per_block, per_block, n_chunks, n_groups)
 
@@ -90,7 +100,7 @@ def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ..
 def _grid_for(x: Any) -> _Grid | None:
     sizes = (
         kernels.THREADS, kernels.CHANNELS_PER_BLOCK, TARGET_BLOCKS, MIN_PER_THREAD, MAX_PER_THREAD,
-        kernels.WIDE_ROW_THREADS,
+        kernels.WIDE_ROW_THREADS, MIN_GRID_BLOCKS,
     )  # fmt: skip
     return _grid(tuple(x.shape), tuple(x.strides), sizes)
 
