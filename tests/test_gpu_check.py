@@ -139,3 +139,27 @@ def test_probe_comparison_finds_a_dropped_nan_and_a_changed_value():
     gpu[0, 1, 0], gpu[1, 2, 1] = np.nan, 1e-3
     assert gpu_check._differing_channels(cpu, gpu) == [2]
     assert gpu_check._differing_channels(np.array([np.inf, 1.0]), np.array([-np.inf, 1.0])) == [0]
+
+
+def test_a_failed_versions_step_stops_the_run_and_the_summary_is_printed_last(
+    tmp_path, monkeypatch, capsys
+):
+    ran = []
+
+    def run_step(step, out, dry_run, deadline, log):
+        ran.append(step.name)
+        return gpu_check.Outcome("failed", "numbabn's CUDA modules do not import: n/a (...)")
+
+    monkeypatch.setattr(gpu_check, "_run_step_process", run_step)
+    assert gpu_check.run_all(tmp_path, True, ["versions", "kernels", "benchmark"]) == 1
+    assert ran == ["versions"]
+    rows = _summary_rows((tmp_path / gpu_check.SUMMARY).read_text())
+    assert [cells[0] for cells in rows.values()] == ["failed", "skipped", "skipped"]
+    assert rows["kernels"][3].startswith("not run: the versions step failed")
+    printed = capsys.readouterr().out
+    assert printed.endswith((tmp_path / gpu_check.SUMMARY).read_text())
+
+
+def test_test_steps_report_warnings_rather_than_fail_on_them():
+    command = gpu_check.pytest_command("tests-cuda", gpu_check.ROOT / "report.xml")
+    assert command[command.index("-W") + 1] == "default"

@@ -5,7 +5,8 @@ gpu-check OUT=DIR``): its own Python with numpy, numba-cuda and pytest (PyTorch
 and CuPy where present). The steps, in order, each with a time budget:
 
 - ``versions``: Python, the libraries, the CUDA driver and runtime, nvidia-smi,
-  ``numba.cuda.detect()``;
+  ``numba.cuda.detect()``, and whether numbabn's CUDA modules import: if they do
+  not, or Numba finds no GPU, the run stops there, in seconds;
 - ``tests-cuda``, ``tests-semantic``: the CUDA tests on the GPU at the real grid
   sizes, then the semantic tests' CUDA cases (JUnit XML into DIR);
 - ``nan-probe``: NaN and infinities in every input of the training, fused and
@@ -23,8 +24,10 @@ and CuPy where present). The steps, in order, each with a time budget:
 
 Each step runs in a process of its own, killed at its deadline, so a failing,
 crashing or hanging step never stops the next one. Progress is printed as it
-goes and logged; the status of every step is summarised, and every table is
-gathered into one report, ready to commit under ``benchmarks/results/``.
+goes and logged; the status of every step is summarised (the summary is printed
+last), and every table is gathered into one report, ready to commit under
+``benchmarks/results/``. The test steps report warnings rather than fail on them:
+a GPU can raise warnings the simulator never does.
 
 ``--dry-run`` runs every step it can in Numba's CUDA simulator on tiny shapes,
 in about a minute and a half, and skips what needs the hardware (the tests at
@@ -43,6 +46,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -274,6 +278,12 @@ def step_versions(context: Context) -> Outcome:
         capability = ".".join(map(str, cuda.get_current_device().compute_capability))
         return f"{gpu_name()}, compute capability {capability}"
 
+    def numbabn_cuda() -> str:
+        from numbabn._cuda import backend, kernels
+
+        kernels.statistics(kernels.Family.ROWS)  # the kernel factories run (no compile yet)
+        return f"imports ({backend.__name__}, {kernels.__name__})"
+
     rows = [
         ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("platform", platform.platform()),
@@ -287,6 +297,7 @@ def step_versions(context: Context) -> Outcome:
         ("PyTorch CUDA", _attempt(torch_cuda)),
         ("CuPy CUDA", _attempt(cupy_cuda)),
         ("GPU (Numba)", _attempt(gpu)),
+        ("numbabn CUDA modules", _attempt(numbabn_cuda)),
         ("CPU cores", _cores()),
     ]
     for name, value in rows:
@@ -310,6 +321,9 @@ def step_versions(context: Context) -> Outcome:
     gpu_line = str(dict(rows)["GPU (Numba)"])
     if not cuda.is_available():
         return Outcome("failed", "Numba finds no usable GPU", markdown)
+    modules = str(dict(rows)["numbabn CUDA modules"])
+    if modules.startswith("n/a"):
+        return Outcome("failed", f"numbabn's CUDA modules do not import: {modules}", markdown)
     return Outcome("passed", gpu_line if not gpu_line.startswith("n/a") else "", markdown)
 
 
@@ -332,7 +346,9 @@ TEST_RUNS = {
 def pytest_command(name: str, junit: Path) -> list[str]:
     """The pytest command line of the test step ``name``, writing JUnit XML to ``junit``."""
     files, selection = TEST_RUNS[name]
+    # -W default: a warning only a GPU raises is reported (and counted), not an error.
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"]
+    command += ["-W", "default"]
     command += [f"--junitxml={junit}", *files]
     return command + (["-k", selection] if selection else [])
 
@@ -397,6 +413,9 @@ def _tests_step(name: str) -> Callable[[Context], Outcome]:
             f"{counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
             f"{counts['skipped']} skipped"
         )
+        warned = re.search(r"(\d+) warnings?\b", _last_line(finished.output))
+        if warned:
+            note += f", {warned.group(1)} warnings (in the log)"
         markdown = _tests_markdown(name, junit, cases)
         if finished.timed_out:
             return Outcome(
@@ -1118,8 +1137,12 @@ def run_all(out: Path, dry_run: bool, names: list[str]) -> int:
     )
     rows = []
     deadline = start
+    stopped = ""
     for index, step in enumerate(steps, 1):
         deadline += step.budget
+        if stopped:
+            rows.append(Row(step, Outcome("skipped", stopped), 0.0))
+            continue
         step_start = time.time()
         where = f"at {step_start - start:.0f} s, until {deadline - start:.0f} s"
         log(f"[{index}/{len(steps)}] {step.name}: {step.title} ({where})")
@@ -1129,6 +1152,8 @@ def run_all(out: Path, dry_run: bool, names: list[str]) -> int:
             f"[{index}/{len(steps)}] {step.name}: {outcome.status} in {rows[-1].seconds:.1f} s"
             + (f" ({outcome.note})" if outcome.note else "")
         )
+        if step.name == "versions" and outcome.status == "failed":
+            stopped = f"not run: the versions step failed ({outcome.note})"
     seconds = time.time() - start
     write_reports(out, rows, started, seconds, dry_run)
     shutil.rmtree(out / STEP_RESULTS, ignore_errors=True)  # their content is in the reports
@@ -1139,6 +1164,7 @@ def run_all(out: Path, dry_run: bool, names: list[str]) -> int:
         + f"; see {out / SUMMARY} and {out / REPORT}"
     )
     log.close()
+    print("\n" + (out / SUMMARY).read_text(), end="", flush=True)
     return 1 if counts["failed"] else 0
 
 
