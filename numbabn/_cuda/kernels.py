@@ -462,14 +462,13 @@ def _partial_index(family, channel, chunk):
 def _last_block(counters, group, n_chunks):
     """Whether this block is the last of its channel group to have written its partials.
 
-    The writers' fence makes their partials visible before the barrier; the
-    signalling thread fences again after it, so the count is ordered after every
-    write of the block (the PTX memory model's cumulativity), and once more after
-    the count, so the last block reads the others' partials only then. The
+    The writers have fenced after their partials (only they need to); after the
+    barrier the signalling thread fences again, so the count is ordered after
+    every write of the block (the PTX memory model's cumulativity), and once more
+    after the count, so the last block reads the others' partials only then. The
     counter wraps to zero at ``n_chunks``: every launch leaves it as it found it.
     """
     is_last = cuda.shared.array(1, int32)
-    cuda.threadfence()
     cuda.syncthreads()
     if cuda.threadIdx.x == 0:
         cuda.threadfence()
@@ -488,17 +487,21 @@ def _reduce_to_partials(
 
     Returns ``(total_a, total_b, finishing)``: ``finishing`` is True for the
     threads of the last block that finish a channel (one per channel), which
-    hold its merged totals.
+    hold its merged totals. With one chunk per channel the block's own totals
+    are the channel's: no partials, fences or counter.
     """
     keep = channels_per_block if family == Family.CHANNELS_INNER else 1
     n_chunks = cuda.gridDim.x // counters.shape[0]
     valid = channel < partials.shape[1 if family == Family.CHANNELS_INNER else 0]
     total_a, total_b = _block_reduce(sum_a, sum_b, keep)
     t = cuda.threadIdx.x
+    if n_chunks == 1:
+        return total_a, total_b, t < keep and valid
     if t < keep and valid:
         i, j = _partial_index(family, channel, chunk)
         partials[i, j, 0] = total_a
         partials[i, j, 1] = total_b
+        cuda.threadfence()
     if not _last_block(counters, group, n_chunks):
         return 0.0, 0.0, False
     # All threads merge, each a fixed stride of chunks, then the same fixed tree.
