@@ -22,6 +22,7 @@ EXPECTED = {
     "kernels": "passed",
     "racecheck": "skipped",
     "memcheck": "skipped",
+    "repeat": "passed",
     "sync-batchnorm": "passed",
     "benchmark": "passed",
     "host-time": "passed",

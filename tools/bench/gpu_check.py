@@ -14,6 +14,8 @@ and CuPy where present). The steps, in order, each with a time budget:
   which the simulator hides);
 - ``kernels``, ``racecheck``, ``memcheck``: one small call of every pass
   (:mod:`tools.bench.kernel_calls`), plainly and under compute-sanitizer;
+- ``repeat``: each pass 1,000 times in a row, every result with the bits of the
+  first (a race in a reduction's merge would show as a differing run);
 - ``sync-batchnorm``: SyncBatchNorm on CUDA arrays under ``mpiexec -n 2``
   (``tests/mpi/sync_workload.py``), each rank against BatchNorm on the CPU over
   the whole batch, then the same workload on host arrays;
@@ -639,9 +641,30 @@ def step_nan_probe(context: Context) -> Outcome:
 DRY_KERNEL_ARGUMENTS = ["--shape", "2,3,2,2", "--layout", "channels-last"]
 
 
+REPEATS = 1000
+DRY_REPEATS = 3
+
+
 def _kernel_calls_command(context: Context) -> list[str]:
     command = [sys.executable, "-m", "tools.bench.kernel_calls"]
     return command + (DRY_KERNEL_ARGUMENTS if context.dry_run else [])
+
+
+def step_repeat(context: Context) -> Outcome:
+    """Every pass REPEATS times in a row: each run's results with the first run's bits."""
+    repeats = DRY_REPEATS if context.dry_run else REPEATS
+    command = [*_kernel_calls_command(context), "--repeat", str(repeats)]
+    finished = run_command(command, context.seconds_left(), _print_indented, _child_environment())
+    lines = [line for line in finished.output.splitlines() if line.startswith(("NCHW", "chan"))]
+    markdown = f"Each pass {repeats} times in a row (`kernel_calls --repeat {repeats}`):\n\n"
+    markdown += _code_block("\n".join(lines) or "(no pass ran)")
+    ran = _passes_ran(finished.output)
+    if finished.timed_out:
+        return Outcome("failed", f"stopped at its time budget after {ran} passes", markdown)
+    if finished.returncode != 0:
+        found = [line for line in lines if not line.endswith(": ok")]
+        return Outcome("failed", "; ".join(found)[:300] or _last_line(finished.output), markdown)
+    return Outcome("passed", f"{ran} passes, {repeats} runs each, identical bits", markdown)
 
 
 def _passes_ran(output: str) -> int:
@@ -1028,10 +1051,11 @@ STEPS = [
     Step("kernels", "Every pass once", 20, step_kernels),
     Step("racecheck", "compute-sanitizer racecheck", 40, _sanitizer_step("racecheck")),
     Step("memcheck", "compute-sanitizer memcheck", 30, _sanitizer_step("memcheck")),
+    Step("repeat", "1,000 identical launches: identical bits", 15, step_repeat),
     Step("sync-batchnorm", "SyncBatchNorm on CUDA arrays, 2 MPI ranks", 30, step_sync_batchnorm),
-    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 50, step_benchmark),
+    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 42, step_benchmark),
     Step("host-time", "Host time per small forward", 12, step_host_time),
-    Step("cpu-threads", "CPU thread scaling", 28, step_cpu_threads),
+    Step("cpu-threads", "CPU thread scaling", 21, step_cpu_threads),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
