@@ -14,11 +14,17 @@ PyTorch's message maps onto it where only the wording of a value differs.
 numbabn's message is PyTorch's, then, for the checks whose cause a NumPy user
 may not see, one sentence that says what to do: :data:`ADVICE` is that column,
 one regular expression per kind of check, and every other check adds nothing.
+
+Every call row runs on each backend (conftest's ``device`` fixture): on the
+CUDA kernels (in the simulator without a GPU), numbabn's arrays and modules
+live on the device and the results come back to compare. A row that runs on
+the CPU backend only says why (``cpu_only``).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_same_state, snapshot
+from conftest import Device, assert_same_state, snapshot
 
 import numbabn
 from numbabn import functional as F
@@ -48,10 +54,11 @@ class Case:
 
     id: str
     theirs: Callable[[], Any]
-    ours: Callable[[], tuple[Callable[[], Any], Any]]
+    ours: Callable[[Device], tuple[Callable[[], Any], Any]]
     deviation: str | None = None  # why numbabn differs from PyTorch here
     expect: tuple[type[BaseException], str] | None = None  # numbabn's error and its start
     translate: Callable[[str], str] | None = None  # PyTorch's message in numbabn's words
+    cpu_only: str | None = None  # why the row runs on the CPU backend only
 
 
 # The sentence numbabn adds after PyTorch's message (a regular expression), per check.
@@ -143,9 +150,9 @@ def functional(
         out = TF.batch_norm(_tensor(x), rm, rv, w, b, training, momentum, eps)
         return out, rm, rv
 
-    def ours() -> tuple[Callable[[], Any], Any]:
-        rm, rv, w, b = (v.copy() if isinstance(v, np.ndarray) else v for v in vectors)
-        xx = x.copy() if isinstance(x, np.ndarray) else x
+    def ours(device: Device) -> tuple[Callable[[], Any], Any]:
+        rm, rv, w, b = (device.put(v.copy()) if isinstance(v, np.ndarray) else v for v in vectors)
+        xx = device.put(x.copy()) if isinstance(x, np.ndarray) else x
 
         def call() -> tuple[Any, ...]:
             return F.batch_norm(xx, rm, rv, w, b, training, momentum, eps), rm, rv
@@ -186,16 +193,17 @@ def module(
         m.train(train)
         return m(_tensor(x)), m.running_mean, m.running_var, m.num_batches_tracked
 
-    def ours() -> tuple[Callable[[], Any], Any]:
+    def ours(device: Device) -> tuple[Callable[[], Any], Any]:
         extra = {"comm": _one_rank()} if kind == "SyncBatchNorm" else {}
-        m = getattr(numbabn, kind)(*args, dtype=dtype, **kwargs, **extra)
+        m = getattr(numbabn, kind)(*args, dtype=dtype, device=device.name, **kwargs, **extra)
         if warm_x is not None:
-            m(warm_x)
-            m.backward(np.ones_like(warm_x))
+            m(device.put(warm_x))
+            m.backward(device.put(np.ones_like(warm_x)))
         m.train(train)
+        xx = device.put(x) if isinstance(x, np.ndarray) else x
 
         def call() -> tuple[Any, ...]:
-            return m(x), m.running_mean, m.running_var, m.num_batches_tracked
+            return m(xx), m.running_mean, m.running_var, m.num_batches_tracked
 
         return call, m
 
@@ -209,18 +217,19 @@ def _one_rank() -> Any:
 
 def construct(id: str, kind: str, *args: Any, **kwargs: Any) -> Case:
     """Construction alone (``deviation``, ``expect`` and ``translate`` are the Case's)."""
-    row_keys = ("deviation", "expect", "translate")
+    row_keys = ("deviation", "expect", "translate", "cpu_only")
     row = {key: kwargs.pop(key) for key in row_keys if key in kwargs}
 
     def theirs() -> None:
         getattr(torch.nn, kind)(*args, **kwargs)
 
-    def ours() -> tuple[Callable[[], Any], Any]:
+    def ours(device: Device) -> tuple[Callable[[], Any], Any]:
         def call() -> None:
             getattr(numbabn, kind)(*args, **kwargs)
 
         return call, None
 
+    row.setdefault("cpu_only", CONSTRUCTION)
     return Case(id, theirs, ours, **row)
 
 
@@ -265,6 +274,7 @@ def _explained(kind: str, module_dtype: Any, input_dtype: Any) -> Callable[[str]
     return explained
 
 
+CONSTRUCTION = "construction touches no array"
 BELOW_2D = (
     "PyTorch reads input.size(1) of a 1-D input past its end (its message quotes a "
     "meaningless channel count) or fails with IndexError on 0-D input; numbabn says "
@@ -494,6 +504,7 @@ CASES = [
         x=np.ones((4, 3), np.float16),
         deviation=FLOAT16_CPU,
         expect=(TypeError, "input has dtype float16"),
+        cpu_only="the CUDA backend takes float16",
     ),
     # -- SyncBatchNorm calls (one rank): the same checks, but the batch size over all ranks --
     module("sync eps=0 train", "SyncBatchNorm", x=(4, 3, 2), kwargs={"eps": 0.0}),
@@ -655,6 +666,7 @@ CASES = [
         rv=None,
         deviation=FLOAT16_CPU,
         expect=(TypeError, "input has dtype float16"),
+        cpu_only="the CUDA backend takes float16",
     ),
     # -- functional: the order of the checks ---------------------------------------------------
     functional(
@@ -751,21 +763,21 @@ def _outcome(call: Callable[[], Any]) -> tuple[type[BaseException] | None, Any]:
         return type(error), error
 
 
-def _snapshot(watched: Any) -> Any:
+def _snapshot(watched: Any, device: Device) -> Any:
     if watched is None:
         return None
     if isinstance(watched, tuple):
-        return [None if a is None else np.array(a, copy=True) for a in watched]
+        return [None if a is None else np.array(device.get(a), copy=True) for a in watched]
     return snapshot(watched)
 
 
-def _assert_unchanged(before: Any, watched: Any, lazy_class: type | None) -> None:
+def _assert_unchanged(before: Any, watched: Any, lazy_class: type | None, device: Device) -> None:
     if watched is None:
         return
     if isinstance(watched, tuple):
         for old, new in zip(before, watched, strict=True):
             if old is not None:
-                new = np.asarray(new)
+                new = np.asarray(device.get(new))
                 assert old.dtype == new.dtype and old.tobytes() == new.tobytes()
         return
     assert_same_state(before, watched)
@@ -773,7 +785,7 @@ def _assert_unchanged(before: Any, watched: Any, lazy_class: type | None) -> Non
         assert type(watched) is lazy_class and watched.num_features == 0
 
 
-def _assert_same_results(theirs: Any, ours: Any) -> None:
+def _assert_same_results(theirs: Any, ours: Any, device: Device) -> None:
     if theirs is None:  # construction
         assert ours is None
         return
@@ -782,18 +794,23 @@ def _assert_same_results(theirs: Any, ours: Any) -> None:
         if t is None:
             assert o is None
             continue
-        o = np.asarray(o)
+        o = np.asarray(device.get(o))
         assert o.shape == tuple(t.shape)
         np.testing.assert_allclose(o, t, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_same_check_as_pytorch(case: Case) -> None:
+def test_same_check_as_pytorch(case: Case, device: Device) -> None:
+    if device.name != "cpu" and case.cpu_only:
+        pytest.skip(case.cpu_only)
     their_error, their_value = _outcome(case.theirs)
-    call, watched = case.ours()
+    call, watched = case.ours(device)
     lazy_class = type(watched) if type(watched).__name__.startswith("Lazy") else None
-    before = _snapshot(watched)
-    our_error, our_value = _outcome(call)
+    before = _snapshot(watched, device)
+    with warnings.catch_warnings():
+        if device.simulated:  # its kernels run on NumPy scalars, which warn on inf * 0
+            warnings.filterwarnings("ignore", ".* encountered in", RuntimeWarning)
+        our_error, our_value = _outcome(call)
 
     if case.deviation is not None and case.expect is not None:
         assert our_error is case.expect[0], our_value
@@ -805,7 +822,7 @@ def test_same_check_as_pytorch(case: Case) -> None:
         return
     elif their_error is None:
         assert our_error is None, f"numbabn raised {our_error.__name__}: {our_value}"
-        _assert_same_results(their_value, our_value)
+        _assert_same_results(their_value, our_value, device)
         return
     else:
         message = str(their_value)
@@ -813,7 +830,7 @@ def test_same_check_as_pytorch(case: Case) -> None:
             message = case.translate(message)
         assert our_error is their_error, f"{our_error}: {our_value} vs PyTorch's {message}"
         assert_pytorch_message_then_advice(str(our_value), message)
-    _assert_unchanged(before, watched, lazy_class)
+    _assert_unchanged(before, watched, lazy_class, device)
 
 
 @pytest.mark.parametrize(
