@@ -69,7 +69,7 @@ ADVICE = {
         r"x\.transpose\([\d, ]+\), a view that copies nothing)?"
     ),
     r"\"batch_norm\" not implemented for '\w+'": (
-        r"numbabn takes float32 and float64 input, not \w+: "
+        r"numbabn takes float32 and float64 (\(and float16\) )?input, not \w+: "
         r"convert it with x\.astype\(np\.float32\)"
     ),
     r"(empty|zeros)\(\): argument 'size' \(position 1\) must be tuple of ints, not [\w.]+": (
