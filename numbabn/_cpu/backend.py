@@ -120,7 +120,12 @@ class _Operands:
         return not contiguous or view.shape[3] == 1 or view.strides[3] == view.itemsize
 
     def input_view(self, array: np.ndarray) -> np.ndarray:
-        """View another input, copying it into ``x``'s layout unless it fits as it is."""
+        """View another input, copying it into ``x``'s layout unless it fits as it is.
+
+        A residual reaches here inside an :class:`Epilogue`, still in 16-bit floats:
+        it is viewed as the kernels' bits, as ``x`` is.
+        """
+        array = halves.as_bits(array)
         view = self.tiling.view(array)
         if not self.fits(view):
             staged = _staging_like(self.x)
