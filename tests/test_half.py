@@ -9,6 +9,8 @@ elsewhere runs the same kernels, which differ only in how they load and store.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -298,3 +300,9 @@ def test_dtype_rules_as_pytorch():
     with pytest.raises(RuntimeError, match="mixed dtype"):
         numbabn.BatchNorm1d(3, dtype=np.float64)(x)
     assert F.batch_norm(x, None, None, training=True).dtype == BFLOAT16
+
+
+def test_importing_numbabn_needs_no_ml_dtypes():
+    code = "import sys, numbabn, numpy as np; numbabn.BatchNorm1d(2, dtype=np.float16).half()"
+    code += "; assert 'ml_dtypes' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -10,10 +10,10 @@ the element type once, to nearest even: through a float32 rounded to odd, whose
 13 or more spare bits make the second rounding exact. Float32 and float64
 operands pass through both unchanged, so one kernel source serves every dtype.
 
-NumPy code of the backend reads and writes the same formats with
-:func:`widened` and :func:`rounded` (NumPy's and ``ml_dtypes``' casts from float64
-round once too). ``ml_dtypes`` (which defines NumPy's
-bfloat16) is imported only when bfloat16 data is met.
+NumPy code of the backend reads and writes the same formats with :func:`widened`
+and :func:`rounded` (NumPy's and ``ml_dtypes``' casts from float64 round once
+too). ``ml_dtypes`` (which defines NumPy's bfloat16) is imported only when
+bfloat16 data is met.
 """
 
 from __future__ import annotations
@@ -72,12 +72,7 @@ def from_bits(array: Any) -> Any:
 
 def widened(array: np.ndarray) -> np.ndarray:
     """A float64 copy of ``array``: float data, or the bits :func:`as_bits` made of it."""
-    if array.dtype == _BFLOAT16_BITS:
-        wide = (array.astype(np.uint32) << 16).view(np.float32)
-        return wide.astype(np.float64)
-    if array.dtype == _FLOAT16_BITS:
-        array = array.view(FLOAT16)
-    return array.astype(np.float64)
+    return from_bits(array).astype(np.float64)
 
 
 def rounded(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
