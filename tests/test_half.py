@@ -306,3 +306,43 @@ def test_importing_numbabn_needs_no_ml_dtypes():
     code = "import sys, numbabn, numpy as np; numbabn.BatchNorm1d(2, dtype=np.float16).half()"
     code += "; assert 'ml_dtypes' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+@HALVES
+def test_kernels_round_float64_once_to_nearest_even(dtype):
+    """The kernels' store of a float64 (narrowed) is NumPy's or ml_dtypes' single rounding,
+    where rounding to float32 first would round some values twice; their load (widen) exact."""
+    from numba import njit
+
+    from numbabn._cpu.halves import as_bits, narrowed, widen
+
+    @njit
+    def store(values, out):
+        for i in range(values.shape[0]):
+            out[i] = narrowed(values[i], out)
+
+    @njit
+    def load(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = widen(bits[i])
+
+    rng = np.random.default_rng(5)
+    spare = 2.0 ** -(8 if dtype == BFLOAT16 else 11)  # half an ulp of 1
+    values = np.concatenate([
+        rng.standard_normal(20000) * 10.0 ** rng.integers(-45, 40, 20000),
+        1 + spare + np.array([2.0**-30, -(2.0**-30), 2.0**-50, 0.0]),  # twice: wrong side
+        (np.arange(1, 500) + 0.5) * 2.0**-133,  # bfloat16's subnormals
+        (np.arange(1, 500) + 0.5) * 2.0**-24,  # float16's
+        [np.inf, -np.inf, np.nan, 0.0, 65519.99, 65520.0, 3.4e38, 1e300, 2.0**-300],
+    ])  # fmt: skip
+    values = np.concatenate([values, -values])
+    out = np.empty(values.size, dtype)
+    store(values, as_bits(out))
+    with np.errstate(over="ignore"):
+        expected = values.astype(dtype)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(out.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    assert np.isnan(out[nan].astype(np.float32)).all()
+    wide = np.empty(values.size)
+    load(as_bits(out), wide)
+    np.testing.assert_array_equal(wide, out.astype(np.float64))

@@ -7,7 +7,7 @@ its bits hold. :func:`widen` turns an element into float64 in registers
 (bfloat16: a 16-bit shift into a float32; float16: the processor's conversion,
 ``vcvtph2ps`` on x86 with F16C), and :func:`narrowed` rounds a float64 result to
 the element type once, to nearest even: through a float32 rounded to odd, whose
-13 or more spare bits make the second rounding exact. Float32 and float64
+13 or more spare bits make the second rounding exact (Boldo and Melquiond). Float32 and float64
 operands pass through both unchanged, so one kernel source serves every dtype.
 
 NumPy code of the backend reads and writes the same formats with :func:`widened`
@@ -25,7 +25,6 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from numbabn._cpu.jit import inline as _inline
 from numbabn._validation import is_bfloat16
 
 __all__ = ["as_bits", "bits_dtype", "from_bits", "narrowed", "rounded", "widen", "widened"]
@@ -100,28 +99,15 @@ def narrowed(value: float, array: Any) -> Any:
     raise NotImplementedError
 
 
-def _float32_of_bits_typed(typingctx: Any, bits: Any) -> Any:
-    """The float32 whose bits are the uint32 ``bits``."""
+def _float32_of_bfloat16_typed(typingctx: Any, bits: Any) -> Any:
+    """The bfloat16 whose bits are the uint16 ``bits``, as float32 (exact: its top half)."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.FloatType())
+        i32 = ir.IntType(32)
+        wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(wide, ir.FloatType())
 
-    return types.float32(types.uint32), codegen
-
-
-_float32_of_bits: Any = intrinsic(_float32_of_bits_typed)
-
-
-def _bits_of_float32_typed(typingctx: Any, value: Any) -> Any:
-    """The bits of the float32 ``value``, as a uint32."""
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-_bits_of_float32: Any = intrinsic(_bits_of_float32_typed)
+    return types.float32(types.uint16), codegen
 
 
 def _float32_of_float16_typed(typingctx: Any, bits: Any) -> Any:
@@ -133,35 +119,63 @@ def _float32_of_float16_typed(typingctx: Any, bits: Any) -> Any:
     return types.float32(types.int16), codegen
 
 
-_float32_of_float16: Any = intrinsic(_float32_of_float16_typed)
+def _odd_float32(builder: Any, value: Any) -> Any:
+    """LLVM IR: the bits (i32) of the float64 ``value`` rounded to odd as a float32.
+
+    Rounded to nearest, then moved one step toward zero where that went away from
+    ``value``, and given an odd last bit where inexact. The rounding error's sign
+    and whether it is zero are read in float32, scaled by 2**60 so that no error
+    underflows there where it matters (an infinite ``value`` gives a NaN error:
+    no change). Every integer operation is 32 bits wide, so that loops of them
+    vectorise eight to a register; Numba's own integer arithmetic would widen
+    them to 64 bits.
+    """
+    f32, i32 = ir.FloatType(), ir.IntType(32)
+    nearest = builder.fptrunc(value, f32)
+    error = builder.fsub(value, builder.fpext(nearest, ir.DoubleType()))
+    error = builder.fptrunc(builder.fmul(error, ir.Constant(ir.DoubleType(), 2.0**60)), f32)
+    inexact = builder.zext(builder.fcmp_ordered("!=", error, ir.Constant(f32, 0.0)), i32)
+    bits = builder.bitcast(nearest, i32)
+    sign_differs = builder.lshr(
+        builder.xor(builder.bitcast(error, i32), bits), ir.Constant(i32, 31)
+    )
+    toward_zero = builder.sub(bits, builder.and_(inexact, sign_differs))
+    return builder.or_(toward_zero, inexact)
 
 
-def _float16_of_float32_typed(typingctx: Any, value: Any) -> Any:
-    """The float32 ``value`` rounded to float16 (nearest even), as its int16 bits."""
+def _bfloat16_of_float64_typed(typingctx: Any, value: Any) -> Any:
+    """The float64 ``value`` rounded once to bfloat16 (nearest even), as its uint16 bits."""
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        i32 = ir.IntType(32)
+        odd = _odd_float32(builder, args[0])
+        last = builder.and_(builder.lshr(odd, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(odd, builder.add(ir.Constant(i32, 0x7FFF), last))
+        return builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), ir.IntType(16))
 
-    return types.int16(types.float32), codegen
+    return types.uint16(types.float64), codegen
 
 
-_float16_of_float32: Any = intrinsic(_float16_of_float32_typed)
+def _float16_of_float64_typed(typingctx: Any, value: Any) -> Any:
+    """The float64 ``value`` rounded once to float16 (nearest even), as its int16 bits."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        odd = builder.bitcast(_odd_float32(builder, args[0]), ir.FloatType())
+        return builder.bitcast(builder.fptrunc(odd, ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float64), codegen
 
 
-@_inline
-def _odd_float32(value):  # type: ignore[no-untyped-def]
-    """``value`` (float64) as float32 rounded to odd: truncated, last bit set where inexact."""
-    nearest = np.float32(value)
-    back = np.float64(nearest)
-    # Selects, not branches, so that loops of them vectorise.
-    truncated = _bits_of_float32(nearest) - np.uint32(abs(back) > abs(value))
-    return truncated | np.uint32(back != value)
+_float32_of_bfloat16: Any = intrinsic(_float32_of_bfloat16_typed)
+_float32_of_float16: Any = intrinsic(_float32_of_float16_typed)
+_bfloat16_of_float64: Any = intrinsic(_bfloat16_of_float64_typed)
+_float16_of_float64: Any = intrinsic(_float16_of_float64_typed)
 
 
 @overload(widen, inline="always")
 def _widen_overload(value):  # type: ignore[no-untyped-def]
     if value == types.uint16:
-        return lambda value: np.float64(_float32_of_bits(np.uint32(value) << np.uint32(16)))
+        return lambda value: np.float64(_float32_of_bfloat16(value))
     if value == types.int16:
         return lambda value: np.float64(_float32_of_float16(value))
     return lambda value: np.float64(value)
@@ -170,14 +184,7 @@ def _widen_overload(value):  # type: ignore[no-untyped-def]
 @overload(narrowed, inline="always")
 def _narrowed_overload(value, array):  # type: ignore[no-untyped-def]
     if array.dtype == types.uint16:
-
-        def to_bfloat16(value, array):  # type: ignore[no-untyped-def]
-            # The float32's bits rounded to their top 16, to nearest even.
-            bits = _odd_float32(value)
-            bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-            return np.uint16(bits >> np.uint32(16))
-
-        return to_bfloat16
+        return lambda value, array: _bfloat16_of_float64(np.float64(value))
     if array.dtype == types.int16:
-        return lambda value, array: _float16_of_float32(_float32_of_bits(_odd_float32(value)))
+        return lambda value, array: _float16_of_float64(np.float64(value))
     return lambda value, array: value
