@@ -346,3 +346,24 @@ def test_kernels_round_float64_once_to_nearest_even(dtype):
     wide = np.empty(values.size)
     load(as_bits(out), wide)
     np.testing.assert_array_equal(wide, out.astype(np.float64))
+
+
+@HALVES
+@pytest.mark.parametrize("module_dtype", ["float32", "its own"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_planned_small_forwards_give_the_bits_of_the_full_path(dtype, module_dtype, layout, rng):
+    """Small forwards without out= run in one compiled call (numbabn._cpu.serial): the same
+    bits as the separate passes, which out= takes, in training and in evaluation."""
+    modules = [numbabn.BatchNorm2d(5, dtype=np.float32 if module_dtype == "float32" else dtype)
+               for _ in range(2)]  # fmt: skip
+    planned, checked = modules
+    for step in range(3):
+        if step == 2:
+            planned.eval()
+            checked.eval()
+        x = make_input(rng, (2, 5, 6, 7), layout, dtype, loc=1.0)
+        y = planned(x)
+        out = np.empty_like(y)
+        checked(x, out=out)
+        assert y.dtype == dtype and y.tobytes() == out.tobytes()
+        assert planned.running_var.tobytes() == checked.running_var.tobytes()
