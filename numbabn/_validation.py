@@ -22,11 +22,50 @@ import numpy as np
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _HALF = np.dtype(np.float16)
 _FLOAT = np.dtype(np.float32)
+
+
+def is_bfloat16(dtype: Any) -> bool:
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16``, told by name: ``ml_dtypes`` defines
+    NumPy's bfloat16, and only users with such data need to have imported it."""
+    return getattr(dtype, "name", None) == "bfloat16" and getattr(dtype, "itemsize", 0) == 2
+
+
+def is_half(dtype: Any) -> bool:
+    """Whether ``dtype`` is a 16-bit float: float16 or bfloat16."""
+    return dtype == _HALF or is_bfloat16(dtype)
+
+
+class HalfParamDtypes(dict[np.dtype, np.dtype]):
+    """Input dtype -> dtype of the parameters a float32 module has for it, with bfloat16
+    too (matched by name, see :func:`is_bfloat16`).
+
+    A backend with this table takes bfloat16 and float16 input, with float32
+    parameters and statistics or with parameters of the input's own dtype (a
+    module converted with ``.bfloat16()`` or ``.half()``), as PyTorch's CPU does.
+    """
+
+    def __contains__(self, dtype: object) -> bool:
+        return super().__contains__(dtype) or is_bfloat16(dtype)
+
+    def __missing__(self, dtype: Any) -> np.dtype:
+        if is_bfloat16(dtype):
+            return _FLOAT
+        raise KeyError(dtype)
+
+    def get(self, dtype: Any, default: Any = None) -> Any:
+        try:
+            return self[dtype]
+        except KeyError:
+            return default
+
+
 # Input dtype -> parameter dtype, per kind of data a backend may take: float32 and
 # float64 data keep parameters of their own dtype, float16 data float32 ones.
 FLOAT_PARAM_DTYPES: dict[np.dtype, np.dtype] = {dtype: dtype for dtype in SUPPORTED_DTYPES}
 HALF_PARAM_DTYPES: dict[np.dtype, np.dtype] = {_HALF: _FLOAT}
-PARAM_DTYPES = FLOAT_PARAM_DTYPES | HALF_PARAM_DTYPES
+# The CPU's: float32, float64, float16 and bfloat16 data, half data with float32 or half
+# parameters. Every dtype a backend takes is a key here.
+PARAM_DTYPES = HalfParamDtypes(FLOAT_PARAM_DTYPES | HALF_PARAM_DTYPES)
 # PyTorch's names of the scalar types that NumPy has too, as its messages spell them.
 _TORCH_NAMES = {
     np.dtype(np.bool_): "Bool",
@@ -39,6 +78,7 @@ _TORCH_NAMES = {
     np.dtype(np.int64): "Long",
     np.dtype(np.uint64): "UInt64",
     _HALF: "Half",
+    "bfloat16": "BFloat16",
     _FLOAT: "Float",
     np.dtype(np.float64): "Double",
     np.dtype(np.complex64): "ComplexFloat",
@@ -69,7 +109,8 @@ def _advised(pytorch_text: str, advice: str) -> str:
 
 def torch_dtype_name(dtype: np.dtype) -> str:
     """PyTorch's name of ``dtype`` (``Float``, ``Long``), or NumPy's where PyTorch has none."""
-    return _TORCH_NAMES.get(np.dtype(dtype), np.dtype(dtype).name)
+    dtype = np.dtype(dtype)
+    return _TORCH_NAMES.get("bfloat16" if is_bfloat16(dtype) else dtype, dtype.name)
 
 
 # -- construction --------------------------------------------------------------------
@@ -218,24 +259,26 @@ def flat_vector(vector: Any | None, n_channels: int) -> Any | None:
     return vector.reshape(n_channels)
 
 
-def check_dtype(x: Any, taken: Mapping[np.dtype, np.dtype] = FLOAT_PARAM_DTYPES) -> None:
+def check_dtype(x: Any, taken: Mapping[np.dtype, np.dtype] = PARAM_DTYPES) -> None:
     """Raise unless ``x`` has a dtype the backend takes: a key of ``taken``.
 
-    ``taken`` is the backend's ``param_dtypes`` (float16 only on CUDA).
-    PyTorch's NotImplementedError for the dtypes it has a kernel name for;
-    TypeError for float16 on the CPU (PyTorch takes it; numbabn does not) and
-    for dtypes PyTorch has no tensors of.
+    ``taken`` is the backend's ``param_dtypes`` (the CPU's :data:`PARAM_DTYPES`
+    takes bfloat16 and float16 too; the GPU's float16 only). PyTorch's
+    NotImplementedError for the dtypes it has a kernel name for; TypeError for a
+    16-bit float the backend does not take and for dtypes PyTorch has no tensors of.
     """
     dtype = x.dtype
     if dtype in taken:
         return
-    if dtype == _HALF:
+    halves = "bfloat16 and float16" if isinstance(taken, HalfParamDtypes) else ""
+    halves = halves or ("float16" if _HALF in taken else "")
+    supported = "float32 and float64" + (f" (and {halves})" if halves else "")
+    if is_half(dtype):
         raise TypeError(
-            "input has dtype float16, which the CPU backend does not take: Numba's CPU "
-            "target has no float16 arithmetic, so it could not be faster than converting. "
-            "Convert with x.astype(np.float32), or pass a CUDA array for float16 on the GPU"
+            f"input has dtype {dtype}, which this backend does not take: it takes {supported}. "
+            "Convert it with x.astype(np.float32), or pass a host array (NumPy, or a PyTorch "
+            "CPU tensor): the CPU backend takes bfloat16 and float16"
         )
-    supported = "float32 and float64" + (" (and float16)" if _HALF in taken else "")
     if dtype in _TORCH_NAMES:
         raise NotImplementedError(
             _advised(
@@ -254,13 +297,16 @@ def check_param_dtypes(
     weight: Any | None,
     bias: Any | None,
     training: bool,
+    taken: Mapping[np.dtype, np.dtype] = PARAM_DTYPES,
 ) -> None:
     """Raise PyTorch's RuntimeError when a parameter's dtype or a statistic's rank is wrong.
 
     As in PyTorch's CPU kernels: when the first of weight, bias, running_mean,
     running_var that is given has the input's dtype, each of the others must
     too (``expected scalar type Float but found Double``); otherwise every one
-    must be float32 and the input float16 (``mixed dtype (CPU): ...``). The
+    must be float32 and the input bfloat16 or float16 (``mixed dtype (CPU): ...``).
+    Parameters of the input's 16-bit dtype need a backend whose ``param_dtypes``
+    (``taken``) is a :class:`HalfParamDtypes`, as the CPU's is. The
     running statistics must be 1-D (``TensorAccessor expected 1 dims but
     tensor has 2``). The order is the kernels' order of reading them.
     """
@@ -272,7 +318,7 @@ def check_param_dtypes(
             raise _param_dtype_error(
                 "mixed dtype (CPU): expect parameter to have scalar type of Float", x.dtype
             )
-        if x.dtype != _HALF:
+        if not is_half(x.dtype):
             raise _param_dtype_error(
                 "mixed dtype (CPU): all inputs must share same datatype.", x.dtype
             )
@@ -292,10 +338,10 @@ def check_param_dtypes(
                 f"but found {torch_dtype_name(dtype)}",
                 x.dtype,
             )
-    if x.dtype == _HALF:
+    if is_half(x.dtype) and not isinstance(taken, HalfParamDtypes):
         raise TypeError(
-            "float16 input takes float32 weight, bias and running statistics, as in PyTorch's "
-            "mixed precision; convert them with .astype(np.float32)"
+            f"{x.dtype} input takes float32 weight, bias and running statistics on this "
+            "backend, as in PyTorch's mixed precision; convert them with .astype(np.float32)"
         )
 
 
@@ -333,12 +379,13 @@ def _check_rank(vector: Any | None) -> None:
 
 
 def check_channel_vector(name: str, vector: Any | None, x: Any) -> None:
-    """Check a per-channel vector against ``x``: ``C`` elements, the parameter dtype."""
+    """Check a per-channel vector against ``x``: ``C`` elements, the parameter dtype (or, for
+    16-bit float input, the input's own)."""
     if vector is None:
         return
     check_channel_count(name, vector, x)
     expected = PARAM_DTYPES.get(x.dtype)
-    if vector.dtype != expected:
+    if vector.dtype != expected and not (is_half(x.dtype) and vector.dtype == x.dtype):
         raise TypeError(
             f"{name} has dtype {vector.dtype} but the input has dtype {x.dtype}; "
             f"{name} must be {expected}"

@@ -18,6 +18,7 @@ import numpy as np
 
 from numbabn._dispatch import Backend
 from numbabn._phases import BACKWARD, FORWARD, Pass
+from numbabn._validation import is_bfloat16
 from numbabn.epilogue import Epilogue
 from numbabn.modules import _BatchNorm
 from numbabn.stats import ChannelStats
@@ -31,7 +32,9 @@ DEFAULT_TIMEOUT = 1800.0
 
 _KINDS = {int(FORWARD): "forward", int(BACKWARD): "backward"}
 _DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
+_BFLOAT16_CODE = 3  # ml_dtypes.bfloat16, told by name (see numbabn._validation.is_bfloat16)
 _DTYPE_NAMES = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
+_DTYPE_NAMES[_BFLOAT16_CODE] = "bfloat16"
 _TEXT_BYTES = 1024  # of each failing rank's error text that the others quote
 
 # Communicators on which an exchange timed out. Its collective is still posted,
@@ -260,7 +263,7 @@ def _checked_timeout(timeout: float | None) -> float | None:
 
 def _header(x: Any) -> tuple[int, int]:
     """What every rank's part must agree on: its channels and dtype."""
-    return x.shape[1], _DTYPE_CODES[x.dtype]
+    return x.shape[1], _BFLOAT16_CODE if is_bfloat16(x.dtype) else _DTYPE_CODES[x.dtype]
 
 
 class SyncBatchNorm(_BatchNorm):

@@ -13,19 +13,22 @@ from typing import Any
 
 import numpy as np
 
+from numbabn._validation import is_half
+
 __all__ = ["fold_into_conv", "fold_into_linear"]
 
 
 def _check_float_array(name: str, array: Any) -> np.ndarray:
     if not isinstance(array, np.ndarray):
         raise ValueError(f"{name} must be a NumPy array, got {type(array).__qualname__}")
-    if not np.issubdtype(array.dtype, np.floating):
+    if not np.issubdtype(array.dtype, np.floating) and not is_half(array.dtype):
         raise ValueError(f"{name} must have a floating-point dtype, got {array.dtype}")
     return array
 
 
 def _bn_parameters(bn: Any) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
-    """Running mean and variance, eps, weight and bias of ``bn`` (ones/zeros where absent).
+    """Running mean and variance, eps, weight and bias of ``bn`` (ones/zeros where absent),
+    in float32 where ``bn`` keeps 16-bit floats (exact).
 
     Read from ``bn.state_dict()``: host copies, whatever device ``bn`` is on.
     """
@@ -43,6 +46,10 @@ def _bn_parameters(bn: Any) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, 
     running_mean, running_var = state["running_mean"], state["running_var"]
     weight = state.get("weight", np.ones_like(running_mean))
     bias = state.get("bias", np.zeros_like(running_mean))
+    if is_half(running_mean.dtype):  # a .half()/.bfloat16() module: folded in float32
+        running_mean, running_var, weight, bias = (
+            array.astype(np.float32) for array in (running_mean, running_var, weight, bias)
+        )
     return running_mean, running_var, bn.eps, weight, bias
 
 

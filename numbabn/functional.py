@@ -81,7 +81,9 @@ def check_forward_args(
         return backend, arrays
     weight, bias = check.channel_vectors(x, running_mean, running_var, weight, bias, training)
     check.check_dtype(x, backend.param_dtypes)
-    check.check_param_dtypes(x, running_mean, running_var, weight, bias, training)
+    check.check_param_dtypes(
+        x, running_mean, running_var, weight, bias, training, backend.param_dtypes
+    )
     check.check_out(out, x)
     return backend, (x, running_mean, running_var, weight, bias, out)
 
@@ -138,7 +140,8 @@ def batch_norm_forward(
     Parameters
     ----------
     input : array
-        Shape ``(N, C, *spatial)``, float32 or float64 (or float16 on CUDA),
+        Shape ``(N, C, *spatial)``, float32 or float64, or 16-bit floats
+        (``ml_dtypes.bfloat16`` and float16 on the CPU, float16 on CUDA),
         any strides. Host arrays of any library that exports DLPack or the
         NumPy array interface (PyTorch CPU tensors, JAX CPU arrays,
         ``numpy.memmap``) are used in place, as are CUDA arrays (anything with
@@ -147,7 +150,7 @@ def batch_norm_forward(
         ``out`` or as running statistics updated in training.
     running_mean, running_var : ndarray or None
         Running statistics, shape ``(C,)``, same dtype as ``input`` (float32
-        for float16 input). Updated in
+        or the input's own for 16-bit float input). Updated in
         place when ``training`` is True (the variance with Bessel's correction):
         ``running = (1 - momentum) * running + momentum * batch_statistic``.
         Both or neither; required when ``training`` is False.

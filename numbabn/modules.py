@@ -75,10 +75,13 @@ def _device_name(device: str | None) -> str:
 
 
 def _module_dtype(dtype: Any) -> np.dtype:
-    """``dtype`` as a NumPy dtype of parameters and statistics (float32 or float64)."""
+    """``dtype`` as a NumPy dtype of parameters and statistics: float32, float64, or a
+    16-bit float (``ml_dtypes.bfloat16``, float16)."""
     dtype = np.dtype(dtype)
-    if dtype not in check.SUPPORTED_DTYPES:
-        raise TypeError(f"dtype {dtype} is not supported; use float32 or float64")
+    if dtype not in check.SUPPORTED_DTYPES and not check.is_half(dtype):
+        raise TypeError(
+            f"dtype {dtype} is not supported; use float32, float64, ml_dtypes.bfloat16 or float16"
+        )
     return dtype
 
 
@@ -217,7 +220,7 @@ class _BatchNorm:
             ``"cpu"`` (NumPy arrays) or ``"cuda"`` (Numba device arrays). A
             dtype here is taken as ``dtype``, as ``torch.nn.Module.to`` does:
             ``bn.to(np.float64)``.
-        dtype : float32 or float64, optional
+        dtype : float32, float64, ml_dtypes.bfloat16 or float16, optional
             New dtype of the parameters, running statistics and gradients
             (the batch counter stays int64).
 
@@ -240,6 +243,11 @@ class _BatchNorm:
         if target == self.device and new_dtype == self.dtype:
             return self
         backend = backend_named(target)
+        if check.is_half(new_dtype) and not isinstance(backend.param_dtypes, check.HalfParamDtypes):
+            raise TypeError(
+                f"the {target} backend keeps parameters in float32 for {new_dtype} input; "
+                f"convert the module with .float() and pass {new_dtype} input to it"
+            )
         gpu = backend.device_for(device_index(target))
 
         def moved(array: Any) -> Any:
@@ -267,6 +275,20 @@ class _BatchNorm:
     def float(self) -> Self:
         """Same as ``to(dtype=np.float32)``."""
         return self._convert(self.device, np.dtype(np.float32))
+
+    def half(self) -> Self:
+        """Same as ``to(dtype=np.float16)``."""
+        return self._convert(self.device, np.dtype(np.float16))
+
+    def bfloat16(self) -> Self:
+        """Same as ``to(dtype=ml_dtypes.bfloat16)`` (needs the ``ml_dtypes`` package)."""
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ImportError(
+                "bfloat16 is NumPy's through the ml_dtypes package: pip install ml_dtypes"
+            ) from None
+        return self._convert(self.device, np.dtype(ml_dtypes.bfloat16))
 
     def cpu(self) -> Self:
         """Same as ``to("cpu")``."""
@@ -778,9 +800,10 @@ _PARAMETERS = """
         Keep running statistics and use them in evaluation mode.
     device : {"cpu", "cuda", None}
         Where the state lives: NumPy arrays, or Numba device arrays on the GPU.
-    dtype : float32 or float64, default float32
+    dtype : float32, float64, ml_dtypes.bfloat16 or float16, default float32
         Dtype of the parameters and statistics, and of the accepted input
-        (float16 input too on the GPU, with float32 parameters).
+        (a float32 module takes bfloat16 and float16 input too, as PyTorch's
+        does; on the GPU float16 only, and half modules on the CPU only).
     bias : bool, default True
         With ``affine``, whether there is a bias.
     activation : {None, "relu"}

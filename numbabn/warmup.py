@@ -1,6 +1,6 @@
 """Compile every CPU kernel specialisation into Numba's on-disk cache ahead of time.
 
-``python -m numbabn warmup [--dtype float32 float64]`` runs this module: for
+``python -m numbabn warmup [--dtype float32 float64 bfloat16 float16]`` runs this module: for
 container image builds and cluster job prologues, so that jobs start with every
 kernel they can need already compiled.
 
@@ -35,6 +35,7 @@ from numbabn._dispatch import host_backend
 from numbabn._file_lock import exclusive
 from numbabn._layouts import LAYOUTS_ANY, LAYOUTS_SPATIAL, make_layout
 from numbabn._tunables import PARALLEL_MIN_ELEMENTS
+from numbabn._validation import PARAM_DTYPES
 from numbabn.modules import BatchNorm1d, BatchNorm2d
 from numbabn.stats import ChannelStats
 
@@ -43,6 +44,9 @@ __all__ = [
 ]  # fmt: skip
 
 DTYPES = ("float32", "float64")
+# 16-bit float input (with float32 modules, as mixed precision has them); bfloat16 needs
+# the ml_dtypes package.
+HALF_DTYPES = ("bfloat16", "float16")
 _LOCK_NAME = "numbabn-warmup.lock"
 
 # Channel count and spatial size of the two tensor sizes: one-call serial kernels
@@ -119,7 +123,7 @@ def _plain(dtype: np.dtype, size: str, kind: str) -> None:
     rng = np.random.default_rng(0)
     shape = _shape(size)
     x = _make(rng, shape, dtype, kind)
-    bn = BatchNorm2d(_CHANNELS, dtype=dtype)
+    bn = BatchNorm2d(_CHANNELS, dtype=PARAM_DTYPES[dtype])
     # The gradient laid out like the input, and a fresh C-contiguous one.
     for dy_kind in dict.fromkeys((kind, "contiguous")):
         _module_steps(bn, x, _make(rng, shape, dtype, dy_kind))
@@ -129,7 +133,7 @@ def _fused(dtype: np.dtype, size: str, kind: str) -> None:
     rng = np.random.default_rng(0)
     shape = _shape(size)
     x = _make(rng, shape, dtype, kind)
-    bn = BatchNorm2d(_CHANNELS, activation="relu", dtype=dtype)
+    bn = BatchNorm2d(_CHANNELS, activation="relu", dtype=PARAM_DTYPES[dtype])
     for other in dict.fromkeys((kind, "contiguous")):
         dy = _make(rng, shape, dtype, other)
         _module_steps(bn, x, dy)
@@ -142,7 +146,7 @@ def _in_place(dtype: np.dtype, size: str, kind: str) -> None:
     shape = _shape(size)
     x = _make(rng, shape, dtype, kind)
     for activation in (None, "relu"):
-        bn = BatchNorm2d(_CHANNELS, activation=activation, dtype=dtype)
+        bn = BatchNorm2d(_CHANNELS, activation=activation, dtype=PARAM_DTYPES[dtype])
         for training in (True, False):
             bn.train(training)
             bn(x, _make(rng, shape, dtype, kind))
@@ -154,7 +158,7 @@ def _other_ranks(dtype: np.dtype, size: str) -> None:
     rng = np.random.default_rng(0)
     for ndim in (2, 3):
         shape = _shape(size, ndim)
-        bn = BatchNorm1d(_CHANNELS, dtype=dtype)
+        bn = BatchNorm1d(_CHANNELS, dtype=PARAM_DTYPES[dtype])
         for kind in LAYOUTS_ANY + (LAYOUTS_SPATIAL[:1] if ndim == 3 else ()):
             x = _make(rng, shape, dtype, kind)
             for dy_kind in dict.fromkeys((kind, "contiguous")):
@@ -178,15 +182,15 @@ def _functional(dtype: np.dtype, size: str) -> None:
             )
             functional.batch_norm_backward(dy, x, saved, activation=activation)
             functional.batch_norm_backward(
-                dy, x, saved, np.ones(_CHANNELS, dtype), activation=activation
+                dy, x, saved, np.ones(_CHANNELS, PARAM_DTYPES[dtype]), activation=activation
             )
         # SyncBatchNorm and numbabn.dask: moments, their merges, the coefficients with and
         # without running statistics, affine, grad_sums and grad_input_from_sums.
         stats = ChannelStats(_CHANNELS).update(x)
         stats = ChannelStats.from_rows(ChannelStats.row(stats.count, stats.mean, stats.m2)[None])
         stats.merge(stats)
-        weight = np.ones(_CHANNELS, dtype)
-        tracked = (np.zeros(_CHANNELS, dtype), np.ones(_CHANNELS, dtype))
+        weight = np.ones(_CHANNELS, PARAM_DTYPES[dtype])
+        tracked = (np.zeros(_CHANNELS, weight.dtype), np.ones(_CHANNELS, weight.dtype))
         backend = host_backend()
         for running_mean, running_var in (tracked, (None, None)):
             invstd, scale, shift = backend.train_coefficients(
@@ -322,8 +326,8 @@ def warmup(
 
     Parameters
     ----------
-    dtypes : sequence of {"float32", "float64"}
-        Input dtypes to warm up.
+    dtypes : sequence of {"float32", "float64", "bfloat16", "float16"}
+        Input dtypes to warm up (16-bit floats with float32 modules).
     progress : bool
         Show a progress bar (tqdm when installed, else one line per step).
     stream : file, optional
@@ -335,8 +339,9 @@ def warmup(
         Times per dtype, counts of compiled and loaded signatures, the cache directory.
     """
     for name in dtypes:
-        if name not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        if name not in DTYPES + HALF_DTYPES:
+            choices = ", ".join(DTYPES + HALF_DTYPES)
+            raise ValueError(f"dtype must be one of {choices}, got {name!r}")
     stream = sys.stderr if stream is None else stream
     start = time.perf_counter()
     with contextlib.ExitStack() as held:
@@ -376,7 +381,7 @@ def _run_steps(dtypes: Sequence[str], report: WarmupReport, progress: bool, stre
             if bar is not None:
                 bar.start(label)
             step_start = time.perf_counter()
-            case.run(np.dtype(name), size)
+            case.run(_dtype(name), size)
             seconds = time.perf_counter() - step_start
             report.seconds[name] = report.seconds.get(name, 0.0) + seconds
             if bar is not None:
@@ -388,14 +393,23 @@ def _run_steps(dtypes: Sequence[str], report: WarmupReport, progress: bool, stre
     report.compiled, report.loaded = after[0] - before[0], after[1] - before[1]
 
 
+def _dtype(name: str) -> np.dtype:
+    """The NumPy dtype named ``name``; bfloat16 is ``ml_dtypes``'."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``warmup`` subcommand's options."""
     parser.add_argument(
         "--dtype",
         nargs="+",
-        choices=DTYPES,
+        choices=DTYPES + HALF_DTYPES,
         default=list(DTYPES),
-        help="input dtypes to compile the kernels for (default: both)",
+        help="input dtypes to compile the kernels for (default: float32 and float64)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, only the summary")
 

@@ -119,6 +119,26 @@ def _assert_identical(a, b, what: str) -> None:
     assert a.tobytes() == b.tobytes(), f"{what}: {a} vs {b}"
 
 
+def to_torch(array: np.ndarray) -> Any:
+    """A PyTorch tensor sharing ``array``'s memory, bfloat16 too (through its bits)."""
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def from_torch(tensor: Any) -> np.ndarray:
+    """A CPU tensor as a NumPy array over its memory, bfloat16 as ``ml_dtypes.bfloat16``."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
 def tolerances(dtype) -> dict:
     """``assert_allclose`` tolerances against a float64 truth for results in ``dtype``."""
     if np.dtype(dtype) == np.float32:

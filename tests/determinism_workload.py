@@ -33,6 +33,15 @@ CASES = [
     ("sliced", (4, 3, 130, 130), "inner_slice", np.float64),
     ("short_rows64", (64, 64, 7, 7), "contiguous", np.float64),
 ]
+try:  # 16-bit floats into float32 modules; bfloat16 needs ml_dtypes
+    import ml_dtypes
+except ImportError:
+    pass
+else:
+    CASES += [
+        ("nchw_bf16", (4, 3, 130, 130), "contiguous", np.dtype(ml_dtypes.bfloat16)),
+        ("nhwc_f16", (4, 3, 130, 130), "channels_last", np.dtype(np.float16)),
+    ]
 # relu(bn(x) + z): the fused kernels, one-call then parallel.
 FUSED_SHAPES = [(2, 16, 8, 8), (4, 3, 130, 130)]
 CLASSES = {2: numbabn.BatchNorm1d, 3: numbabn.BatchNorm1d, 4: numbabn.BatchNorm2d}
@@ -43,7 +52,8 @@ def compute() -> dict[str, np.ndarray]:
     results = {}
     for seed, (name, shape, layout, dtype) in enumerate(CASES):
         rng = np.random.default_rng(seed)
-        module = CLASSES[len(shape)](shape[1], momentum=None, dtype=dtype)
+        module_dtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+        module = CLASSES[len(shape)](shape[1], momentum=None, dtype=module_dtype)
         module.weight[...] = rng.uniform(0.5, 1.5, shape[1])
         for step in range(2):
             x = make_input(rng, shape, layout, dtype, loc=10.0 * step)
@@ -58,7 +68,9 @@ def compute() -> dict[str, np.ndarray]:
         for key, value in module.grads.items():
             results[f"{name}/grad/{key}"] = value.copy()
     results.update(compute_fused())
-    return results
+    # As bits: np.savez keeps no ml_dtypes dtype.
+    return {key: value.view(np.uint16) if value.dtype.itemsize == 2 else value
+            for key, value in results.items()}  # fmt: skip
 
 
 def compute_fused() -> dict[str, np.ndarray]:

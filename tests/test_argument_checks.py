@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import Device, assert_same_state, snapshot
+from conftest import Device, assert_same_state, from_torch, snapshot, to_torch
 
 import numbabn
 from numbabn import functional as F
@@ -41,7 +41,15 @@ torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
 NAN, INF = float("nan"), float("inf")
-TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+ml_dtypes = pytest.importorskip("ml_dtypes")
+TORCH_DTYPES = {
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float64): torch.float64,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
+}
+HALVES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
+SHAPE = (4, 3, 2, 2)
 
 
 @dataclass
@@ -61,6 +69,9 @@ class Case:
     cpu_only: str | None = None  # why the row runs on the CPU backend only
 
 
+# Why the 16-bit float rows run on the CPU backend only.
+HALF_CPU_ONLY = "the CUDA backend takes float16 data with float32 parameters only (test_cuda.py)"
+
 # The sentence numbabn adds after PyTorch's message (a regular expression), per check.
 ADVICE = {
     r"\w+ should contain \d+ elements not \d+": (
@@ -69,7 +80,7 @@ ADVICE = {
         r"x\.transpose\([\d, ]+\), a view that copies nothing)?"
     ),
     r"\"batch_norm\" not implemented for '\w+'": (
-        r"numbabn takes float32 and float64 (\(and float16\) )?input, not \w+: "
+        r"numbabn takes float32 and float64 \(and (bfloat16 and )?float16\) input, not \w+: "
         r"convert it with x\.astype\(np\.float32\)"
     ),
     r"(empty|zeros)\(\): argument 'size' \(position 1\) must be tuple of ints, not [\w.]+": (
@@ -80,7 +91,8 @@ ADVICE = {
     r"mixed dtype \(CPU\): all inputs must share same datatype\.|"
     r"expected scalar type \w+ but found \w+)": (
         r"weight, bias, running_mean and running_var must be (float32|float64) for "
-        r"(float16|float32|float64) input: convert them with \.astype\(np\.(float32|float64)\), "
+        r"(bfloat16|float16|float32|float64) input: "
+        r"convert them with \.astype\(np\.(float32|float64)\), "
         r"or convert the input"
     ),
     r"(Trying to create tensor with negative dimension -\d+: \[-\d+\]|"
@@ -102,12 +114,12 @@ def assert_pytorch_message_then_advice(text: str, message: str) -> None:
 
 
 def _tensor(value: Any) -> Any:
-    return torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+    return to_torch(value.copy()) if isinstance(value, np.ndarray) else value
 
 
 def _host(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return value.detach().numpy()
+        return from_torch(value.detach())
     return value
 
 
@@ -279,10 +291,6 @@ BELOW_2D = (
     "PyTorch reads input.size(1) of a 1-D input past its end (its message quotes a "
     "meaningless channel count) or fails with IndexError on 0-D input; numbabn says "
     "what is wrong"
-)
-FLOAT16_CPU = (
-    "Numba's CPU target has no float16 arithmetic: numbabn says to convert (float16 "
-    "runs on the CUDA backend)"
 )
 SIZE_TUPLE = "the size is NumPy's shape tuple rather than a torch.Size; the sentence is the same"
 OVER_ALL_RANKS = (
@@ -498,14 +506,19 @@ CASES = [
     module("int64 input", "BatchNorm1d", x=np.ones((4, 3), np.int64), warm=(4, 3)),
     module("bool input, lazy", "LazyBatchNorm1d", (), x=np.ones((4, 3), bool)),
     module("complex input", "BatchNorm1d", x=np.ones((4, 3), np.complex64)),
-    module(
-        "float16 input on the CPU",
-        "BatchNorm1d",
-        x=np.ones((4, 3), np.float16),
-        deviation=FLOAT16_CPU,
-        expect=(TypeError, "input has dtype float16"),
-        cpu_only="the CUDA backend takes float16",
-    ),
+    *[
+        module(
+            f"{name} input, {module_dtype} module",
+            "BatchNorm2d",
+            x=_data(SHAPE, half),
+            dtype=np.dtype(module_dtype),
+            train=train,
+            cpu_only=HALF_CPU_ONLY,
+        )
+        for name, half in HALVES.items()
+        for module_dtype in ("float32", half)
+        for train in (True, False)
+    ],  # fmt: skip
     # -- SyncBatchNorm calls (one rank): the same checks, but the batch size over all ranks --
     module("sync eps=0 train", "SyncBatchNorm", x=(4, 3, 2), kwargs={"eps": 0.0}),
     module("sync eps=0 (int) train", "SyncBatchNorm", kwargs={"eps": 0}),
@@ -659,15 +672,38 @@ CASES = [
         rv=None,
         training=False,
     ),
-    functional(
-        "float16 input on the CPU",
-        x=np.ones((4, 3), np.float16),
-        rm=None,
-        rv=None,
-        deviation=FLOAT16_CPU,
-        expect=(TypeError, "input has dtype float16"),
-        cpu_only="the CUDA backend takes float16",
-    ),
+    # -- functional: 16-bit float input, with float32 or its own parameters only -------------
+    *[
+        functional(
+            f"{name} input, {label}",
+            x=_data((4, 3), half),
+            training=training,
+            cpu_only=HALF_CPU_ONLY,
+            **{key: dtype and _vec(3, fill, dtype) for key, (fill, dtype) in vectors.items()},
+        )
+        for name, half in HALVES.items()
+        for label, vectors in {
+            "float32 parameters": {"rm": (0.5, np.float32), "w": (1.5, np.float32)},
+            "its own parameters": {
+                "rm": (0.5, half),
+                "rv": (2.0, half),
+                "w": (1.5, half),
+                "b": (-0.5, half),
+            },
+            "float64 parameters": {"rm": (0.5, np.float64), "rv": (2.0, np.float64)},
+            "float32 weight, running_mean its own": {"w": (1.5, np.float32), "rm": (0.5, half)},
+            "its own weight, float32 bias": {"w": (1.5, half), "b": (0.5, np.float32)},
+            "no running stats": {"rm": (0.0, None), "rv": (0.0, None)},
+        }.items()
+        for training in (True, False)
+        if training or "no running" not in label
+    ],
+    *[
+        functional(
+            f"float32 input, {name} running stats", rm=_vec(3, 0.5, half), rv=_vec(3, 2.0, half)
+        )
+        for name, half in HALVES.items()
+    ],  # fmt: skip
     # -- functional: the order of the checks ---------------------------------------------------
     functional(
         "one value per channel before a wrong running_mean",
@@ -795,8 +831,15 @@ def _assert_same_results(theirs: Any, ours: Any, device: Device) -> None:
             assert o is None
             continue
         o = np.asarray(device.get(o))
-        assert o.shape == tuple(t.shape)
-        np.testing.assert_allclose(o, t, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert o.shape == tuple(t.shape) and o.dtype == t.dtype
+        if o.dtype.itemsize == 2:
+            # 16-bit floats: PyTorch rounds the statistics to them too (test_half.py
+            # shows numbabn's results the nearer to the exact ones).
+            o, t = o.astype(np.float64), t.astype(np.float64)
+            atol = 2**-6 * np.abs(t).max(initial=1.0)
+            np.testing.assert_allclose(o, t, rtol=2**-6, atol=atol, equal_nan=True)
+        else:
+            np.testing.assert_allclose(o, t, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

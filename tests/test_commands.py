@@ -45,8 +45,10 @@ def test_benchmark_command_quick(tmp_path):
     for title in titles:
         assert title in result.stdout
     saved = json.loads((tmp_path / "cpu.json").read_text())
-    assert len(saved["results"]) == 3
+    assert len(saved["results"]) == 4
     assert all(case["seconds"]["numbabn_forward"] > 0 for case in saved["results"])
+    assert "32x64x56x56 bfloat16" in {case["case"] for case in saved["results"]}
+    assert "| 32x64x56x56 bfloat16 |" in result.stdout
 
 
 @pytest.mark.slow

@@ -15,11 +15,11 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from numbabn import _coefficients
-from numbabn._cpu import fused, host_arrays, jit, kernels, serial
+from numbabn._cpu import fused, halves, host_arrays, jit, kernels, serial
 from numbabn._cpu.jit import launch, native_address
 from numbabn._cpu.parallel import run_items
 from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS, STAGING_ARRAYS_KEPT
-from numbabn._validation import FLOAT_PARAM_DTYPES
+from numbabn._validation import PARAM_DTYPES
 from numbabn._views import Tiling, tiling_of
 from numbabn.epilogue import Epilogue
 
@@ -64,6 +64,22 @@ def _staging_like(x: np.ndarray) -> np.ndarray:
     return array
 
 
+def _on_bits(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` given 16-bit float arrays as their bits (:func:`halves.as_bits`), the
+    kernels' form of them, and returning its arrays of bits as those floats again."""
+
+    @functools.wraps(method)
+    def on_bits(*args: Any, **kwargs: Any) -> Any:
+        result = method(
+            *map(halves.as_bits, args), **{name: halves.as_bits(v) for name, v in kwargs.items()}
+        )
+        if isinstance(result, tuple):
+            return tuple(map(halves.from_bits, result))
+        return halves.from_bits(result)
+
+    return on_bits
+
+
 def _serial(n_elements: int) -> bool:
     """Whether a pass over ``n_elements`` runs in one call on the calling thread."""
     return n_elements < PARALLEL_MIN_ELEMENTS or getattr(_this_thread, "serial", False)
@@ -104,7 +120,12 @@ class _Operands:
         return not contiguous or view.shape[3] == 1 or view.strides[3] == view.itemsize
 
     def input_view(self, array: np.ndarray) -> np.ndarray:
-        """View another input, copying it into ``x``'s layout unless it fits as it is."""
+        """View another input, copying it into ``x``'s layout unless it fits as it is.
+
+        A residual reaches here inside an :class:`Epilogue`, still in 16-bit floats:
+        it is viewed as the kernels' bits, as ``x`` is.
+        """
+        array = halves.as_bits(array)
         view = self.tiling.view(array)
         if not self.fits(view):
             staged = _staging_like(self.x)
@@ -126,7 +147,7 @@ class _Operands:
         rather than a compiled function, which would cost a first call a compilation.
         """
         first = self.view[0, 0, 0, :] if self.tiling.channels_inner else self.view[0, :, 0, 0]
-        return first.astype(np.float64)
+        return halves.widened(first)
 
     def partials(self) -> np.ndarray:
         return np.empty((self.tiling.n_tiles, 2, self.x.shape[1]))
@@ -292,6 +313,7 @@ class _SerialForward:
     def __init__(
         self,
         ops: _Operands,
+        dtype: np.dtype,
         weight: np.ndarray,
         bias: np.ndarray,
         running_mean: np.ndarray | None,
@@ -300,6 +322,8 @@ class _SerialForward:
         eps: float,
     ) -> None:
         x, tiling = ops.x, ops.tiling
+        # The calls' dtype, and for 16-bit floats that of the bits the kernels take instead.
+        self.dtype, self.bits = dtype, halves.bits_dtype(dtype)
         output = np.empty_like(x)
         # How to view the input and a new output: a reshape, or these strides.
         self.x_view = _view_recipe(tiling, x)
@@ -339,6 +363,8 @@ class _SerialForward:
 
     def __call__(self, x: np.ndarray, momentum: float) -> tuple[np.ndarray, Any, Any]:
         """``(output, mean, invstd)`` of a forward of ``x``, an array of the planned signature."""
+        if self.bits is not None:
+            x = x.view(self.bits)
         view = _viewed(x, self.view_shape, self.x_view)
         view.flags.writeable = False  # the kernels' input variants (see _as_input)
         output = np.empty_like(x)
@@ -350,6 +376,8 @@ class _SerialForward:
             )  # fmt: skip
         else:
             coefficients = launch(serial.eval_forward, *self.before, view, *self.after, out_view)
+        if self.bits is not None:
+            output = output.view(self.dtype)
         return output, coefficients[0], coefficients[1]
 
 
@@ -438,7 +466,7 @@ class CpuBackend:
     """
 
     name = "cpu"
-    param_dtypes = FLOAT_PARAM_DTYPES
+    param_dtypes: dict[np.dtype, np.dtype] = PARAM_DTYPES
     adopt = staticmethod(host_arrays.adopt)
     like = staticmethod(host_arrays.like)
     one_thread = staticmethod(on_calling_thread)
@@ -449,6 +477,7 @@ class CpuBackend:
     may_share_memory = staticmethod(np.may_share_memory)
 
     @staticmethod
+    @_on_bits
     def eval_coefficients(
         running_mean: np.ndarray, running_var: np.ndarray, weight: np.ndarray, bias: np.ndarray,
         eps: float,
@@ -540,6 +569,7 @@ class CpuBackend:
         return _NOTHING_TO_ORDER
 
     @staticmethod
+    @_on_bits
     def train_forward(
         x: np.ndarray,
         weight: np.ndarray,
@@ -598,10 +628,14 @@ class CpuBackend:
         """
         if epilogue is not None or not 0 < x.size < PARALLEL_MIN_ELEMENTS:
             return None
+        dtype = x.dtype
+        x, weight, bias, running_mean, running_var = map(
+            halves.as_bits, (x, weight, bias, running_mean, running_var)
+        )
         ops = _Operands(x)
         if ops.x is not x or not ops.fits(ops.tiling.view(np.empty_like(x))):
             return None  # a copy or a staged output: the fused passes handle those
-        return _SerialForward(ops, weight, bias, running_mean, running_var, training, eps)
+        return _SerialForward(ops, dtype, weight, bias, running_mean, running_var, training, eps)
 
     @staticmethod
     def plan_backward(
@@ -617,6 +651,8 @@ class CpuBackend:
         """
         if not batch_stats or epilogue is not None or not 0 < x.size < PARALLEL_MIN_ELEMENTS:
             return None
+        if halves.bits_dtype(x.dtype) is not None:
+            return None  # 16-bit floats take the fused passes, which see them as their bits
         ops = _Operands(x)
         fits = ops.fits(ops.tiling.view(dy)) and ops.fits(ops.tiling.view(np.empty_like(x)))
         if ops.x is not x or not fits:
@@ -624,6 +660,7 @@ class CpuBackend:
         return _SerialBackward(ops, dy, weight)
 
     @staticmethod
+    @_on_bits
     def eval_forward(
         x: np.ndarray,
         running_mean: np.ndarray,
@@ -646,6 +683,7 @@ class CpuBackend:
         return ops.write(out, kernel)[0], mean, invstd
 
     @staticmethod
+    @_on_bits
     def masked_backward(
         dy: np.ndarray,
         x: np.ndarray,
@@ -667,7 +705,7 @@ class CpuBackend:
         dy_view = ops.input_view(dy)
         residual = epilogue.residual
         z_view = ops.view if residual is None else ops.input_view(residual)
-        scale, shift = invstd * weight, bias.astype(np.float64)
+        scale, shift = invstd * halves.widened(weight), halves.widened(bias)
         grad_residual = dz_view = None
         if residual is not None:
             grad_residual = np.empty_like(x)
@@ -718,6 +756,7 @@ class CpuBackend:
         return grad_input, grad_residual, *_param_grads(totals[0], totals[1], invstd, weight.dtype)
 
     @staticmethod
+    @_on_bits
     def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel float64 ``(mean, M2)`` (sum of squared deviations) in one pass."""
         ops = _Operands(x)
@@ -737,6 +776,7 @@ class CpuBackend:
         return kernels.moments_from_sums(_merged(partials), shift, x.size // x.shape[1])
 
     @staticmethod
+    @_on_bits
     def train_coefficients(
         mean: np.ndarray, m2: np.ndarray, count: int, weight: np.ndarray, bias: np.ndarray,
         eps: float, running_mean: np.ndarray | None, running_var: np.ndarray | None,
@@ -753,6 +793,7 @@ class CpuBackend:
         )
 
     @staticmethod
+    @_on_bits
     def affine(
         x: np.ndarray,
         mean: np.ndarray,
@@ -771,6 +812,7 @@ class CpuBackend:
         return ops.write(out, lambda target: ops.normalise(mean, scale, shift, epilogue, target))[0]
 
     @staticmethod
+    @_on_bits
     def grad_sums(dy: np.ndarray, x: np.ndarray, mean: np.ndarray) -> np.ndarray:
         """Per-channel ``[sum(dy), sum(dy * (x - mean))]``, shape ``(2, C)``, in one pass."""
         ops = _Operands(x)
@@ -790,6 +832,7 @@ class CpuBackend:
         return _merged(partials)
 
     @staticmethod
+    @_on_bits
     def grad_input_from_sums(
         dy: np.ndarray,
         x: np.ndarray,
@@ -814,6 +857,7 @@ class CpuBackend:
         return ops.write(out, kernel)[0]
 
     @staticmethod
+    @_on_bits
     def train_backward(
         dy: np.ndarray,
         x: np.ndarray,
@@ -840,6 +884,7 @@ class CpuBackend:
         return grad_input, *_param_grads(totals[0], totals[1], invstd, weight.dtype)
 
     @staticmethod
+    @_on_bits
     def eval_backward(
         dy: np.ndarray,
         x: np.ndarray,
@@ -855,7 +900,7 @@ class CpuBackend:
             sum_dy, sum_dy_xmu = CpuBackend.grad_sums(dy, x, mean)
             grads = _param_grads(sum_dy, sum_dy_xmu, invstd, weight.dtype)
         zeros = np.zeros_like(mean)
-        scale = invstd if weight is None else weight * invstd
+        scale = invstd if weight is None else halves.widened(weight) * invstd
         return CpuBackend.affine(dy, zeros, scale, zeros, out), *grads
 
 
@@ -864,4 +909,4 @@ def _param_grads(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(dweight, dbias) = (sum(dy * xhat), sum(dy))`` in the parameters' dtype."""
     grad_weight, grad_bias = _coefficients.parameter_gradients(sum_dy, sum_dy_xmu, invstd)
-    return grad_weight.astype(dtype), grad_bias.astype(dtype)
+    return halves.rounded(grad_weight, dtype), halves.rounded(grad_bias, dtype)

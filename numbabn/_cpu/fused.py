@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from numbabn._cpu.halves import narrowed, widen
 from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
 from numbabn._cpu.kernels import (
@@ -28,9 +29,9 @@ from numbabn._cpu.kernels import (
 @_inline
 def _pre_activation(x, z, m, k, b, residual):
     """The value before the ReLU, in float64, exactly as the forward computes it."""
-    value = (np.float64(x) - m) * k + b
+    value = (widen(x) - m) * k + b
     if residual:
-        value += np.float64(z)
+        value += widen(z)
     return value
 
 
@@ -41,7 +42,7 @@ def _masked(dy, value):
     A NaN pre-activation passes ``dy`` on, as PyTorch's ReLU backward does (it
     zeroes the gradient where ``output <= 0``, which NaN is not).
     """
-    return 0.0 if value <= 0.0 else np.float64(dy)
+    return 0.0 if value <= 0.0 else widen(dy)
 
 
 @_inline
@@ -55,7 +56,7 @@ def _affine_act_channels_inner(x_row, z_row, m, k, b, residual, relu, out_row):
     """One row of adjacent channels (channels-inner): per-element coefficients."""
     for i in range(x_row.shape[0]):
         value = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
-        out_row[i] = _relu(value) if relu else value
+        out_row[i] = narrowed(_relu(value) if relu else value, out_row)
 
 
 @_inline
@@ -63,7 +64,7 @@ def _affine_act_run(x_row, z_row, m, k, b, residual, relu, out_row):
     """A run of one channel (planar): scalar coefficients."""
     for i in range(x_row.shape[0]):
         value = _pre_activation(x_row[i], z_row[i], m, k, b, residual)
-        out_row[i] = _relu(value) if relu else value
+        out_row[i] = narrowed(_relu(value) if relu else value, out_row)
 
 
 @_inline
@@ -111,9 +112,9 @@ def _masked_sums_channels_inner(dy, x, z, mean, scale, shift, residual, bounds, 
             pre = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
             g = _masked(dy_row[i], pre)
             sum_g[i] += g
-            sum_gx[i] += g * (np.float64(x_row[i]) - m[i])
+            sum_gx[i] += g * (widen(x_row[i]) - m[i])
             if residual:
-                dz_row[i] = g
+                dz_row[i] = narrowed(g, dz_row)
     _store_partials(partials, tile, c0, sum_g, sum_gx)
 
 
@@ -136,9 +137,9 @@ def _masked_sums_planar(dy, x, z, mean, scale, shift, residual, bounds, partials
             for i in range(x_row.shape[0]):
                 g = _masked(dy_row[i], _pre_activation(x_row[i], z_row[i], m, k, b, residual))
                 row_g += g
-                row_gx += g * (np.float64(x_row[i]) - m)
+                row_gx += g * (widen(x_row[i]) - m)
                 if residual:
-                    dz_row[i] = g
+                    dz_row[i] = narrowed(g, dz_row)
             acc_g += row_g
             acc_gx += row_gx
             r += 1
@@ -167,8 +168,8 @@ def _masked_grad_channels_inner(
             pre = _pre_activation(x_row[i], x_row[i], m[i], k[i], b[i], False)
             g = _masked(dy_row[i], pre)
             if batch_stats:
-                g += kb[i] * (np.float64(x_row[i]) - m[i]) + kg[i]
-            dx_row[i] = g * ka[i]
+                g += kb[i] * (widen(x_row[i]) - m[i]) + kg[i]
+            dx_row[i] = narrowed(g * ka[i], dx_row)
 
 
 @_inline
@@ -189,8 +190,8 @@ def _masked_grad_planar(dy, x, mean, scale, shift, alpha, beta, gamma, batch_sta
             for i in range(x_row.shape[0]):
                 g = _masked(dy_row[i], _pre_activation(x_row[i], x_row[i], m, k, b, False))
                 if batch_stats:
-                    g += kb * (np.float64(x_row[i]) - m) + kg
-                dx_row[i] = g * ka
+                    g += kb * (widen(x_row[i]) - m) + kg
+                dx_row[i] = narrowed(g * ka, dx_row)
         r += 1
         if r == n_r:
             r = 0

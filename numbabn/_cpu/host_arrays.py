@@ -4,6 +4,10 @@ A NumPy array is used as it is; an ndarray subclass (``numpy.memmap``) as a plai
 ndarray view; any other array exporting DLPack or the NumPy array interface on
 the CPU (a PyTorch CPU tensor, a JAX CPU array) as a NumPy view of its memory,
 never a copy. Results go back as the kind of array the caller passed in.
+
+bfloat16 goes through DLPack as 16-bit integers viewed back on either side
+(NumPy's DLPack knows no bfloat16): a PyTorch bfloat16 tensor is still shared,
+not copied, both ways.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from numbabn._cpu.halves import bfloat16
+from numbabn._validation import is_bfloat16
 
 __all__ = ["adopt", "is_host_array", "like"]
 
@@ -60,6 +67,8 @@ def adopt(array: Any) -> Any:
             "DLPack); pass tensor.detach(): numbabn computes gradients in backward(), "
             "outside PyTorch's autograd"
         )
+    if _is_bfloat16(array):
+        return _bfloat16_view(array)
     if hasattr(array, "__dlpack__"):
         try:
             return np.from_dlpack(array)
@@ -88,7 +97,30 @@ def like(result: np.ndarray, original: Any) -> Any:
     if kind not in _IMPORTERS:
         _IMPORTERS[kind] = _importer(original)
     importer = _IMPORTERS[kind]
-    return result if importer is None else importer(result)
+    if importer is None:
+        return result
+    if is_bfloat16(result.dtype) and _is_bfloat16(original):
+        # DLPack has bfloat16, but NumPy exports none: the bits go, and are viewed back.
+        return importer(result.view(np.int16)).view(original.dtype)
+    return importer(result)
+
+
+def _is_bfloat16(array: Any) -> bool:
+    """Whether ``array``, another library's array, holds bfloat16 (``torch.bfloat16``)."""
+    return str(getattr(array, "dtype", "")).endswith("bfloat16")
+
+
+def _bfloat16_view(array: Any) -> np.ndarray:
+    """Another library's bfloat16 array as a NumPy (``ml_dtypes``) bfloat16 view of its memory.
+
+    NumPy's DLPack import has no bfloat16: an array that can view itself as its
+    library's ``int16`` (a PyTorch tensor) goes as its bits, without a copy; any
+    other goes through the NumPy array interface (JAX's exports ``ml_dtypes``' dtype).
+    """
+    int16 = getattr(sys.modules.get(type(array).__module__.partition(".")[0]), "int16", None)
+    if int16 is not None and hasattr(array, "view") and hasattr(array, "__dlpack__"):
+        return np.from_dlpack(array.view(int16)).view(bfloat16())
+    return np.asarray(array)
 
 
 def _importer(original: Any) -> Callable[[np.ndarray], Any] | None:

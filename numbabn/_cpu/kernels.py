@@ -34,6 +34,7 @@ import numpy as np
 from numba.extending import overload
 
 from numbabn import _coefficients
+from numbabn._cpu.halves import narrowed, widen
 from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
 from numbabn._cpu.jit import shared as _shared
@@ -84,7 +85,7 @@ def _row(x, a, c, r, s0, s1, whole):
 def _square_sums(v_row, kv, sum_v, sum_vu):
     """Add one position's ``v - kv`` and its square to the per-channel sums."""
     for c in range(v_row.shape[0]):
-        dv = np.float64(v_row[c]) - kv[c]
+        dv = widen(v_row[c]) - kv[c]
         sum_v[c] += dv
         sum_vu[c] += dv * dv
 
@@ -93,8 +94,8 @@ def _square_sums(v_row, kv, sum_v, sum_vu):
 def _square_pair_sums(v_a, v_b, kv, sum_v, sum_vu):
     """:func:`_square_sums` for two positions at once."""
     for c in range(v_a.shape[0]):
-        da = np.float64(v_a[c]) - kv[c]
-        db = np.float64(v_b[c]) - kv[c]
+        da = widen(v_a[c]) - kv[c]
+        db = widen(v_b[c]) - kv[c]
         sum_v[c] += da + db
         sum_vu[c] += da * da + db * db
 
@@ -103,9 +104,9 @@ def _square_pair_sums(v_a, v_b, kv, sum_v, sum_vu):
 def _cross_sums(v_row, u_row, kv, ku, sum_v, sum_vu):
     """Add one position's ``v - kv`` and ``(v - kv) * (u - ku)`` to the per-channel sums."""
     for c in range(v_row.shape[0]):
-        dv = np.float64(v_row[c]) - kv[c]
+        dv = widen(v_row[c]) - kv[c]
         sum_v[c] += dv
-        sum_vu[c] += dv * (np.float64(u_row[c]) - ku[c])
+        sum_vu[c] += dv * (widen(u_row[c]) - ku[c])
 
 
 @_inline
@@ -216,15 +217,15 @@ def _sums_planar(u, v, u_shift, v_shift, squares, bounds, partials):
             row_vu = 0.0
             if squares:
                 for s in range(v_row.shape[0]):
-                    dv = np.float64(v_row[s]) - kv
+                    dv = widen(v_row[s]) - kv
                     row_v += dv
                     row_vu += dv * dv
             else:
                 u_row = u[a, c, r, s0:s1]
                 for s in range(v_row.shape[0]):
-                    dv = np.float64(v_row[s]) - kv
+                    dv = widen(v_row[s]) - kv
                     row_v += dv
-                    row_vu += dv * (np.float64(u_row[s]) - ku)
+                    row_vu += dv * (widen(u_row[s]) - ku)
             acc_v += row_v
             acc_vu += row_vu
             r += 1
@@ -283,7 +284,7 @@ def _affine_positions(x, m, k, b, bounds, first, out):
 def _affine_run(x_run, m, k, b, out_run):
     """``out_run = (x_run - m) * k + b`` elementwise, ``m``, ``k``, ``b`` lane by lane."""
     for j in range(x_run.shape[0]):
-        out_run[j] = (np.float64(x_run[j]) - m[j]) * k[j] + b[j]
+        out_run[j] = narrowed((widen(x_run[j]) - m[j]) * k[j] + b[j], out_run)
 
 
 @_inline
@@ -303,7 +304,7 @@ def _affine_planar(x, mean, scale, shift, bounds, out):
             x_row = _row(x, a, c, r, s0, s1, whole)
             out_row = _row(out, a, c, r, s0, s1, whole)
             for s in range(x_row.shape[0]):
-                out_row[s] = (np.float64(x_row[s]) - m) * k + b
+                out_row[s] = narrowed((widen(x_row[s]) - m) * k + b, out_row)
         r += 1
         if r == n_r:
             r = 0
@@ -354,7 +355,8 @@ def _grad_positions(dy, x, m, ka, kb, kg, bounds, first, out):
 def _grad_run(dy_run, x_run, m, ka, kb, kg, out_run):
     """:func:`_grad_channels_inner`'s formula elementwise over a run, coefficients lane by lane."""
     for j in range(x_run.shape[0]):
-        out_run[j] = (np.float64(dy_run[j]) + kb[j] * (np.float64(x_run[j]) - m[j]) + kg[j]) * ka[j]
+        value = (widen(dy_run[j]) + kb[j] * (widen(x_run[j]) - m[j]) + kg[j]) * ka[j]
+        out_run[j] = narrowed(value, out_run)
 
 
 @_inline
@@ -376,7 +378,8 @@ def _grad_planar(dy, x, mean, alpha, beta, gamma, bounds, out):
             x_row = _row(x, a, c, r, s0, s1, whole)
             out_row = _row(out, a, c, r, s0, s1, whole)
             for s in range(x_row.shape[0]):
-                out_row[s] = (np.float64(dy_row[s]) + kb * (np.float64(x_row[s]) - m) + kg) * ka
+                value = (widen(dy_row[s]) + kb * (widen(x_row[s]) - m) + kg) * ka
+                out_row[s] = narrowed(value, out_row)
         r += 1
         if r == n_r:
             r = 0
@@ -530,13 +533,14 @@ def train_coefficients(mean, m2, count, weight, bias, eps, running_mean, running
     scale = np.empty(n_channels)
     shift = np.empty(n_channels)
     for c in range(n_channels):
-        invstd[c], scale[c] = _scale_channel(m2[c] / count, weight[c], eps)
-        shift[c] = bias[c]
+        invstd[c], scale[c] = _scale_channel(m2[c] / count, widen(weight[c]), eps)
+        shift[c] = widen(bias[c])
         if running_mean.size:
-            running_mean[c] = _running_average(running_mean[c], mean[c], momentum)
-            running_var[c] = _running_average(
-                running_var[c], _unbiased_variance(m2[c], count), momentum
-            )
+            average = _running_average(widen(running_mean[c]), mean[c], momentum)
+            running_mean[c] = narrowed(average, running_mean)
+            variance = _unbiased_variance(m2[c], count)
+            average = _running_average(widen(running_var[c]), variance, momentum)
+            running_var[c] = narrowed(average, running_var)
     return invstd, scale, shift
 
 
@@ -562,9 +566,9 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps):
     scale = np.empty(n_channels)
     shift = np.empty(n_channels)
     for c in range(n_channels):
-        mean[c] = running_mean[c]
-        invstd[c], scale[c] = _scale_channel(np.float64(running_var[c]), weight[c], eps)
-        shift[c] = bias[c]
+        mean[c] = widen(running_mean[c])
+        invstd[c], scale[c] = _scale_channel(widen(running_var[c]), widen(weight[c]), eps)
+        shift[c] = widen(bias[c])
     return mean, invstd, scale, shift
 
 
@@ -577,6 +581,6 @@ def finish_backward(totals, count, invstd, weight):
     gamma = np.empty(n_channels)
     for c in range(n_channels):
         alpha[c], beta[c], gamma[c] = _backward_channel(
-            totals[0, c], totals[1, c], count, invstd[c], np.float64(weight[c])
+            totals[0, c], totals[1, c], count, invstd[c], widen(weight[c])
         )
     return alpha, beta, gamma

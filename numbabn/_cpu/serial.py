@@ -18,6 +18,7 @@ import enum
 import numpy as np
 
 from numbabn._cpu import kernels
+from numbabn._cpu.halves import widen
 from numbabn._cpu.jit import call_native
 from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
@@ -93,7 +94,7 @@ def train_forward(
     # Each channel's first value: the shift the sums are taken around.
     shift = np.empty(n_channels)
     for c in range(n_channels):
-        shift[c] = x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0]
+        shift[c] = widen(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
     partials = np.empty((n_tiles, 2, n_channels))
     squares = True
     call_native(sums, (x, x, shift, shift, squares, geometry, partials, start, n_items))

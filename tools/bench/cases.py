@@ -16,6 +16,21 @@ def module_for(ndim: int) -> type:
     return _MODULES[ndim]
 
 
+def dtype_named(name: str) -> np.dtype:
+    """The NumPy dtype ``name``; ``"bfloat16"`` is ``ml_dtypes``' (imported only for it)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def module_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the modules measured on ``dtype`` data: float32 for 16-bit floats (mixed
+    precision, as PyTorch's autocast keeps batch norm's state), else ``dtype``."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
 @dataclass(frozen=True)
 class Case:
     """One input: shape, dtype and memory layout."""
@@ -32,7 +47,7 @@ class Case:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape)) * dtype_named(self.dtype).itemsize
 
     def make(self, seed: int = 0) -> np.ndarray:
         """Seeded input with per-channel offsets, laid out as the case says."""
@@ -41,10 +56,10 @@ class Case:
         if self.channels_last:
             order = (0, *range(2, len(shape)), 1)
             stored = rng.standard_normal([shape[axis] for axis in order], dtype=np.float32)
-            x = stored.astype(self.dtype, copy=False).transpose(np.argsort(order))
+            x = stored.astype(dtype_named(self.dtype), copy=False).transpose(np.argsort(order))
         else:
-            x = rng.standard_normal(shape, dtype=np.float32).astype(self.dtype, copy=False)
-        offsets = np.arange(shape[1], dtype=self.dtype).reshape((1, -1) + (1,) * (len(shape) - 2))
+            x = rng.standard_normal(shape, dtype=np.float32).astype(dtype_named(self.dtype))
+        offsets = np.arange(shape[1], dtype=x.dtype).reshape((1, -1) + (1,) * (len(shape) - 2))
         x += offsets
         return x
 
@@ -62,8 +77,18 @@ RESNET50 = [
     (32, 2048, 7, 7),
 ]
 
+# 16-bit float rows beside float32 on large shapes (25 MB and more in float32).
+HALF_SHAPES = [(32, 64, 112, 112), (32, 64, 56, 56)]
+
 DEFAULT_CASES = [
-    *(Case(shape) for shape in RESNET50),
+    *(
+        case
+        for shape in RESNET50
+        for case in (
+            Case(shape),
+            *(Case(shape, half) for half in ("bfloat16", "float16") if shape in HALF_SHAPES),
+        )
+    ),
     Case((64, 256, 14, 14)),
     Case((256, 2048, 7, 7)),
     Case((8, 3, 224, 224)),
@@ -75,6 +100,7 @@ DEFAULT_CASES = [
 
 QUICK_CASES = [
     Case((32, 64, 56, 56)),
+    Case((32, 64, 56, 56), "bfloat16"),
     Case((32, 64, 56, 56), channels_last=True),
     Case((2, 16, 8, 8)),
 ]

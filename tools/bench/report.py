@@ -120,16 +120,12 @@ def markdown(results: list[dict[str, Any]], header: str) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for result in results:
-        peaks = [
-            result[key] / 1e6
-            for key in (
-                "numbabn_forward_peak",
-                "numbabn_forward_out_peak",
-                "numbabn_backward_peak",
-                "numpy_forward_peak",
-            )
-        ]
-        cells = " | ".join(f"{peak:.2f}" for peak in peaks)
+        keys = ("numbabn_forward_peak", "numbabn_forward_out_peak", "numbabn_backward_peak",
+                "numpy_forward_peak")  # fmt: skip
+        # No NumPy peer for 16-bit floats: n/a there.
+        cells = " | ".join(
+            "n/a" if result.get(key) is None else f"{result[key] / 1e6:.2f}" for key in keys
+        )
         lines.append(f"| {result['case']} | {result['bytes'] / 1e6:.1f} | {cells} |")
     return "\n".join(lines) + "\n"
 
