@@ -263,7 +263,7 @@ def test_folding_a_half_module_gives_float32_weights(dtype, rng):
     np.testing.assert_allclose(folded, weight * invstd[:, None, None, None], rtol=1e-6)
 
 
-@settings(max_examples=30)
+@settings(max_examples=15)
 @given(st.data())
 def test_generated_cases_within_one_ulp(data):
     dtype = data.draw(st.sampled_from([BFLOAT16, FLOAT16]), label="dtype")

@@ -29,7 +29,7 @@ _SHAPES = st.sampled_from(
 )
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     shape=_SHAPES,
     dtype=st.sampled_from([np.float32, np.float64]),
