@@ -37,6 +37,13 @@ _MEAN, _INVSTD, _SCALE, _SHIFT = Row.MEAN.value, Row.INVSTD.value, Row.SCALE.val
 
 
 @_inline
+def _n_items(n_channels, geometry):
+    """Work items of a tiling: channel blocks times tiles (``Tiling.n_items``)."""
+    channel_block, _, _, n_tiles = geometry
+    return np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
+
+
+@_inline
 def _merged(partials):
     """The tiles' ``(T, 2, C)`` partials summed in tile order, as the separate calls sum them."""
     totals = partials[0].copy()
@@ -87,15 +94,14 @@ def train_forward(
     statistics kernel's, :func:`batch_coefficients`' and the elementwise
     kernel's variants for these operands; ``geometry`` is the kernels' tiling.
     """
-    channel_block, _, _, n_tiles = geometry
     n_channels = x.shape[3] if channels_inner else x.shape[1]
     start = np.int64(0)
-    n_items = np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
+    n_items = _n_items(n_channels, geometry)
     # Each channel's first value: the shift the sums are taken around.
     shift = np.empty(n_channels)
     for c in range(n_channels):
         shift[c] = widen(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
-    partials = np.empty((n_tiles, 2, n_channels))
+    partials = np.empty((geometry[3], 2, n_channels))
     squares = True
     call_native(sums, (x, x, shift, shift, squares, geometry, partials, start, n_items))
     totals = _merged(partials)
@@ -119,10 +125,9 @@ def eval_forward(
 
     ``coefficients_of`` is the address of :func:`running_coefficients`' variant.
     """
-    channel_block, _, _, n_tiles = geometry
     n_channels = running_mean.shape[0]
     start = np.int64(0)
-    n_items = np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
+    n_items = _n_items(n_channels, geometry)
     coefficients = np.empty((4, n_channels))
     call_native(coefficients_of, (running_mean, running_var, weight, bias, eps, coefficients))
     mean, scale, shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
@@ -150,12 +155,11 @@ def train_backward(
     ``sums``, ``coefficients_of`` and ``grad`` are the addresses of the statistics
     kernel's, :func:`gradient_coefficients`' and the gradient kernel's variants.
     """
-    channel_block, _, _, n_tiles = geometry
     n_channels = mean.shape[0]
     start = np.int64(0)
-    n_items = np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
+    n_items = _n_items(n_channels, geometry)
     zeros = np.zeros(n_channels)
-    partials = np.empty((n_tiles, 2, n_channels))
+    partials = np.empty((geometry[3], 2, n_channels))
     squares = False
     call_native(sums, (x, dy, mean, zeros, squares, geometry, partials, start, n_items))
     totals = _merged(partials)
