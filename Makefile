@@ -32,7 +32,7 @@ demo: $(VENV)/.installed-base
 
 ## test: lint, the whole test suite (docs build and guide code included), every asv benchmark once
 test: $(VENV)/.installed-test lint
-	$(PY) -m pytest -m "not long"
+	$(PY) -m pytest -m "not long and not lint"
 	$(MAKE) asv-quick
 
 ## test-long: the tests that take minutes each (a warm-up of every kernel into an empty cache)
@@ -56,7 +56,7 @@ GPU_RUN := NUMBA_ENABLE_CUDASIM=0 PYTHONPATH=$(CURDIR) $(GPU_PYTHON)
 
 ## test-gpu: the CUDA backend's tests on a real NVIDIA GPU, without the simulator
 test-gpu:
-	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_fused.py
+	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_cuda_arrays.py tests/test_fused.py
 
 ## bench-gpu: numbabn on the GPU beside PyTorch's CUDA batch norm and a streaming roofline
 bench-gpu:
@@ -97,11 +97,12 @@ bench-small: $(VENV)/.installed-test
 bench-wide: $(VENV)/.installed-test
 	$(PY) -m tools.bench.wide --runs 3 --output benchmarks/results/wide.md
 
-## lint: ruff (rules and format) and mypy
+## lint: ruff (rules and format), mypy, and mypy --strict on the README's and guide's code
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check numbabn tools tests benchmarks examples docs
 	$(VENV)/bin/ruff format --check numbabn tools tests benchmarks examples docs
 	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -p no:cacheprovider -m lint tests/test_doc_types.py
 
 ## bench-sync: cost of SyncBatchNorm's exchange on 2 ranks, beside plain BatchNorm2d
 bench-sync: $(VENV)/.installed-test

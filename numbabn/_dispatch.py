@@ -29,7 +29,8 @@ class Backend(Protocol):
     both backends. :meth:`plan_forward` may give, once per signature of a call and
     its per-channel arrays, a runner ``(x, momentum) -> (output, mean, invstd)``
     that serves the forwards of that signature faster than the fused passes (see
-    ``numbabn.functional.ForwardPlan``).
+    ``numbabn.functional.ForwardPlan``); :meth:`plan_backward` likewise a runner
+    ``(dy, x, mean, invstd) -> (dx, dweight, dbias)``.
 
     A module placed on a backend keeps its state on :meth:`device_for` its
     index (a GPU, or None on the host) and runs there inside :meth:`on_device`;
@@ -91,6 +92,9 @@ class Backend(Protocol):
         self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,
         training: bool, eps: float, epilogue: Epilogue | None,
     ) -> Any | None: ...  # fmt: skip
+    def plan_backward(
+        self, dy: Any, x: Any, weight: Any, batch_stats: bool, epilogue: Epilogue | None
+    ) -> Any | None: ...
     def train_forward(
         self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,
         momentum: float, eps: float, out: Any | None, epilogue: Epilogue | None = None,

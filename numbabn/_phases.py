@@ -52,6 +52,14 @@ class Running(NamedTuple):
     momentum: float
 
 
+class Affine(NamedTuple):
+    """A call's per-channel weight and bias (in the forward, missing ones filled with 1 and 0;
+    in the backward, ``weight`` None means no affine parameters)."""
+
+    weight: Any
+    bias: Any
+
+
 class Pass(enum.IntEnum):
     """The two passes an exchange serves."""
 
@@ -100,23 +108,21 @@ class TrainingExchange(Exchange, Protocol):
         ...
 
 
-def with_defaults(
-    backend: Backend, weight: Any | None, bias: Any | None, n_channels: int, dtype: np.dtype
-) -> tuple[Any, Any]:
-    """``weight`` and ``bias``, missing ones replaced by shared constants 1 and 0."""
+def with_defaults(backend: Backend, affine: Affine, n_channels: int, dtype: np.dtype) -> Affine:
+    """``affine`` with missing parameters replaced by shared constants 1 and 0."""
+    weight, bias = affine
     if weight is None:
         weight = backend.filled(1.0, n_channels, dtype)
     if bias is None:
         bias = backend.filled(0.0, n_channels, dtype)
-    return weight, bias
+    return Affine(weight, bias)
 
 
 def forward(
     backend: Backend,
     x: Any,
     running: Running,
-    weight: Any,
-    bias: Any,
+    affine: Affine,
     training: bool,
     eps: float,
     out: Any | None,
@@ -128,6 +134,7 @@ def forward(
     Without an ``exchange`` the backend's fused passes run; with one, the
     statistics are the exchange's and so is the elementwise pass.
     """
+    weight, bias = affine
     if exchange is None:
         if x.size == 0:  # an empty batch: empty output, running statistics untouched
             return _empty_forward(backend, x, out, training)
@@ -174,8 +181,7 @@ def backward(
     dy: Any,
     x: Any,
     saved: SavedStats,
-    weight: Any | None,
-    bias: Any | None,
+    affine: Affine,
     param_dtype: np.dtype,
     out: Any | None,
     epilogue: Epilogue | None,
@@ -183,10 +189,12 @@ def backward(
     count: int = 0,
 ) -> tuple[Any, Any | None, Any | None, Any | None]:
     """``(dx, dweight, dbias, dz)`` of checked arrays; ``dz`` (the residual's gradient) is None
-    when it is ``dy`` itself or there is no residual, the parameter gradients when ``weight``
-    is None. With an ``exchange`` the gradient sums cover the whole batch of ``count``
-    values per channel; the parameter gradients are this part's, as in PyTorch."""
+    when it is ``dy`` itself or there is no residual, the parameter gradients when
+    ``affine.weight`` is None. With an ``exchange`` the gradient sums cover the whole batch
+    of ``count`` values per channel; the parameter gradients are this part's, as in
+    PyTorch."""
     n_channels = x.shape[1]
+    weight = affine.weight
     if exchange is not None:
         return _exchanged_backward(backend, dy, x, saved, weight, param_dtype, out, exchange, count)
     if x.size == 0:
@@ -197,9 +205,9 @@ def backward(
             grad_weight, grad_bias = backend.from_host(zeros), backend.from_host(zeros)
         return grad_input, grad_weight, grad_bias, backend.empty_like(x)
     if epilogue is not None and epilogue.relu:
-        filled_weight, filled_bias = with_defaults(backend, weight, bias, n_channels, param_dtype)
+        filled = with_defaults(backend, affine, n_channels, param_dtype)
         grad_input, grad_residual, grad_weight, grad_bias = backend.masked_backward(
-            dy, x, saved.mean, saved.invstd, filled_weight, filled_bias, saved.batch_stats,
+            dy, x, saved.mean, saved.invstd, filled.weight, filled.bias, saved.batch_stats,
             epilogue, out,
         )  # fmt: skip
         return grad_input, grad_weight, grad_bias, grad_residual

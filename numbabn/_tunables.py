@@ -33,9 +33,10 @@ PARALLEL_MIN_ELEMENTS = 1 << 17
 
 # -- CUDA: blocks and grids (compiled into the kernels) ---------------------------
 
-# Threads per block, and channels per block in the channels-inner layout.
+# Threads per block, and the most channels a block covers in the channels-inner layout
+# (a warp reads that many neighbouring channels at once).
 THREADS = 256
-LANES = 32
+CHANNELS_PER_BLOCK = 32
 # Blocks per multiprocessor the data kernels are compiled to fit at once: 4 blocks of
 # 256 threads is half of an sm_90 multiprocessor's 64 warps (at most 64 registers a thread).
 MIN_BLOCKS_PER_SM = 4
@@ -49,6 +50,9 @@ WIDE_ROW_THREADS = 8
 TARGET_BLOCKS = 2048
 MIN_PER_THREAD = 4
 MAX_PER_THREAD = 64
+# Wide rows are walked row by row, a block taking whole rows, only where that gives at
+# least this many blocks: two per multiprocessor of an H100 (132).
+MIN_GRID_BLOCKS = 264
 
 # -- Dask --------------------------------------------------------------------------
 

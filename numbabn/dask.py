@@ -143,12 +143,12 @@ def batch_norm(
     if x.size == 0:
         return x.copy()
     backend = host_backend()
-    weight, bias = _phases.with_defaults(
-        backend, weight, bias, x.shape[1], backend.param_dtypes[x.dtype]
+    affine = _phases.with_defaults(
+        backend, _phases.Affine(weight, bias), x.shape[1], backend.param_dtypes[x.dtype]
     )
     running = _phases.Running(running_mean, running_var, float(momentum))
     output, _ = _phases.forward(
-        backend, x, running, weight, bias, training, float(eps), None, epilogue, _BLOCKS
+        backend, x, running, affine, training, float(eps), None, epilogue, _BLOCKS
     )
     return output
 

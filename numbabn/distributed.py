@@ -351,7 +351,7 @@ class SyncBatchNorm(_BatchNorm):
         if x.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def forward(self, x: Any, out: Any | None = None, *, residual: None = None) -> Any:
+    def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         """Normalise ``x`` with whole-batch statistics (training) or running ones (eval).
 
         ``x`` and ``out`` are arrays on the module's device, as for

@@ -6,12 +6,14 @@ statistics, gradients) and call these functions.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
+
+import numpy as np
 
 from numbabn import _phases
 from numbabn import _validation as check
 from numbabn._dispatch import Backend, all_host, backend_for, host_backend
-from numbabn._phases import Running, SavedStats
+from numbabn._phases import Affine, Running, SavedStats
 from numbabn.epilogue import Epilogue, epilogue_for
 
 __all__ = ["SavedStats", "batch_norm", "batch_norm_backward", "batch_norm_forward"]
@@ -86,6 +88,38 @@ def check_forward_args(
     return backend, (x, running_mean, running_var, weight, bias, out)
 
 
+@overload
+def batch_norm_forward(
+    input: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    stream: None = None,
+) -> tuple[np.ndarray, SavedStats]: ...
+@overload
+def batch_norm_forward(
+    input: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
+    stream: Any | None = None,
+) -> tuple[Array, SavedStats]: ...
 def batch_norm_forward(
     input: Array,
     running_mean: Array | None,
@@ -169,13 +203,14 @@ def batch_norm_forward(
             call = prepare_forward(*args, None, None, activation)
             plan = plan_forward(call, (running_mean, running_var, weight, bias))
             if signature is not None:
-                _keep(signature, plan)
+                _keep(_PLANS, signature, plan)
         return run_planned(plan, plan.call.backend.adopt(input), input, momentum)
     return run_forward(prepare_forward(*args, out, residual, activation), stream)
 
 
 # The plans of the functional API's last signatures, oldest first.
 _PLANS: dict[tuple[Any, ...], ForwardPlan] = {}
+_BACKWARD_PLANS: dict[tuple[Any, ...], BackwardPlan] = {}
 PLANS_KEPT = 32
 
 
@@ -210,11 +245,11 @@ def _signature(
     return signature
 
 
-def _keep(signature: tuple[Any, ...], plan: ForwardPlan) -> None:
+def _keep(plans: dict[tuple[Any, ...], Any], signature: tuple[Any, ...], plan: Any) -> None:
     """Keep ``plan`` for ``signature``; forget the oldest beyond :data:`PLANS_KEPT`."""
-    _PLANS[signature] = plan
-    if len(_PLANS) > PLANS_KEPT:
-        _PLANS.pop(next(iter(_PLANS)), None)
+    plans[signature] = plan
+    if len(plans) > PLANS_KEPT:
+        plans.pop(next(iter(plans)), None)
 
 
 class ForwardCall(NamedTuple):
@@ -223,8 +258,7 @@ class ForwardCall(NamedTuple):
     backend: Backend
     x: Any
     running: Running
-    weight: Any
-    bias: Any
+    affine: Affine
     out: Any | None
     epilogue: Epilogue | None
     training: bool
@@ -262,15 +296,15 @@ def prepare_forward(
     x, running_mean, running_var, weight, bias, out_array = arrays
     epilogue = epilogue_for(_adopt_like(backend, "residual", residual, x), activation)
     check.check_running_writeable(training, running_mean, running_var)
-    weight, bias = _phases.with_defaults(
-        backend, weight, bias, x.shape[1], backend.param_dtypes[x.dtype]
+    affine = _phases.with_defaults(
+        backend, Affine(weight, bias), x.shape[1], backend.param_dtypes[x.dtype]
     )
     # Python floats for the kernels: one compiled signature whatever number type was given.
     running = Running(running_mean, running_var, float(momentum))
     caller_input = input if caller_input is None else caller_input
     return ForwardCall(
-        backend, x, running, weight, bias, out_array, epilogue, training, float(eps),
-        caller_input, out,
+        backend, x, running, affine, out_array, epilogue, training, float(eps), caller_input,
+        out,
     )  # fmt: skip
 
 
@@ -279,18 +313,12 @@ def run_forward(
 ) -> tuple[Array, SavedStats]:
     """Run a checked forward call (with an exchange between its phases when given)."""
     backend, x = call.backend, call.x
-    others: tuple[Any, ...] = (
-        call.running.mean,
-        call.running.var,
-        call.weight,
-        call.bias,
-        call.out,
-    )
+    others: tuple[Any, ...] = (*call.running[:2], *call.affine, call.out)
     if call.epilogue is not None:
         others += (call.epilogue.residual,)
     with backend.on_stream(stream, x, others):
         output, saved = _phases.forward(
-            backend, x, call.running, call.weight, call.bias, call.training, call.eps, call.out,
+            backend, x, call.running, call.affine, call.training, call.eps, call.out,
             call.epilogue, exchange,
         )  # fmt: skip
     return _returned(backend, output, call.input, call.caller_out), saved
@@ -318,8 +346,7 @@ def plan_forward(call: ForwardCall, held: tuple[Any, ...]) -> ForwardPlan:
     runner = None
     if call.out is None and call.x.size:
         runner = call.backend.plan_forward(
-            call.x, call.weight, call.bias, call.running.mean, call.running.var, call.training,
-            call.eps, call.epilogue,
+            call.x, *call.affine, *call.running[:2], call.training, call.eps, call.epilogue,
         )  # fmt: skip
     return ForwardPlan(call._replace(x=None, input=None), runner, held)
 
@@ -351,6 +378,38 @@ def _returned(backend: Backend, output: Any, input: Any, out: Any | None) -> Any
     return out if out is not None else backend.like(output, input)
 
 
+@overload
+def batch_norm(
+    input: np.ndarray,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: np.ndarray | None = None,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    stream: None = None,
+) -> np.ndarray: ...
+@overload
+def batch_norm(
+    input: Array,
+    running_mean: Array | None,
+    running_var: Array | None,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    out: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
+    stream: Any | None = None,
+) -> Array: ...
 def batch_norm(
     input: Array,
     running_mean: Array | None,
@@ -378,6 +437,45 @@ def batch_norm(
     return output
 
 
+@overload
+def batch_norm_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    saved: SavedStats,
+    weight: np.ndarray | None = None,
+    *,
+    out: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    residual: None = None,
+    activation: str | None = None,
+    stream: None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]: ...
+@overload
+def batch_norm_backward(
+    grad_output: np.ndarray,
+    input: np.ndarray,
+    saved: SavedStats,
+    weight: np.ndarray | None = None,
+    *,
+    out: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    residual: np.ndarray,
+    activation: str | None = None,
+    stream: None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]: ...
+@overload
+def batch_norm_backward(
+    grad_output: Array,
+    input: Array,
+    saved: SavedStats,
+    weight: Array | None = None,
+    *,
+    out: Array | None = None,
+    bias: Array | None = None,
+    residual: Array | None = None,
+    activation: str | None = None,
+    stream: Any | None = None,
+) -> tuple[Array, ...]: ...
 def batch_norm_backward(
     grad_output: Array,
     input: Array,
@@ -424,11 +522,44 @@ def batch_norm_backward(
         Only when ``residual`` is given: the gradient w.r.t. it (``g``; with no
         activation, ``grad_output`` itself).
     """
+    if out is None and residual is None and stream is None:
+        signature = _backward_signature(grad_output, input, saved, weight, bias, activation)
+        plan = _BACKWARD_PLANS.get(signature) if signature is not None else None
+        if plan is None:
+            call = prepare_backward(
+                grad_output, input, saved, weight, bias=bias, activation=activation
+            )
+            plan = plan_backward(call, (weight, bias))
+            if signature is not None:
+                _keep(_BACKWARD_PLANS, signature, plan)
+        adopt = plan.call.backend.adopt
+        return run_planned_backward(
+            plan, adopt(grad_output), adopt(input), saved, grad_output, input
+        )
     call = prepare_backward(
         grad_output, input, saved, weight, out=out, bias=bias, residual=residual,
         activation=activation,
     )  # fmt: skip
     return run_backward(call, stream)
+
+
+def _backward_signature(
+    grad_output: Any,
+    input: Any,
+    saved: SavedStats,
+    weight: Any | None,
+    bias: Any | None,
+    activation: str | None,
+) -> tuple[Any, ...] | None:
+    """What the checks of a backward call read (see :func:`_signature`)."""
+    strides = getattr(grad_output, "strides", None), getattr(input, "strides", None)
+    if None in strides:
+        return None
+    return (
+        type(grad_output), grad_output.shape, grad_output.dtype, type(input), input.shape,
+        input.dtype, *strides, type(saved.mean), tuple(saved.mean.shape), saved.batch_stats,
+        id(weight), id(bias), activation,
+    )  # fmt: skip
 
 
 class BackwardCall(NamedTuple):
@@ -438,8 +569,7 @@ class BackwardCall(NamedTuple):
     dy: Any
     x: Any
     saved: SavedStats
-    weight: Any | None
-    bias: Any | None
+    affine: Affine  # weight None: no affine parameters
     out: Any | None
     epilogue: Epilogue | None
     originals: tuple[Any, Any | None, Any | None]  # the caller's input, weight and residual
@@ -489,7 +619,7 @@ def prepare_backward(
             "gradient; pass another out= array"
         )
     return BackwardCall(
-        backend, dy, x, saved, weight_array, bias_array, out_array, epilogue,
+        backend, dy, x, saved, Affine(weight_array, bias_array), out_array, epilogue,
         (input, weight, residual), out, grad_output,
     )  # fmt: skip
 
@@ -504,13 +634,50 @@ def run_backward(
     values per channel. Returns what :func:`batch_norm_backward` returns."""
     backend, x = call.backend, call.x
     residual = None if call.epilogue is None else call.epilogue.residual
-    others = (x, call.weight, call.bias, call.out, residual, call.saved.mean, call.saved.invstd)
+    others = (x, *call.affine, call.out, residual, call.saved.mean, call.saved.invstd)
     with backend.on_stream(stream, call.dy, others):
         grads = _phases.backward(
-            backend, call.dy, x, call.saved, call.weight, call.bias,
-            backend.param_dtypes[x.dtype], call.out, call.epilogue, exchange, count,
+            backend, call.dy, x, call.saved, call.affine, backend.param_dtypes[x.dtype],
+            call.out, call.epilogue, exchange, count,
         )  # fmt: skip
     return _backward_results(backend, grads, call.originals, call.caller_out, call.grad_output)
+
+
+class BackwardPlan(NamedTuple):
+    """What a backward call's checks decided, reused by the calls of the same signature (as
+    :class:`ForwardPlan`; the saved statistics are the call's own, checked by shape)."""
+
+    call: BackwardCall  # the planning call's checked arguments, its own arrays left out
+    runner: Any | None
+    held: tuple[Any, ...]  # the arrays whose identities the signature holds, as given
+
+
+def plan_backward(call: BackwardCall, held: tuple[Any, ...]) -> BackwardPlan:
+    """A plan for the backwards of ``call``'s signature (made after its checks passed)."""
+    runner = None
+    if call.out is None and call.x.size:
+        backend, x = call.backend, call.x
+        weight = _phases.with_defaults(
+            backend, call.affine, x.shape[1], backend.param_dtypes[x.dtype]
+        ).weight
+        runner = backend.plan_backward(call.dy, x, weight, call.saved.batch_stats, call.epilogue)
+    input, weight, residual = call.originals
+    leftover = call._replace(dy=None, x=None, originals=(None, weight, residual), grad_output=None)
+    return BackwardPlan(leftover, runner, held)
+
+
+def run_planned_backward(
+    plan: BackwardPlan, dy: Any, x: Any, saved: SavedStats, grad_output: Any, caller_input: Any
+) -> tuple[Array, ...]:
+    """Run a backward of ``dy`` and ``x`` (the backend's arrays of the plan's signature)."""
+    call = plan.call
+    originals = (caller_input, *call.originals[1:])
+    if plan.runner is None:
+        return run_backward(
+            call._replace(dy=dy, x=x, saved=saved, originals=originals, grad_output=grad_output)
+        )
+    grads = (*plan.runner(dy, x, saved.mean, saved.invstd), None)
+    return _backward_results(call.backend, grads, originals, None, grad_output)
 
 
 def _backward_results(

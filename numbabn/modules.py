@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, overload
 
 import numpy as np
 
@@ -21,14 +21,17 @@ from numbabn._phases import BACKWARD, FORWARD, SavedStats, TrainingExchange
 from numbabn.epilogue import check_activation
 from numbabn.functional import (
     BackwardCall,
+    BackwardPlan,
     ForwardCall,
     ForwardPlan,
+    plan_backward,
     plan_forward,
     prepare_backward,
     prepare_forward,
     run_backward,
     run_forward,
     run_planned,
+    run_planned_backward,
 )
 
 if TYPE_CHECKING:
@@ -136,8 +139,9 @@ class _BatchNorm:
         self.dtype = dtype
         self.training = True
         self._saved: _Saved | None = None
-        # The last planned forward's signature and plan (see _planned_forward).
+        # The last planned forward's and backward's signatures and plans.
         self._plan: tuple[tuple[Any, ...], ForwardPlan] | None = None
+        self._backward_plan: tuple[tuple[Any, ...], BackwardPlan] | None = None
         self._allocate(num_features)
 
     def _allocate(self, num_features: int) -> None:
@@ -334,6 +338,12 @@ class _BatchNorm:
             return 1.0 / float(self.num_batches_tracked + 1)
         return self.momentum
 
+    @overload
+    def forward(
+        self, x: np.ndarray, out: np.ndarray | None = None, *, residual: np.ndarray | None = None
+    ) -> np.ndarray: ...
+    @overload
+    def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any: ...
     def forward(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         """Normalise ``x``; in training, update the running statistics.
 
@@ -535,10 +545,22 @@ class _BatchNorm:
             )
         return saved
 
+    @overload
+    def __call__(
+        self, x: np.ndarray, out: np.ndarray | None = None, *, residual: np.ndarray | None = None
+    ) -> np.ndarray: ...
+    @overload
+    def __call__(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any: ...
     def __call__(self, x: Any, out: Any | None = None, *, residual: Any | None = None) -> Any:
         """Same as :meth:`forward`."""
         return self.forward(x, out, residual=residual)
 
+    @overload
+    def backward(
+        self, grad_output: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+    @overload
+    def backward(self, grad_output: Any, out: Any | None = None) -> Any: ...
     def backward(self, grad_output: Any, out: Any | None = None) -> Any:
         """Gradient w.r.t. the last forward's input; accumulate parameter gradients.
 
@@ -562,6 +584,8 @@ class _BatchNorm:
         # forward, so that its error reaches the ranks waiting for it.
         exchanging = self.training if saved is None else saved.whole_count is not None
         exchange = self._exchange if exchanging else None
+        if out is None and exchange is None and saved is not None and saved.residual is None:
+            return self._planned_backward(grad_output, saved)
         with self._backend.on_device(self._gpu):
             try:
                 call = self._prepare_backward(grad_output, out)
@@ -575,6 +599,31 @@ class _BatchNorm:
             )
             self._accumulate_grads(grad_weight, grad_bias)
         return grad_input if call.originals[2] is None else (grad_input, grad_residual[0])
+
+    def _planned_backward(self, grad_output: Any, saved: _Saved) -> Any:
+        """A backward without ``out=``, a residual or an exchange, checked in full only when
+        its signature differs from the last such call's (see :class:`BackwardPlan`)."""
+        self._check_kind(grad_output, "grad_output")
+        adopt = self._backend.adopt
+        dy, x = adopt(grad_output), adopt(saved.input)
+        stats = saved.stats
+        signature = (
+            dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype, stats.batch_stats,
+            saved.overwritten, id(self.weight), id(self.bias), self.activation,
+        )  # fmt: skip
+        with self._backend.on_device(self._gpu):
+            plan = self._backward_plan
+            if plan is None or plan[0] != signature:
+                call = self._prepare_backward(grad_output, None)
+                plan = self._backward_plan = (
+                    signature,
+                    plan_backward(call, (self.weight, self.bias)),
+                )
+            grad_input, grad_weight, grad_bias = run_planned_backward(
+                plan[1], dy, x, stats, grad_output, saved.input
+            )
+            self._accumulate_grads(grad_weight, grad_bias)
+        return grad_input
 
     def _prepare_backward(self, grad_output: Any, out: Any | None) -> BackwardCall:
         """Check a backward call against the last forward; change nothing."""

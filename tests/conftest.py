@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Callable
@@ -78,17 +77,23 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(SEED)
 
 
+def _host_copy(array: Any) -> Any:
+    """A host copy of a host or device array (None stays None)."""
+    if array is None:
+        return None
+    return array.copy_to_host() if hasattr(array, "copy_to_host") else np.array(array, copy=True)
+
+
 def snapshot(module) -> dict:
-    """A deep copy of everything observable about a numbabn module's state."""
+    """A host copy of everything observable about a numbabn module's state (any device)."""
     state = {
         "class": type(module),
         "num_features": module.num_features,
         "training": module.training,
-        "grads": copy.deepcopy(module.grads),
+        "grads": {name: _host_copy(value) for name, value in module.grads.items()},
     }
     for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-        value = getattr(module, key)
-        state[key] = None if value is None else value.copy()
+        state[key] = _host_copy(getattr(module, key))
     return state
 
 
@@ -145,7 +150,7 @@ def tolerances(dtype) -> dict:
 def cuda_small_blocks(monkeypatch):
     """Several blocks, chunks and ragged channel groups on tiny shapes.
 
-    Under the CUDA simulator: blocks of 16 threads (4 channel lanes) and chunks
+    Under the CUDA simulator: blocks of 16 threads (at most 4 channels) and chunks
     of a few values. On a real GPU the block sizes are compiled in, so only the
     chunking is made fine.
     """
@@ -153,8 +158,9 @@ def cuda_small_blocks(monkeypatch):
 
     if arrays.SIMULATOR:
         monkeypatch.setattr(kernels, "THREADS", 16)
-        monkeypatch.setattr(kernels, "LANES", 4)
+        monkeypatch.setattr(kernels, "CHANNELS_PER_BLOCK", 4)
     monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
+    monkeypatch.setattr(backend, "MIN_GRID_BLOCKS", 2)
     monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)
     monkeypatch.setattr(backend, "MAX_PER_THREAD", 2)
 
@@ -189,8 +195,12 @@ def device(request) -> Device:
     pytest.importorskip("numba_cuda")
     request.getfixturevalue("cuda_small_blocks")
     from device import SIMULATOR, host, to_device
+    from numba.cuda.cudadrv.devicearray import is_cuda_ndarray
 
     def put(array):
         return None if array is None else to_device(array)
 
-    return Device("cuda", put, host, SIMULATOR)
+    def get(array):  # what a call returns on the host (a counter, say) stays as it is
+        return host(array) if is_cuda_ndarray(array) else array
+
+    return Device("cuda", put, get, SIMULATOR)

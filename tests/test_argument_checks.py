@@ -14,11 +14,17 @@ PyTorch's message maps onto it where only the wording of a value differs.
 numbabn's message is PyTorch's, then, for the checks whose cause a NumPy user
 may not see, one sentence that says what to do: :data:`ADVICE` is that column,
 one regular expression per kind of check, and every other check adds nothing.
+
+Every call row runs on each backend (conftest's ``device`` fixture): on the
+CUDA kernels (in the simulator without a GPU), numbabn's arrays and modules
+live on the device and the results come back to compare. A row that runs on
+the CPU backend only says why (``cpu_only``).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_same_state, from_torch, snapshot, to_torch
+from conftest import Device, assert_same_state, from_torch, snapshot, to_torch
 
 import numbabn
 from numbabn import functional as F
@@ -42,6 +48,9 @@ TORCH_DTYPES = {
     np.dtype(np.float16): torch.float16,
     np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
 }
+# bfloat16 and half parameters are the CPU backend's; the CUDA backend's float16 with
+# float32 parameters is the gpu suite's (tests/test_cuda.py).
+HALF_CPU = "the CUDA backend takes float16 input with float32 parameters only"
 HALVES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 SHAPE = (4, 3, 2, 2)
 
@@ -56,10 +65,11 @@ class Case:
 
     id: str
     theirs: Callable[[], Any]
-    ours: Callable[[], tuple[Callable[[], Any], Any]]
+    ours: Callable[[Device], tuple[Callable[[], Any], Any]]
     deviation: str | None = None  # why numbabn differs from PyTorch here
     expect: tuple[type[BaseException], str] | None = None  # numbabn's error and its start
     translate: Callable[[str], str] | None = None  # PyTorch's message in numbabn's words
+    cpu_only: str | None = None  # why the row runs on the CPU backend only
 
 
 # The sentence numbabn adds after PyTorch's message (a regular expression), per check.
@@ -70,7 +80,7 @@ ADVICE = {
         r"x\.transpose\([\d, ]+\), a view that copies nothing)?"
     ),
     r"\"batch_norm\" not implemented for '\w+'": (
-        r"numbabn takes float32 and float64 \(and bfloat16 and float16\) input, not \w+: "
+        r"numbabn takes float32 and float64 \(and (bfloat16 and )?float16\) input, not \w+: "
         r"convert it with x\.astype\(np\.float32\)"
     ),
     r"(empty|zeros)\(\): argument 'size' \(position 1\) must be tuple of ints, not [\w.]+": (
@@ -152,9 +162,9 @@ def functional(
         out = TF.batch_norm(_tensor(x), rm, rv, w, b, training, momentum, eps)
         return out, rm, rv
 
-    def ours() -> tuple[Callable[[], Any], Any]:
-        rm, rv, w, b = (v.copy() if isinstance(v, np.ndarray) else v for v in vectors)
-        xx = x.copy() if isinstance(x, np.ndarray) else x
+    def ours(device: Device) -> tuple[Callable[[], Any], Any]:
+        rm, rv, w, b = (device.put(v.copy()) if isinstance(v, np.ndarray) else v for v in vectors)
+        xx = device.put(x.copy()) if isinstance(x, np.ndarray) else x
 
         def call() -> tuple[Any, ...]:
             return F.batch_norm(xx, rm, rv, w, b, training, momentum, eps), rm, rv
@@ -195,16 +205,17 @@ def module(
         m.train(train)
         return m(_tensor(x)), m.running_mean, m.running_var, m.num_batches_tracked
 
-    def ours() -> tuple[Callable[[], Any], Any]:
+    def ours(device: Device) -> tuple[Callable[[], Any], Any]:
         extra = {"comm": _one_rank()} if kind == "SyncBatchNorm" else {}
-        m = getattr(numbabn, kind)(*args, dtype=dtype, **kwargs, **extra)
+        m = getattr(numbabn, kind)(*args, dtype=dtype, device=device.name, **kwargs, **extra)
         if warm_x is not None:
-            m(warm_x)
-            m.backward(np.ones_like(warm_x))
+            m(device.put(warm_x))
+            m.backward(device.put(np.ones_like(warm_x)))
         m.train(train)
+        xx = device.put(x) if isinstance(x, np.ndarray) else x
 
         def call() -> tuple[Any, ...]:
-            return m(x), m.running_mean, m.running_var, m.num_batches_tracked
+            return m(xx), m.running_mean, m.running_var, m.num_batches_tracked
 
         return call, m
 
@@ -218,18 +229,19 @@ def _one_rank() -> Any:
 
 def construct(id: str, kind: str, *args: Any, **kwargs: Any) -> Case:
     """Construction alone (``deviation``, ``expect`` and ``translate`` are the Case's)."""
-    row_keys = ("deviation", "expect", "translate")
+    row_keys = ("deviation", "expect", "translate", "cpu_only")
     row = {key: kwargs.pop(key) for key in row_keys if key in kwargs}
 
     def theirs() -> None:
         getattr(torch.nn, kind)(*args, **kwargs)
 
-    def ours() -> tuple[Callable[[], Any], Any]:
+    def ours(device: Device) -> tuple[Callable[[], Any], Any]:
         def call() -> None:
             getattr(numbabn, kind)(*args, **kwargs)
 
         return call, None
 
+    row.setdefault("cpu_only", CONSTRUCTION)
     return Case(id, theirs, ours, **row)
 
 
@@ -274,6 +286,7 @@ def _explained(kind: str, module_dtype: Any, input_dtype: Any) -> Callable[[str]
     return explained
 
 
+CONSTRUCTION = "construction touches no array"
 BELOW_2D = (
     "PyTorch reads input.size(1) of a 1-D input past its end (its message quotes a "
     "meaningless channel count) or fails with IndexError on 0-D input; numbabn says "
@@ -500,6 +513,7 @@ CASES = [
             x=_data(SHAPE, half),
             dtype=np.dtype(module_dtype),
             train=train,
+            cpu_only=HALF_CPU,
         )
         for name, half in HALVES.items()
         for module_dtype in ("float32", half)
@@ -664,6 +678,7 @@ CASES = [
             f"{name} input, {label}",
             x=_data((4, 3), half),
             training=training,
+            cpu_only=HALF_CPU,
             **{key: dtype and _vec(3, fill, dtype) for key, (fill, dtype) in vectors.items()},
         )
         for name, half in HALVES.items()
@@ -685,7 +700,10 @@ CASES = [
     ],
     *[
         functional(
-            f"float32 input, {name} running stats", rm=_vec(3, 0.5, half), rv=_vec(3, 2.0, half)
+            f"float32 input, {name} running stats",
+            rm=_vec(3, 0.5, half),
+            rv=_vec(3, 2.0, half),
+            cpu_only=HALF_CPU,
         )
         for name, half in HALVES.items()
     ],  # fmt: skip
@@ -784,21 +802,21 @@ def _outcome(call: Callable[[], Any]) -> tuple[type[BaseException] | None, Any]:
         return type(error), error
 
 
-def _snapshot(watched: Any) -> Any:
+def _snapshot(watched: Any, device: Device) -> Any:
     if watched is None:
         return None
     if isinstance(watched, tuple):
-        return [None if a is None else np.array(a, copy=True) for a in watched]
+        return [None if a is None else np.array(device.get(a), copy=True) for a in watched]
     return snapshot(watched)
 
 
-def _assert_unchanged(before: Any, watched: Any, lazy_class: type | None) -> None:
+def _assert_unchanged(before: Any, watched: Any, lazy_class: type | None, device: Device) -> None:
     if watched is None:
         return
     if isinstance(watched, tuple):
         for old, new in zip(before, watched, strict=True):
             if old is not None:
-                new = np.asarray(new)
+                new = np.asarray(device.get(new))
                 assert old.dtype == new.dtype and old.tobytes() == new.tobytes()
         return
     assert_same_state(before, watched)
@@ -806,7 +824,7 @@ def _assert_unchanged(before: Any, watched: Any, lazy_class: type | None) -> Non
         assert type(watched) is lazy_class and watched.num_features == 0
 
 
-def _assert_same_results(theirs: Any, ours: Any) -> None:
+def _assert_same_results(theirs: Any, ours: Any, device: Device) -> None:
     if theirs is None:  # construction
         assert ours is None
         return
@@ -815,7 +833,7 @@ def _assert_same_results(theirs: Any, ours: Any) -> None:
         if t is None:
             assert o is None
             continue
-        o = np.asarray(o)
+        o = np.asarray(device.get(o))
         assert o.shape == tuple(t.shape) and o.dtype == t.dtype
         if o.dtype.itemsize == 2:
             # 16-bit floats: PyTorch rounds the statistics to them too (test_half.py
@@ -828,12 +846,17 @@ def _assert_same_results(theirs: Any, ours: Any) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
-def test_same_check_as_pytorch(case: Case) -> None:
+def test_same_check_as_pytorch(case: Case, device: Device) -> None:
+    if device.name != "cpu" and case.cpu_only:
+        pytest.skip(case.cpu_only)
     their_error, their_value = _outcome(case.theirs)
-    call, watched = case.ours()
+    call, watched = case.ours(device)
     lazy_class = type(watched) if type(watched).__name__.startswith("Lazy") else None
-    before = _snapshot(watched)
-    our_error, our_value = _outcome(call)
+    before = _snapshot(watched, device)
+    with warnings.catch_warnings():
+        if device.simulated:  # its kernels run on NumPy scalars, which warn on inf * 0
+            warnings.filterwarnings("ignore", ".* encountered in", RuntimeWarning)
+        our_error, our_value = _outcome(call)
 
     if case.deviation is not None and case.expect is not None:
         assert our_error is case.expect[0], our_value
@@ -845,7 +868,7 @@ def test_same_check_as_pytorch(case: Case) -> None:
         return
     elif their_error is None:
         assert our_error is None, f"numbabn raised {our_error.__name__}: {our_value}"
-        _assert_same_results(their_value, our_value)
+        _assert_same_results(their_value, our_value, device)
         return
     else:
         message = str(their_value)
@@ -853,7 +876,7 @@ def test_same_check_as_pytorch(case: Case) -> None:
             message = case.translate(message)
         assert our_error is their_error, f"{our_error}: {our_value} vs PyTorch's {message}"
         assert_pytorch_message_then_advice(str(our_value), message)
-    _assert_unchanged(before, watched, lazy_class)
+    _assert_unchanged(before, watched, lazy_class, device)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ the real block sizes and grids: large shapes on a GPU, a tiny one in the simulat
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -21,9 +22,11 @@ pytest.importorskip("numba_cuda")
 from device import SIMULATOR, host, to_device  # noqa: E402
 
 import numbabn  # noqa: E402
+from numbabn import _tunables  # noqa: E402
 from numbabn import functional as F  # noqa: E402
 from numbabn._cuda import arrays, kernels  # noqa: E402
 from numbabn._cuda import backend as cuda_backend  # noqa: E402
+from tools.bench.gpu_check import BENCH_CASES  # noqa: E402
 
 # (shape, memory layout) pairs covering 1d/2d/3d input, channels-inner and planar
 # views, slices, negative strides and a layout that needs more than one axis group.
@@ -80,24 +83,65 @@ def test_grid_covers_ragged_blocks():
     """The patched sizes give several chunks and a partial channel group."""
     x = make_input(np.random.default_rng(0), (3, 5, 4, 3), "channels_last")
     grid = cuda_backend._grid_for(to_device(x))
-    assert grid.family == kernels.CHANNELS_INNER
+    assert grid.family == kernels.Family.CHANNELS_INNER
     assert grid.n_chunks > 1
     if SIMULATOR:
-        assert x.shape[1] % grid.lanes != 0
+        assert x.shape[1] % grid.channels_per_block != 0
 
 
-@pytest.mark.parametrize(("n_channels", "lanes"), [(2, 2), (3, 4), (9, 16), (40, 32)])
-def test_narrow_channels_inner_blocks_pack_positions(n_channels, lanes):
-    """Channels-last data with fewer channels than LANES fills the warps with positions."""
-    sizes = (256, 32, 2048, 4, 64, 8)
+@pytest.mark.parametrize(("n_channels", "channels_per_block"), [(2, 2), (3, 4), (9, 16), (40, 32)])
+def test_narrow_channels_inner_blocks_pack_positions(n_channels, channels_per_block):
+    """Channels-last data with fewer channels than CHANNELS_PER_BLOCK fills the warps with
+    positions."""
+    sizes = (256, 32, 2048, 4, 64, 8, 264)
     shape, strides = (
         (64, n_channels, 8, 8),
         (8 * 8 * n_channels * 4, 4, 8 * n_channels * 4, n_channels * 4),
     )
     grid = cuda_backend._grid(shape, strides, sizes)
-    assert grid.family == kernels.CHANNELS_INNER
-    assert grid.lanes == lanes
-    assert grid.n_groups == -(-n_channels // lanes)
+    assert grid.family == kernels.Family.CHANNELS_INNER
+    assert grid.channels_per_block == channels_per_block
+    assert grid.n_groups == -(-n_channels // channels_per_block)
+
+
+# Shapes of 1 MB and more whose rows are few and long, then the GPU benchmark's; float32,
+# NCHW unless channels-last (True).
+FILLING = [
+    ((8, 3, 224, 224), False),
+    ((8, 3, 224, 224), True),
+    ((4, 3, 512, 512), False),
+    ((1, 3, 2048, 2048), False),
+    ((1, 3, 2048, 2048), True),
+    ((1, 8, 10**6), False),
+    ((1, 1, 10**8), False),
+    *BENCH_CASES,
+]
+
+
+def _strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
+    """float32 strides, C order or channels-last."""
+    order = [0, *range(2, len(shape)), 1] if channels_last else list(range(len(shape)))
+    strides = [0] * len(shape)
+    stride = 4
+    for axis in reversed(order):
+        strides[axis] = stride
+        stride *= shape[axis]
+    return tuple(strides)
+
+
+@pytest.mark.parametrize(("shape", "channels_last"), FILLING)
+def test_grids_of_a_megabyte_or_more_fill_an_h100(shape, channels_last):
+    """Two blocks or more per multiprocessor of an H100 (132) for every tensor of 1 MB or
+    more, at the real block sizes, whatever the shape."""
+    sizes = (
+        _tunables.THREADS, _tunables.CHANNELS_PER_BLOCK, _tunables.TARGET_BLOCKS,
+        _tunables.MIN_PER_THREAD, _tunables.MAX_PER_THREAD, _tunables.WIDE_ROW_THREADS,
+        _tunables.MIN_GRID_BLOCKS,
+    )  # fmt: skip
+    grid = cuda_backend._grid(shape, _strides(shape, channels_last), sizes)
+    if math.prod(shape) * 4 >= 1 << 20:
+        assert grid.blocks >= 2 * 132, grid
+    assert grid.n_chunks * grid.per_block >= math.prod(shape) // shape[1]  # every value
 
 
 @pytest.mark.parametrize("activation", [None, "relu"])
@@ -109,7 +153,7 @@ def test_wide_rows_are_walked_row_by_row(rng, activation):
     z = make_input(rng, shape, "contiguous", np.float64) if activation else None
     grid = cuda_backend._grid_for(to_device(x))
     if SIMULATOR:
-        assert grid.family == kernels.WIDE_ROWS and grid.n_chunks > 1
+        assert grid.family == kernels.Family.WIDE_ROWS and grid.n_chunks > 1
     bn = numbabn.BatchNorm2d(2, dtype=np.float64, device="cuda", activation=activation)
     reference = numbabn.BatchNorm2d(2, dtype=np.float64, activation=activation)
     for training in (True, False):
@@ -184,6 +228,62 @@ def test_results_repeat_bit_for_bit(rng):
     first = host(F.batch_norm(x, None, None, training=True))
     second = host(F.batch_norm(x, None, None, training=True))
     assert first.tobytes() == second.tobytes()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_counter_left_wrong_is_reset_before_the_next_reduction(rng, layout):
+    """An aborted launch, or two launches overlapping on one scratch, can leave a merge
+    counter anywhere: the next call of that shape still merges only its own partials."""
+    shape = (5, 3, 4, 3)
+    first = make_input(rng, shape, layout, np.float64, loc=10.0)
+    x = make_input(rng, shape, layout, np.float64, loc=-30.0, scale=3.0)
+    dy = make_input(rng, shape, layout, np.float64)
+    on_device = to_device(first)
+    F.batch_norm(on_device, None, None, training=True)  # the scratch now holds first's partials
+    grid = cuda_backend._grid_for(on_device)
+    assert grid.n_chunks > 1
+    scratch = cuda_backend._scratch(
+        arrays.queue_key(), grid.partials_shape(shape[1]), grid.n_groups, shape[1]
+    )
+
+    def corrupt() -> None:  # as if every block but one had finished already
+        scratch.counters.copy_to_device(np.full(grid.n_groups, grid.n_chunks - 1, np.uint32))
+
+    corrupt()
+    y, saved = F.batch_norm_forward(to_device(x), None, None, None, None, True)
+    truth = ref.forward(x)
+    np.testing.assert_allclose(host(y), truth.output, rtol=1e-10, atol=1e-10)
+    corrupt()
+    dx, _, _ = F.batch_norm_backward(to_device(dy), to_device(x), saved, None)
+    grads = ref.backward(dy, x, truth.mean, truth.invstd)
+    np.testing.assert_allclose(host(dx), grads.grad_input, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("family", list(kernels.Family))
+def test_data_kernels_do_nothing_for_empty_input(family):
+    """A launch over an input without values (a caller past the host's guard) writes
+    nothing and divides by nothing."""
+    empty = to_device(np.zeros((0, 3, 1, 4)))
+    vector = to_device(np.full(3, 7.0))
+    coeffs = to_device(np.full((kernels.COEFFICIENT_ROWS, 3), 7.0))
+    partials, counters = to_device(np.zeros((3, 1, 2))), to_device(np.zeros(3, np.uint32))
+    launch = arrays.configured  # one block per channel, as the grid of an empty input
+    threads = kernels.THREADS
+    launch(kernels.statistics(family), 3, threads)(
+        1, 1, empty, vector, vector, vector, vector, True, 0.1, 1e-5, coeffs, partials, counters
+    )
+    launch(kernels.gradient_sums(family, False, False), 3, threads)(
+        1, 1, empty, empty, empty, vector, vector, vector, vector, True, coeffs,
+        to_device(np.zeros((2, 3))), partials, counters, empty,
+    )  # fmt: skip
+    launch(kernels.elementwise(family, kernels.Mode.AFFINE, False, False), 3, threads)(
+        1, 1, empty, empty, empty, coeffs, empty
+    )
+    launch(kernels.evaluation(family, False, False), 3, threads)(
+        1, 1, empty, empty, vector, vector, vector, vector, 1e-5, coeffs, empty
+    )
+    assert host(coeffs).tolist() == np.full((kernels.COEFFICIENT_ROWS, 3), 7.0).tolist()
+    assert host(vector).tolist() == [7.0] * 3
 
 
 def test_out_and_empty_batch(rng):

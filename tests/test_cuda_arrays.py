@@ -1,7 +1,8 @@
 """The CUDA backend's streams, read-only arrays, devices and host threads.
 
 A call runs on one stream: the ``stream=`` given, else the one the input's
-producer named (CUDA Array Interface v3), and its results say so. Read-only
+producer named (CUDA Array Interface v3), or PyTorch's current stream for a
+PyTorch tensor (whose interface, v2, names none), and its results say so. Read-only
 device arrays are never written. Modules take device ids (``"cuda:1"``) and
 refuse arrays of another GPU. Calls from several host threads at once each
 work in scratch memory of their own. These run in Numba's CUDA simulator and on
@@ -10,7 +11,9 @@ a GPU (``make test-gpu``); importing foreign arrays (CuPy, PyTorch) needs a GPU.
 
 from __future__ import annotations
 
+import sys
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,6 +126,44 @@ def test_concurrent_calls_from_host_threads(rng):
         thread.join()
     for index, x in enumerate(inputs):
         np.testing.assert_allclose(results[index], ref.forward(x).output, **tolerances(x.dtype))
+
+
+def _exported(interface: dict, module: str) -> object:
+    """An array of GPU 0 exported through the CUDA Array Interface by a library ``module``."""
+    array = type("Exported", (), {"__module__": module})()
+    array.__cuda_array_interface__ = interface
+    array.device = "cuda:0"
+    return array
+
+
+def test_the_producers_stream_is_the_one_named_or_pytorchs_current_one(monkeypatch):
+    interface = {"shape": (2,), "typestr": "<f4", "data": (1 << 20, False), "version": 2}
+    current = {"cuda:0": SimpleNamespace(cuda_stream=0x5EED)}
+    fake_torch = SimpleNamespace(cuda=SimpleNamespace(current_stream=current.__getitem__))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    assert arrays.producer_stream(_exported(interface, "torch")) == 0x5EED
+    assert arrays.producer_stream(_exported(interface, "somewhere")) is None
+    named = {**interface, "version": 3, "stream": 0xCAFE}
+    assert arrays.producer_stream(_exported(named, "torch")) == 0xCAFE
+
+
+@pytest.mark.skipif(SIMULATOR, reason="PyTorch CUDA tensors need a real GPU")
+def test_pytorch_tensors_run_on_pytorchs_current_stream(rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("this PyTorch has no CUDA")
+    x = make_input(rng, (64, 3, 33, 33), "contiguous", np.float32)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        busy = torch.ones(2048, 2048, device="cuda")
+        for _ in range(8):  # keep the side stream busy before x is written
+            busy = busy @ busy / 2048
+        tensor = torch.from_numpy(x).to("cuda", non_blocking=True)
+        assert int(arrays.adopt(tensor).stream) == side.cuda_stream
+        y = F.batch_norm(tensor, None, None, training=True)
+        grown = y * 1.0  # PyTorch's next kernel on the side stream reads y
+    side.synchronize()
+    np.testing.assert_allclose(grown.cpu().numpy(), ref.forward(x).output, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.skipif(SIMULATOR, reason="CuPy arrays need a real GPU")

@@ -144,11 +144,11 @@ def test_cuda_kernels_are_cached_under_their_sources_digest():
             value for value in vars(kernels).values()
             if isinstance(value, CUDADispatcher) and not value.targetoptions.get("device")
         ]
-        for family in (kernels.ROWS, kernels.PLANAR, kernels.CHANNELS_INNER):
+        for family in (kernels.Family.ROWS, kernels.Family.PLANAR, kernels.Family.CHANNELS_INNER):
             dispatchers += [
                 kernels.statistics(family),
                 kernels.gradient_sums(family, True, True),
-                kernels.elementwise(family, kernels.AFFINE, True, True),
+                kernels.elementwise(family, kernels.Mode.AFFINE, True, True),
                 kernels.evaluation(family, False, False),
             ]
         stamps = {d._cache._cache_file._source_stamp for d in dispatchers}

@@ -22,6 +22,8 @@ EXPECTED = {
     "kernels": "passed",
     "racecheck": "skipped",
     "memcheck": "skipped",
+    "repeat": "passed",
+    "sync-batchnorm": "passed",
     "benchmark": "passed",
     "host-time": "passed",
     "cpu-threads": "passed",
@@ -64,6 +66,14 @@ def test_dry_run_lists_every_step_with_its_status(dry_run):
 
 
 @pytest.mark.slow
+def test_dry_run_leaves_few_enough_files_for_a_lent_machine(dry_run):
+    out, _ = dry_run
+    left = sorted(path.relative_to(out).as_posix() for path in out.rglob("*"))
+    assert all((out / name).is_file() for name in left), left
+    assert len(left) <= gpu_check.MAX_FILES - 2, left  # the GPU run adds two JUnit files
+
+
+@pytest.mark.slow
 def test_dry_run_report_has_every_section_and_table(dry_run):
     out, result = dry_run
     report = (out / gpu_check.REPORT).read_text()
@@ -81,8 +91,10 @@ def test_dry_run_report_has_every_section_and_table(dry_run):
     assert "All 15 outputs match the CPU backend" in report
     log = (out / gpu_check.LOG).read_text()
     assert log.splitlines()[-1].startswith("done in ")
-    assert "[10/10] cpu-threads: passed" in log
-    assert "[10/10] cpu-threads: passed" in result.stdout
+    assert "| arrays | status | seconds | note |" in report
+    n = len(gpu_check.STEPS)
+    assert f"[{n}/{n}] cpu-threads: passed" in log
+    assert f"[{n}/{n}] cpu-threads: passed" in result.stdout
 
 
 def test_test_steps_run_files_that_exist():
@@ -128,3 +140,27 @@ def test_probe_comparison_finds_a_dropped_nan_and_a_changed_value():
     gpu[0, 1, 0], gpu[1, 2, 1] = np.nan, 1e-3
     assert gpu_check._differing_channels(cpu, gpu) == [2]
     assert gpu_check._differing_channels(np.array([np.inf, 1.0]), np.array([-np.inf, 1.0])) == [0]
+
+
+def test_a_failed_versions_step_stops_the_run_and_the_summary_is_printed_last(
+    tmp_path, monkeypatch, capsys
+):
+    ran = []
+
+    def run_step(step, out, dry_run, deadline, log):
+        ran.append(step.name)
+        return gpu_check.Outcome("failed", "numbabn's CUDA modules do not import: n/a (...)")
+
+    monkeypatch.setattr(gpu_check, "_run_step_process", run_step)
+    assert gpu_check.run_all(tmp_path, True, ["versions", "kernels", "benchmark"]) == 1
+    assert ran == ["versions"]
+    rows = _summary_rows((tmp_path / gpu_check.SUMMARY).read_text())
+    assert [cells[0] for cells in rows.values()] == ["failed", "skipped", "skipped"]
+    assert rows["kernels"][3].startswith("not run: the versions step failed")
+    printed = capsys.readouterr().out
+    assert printed.endswith((tmp_path / gpu_check.SUMMARY).read_text())
+
+
+def test_test_steps_report_warnings_rather_than_fail_on_them():
+    command = gpu_check.pytest_command("tests-cuda", gpu_check.ROOT / "report.xml")
+    assert command[command.index("-W") + 1] == "default"

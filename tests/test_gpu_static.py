@@ -121,3 +121,56 @@ def test_sass_hot_loops_count_instructions_per_element():
     loops = gpu_static.hot_loops(SASS, {20: 0, 21: 5}, {0})
     assert loops == [gpu_static.HotLoop(instructions=5, elements=2)]
     assert loops[0].per_element == 2.5
+
+
+STORING_SASS = """
+.L_x_0:
+	//## File ".nv_debug_ptx_txt", line 30
+        /*0000*/                   LDG.E R2, desc[UR4][R4.64] ;
+	//## File ".nv_debug_ptx_txt", line 31
+        /*0010*/                   STG.E desc[UR4][R6.64], R2 ;
+	//## File ".nv_debug_ptx_txt", line 30
+        /*0020*/                   LDG.E R3, desc[UR4][R8.64] ;
+	//## File ".nv_debug_ptx_txt", line 31
+        /*0030*/                   STG.E desc[UR4][R10.64], R3 ;
+        /*0040*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+	//## File ".nv_debug_ptx_txt", line 30
+        /*0050*/                   LDG.E R2, desc[UR4][R4.64] ;
+        /*0060*/                   LDG.E R3, desc[UR4][R8.64] ;
+	//## File ".nv_debug_ptx_txt", line 32
+        /*0070*/                   LDG.E R12, desc[UR4][R14.64] ;
+        /*0080*/                   LDG.E R13, desc[UR4][R16.64] ;
+	//## File ".nv_debug_ptx_txt", line 31
+        /*0090*/                   STG.E desc[UR4][R6.64], R2 ;
+        /*00a0*/                   STG.E desc[UR4][R10.64], R3 ;
+        /*00b0*/               @P0 BRA `(.L_x_1) ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_sass_hot_loops_count_the_loads_in_flight_before_a_store():
+    # Line 30 loads data array 0, line 32 data array 2; line 31 stores.
+    load_order, grouped = gpu_static.hot_loops(STORING_SASS, {30: 0, 32: 2}, {0, 2})
+    assert load_order == gpu_static.HotLoop(instructions=5, elements=2, in_flight=1)
+    assert grouped == gpu_static.HotLoop(instructions=7, elements=2, in_flight=4)
+    assert gpu_static.hot_loops(SASS, {20: 0, 21: 5}, {0})[0].in_flight is None  # no store
+
+
+def _report(label: str, loops: tuple) -> gpu_static.Report:
+    return gpu_static.Report(label, "float32", 40, 0, 0, 0, 0.75, "registers", (), loops)
+
+
+def test_elementwise_loops_with_fewer_than_four_loads_in_flight_fail_the_check():
+    one = gpu_static.HotLoop(5, 2, in_flight=1)
+    four = gpu_static.HotLoop(7, 2, in_flight=4)
+    failed = gpu_static.failures([
+        _report("elementwise[rows, affine]", (four, one)),
+        _report("evaluation[planar]", (four,)),
+        _report("statistics[rows]", (gpu_static.HotLoop(4, 4),)),
+        _report("gradient_sums[rows, masked, residual]", (one,)),  # a reduction: not checked
+    ])  # fmt: skip
+    assert failed == [
+        "elementwise[rows, affine] (float32): hot loop 2 has 1 loads in flight before a store "
+        "(at least 4 wanted)"
+    ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_input, random_vector
+from conftest import CPU, make_input, random_vector
 
 from numbabn import functional as F
 
@@ -64,34 +64,10 @@ EPILOGUES = {
 }
 
 
-def _placed(array, device):
-    if array is None or device == "cpu":
-        return array
-    from device import to_device
-
-    return to_device(array)
-
-
-def _fetched(array, device):
-    if array is None or device == "cpu":
-        return array
-    from device import host
-
-    return host(array)
-
-
 # ``make test`` runs the CUDA kernels on every scenario (test_cuda_quick); the whole grid
-# on CUDA takes minutes in the simulator, so it runs in ``make test-long``.
+# on CUDA takes minutes in the simulator, so it runs in ``make test-long``. The ``device``
+# fixture is conftest's, parametrized here.
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.long)]
-
-
-@pytest.fixture
-def device(request):
-    """ "cpu" or "cuda"; the CUDA half needs numba-cuda (the simulator is enough)."""
-    if request.param == "cuda":
-        pytest.importorskip("numba_cuda")
-        request.getfixturevalue("cuda_small_blocks")
-    return request.param
 
 
 def _inputs(rng, shape, layout, dtype, scenario, with_residual, index_scale=1):
@@ -156,8 +132,8 @@ def _torch_truth(arrays, training, affine, relu):
 
 def _ours(arrays, training, affine, relu, device):
     """The same through numbabn's functional API on ``device``."""
-    on = {name: _placed(None if a is None else a.copy(), device) for name, a in arrays.items()}
-    if device == "cpu":
+    on = {name: device.put(None if a is None else a.copy()) for name, a in arrays.items()}
+    if device.name == "cpu":
         # Copies keep the layout only for C-contiguous data: restore the caller's strides.
         on["x"], on["z"], on["dy"] = arrays["x"], arrays["z"], arrays["dy"]
     weight, bias = (on["weight"], on["bias"]) if affine else (None, None)
@@ -171,13 +147,13 @@ def _ours(arrays, training, affine, relu, device):
     )
     dz = grads[3] if on["z"] is not None else None
     return {
-        "y": _fetched(y, device),
-        "dx": _fetched(grads[0], device),
-        "dz": _fetched(dz, device),
-        "dweight": _fetched(grads[1], device),
-        "dbias": _fetched(grads[2], device),
-        "running_mean": _fetched(on["running_mean"], device),
-        "running_var": _fetched(on["running_var"], device),
+        "y": device.get(y),
+        "dx": device.get(grads[0]),
+        "dz": device.get(dz),
+        "dweight": device.get(grads[1]),
+        "dbias": device.get(grads[2]),
+        "running_mean": device.get(on["running_mean"]),
+        "running_var": device.get(on["running_var"]),
     }
 
 
@@ -282,6 +258,6 @@ def test_threaded_cpu_path(rng, scenario, mode, layout):
     assert np.prod(shape) >= backend.PARALLEL_MIN_ELEMENTS
     training, affine = MODES[mode]
     arrays = _inputs(rng, shape, layout, np.float64, scenario, True, index_scale=37)
-    _check(arrays, training, affine, True, "cpu", np.float64, scenario)
+    _check(arrays, training, affine, True, CPU, np.float64, scenario)
     arrays["z"] = None
-    _check(arrays, training, affine, False, "cpu", np.float64, scenario)
+    _check(arrays, training, affine, False, CPU, np.float64, scenario)

@@ -21,19 +21,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_same_state, make_layout, snapshot
+from conftest import Device, assert_same_state, make_layout, snapshot
 
 import numbabn
 
 torch = pytest.importorskip("torch")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 # Relative agreement asked of every compared array. The PyTorch twin computes in
 # float64 on the same values: its float32 kernels alone are further than 2e-5 from
 # the truth when |mean| >> std, where numbabn (which accumulates in float64) is not.
 RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
+# Momenta drawn besides any in [-0.5, 1.5]: the usual ones, and a negative and a NaN one
+# (PyTorch updates the running statistics with any momentum).
+MOMENTA = [0.1, 0.0, 1.0, -0.1, math.nan]
 # Above this many elements the CPU backend takes its threaded path.
 THREADED_ELEMENTS = 1 << 17
 
@@ -152,10 +155,10 @@ def build(shape: tuple[int, ...], layout: str, dtype: np.dtype, values: np.ndarr
 
 
 @st.composite
-def shapes(draw: st.DrawFn, ndim: int, channels: int) -> tuple[int, ...]:
+def shapes(draw: st.DrawFn, ndim: int, channels: int, large: bool = True) -> tuple[int, ...]:
     """A shape with ``channels`` channels: mostly tiny (size-1 and empty axes included),
-    sometimes large enough for the threaded CPU path."""
-    if draw(st.integers(0, 9)) == 0:  # one example in ten: a threaded-path tensor
+    sometimes (when ``large``) large enough for the threaded CPU path."""
+    if large and draw(st.integers(0, 9)) == 0:  # one example in ten: a threaded-path tensor
         spatial = ndim - 2
         per_item = math.ceil(THREADED_ELEMENTS / (4 * channels))
         side = max(1, math.ceil(per_item ** (1 / spatial))) if spatial else 1
@@ -387,9 +390,7 @@ def twins(draw: st.DrawFn) -> Twins:
     ndim = draw(st.sampled_from(kind.ndims), label="ndim")
     channels = draw(st.integers(1, 70) | st.sampled_from([1, 2, 3]), label="channels")
     dtype = np.dtype(draw(st.sampled_from([np.float32, np.float64]), label="dtype"))
-    momentum = draw(
-        st.none() | st.sampled_from([0.1, 0.0, 1.0]) | st.floats(-0.5, 1.5), label="momentum"
-    )
+    momentum = draw(st.none() | st.sampled_from(MOMENTA) | st.floats(-0.5, 1.5), label="momentum")
     eps = draw(st.sampled_from([1e-5, 1e-3]) | st.floats(1e-6, 1.0), label="eps")
     affine = draw(st.booleans(), label="affine")
     bias = draw(st.booleans(), label="bias")
@@ -460,11 +461,15 @@ def test_call_sequences_agree_with_pytorch(pair: Twins, data: st.DataObject) -> 
 
 
 @given(st.data())
-def test_functional_batch_norm_agrees_with_pytorch(data: st.DataObject) -> None:
-    """``numbabn.functional.batch_norm`` against ``torch.nn.functional.batch_norm``."""
+@settings(
+    suppress_health_check=[*settings().suppress_health_check, HealthCheck.function_scoped_fixture]
+)
+def test_functional_batch_norm_agrees_with_pytorch(device: Device, data: st.DataObject) -> None:
+    """``numbabn.functional.batch_norm`` against ``torch.nn.functional.batch_norm``, on each
+    backend (the simulator's CUDA kernels on tiny shapes only: a second per thousand values)."""
     ndim = data.draw(st.integers(2, 5), label="ndim")
     channels = data.draw(st.integers(1, 70), label="channels")
-    shape = data.draw(shapes(ndim, channels), label="shape")
+    shape = data.draw(shapes(ndim, channels, large=not device.simulated), label="shape")
     dtype = np.dtype(data.draw(st.sampled_from([np.float32, np.float64]), label="dtype"))
     layout = data.draw(st.sampled_from(LAYOUT_NAMES), label="layout")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
@@ -477,27 +482,28 @@ def test_functional_batch_norm_agrees_with_pytorch(data: st.DataObject) -> None:
     running_mean, running_var = vector("running_mean", -1, 1), vector("running_var", 0.5, 2)
     weight, bias = vector("weight", 0.5, 1.5), vector("bias", -1, 1)
     training = data.draw(st.booleans(), label="training")
-    momentum = data.draw(st.sampled_from([0.1, 0.0, 1.0]) | st.floats(-0.5, 1.5), label="momentum")
+    momentum = data.draw(st.sampled_from(MOMENTA) | st.floats(-0.5, 1.5), label="momentum")
     eps = data.draw(st.sampled_from([1e-5, 0.0, -1e-3]) | st.floats(1e-6, 1.0), label="eps")
 
     def tensor(array: np.ndarray | None) -> Any:
         return None if array is None else as_tensor(array)
 
     theirs_stats = [tensor(running_mean), tensor(running_var)]
-    ours_stats = [None if v is None else v.copy() for v in (running_mean, running_var)]
+    ours_stats = [device.put(None if v is None else v.copy()) for v in (running_mean, running_var)]
+    arguments = (device.put(x), *ours_stats, device.put(weight), device.put(bias), training)
     try:
         expected = torch.nn.functional.batch_norm(
             as_tensor(x), *theirs_stats, tensor(weight), tensor(bias), training, momentum, eps
         )
     except Exception as error:
         with pytest.raises(type(error)):
-            numbabn.functional.batch_norm(x, *ours_stats, weight, bias, training, momentum, eps)
+            numbabn.functional.batch_norm(*arguments, momentum, eps)
         for ours, before in zip(ours_stats, (running_mean, running_var), strict=True):
-            assert ours is None or ours.tobytes() == before.tobytes()
+            assert ours is None or device.get(ours).tobytes() == before.tobytes()
         return
-    y = numbabn.functional.batch_norm(x, *ours_stats, weight, bias, training, momentum, eps)
+    y = device.get(numbabn.functional.batch_norm(*arguments, momentum, eps))
     agree(y, expected, dtype, "output", oracle_error(x, eps) if eps > 0 else 0.0)
     for name, ours, theirs in zip(
         ("running_mean", "running_var"), ours_stats, theirs_stats, strict=True
     ):
-        agree(ours, theirs, dtype, name)
+        agree(device.get(ours), theirs, dtype, name)

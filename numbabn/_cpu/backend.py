@@ -274,7 +274,9 @@ def _grad_from_sums(
     target: np.ndarray,
 ) -> None:
     """Write ``dx = w * invstd * (dy - mean(dy) - xhat * mean(dy * xhat))`` into ``target``."""
-    alpha, beta, gamma = kernels.finish_backward(sums, count, invstd, weight)
+    coefficients = np.empty((3, invstd.shape[0]))
+    launch(serial.gradient_coefficients, sums, count, invstd, weight, coefficients)
+    alpha, beta, gamma = coefficients
     ops.run(
         kernels.GRAD[ops.family],
         dy_view,
@@ -359,20 +361,14 @@ class _SerialForward:
         self.after = (weight, bias, running_mean, running_var)
         self.tail = (eps, tiling.channels_inner, geometry)
 
-    def _view(self, array: np.ndarray, recipe: tuple[bool, tuple[int, ...] | None]) -> np.ndarray:
-        reshaped, strides = recipe
-        if reshaped:
-            return array.reshape(self.view_shape)
-        return as_strided(array, self.view_shape, strides)
-
     def __call__(self, x: np.ndarray, momentum: float) -> tuple[np.ndarray, Any, Any]:
         """``(output, mean, invstd)`` of a forward of ``x``, an array of the planned signature."""
         if self.bits is not None:
             x = x.view(self.bits)
-        view = self._view(x, self.x_view)
+        view = _viewed(x, self.view_shape, self.x_view)
         view.flags.writeable = False  # the kernels' input variants (see _as_input)
         output = np.empty_like(x)
-        out_view = self._view(output, self.out_view)
+        out_view = _viewed(output, self.view_shape, self.out_view)
         if self.training:
             coefficients = launch(
                 serial.train_forward, *self.before, view, *self.after, momentum, *self.tail,
@@ -385,10 +381,75 @@ class _SerialForward:
         return output, coefficients[0], coefficients[1]
 
 
-def _view_recipe(tiling: Tiling, array: np.ndarray) -> tuple[bool, tuple[int, ...] | None]:
+class _SerialBackward:
+    """Small training backwards of one signature, each in one compiled call.
+
+    Made once per signature by :meth:`CpuBackend.plan_backward`, with the call's
+    weight (ones standing in for none): the views and the kernels' addresses are
+    looked up here, and a call runs :func:`numbabn._cpu.serial.train_backward`.
+    """
+
+    def __init__(self, ops: _Operands, dtype: np.dtype, dy: np.ndarray, weight: np.ndarray) -> None:
+        x, tiling = ops.x, ops.tiling
+        # The calls' dtype, and for 16-bit floats that of the bits the kernels take instead.
+        self.dtype, self.bits = dtype, halves.bits_dtype(dtype)
+        output = np.empty_like(x)
+        self.x_view = _view_recipe(tiling, x)
+        self.dy_view = _view_recipe(tiling, dy)
+        self.out_view = _view_recipe(tiling, output)
+        self.view_shape = tiling.view_shape
+        self.weight = weight
+        n_channels = x.shape[1]
+        vector = np.zeros(n_channels)
+        geometry = tiling.geometry
+        dy_view = tiling.view(dy)
+        assert dy_view is not None  # plan_backward checked that it fits
+        dy_view = _as_input(dy_view)
+        partials = np.zeros((tiling.n_tiles, 2, n_channels))
+        sums_args = (ops.view, dy_view, vector, vector, False, geometry, partials, 0, 0)
+        coefficients = np.zeros((3, n_channels))
+        grad_args = (dy_view, ops.view, vector, vector, vector, vector, geometry)
+        self.before = (
+            _address(kernels.SUMS[ops.family], sums_args),
+            _address(serial.gradient_coefficients, (partials[0], 1, vector, weight, coefficients)),
+            _address(kernels.GRAD[ops.family], (*grad_args, tiling.view(output), 0, 0)),
+        )
+        self.geometry = geometry
+
+    def __call__(
+        self, dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(dx, dweight, dbias)`` of a backward of arrays of the planned signature."""
+        if self.bits is not None:
+            dy, x = dy.view(self.bits), x.view(self.bits)
+        x_view = _viewed(x, self.view_shape, self.x_view)
+        x_view.flags.writeable = False  # the kernels' input variants (see _as_input)
+        dy_view = _viewed(dy, self.view_shape, self.dy_view)
+        dy_view.flags.writeable = False
+        output = np.empty_like(x)
+        totals = launch(
+            serial.train_backward, *self.before, x_view, dy_view, mean, invstd, self.weight,
+            self.geometry, _viewed(output, self.view_shape, self.out_view),
+        )  # fmt: skip
+        grads = _param_grads(totals[0], totals[1], invstd, self.weight.dtype)
+        if self.bits is None:
+            return output, *grads
+        return halves.from_bits(output), *map(halves.from_bits, grads)
+
+
+_Recipe = tuple[bool, tuple[int, ...] | None]
+
+
+def _view_recipe(tiling: Tiling, array: np.ndarray) -> _Recipe:
     """How to view arrays of ``array``'s signature for ``tiling``: a reshape, or these strides."""
     strides = tiling.view_strides(array.shape, array.strides)
     return tiling.c_order and array.flags.c_contiguous, strides
+
+
+def _viewed(array: np.ndarray, shape: tuple[int, ...], recipe: _Recipe) -> np.ndarray:
+    """``array`` viewed with the ``shape`` of its tiling's view, by ``recipe``."""
+    reshaped, strides = recipe
+    return array.reshape(shape) if reshaped else as_strided(array, shape, strides)
 
 
 def _address(kernel: Callable[..., None], args: tuple[Any, ...]) -> int:
@@ -582,6 +643,28 @@ class CpuBackend:
         if ops.x is not x or not ops.fits(ops.tiling.view(np.empty_like(x))):
             return None  # a copy or a staged output: the fused passes handle those
         return _SerialForward(ops, dtype, weight, bias, running_mean, running_var, training, eps)
+
+    @staticmethod
+    def plan_backward(
+        dy: np.ndarray, x: np.ndarray, weight: np.ndarray, batch_stats: bool,
+        epilogue: Epilogue | None,
+    ) -> _SerialBackward | None:  # fmt: skip
+        """A runner ``(dy, x, mean, invstd) -> (dx, dweight, dbias)`` of backwards of arrays
+        of these signatures with this ``weight`` (ones for none), made once for them; None
+        where the fused passes serve as well.
+
+        Small training backwards without an epilogue whose gradient and new output fit
+        the input's tiling get one, as forwards do (:meth:`plan_forward`).
+        """
+        if not batch_stats or epilogue is not None or not 0 < x.size < PARALLEL_MIN_ELEMENTS:
+            return None
+        dtype = x.dtype
+        dy, x, weight = map(halves.as_bits, (dy, x, weight))
+        ops = _Operands(x)
+        fits = ops.fits(ops.tiling.view(dy)) and ops.fits(ops.tiling.view(np.empty_like(x)))
+        if ops.x is not x or not fits:
+            return None
+        return _SerialBackward(ops, dtype, dy, weight)
 
     @staticmethod
     @_on_bits

@@ -1,9 +1,9 @@
-"""A whole small forward in one compiled call, with the bits of the separate calls.
+"""A whole small forward or backward in one compiled call, with the bits of the separate calls.
 
 A tensor below ``PARALLEL_MIN_ELEMENTS`` is normalised on the calling thread,
 where each kernel called from Python costs more in argument handling than the
-work itself. :func:`train_forward` and :func:`eval_forward` run every phase of a
-forward in one call from Python. Each phase runs the very code the separate
+work itself. :func:`train_forward`, :func:`eval_forward` and :func:`train_backward`
+run every phase of a pass in one call from Python. Each phase runs the very code the separate
 calls run (:func:`~numbabn._cpu.jit.call_native`, given the addresses the caller
 looked up): the statistics kernel, the per-channel coefficients below, and the
 elementwise kernel. Code inlined into another function can round differently
@@ -20,6 +20,7 @@ import numpy as np
 from numbabn._cpu import kernels
 from numbabn._cpu.halves import widen
 from numbabn._cpu.jit import call_native
+from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
 
 
@@ -33,6 +34,17 @@ class Row(enum.IntEnum):
 
 
 _MEAN, _INVSTD, _SCALE, _SHIFT = Row.MEAN.value, Row.INVSTD.value, Row.SCALE.value, Row.SHIFT.value
+
+
+@_inline
+def _merged(partials):
+    """The tiles' ``(T, 2, C)`` partials summed in tile order, as the separate calls sum them."""
+    totals = partials[0].copy()
+    for tile in range(1, partials.shape[0]):
+        for row in range(2):
+            for c in range(partials.shape[2]):
+                totals[row, c] += partials[tile, row, c]
+    return totals
 
 
 @_kernel
@@ -86,12 +98,7 @@ def train_forward(
     partials = np.empty((n_tiles, 2, n_channels))
     squares = True
     call_native(sums, (x, x, shift, shift, squares, geometry, partials, start, n_items))
-    # The tiles' partials summed in tile order, as the separate calls sum them.
-    totals = partials[0].copy()
-    for tile in range(1, n_tiles):
-        for row in range(2):
-            for c in range(n_channels):
-                totals[row, c] += partials[tile, row, c]
+    totals = _merged(partials)
     count = np.int64(x.size // n_channels)
     coefficients = np.empty((4, n_channels))
     call_native(
@@ -121,3 +128,40 @@ def eval_forward(
     mean, scale, shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
     call_native(affine, (x, mean, scale, shift, geometry, out, start, n_items))
     return coefficients
+
+
+@_kernel
+def gradient_coefficients(totals, count, invstd, weight, coefficients):
+    """Write the backward's ``(alpha, beta, gamma)`` of ``dx = (dy + beta * (x - mean) + gamma)
+    * alpha`` from the gradient sums into the rows of ``coefficients``."""
+    alpha, beta, gamma = kernels.finish_backward(totals, count, invstd, weight)
+    coefficients[0] = alpha
+    coefficients[1] = beta
+    coefficients[2] = gamma
+
+
+@_kernel
+def train_backward(
+    sums, coefficients_of, grad, x, dy, mean, invstd, weight, geometry, out
+):  # fmt: skip
+    """Write the input gradient through batch statistics into ``out``; return the gradient
+    sums ``[sum(dy), sum(dy * (x - mean))]``.
+
+    ``sums``, ``coefficients_of`` and ``grad`` are the addresses of the statistics
+    kernel's, :func:`gradient_coefficients`' and the gradient kernel's variants.
+    """
+    channel_block, _, _, n_tiles = geometry
+    n_channels = mean.shape[0]
+    start = np.int64(0)
+    n_items = np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
+    zeros = np.zeros(n_channels)
+    partials = np.empty((n_tiles, 2, n_channels))
+    squares = False
+    call_native(sums, (x, dy, mean, zeros, squares, geometry, partials, start, n_items))
+    totals = _merged(partials)
+    count = np.int64(x.size // n_channels)
+    coefficients = np.empty((3, n_channels))
+    call_native(coefficients_of, (totals, count, invstd, weight, coefficients))
+    alpha, beta, gamma = coefficients[0], coefficients[1], coefficients[2]
+    call_native(grad, (dy, x, mean, alpha, beta, gamma, geometry, out, start, n_items))
+    return totals

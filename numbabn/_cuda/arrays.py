@@ -8,8 +8,10 @@ Under Numba's CUDA simulator, device arrays wrap host NumPy arrays.
 A call runs on one stream (:func:`on_stream`): its launches, copies and new
 arrays are ordered there, and the arrays it returns say so (their ``stream``,
 exported through the interface). By default that is the stream the input's
-producer named in its interface (version 3's ``stream``: PyTorch's and CuPy's
-current stream), so the work follows the producer's without the host waiting.
+producer named in its interface (version 3's ``stream``: CuPy's current
+stream), or for a PyTorch tensor, whose interface (version 2) names none,
+PyTorch's current stream on the tensor's GPU; so the work follows the
+producer's without the host waiting.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 from numba import cuda
 from numba.cuda.core import config
-from numba.cuda.cudadrv import devicearray
+from numba.cuda.cudadrv import devicearray, driver
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -44,9 +46,35 @@ def adopt(array: Any) -> Any:
     if getattr(array, "requires_grad", False):
         array = array.detach()  # PyTorch exports no interface for tensors that require grad
     adopted = cuda.as_cuda_array(array, sync=False)
+    handle = producer_stream(array)
+    if handle and not SIMULATOR:  # the simulator has no streams of other libraries
+        adopted = adopted.bind(_external_stream(context_key(), handle))
     if array.__cuda_array_interface__["data"][1]:
         adopted.writeable = False
     return adopted
+
+
+def producer_stream(array: Any) -> int | None:
+    """The handle of the stream ``array``'s data is valid on, by its exporter (None: not
+    named, 0: the default stream).
+
+    Version 3 of the interface names it (``stream``); PyTorch exports version 2,
+    which does not, while its work is queued on its current stream for the
+    tensor's GPU: that stream it is.
+    """
+    interface = array.__cuda_array_interface__
+    if "stream" in interface:
+        return interface["stream"]
+    if type(array).__module__.partition(".")[0] == "torch":
+        return int(sys.modules["torch"].cuda.current_stream(array.device).cuda_stream)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _external_stream(context: int, handle: int) -> Any:
+    """One Numba stream object per context and stream handle, so that what is cached by
+    stream (launch configurations) is found again."""
+    return cuda.external_stream(handle)
 
 
 _this_call = threading.local()
@@ -179,8 +207,6 @@ def device_of(array: Any) -> int | None:
     pointer = getattr(array, "__cuda_array_interface__", {}).get("data", (0,))[0]
     if not pointer:
         return None
-    from numba.cuda.cudadrv import driver
-
     attribute = driver.binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
     try:
         return int(
@@ -250,6 +276,11 @@ def filled(value: float, n: int, dtype: np.dtype) -> Any:
 @functools.lru_cache(maxsize=64)
 def _filled(value: float, n: int, dtype: np.dtype, context: int) -> Any:
     return cuda.to_device(np.full(n, value, dtype))
+
+
+def zero(target: Any) -> None:
+    """Zero the contiguous device array ``target`` on the call's stream."""
+    driver.device_memset(target, 0, target.nbytes, stream=current_stream())
 
 
 def assign(target: Any, values: np.ndarray | float) -> None:

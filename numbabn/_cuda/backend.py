@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from numbabn._cuda import arrays, kernels
-from numbabn._tunables import MAX_PER_THREAD, MIN_PER_THREAD, TARGET_BLOCKS
+from numbabn._cuda.kernels import Family, ForwardRow, Mode
+from numbabn._tunables import MAX_PER_THREAD, MIN_GRID_BLOCKS, MIN_PER_THREAD, TARGET_BLOCKS
 from numbabn._validation import FLOAT_PARAM_DTYPES, HALF_PARAM_DTYPES
 from numbabn._views import tiling_for
 from numbabn.epilogue import Epilogue
@@ -27,8 +28,8 @@ class _Grid:
 
     slots_view: Any  # the CPU layout whose axis groups the view follows
     shape: tuple[int, int, int, int]
-    family: int  # kernels.ROWS, WIDE_ROWS, PLANAR or CHANNELS_INNER
-    lanes: int  # channels per block (1 for planar views)
+    family: Family
+    channels_per_block: int  # 1 for planar views
     per_block: int
     n_chunks: int
     n_groups: int
@@ -42,54 +43,64 @@ class _Grid:
         strides = self.slots_view.view_strides(tuple(array.shape), tuple(array.strides))
         if strides is None:
             return None
-        if self.family == kernels.CHANNELS_INNER:
+        if self.family == Family.CHANNELS_INNER:
             strides = (strides[0], strides[3], 0, 0)
         return arrays.view(array, self.shape, strides)
 
     def partials_shape(self, n_channels: int) -> tuple[int, int, int]:
         """Partials as the kernels index them: neighbouring threads touch neighbours."""
-        if self.family == kernels.CHANNELS_INNER:
+        if self.family == Family.CHANNELS_INNER:
             return (self.n_chunks, n_channels, 2)
         return (n_channels, self.n_chunks, 2)
 
 
 @functools.lru_cache(maxsize=256)
 def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ...]) -> _Grid | None:
-    """The grid for an input; ``sizes`` are the tunables (part of the cache key)."""
-    threads, lanes, target, min_per_thread, max_per_thread, wide_row_threads = sizes
+    """The grid for an input; ``sizes`` are the tunables (part of the cache key).
+
+    Wide rows are walked row by row (``WIDE_ROWS``, chunks of whole rows) only where
+    such chunks still give at least ``min_blocks`` blocks: a few long rows, such as
+    (1, 3, 2048, 2048), are cut into chunks of values instead (``ROWS``).
+    """
+    threads, most_channels, target, min_per_thread, max_per_thread, wide_row_threads = sizes[:6]
+    min_blocks = sizes[6]
     layout = tiling_for(shape, strides)
     if layout is None:
         return None
     if layout.channels_inner:
         n_values, _, _, n_channels = layout.view_shape
         view_shape = (n_values, n_channels, 1, 1)
-        family = kernels.CHANNELS_INNER
-        # Narrow tensors: fewer lanes, more positions a warp (a power of two).
-        lanes = min(lanes, 1 << (n_channels - 1).bit_length())
-        n_groups = -(-n_channels // lanes)
+        family = Family.CHANNELS_INNER
+        # Narrow tensors: fewer channels, more positions a warp (a power of two).
+        channels_per_block = min(most_channels, 1 << (n_channels - 1).bit_length())
+        n_groups = -(-n_channels // channels_per_block)
     else:
         a, n_channels, r, s = layout.view_shape
         view_shape = (a, n_channels, r, s)
-        family = kernels.ROWS if r == 1 else kernels.PLANAR
+        family = Family.ROWS if r == 1 else Family.PLANAR
         if r == 1 and s >= wide_row_threads * threads:
-            family = kernels.WIDE_ROWS
+            family = Family.WIDE_ROWS
         n_values = a * r * s
-        lanes = 1
+        channels_per_block = 1
         n_groups = n_channels
-    threads_per_channel = threads // lanes
+    threads_per_channel = threads // channels_per_block
     wanted = -(-n_values * n_groups // target)
     per_thread = min(max_per_thread, max(min_per_thread, -(-wanted // threads_per_channel)))
     per_block = per_thread * threads_per_channel
-    if family == kernels.WIDE_ROWS:  # whole rows a block
-        per_block = max(1, per_block // s) * s
+    if family == Family.WIDE_ROWS:  # whole rows a block
+        whole_rows = max(1, per_block // s) * s
+        if -(-n_values // whole_rows) * n_groups >= min_blocks:
+            per_block = whole_rows
+        else:
+            family = Family.ROWS
     n_chunks = max(1, -(-n_values // per_block))
-    return _Grid(layout, view_shape, family, lanes, per_block, n_chunks, n_groups)
+    return _Grid(layout, view_shape, family, channels_per_block, per_block, n_chunks, n_groups)
 
 
 def _grid_for(x: Any) -> _Grid | None:
     sizes = (
-        kernels.THREADS, kernels.LANES, TARGET_BLOCKS, MIN_PER_THREAD, MAX_PER_THREAD,
-        kernels.WIDE_ROW_THREADS,
+        kernels.THREADS, kernels.CHANNELS_PER_BLOCK, TARGET_BLOCKS, MIN_PER_THREAD, MAX_PER_THREAD,
+        kernels.WIDE_ROW_THREADS, MIN_GRID_BLOCKS,
     )  # fmt: skip
     return _grid(tuple(x.shape), tuple(x.strides), sizes)
 
@@ -98,8 +109,8 @@ def _grid_for(x: Any) -> _Grid | None:
 class _Scratch:
     """What a reduction launch works in, reused by every launch of one shape on one stream.
 
-    ``counters`` wrap back to zero by themselves; ``coeffs`` holds the backward's
-    coefficients between its two launches.
+    ``counters`` are zeroed before each launch (:meth:`_Operands.scratch`);
+    ``coeffs`` holds the backward's coefficients between its two launches.
     """
 
     partials: Any
@@ -128,7 +139,7 @@ class _Operands:
 
     def __init__(self, x: Any, as_rows: bool = False) -> None:
         grid = _grid_for(x)
-        if grid is None or (as_rows and grid.family == kernels.PLANAR):
+        if grid is None or (as_rows and grid.family == Family.PLANAR):
             # More than three separately strided axis groups (or a planar view where
             # the caller needs rows): the cases that copy.
             staged = arrays.empty(tuple(x.shape), x.dtype)
@@ -150,16 +161,22 @@ class _Operands:
         return view
 
     def scratch(self) -> _Scratch:
+        """The scratch of this call's queue and grid, its counters zeroed on the call's stream
+        (an aborted launch, or two overlapping on it, may have left them anywhere)."""
         n_channels = self.x.shape[1]
         grid = self.grid
-        return _scratch(
+        scratch = _scratch(
             arrays.queue_key(), grid.partials_shape(n_channels), grid.n_groups, n_channels
         )
+        arrays.zero(scratch.counters)
+        return scratch
 
     def launch(self, kernel: Any, *args: Any) -> None:
-        """Run a data kernel over the grid (its lanes and chunk size go first)."""
+        """Run a data kernel over the grid (its channels per block and chunk size go first)."""
         grid = self.grid
-        arrays.configured(kernel, grid.blocks, kernels.THREADS)(grid.lanes, grid.per_block, *args)
+        arrays.configured(kernel, grid.blocks, kernels.THREADS)(
+            grid.channels_per_block, grid.per_block, *args
+        )
 
     def target(self, out: Any) -> tuple[Any, Any, Any]:
         """``(target, its view, staged)``: ``out`` (allocated like ``x`` when None), and
@@ -182,7 +199,7 @@ class _Operands:
         self,
         x_view: Any,
         dy_view: Any,
-        mode: int,
+        mode: Mode,
         coeffs: Any,
         out: Any,
         epilogue: Epilogue | None = None,
@@ -199,7 +216,7 @@ class _Operands:
 
 def _coefficients(n_channels: int) -> Any:
     """Per-channel float64 coefficients for the elementwise kernel (see its docstring)."""
-    return arrays.empty((kernels.N_COEFFICIENTS, n_channels), np.float64)
+    return arrays.empty((kernels.COEFFICIENT_ROWS, n_channels), np.float64)
 
 
 def _per_channel(kernel: Any, n: int) -> Any:
@@ -254,6 +271,13 @@ class CudaBackend:
         return None
 
     @staticmethod
+    def plan_backward(
+        dy: Any, x: Any, weight: Any, batch_stats: bool, epilogue: Epilogue | None
+    ) -> None:
+        """No runner of its own: the fused passes serve every signature."""
+        return None
+
+    @staticmethod
     def train_forward(
         x: Any,
         weight: Any,
@@ -276,11 +300,11 @@ class CudaBackend:
         update = running_mean is not None
         ops.launch(
             kernels.statistics(ops.grid.family), ops.view, weight, bias,
-            running_mean if update else weight, running_var if update else weight,
-            momentum if update else -1.0, eps, coeffs, scratch.partials, scratch.counters,
+            running_mean if update else weight, running_var if update else weight, update,
+            momentum, eps, coeffs, scratch.partials, scratch.counters,
         )  # fmt: skip
-        output = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out, epilogue)
-        return output, coeffs[kernels.MEAN], coeffs[kernels.INVSTD]
+        output = ops.elementwise(ops.view, ops.view, Mode.AFFINE, coeffs, out, epilogue)
+        return output, coeffs[ForwardRow.MEAN], coeffs[ForwardRow.INVSTD]
 
     @staticmethod
     def eval_forward(
@@ -301,7 +325,7 @@ class CudaBackend:
         )  # fmt: skip
         if staged is not None:
             arrays.copy(staged, target)
-        return target, coeffs[kernels.MEAN], coeffs[kernels.INVSTD]
+        return target, coeffs[ForwardRow.MEAN], coeffs[ForwardRow.INVSTD]
 
     @staticmethod
     def _gradient_sums(
@@ -344,10 +368,10 @@ class CudaBackend:
             dy, x, mean, invstd, weight, bias, epilogue, batch_stats
         )
         if dz is None:
-            mode = kernels.MASKED_GRADIENT if batch_stats else kernels.MASKED_SCALE
+            mode = Mode.MASKED_GRADIENT if batch_stats else Mode.MASKED_SCALE
             grad_input = ops.elementwise(ops.view, dy_view, mode, coeffs, out)
         else:
-            mode = kernels.GRADIENT if batch_stats else kernels.SCALED_GRADIENT
+            mode = Mode.GRADIENT if batch_stats else Mode.SCALED_GRADIENT
             grad_input = ops.elementwise(ops.view, ops.grid.view(dz), mode, coeffs, out)
         return grad_input, dz, grads[0], grads[1]
 
@@ -357,7 +381,7 @@ class CudaBackend:
     ) -> tuple[Any, Any, Any]:
         """Gradients through batch statistics: ``(dx, dweight, dbias)``, in ``weight``'s dtype."""
         ops, dy_view, coeffs, grads, _ = CudaBackend._gradient_sums(dy, x, mean, invstd, weight)
-        grad_input = ops.elementwise(ops.view, dy_view, kernels.GRADIENT, coeffs, out)
+        grad_input = ops.elementwise(ops.view, dy_view, Mode.GRADIENT, coeffs, out)
         return grad_input, grads[0], grads[1]
 
     @staticmethod
@@ -377,7 +401,7 @@ class CudaBackend:
         coeffs = _coefficients(n_channels)
         _per_channel(kernels.gradient_scale, n_channels)(invstd, scale_weight, coeffs)
         ops = _Operands(dy)
-        grad_input = ops.elementwise(ops.view, ops.view, kernels.AFFINE, coeffs, out)
+        grad_input = ops.elementwise(ops.view, ops.view, Mode.AFFINE, coeffs, out)
         return grad_input, *grads
 
     # -- the phases, for callers that exchange statistics between them ---------
@@ -391,12 +415,12 @@ class CudaBackend:
         scratch = ops.scratch()
         ones = arrays.filled(1.0, x.shape[1], np.dtype(np.float64))
         ops.launch(
-            kernels.statistics(ops.grid.family), ops.view, ones, ones, ones, ones, -1.0, 0.0,
-            scratch.coeffs, scratch.partials, scratch.counters,
+            kernels.statistics(ops.grid.family), ops.view, ones, ones, ones, ones, False, 0.0,
+            0.0, scratch.coeffs, scratch.partials, scratch.counters,
         )  # fmt: skip
         coeffs = scratch.coeffs
         host = arrays.to_host(coeffs)
-        return host[kernels.MEAN], host[kernels.M2]
+        return host[ForwardRow.MEAN], host[ForwardRow.M2]
 
     @staticmethod
     def train_coefficients(
@@ -412,11 +436,11 @@ class CudaBackend:
         update = running_mean is not None and running_var is not None
         _per_channel(kernels.batch_coefficients, n_channels)(
             arrays.to_device(mean), arrays.to_device(m2), count, weight, bias, eps,
-            running_mean if update else weight, running_var if update else weight,
-            momentum if update else -1.0, coeffs,
+            running_mean if update else weight, running_var if update else weight, update,
+            momentum, coeffs,
         )  # fmt: skip
         host = arrays.to_host(coeffs)
-        return host[kernels.INVSTD], host[kernels.SCALE], host[kernels.SHIFT]
+        return host[ForwardRow.INVSTD], host[ForwardRow.SCALE], host[ForwardRow.SHIFT]
 
     @staticmethod
     def eval_coefficients(
@@ -428,7 +452,12 @@ class CudaBackend:
             running_mean, running_var, weight, bias, eps, coeffs
         )
         host = arrays.to_host(coeffs)
-        return host[kernels.MEAN], host[kernels.INVSTD], host[kernels.SCALE], host[kernels.SHIFT]
+        return (
+            host[ForwardRow.MEAN],
+            host[ForwardRow.INVSTD],
+            host[ForwardRow.SCALE],
+            host[ForwardRow.SHIFT],
+        )
 
     @staticmethod
     def affine(
@@ -436,11 +465,11 @@ class CudaBackend:
         epilogue: Epilogue | None = None,
     ) -> Any:  # fmt: skip
         """``(x - mean) * scale + shift`` per channel, then the epilogue, in float64."""
-        host = np.zeros((kernels.N_COEFFICIENTS, mean.shape[0]))
-        host[kernels.MEAN], host[kernels.SCALE], host[kernels.SHIFT] = mean, scale, shift
+        host = np.zeros((kernels.COEFFICIENT_ROWS, mean.shape[0]))
+        host[ForwardRow.MEAN], host[ForwardRow.SCALE], host[ForwardRow.SHIFT] = mean, scale, shift
         ops = _Operands(x)
         return ops.elementwise(
-            ops.view, ops.view, kernels.AFFINE, arrays.to_device(host), out, epilogue
+            ops.view, ops.view, Mode.AFFINE, arrays.to_device(host), out, epilogue
         )
 
     @staticmethod
@@ -464,7 +493,7 @@ class CudaBackend:
             arrays.to_device(np.ascontiguousarray(sums, dtype=np.float64)), count,
             arrays.to_device(mean), arrays.to_device(invstd), weight, coeffs,
         )  # fmt: skip
-        return ops.elementwise(ops.view, dy_view, kernels.GRADIENT, coeffs, out)
+        return ops.elementwise(ops.view, dy_view, Mode.GRADIENT, coeffs, out)
 
     @staticmethod
     def accumulate(target: Any, source: Any) -> None:

@@ -17,19 +17,22 @@ from typing import Any
 from numba import types
 
 from numbabn._cuda import kernels
+from numbabn._cuda.kernels import Family, Mode
 
 FAMILIES = {
-    "rows": kernels.ROWS,
-    "wide_rows": kernels.WIDE_ROWS,
-    "planar": kernels.PLANAR,
-    "channels_inner": kernels.CHANNELS_INNER,
+    "rows": Family.ROWS,
+    "wide_rows": Family.WIDE_ROWS,
+    "planar": Family.PLANAR,
+    "channels_inner": Family.CHANNELS_INNER,
 }
 EVERY = tuple(FAMILIES)
 # Through the forward's ReLU, the operands of planar views are staged as rows, and the
 # passes that rebuild the mask take the rows kernels for wide rows too.
 MASKED = ("rows", "channels_inner")
+# The passes that store take the rows kernels for wide rows (kernels._flat_storing).
+STORING = ("rows", "planar", "channels_inner")
 # The scaled gradient follows a ReLU with a residual: never over a planar view.
-NOT_PLANAR = ("rows", "wide_rows", "channels_inner")
+NOT_PLANAR = ("rows", "channels_inner")
 
 # What the backend launches of each factory: the flags and the families.
 SUMS = {  # (through the forward's ReLU, with its residual)
@@ -38,20 +41,20 @@ SUMS = {  # (through the forward's ReLU, with its residual)
     "masked, residual": ((True, True), MASKED),
 }
 PASSES = {  # (mode, residual, ReLU)
-    "affine": ((kernels.AFFINE, False, False), EVERY),
-    "affine, relu": ((kernels.AFFINE, False, True), EVERY),
-    "affine, residual": ((kernels.AFFINE, True, False), EVERY),
-    "affine, residual, relu": ((kernels.AFFINE, True, True), EVERY),
-    "gradient": ((kernels.GRADIENT, False, False), EVERY),
-    "masked gradient": ((kernels.MASKED_GRADIENT, False, False), MASKED),
-    "masked scale": ((kernels.MASKED_SCALE, False, False), MASKED),
-    "scaled gradient": ((kernels.SCALED_GRADIENT, False, False), NOT_PLANAR),
+    "affine": ((Mode.AFFINE, False, False), STORING),
+    "affine, relu": ((Mode.AFFINE, False, True), STORING),
+    "affine, residual": ((Mode.AFFINE, True, False), STORING),
+    "affine, residual, relu": ((Mode.AFFINE, True, True), STORING),
+    "gradient": ((Mode.GRADIENT, False, False), STORING),
+    "masked gradient": ((Mode.MASKED_GRADIENT, False, False), MASKED),
+    "masked scale": ((Mode.MASKED_SCALE, False, False), MASKED),
+    "scaled gradient": ((Mode.SCALED_GRADIENT, False, False), NOT_PLANAR),
 }
 EVALUATIONS = {  # (residual, ReLU)
-    "": ((False, False), EVERY),
-    "relu": ((False, True), EVERY),
-    "residual": ((True, False), EVERY),
-    "residual, relu": ((True, True), EVERY),
+    "": ((False, False), STORING),
+    "relu": ((False, True), STORING),
+    "residual": ((True, False), STORING),
+    "residual, relu": ((True, True), STORING),
 }
 
 
@@ -83,8 +86,8 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
     x, v = _array(dtype, 4), _array(param, 1)
     stats, coeffs, partials = _array(f64, 1), _array(f64, 2), _array(f64, 3)
     counters = _array(types.uint32, 1)
-    # Data kernels take (lanes, per_block) first.
-    statistics = (i64, i64, x, v, v, v, v, f64, f64, coeffs, partials, counters)
+    # Data kernels take (channels_per_block, per_block) first.
+    statistics = (i64, i64, x, v, v, v, v, b, f64, f64, coeffs, partials, counters)
     grads = _array(param, 2)
     sums = (i64, i64, x, x, x, stats, stats, v, v, b, coeffs, grads, partials, counters, x)
     elementwise = (i64, i64, x, x, x, coeffs, x)
@@ -108,7 +111,7 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
         (
             "batch_coefficients",
             kernels.batch_coefficients,
-            (stats, stats, i64, v, v, f64, v, v, f64, coeffs),
+            (stats, stats, i64, v, v, f64, v, v, b, f64, coeffs),
         ),
         (
             "gradient_coefficients",

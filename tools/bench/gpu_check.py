@@ -5,7 +5,8 @@ gpu-check OUT=DIR``): its own Python with numpy, numba-cuda and pytest (PyTorch
 and CuPy where present). The steps, in order, each with a time budget:
 
 - ``versions``: Python, the libraries, the CUDA driver and runtime, nvidia-smi,
-  ``numba.cuda.detect()``;
+  ``numba.cuda.detect()``, and whether numbabn's CUDA modules import: if they do
+  not, or Numba finds no GPU, the run stops there, in seconds;
 - ``tests-cuda``, ``tests-semantic``: the CUDA tests on the GPU at the real grid
   sizes, then the semantic tests' CUDA cases (JUnit XML into DIR);
 - ``nan-probe``: NaN and infinities in every input of the training, fused and
@@ -13,6 +14,11 @@ and CuPy where present). The steps, in order, each with a time budget:
   which the simulator hides);
 - ``kernels``, ``racecheck``, ``memcheck``: one small call of every pass
   (:mod:`tools.bench.kernel_calls`), plainly and under compute-sanitizer;
+- ``repeat``: each pass 1,000 times in a row, every result with the bits of the
+  first (a race in a reduction's merge would show as a differing run);
+- ``sync-batchnorm``: SyncBatchNorm on CUDA arrays under ``mpiexec -n 2``
+  (``tests/mpi/sync_workload.py``), each rank against BatchNorm on the CPU over
+  the whole batch, then the same workload on host arrays;
 - ``benchmark``, ``host-time``: numbabn beside PyTorch (cuDNN) and a streaming
   roofline, and the host time per small forward;
 - ``cpu-threads``: the CPU kernels' training pass with 1 to 16 threads beside
@@ -20,12 +26,14 @@ and CuPy where present). The steps, in order, each with a time budget:
 
 Each step runs in a process of its own, killed at its deadline, so a failing,
 crashing or hanging step never stops the next one. Progress is printed as it
-goes and logged; the status of every step is summarised, and every table is
-gathered into one report, ready to commit under ``benchmarks/results/``.
+goes and logged; the status of every step is summarised (the summary is printed
+last), and every table is gathered into one report, ready to commit under
+``benchmarks/results/``. The test steps report warnings rather than fail on them:
+a GPU can raise warnings the simulator never does.
 
 ``--dry-run`` runs every step it can in Numba's CUDA simulator on tiny shapes,
-in about a minute, and skips what needs the hardware (the tests at real grid
-sizes, compute-sanitizer, timing against cuDNN).
+in about a minute and a half, and skips what needs the hardware (the tests at
+real grid sizes, compute-sanitizer, timing against cuDNN).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -62,7 +71,10 @@ ROOT = Path(__file__).resolve().parents[2]
 LOG = "log.txt"
 SUMMARY = "summary" + ".md"
 REPORT = "gpu" + ".md"
-STEP_RESULTS = "steps"
+STEP_RESULTS = "steps"  # each step process's outcome, removed once the reports are written
+# A lent GPU machine returns at most 8 files of its output folder: the run leaves 6 (the log,
+# the summary, the report, the benchmark JSON and the two test steps' JUnit XML).
+MAX_FILES = 6
 
 # A step's own child processes are stopped this long before the step's deadline (so
 # that it can still report what they did), and one that outlives SIGINT by
@@ -268,6 +280,12 @@ def step_versions(context: Context) -> Outcome:
         capability = ".".join(map(str, cuda.get_current_device().compute_capability))
         return f"{gpu_name()}, compute capability {capability}"
 
+    def numbabn_cuda() -> str:
+        from numbabn._cuda import backend, kernels
+
+        kernels.statistics(kernels.Family.ROWS)  # the kernel factories run (no compile yet)
+        return f"imports ({backend.__name__}, {kernels.__name__})"
+
     rows = [
         ("Python", f"{platform.python_implementation()} {platform.python_version()}"),
         ("platform", platform.platform()),
@@ -281,6 +299,7 @@ def step_versions(context: Context) -> Outcome:
         ("PyTorch CUDA", _attempt(torch_cuda)),
         ("CuPy CUDA", _attempt(cupy_cuda)),
         ("GPU (Numba)", _attempt(gpu)),
+        ("numbabn CUDA modules", _attempt(numbabn_cuda)),
         ("CPU cores", _cores()),
     ]
     for name, value in rows:
@@ -304,6 +323,9 @@ def step_versions(context: Context) -> Outcome:
     gpu_line = str(dict(rows)["GPU (Numba)"])
     if not cuda.is_available():
         return Outcome("failed", "Numba finds no usable GPU", markdown)
+    modules = str(dict(rows)["numbabn CUDA modules"])
+    if modules.startswith("n/a"):
+        return Outcome("failed", f"numbabn's CUDA modules do not import: {modules}", markdown)
     return Outcome("passed", gpu_line if not gpu_line.startswith("n/a") else "", markdown)
 
 
@@ -312,7 +334,10 @@ def step_versions(context: Context) -> Outcome:
 # The CUDA tests as ``make test-gpu`` runs them, then the semantic tests' CUDA cases
 # (the offline PTX check, a CPU-side compile of every kernel, stays in ``make test``).
 TEST_RUNS = {
-    "tests-cuda": (["tests/test_cuda.py", "tests/test_fused.py"], None),
+    "tests-cuda": (
+        ["tests/test_cuda.py", "tests/test_cuda_arrays.py", "tests/test_fused.py"],
+        None,
+    ),
     "tests-semantic": (
         ["tests/test_reference.py", "tests/test_contract.py", "tests/test_nonfinite.py"],
         "cuda and not ptx",
@@ -323,7 +348,9 @@ TEST_RUNS = {
 def pytest_command(name: str, junit: Path) -> list[str]:
     """The pytest command line of the test step ``name``, writing JUnit XML to ``junit``."""
     files, selection = TEST_RUNS[name]
+    # -W default: a warning only a GPU raises is reported (and counted), not an error.
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE"]
+    command += ["-W", "default"]
     command += [f"--junitxml={junit}", *files]
     return command + (["-k", selection] if selection else [])
 
@@ -388,6 +415,9 @@ def _tests_step(name: str) -> Callable[[Context], Outcome]:
             f"{counts['passed']} passed, {counts['failure']} failed, {counts['error']} errors, "
             f"{counts['skipped']} skipped"
         )
+        warned = re.search(r"(\d+) warnings?\b", _last_line(finished.output))
+        if warned:
+            note += f", {warned.group(1)} warnings (in the log)"
         markdown = _tests_markdown(name, junit, cases)
         if finished.timed_out:
             return Outcome(
@@ -611,9 +641,30 @@ def step_nan_probe(context: Context) -> Outcome:
 DRY_KERNEL_ARGUMENTS = ["--shape", "2,3,2,2", "--layout", "channels-last"]
 
 
+REPEATS = 1000
+DRY_REPEATS = 3
+
+
 def _kernel_calls_command(context: Context) -> list[str]:
     command = [sys.executable, "-m", "tools.bench.kernel_calls"]
     return command + (DRY_KERNEL_ARGUMENTS if context.dry_run else [])
+
+
+def step_repeat(context: Context) -> Outcome:
+    """Every pass REPEATS times in a row: each run's results with the first run's bits."""
+    repeats = DRY_REPEATS if context.dry_run else REPEATS
+    command = [*_kernel_calls_command(context), "--repeat", str(repeats)]
+    finished = run_command(command, context.seconds_left(), _print_indented, _child_environment())
+    lines = [line for line in finished.output.splitlines() if line.startswith(("NCHW", "chan"))]
+    markdown = f"Each pass {repeats} times in a row (`kernel_calls --repeat {repeats}`):\n\n"
+    markdown += _code_block("\n".join(lines) or "(no pass ran)")
+    ran = _passes_ran(finished.output)
+    if finished.timed_out:
+        return Outcome("failed", f"stopped at its time budget after {ran} passes", markdown)
+    if finished.returncode != 0:
+        found = [line for line in lines if not line.endswith(": ok")]
+        return Outcome("failed", "; ".join(found)[:300] or _last_line(finished.output), markdown)
+    return Outcome("passed", f"{ran} passes, {repeats} runs each, identical bits", markdown)
 
 
 def _passes_ran(output: str) -> int:
@@ -669,6 +720,90 @@ def _sanitizer_step(tool: str) -> Callable[[Context], Outcome]:
         return Outcome("passed", f"{ran} passes: " + ("; ".join(summaries) or "clean"), markdown)
 
     return run
+
+
+# -- SyncBatchNorm on CUDA arrays under MPI --------------------------------------------
+
+# The workload checks every rank's outputs, gradients and running statistics against
+# BatchNorm on the CPU over the concatenated batch, and prints SYNC_OK on rank 0.
+SYNC_WORKLOAD = "tests/mpi/sync_workload.py"
+SYNC_RANKS = 2
+SYNC_DEVICES = ("cuda", "cpu")  # the GPU first: the CPU run tells a GPU fault from another
+
+
+def _sync_ok(device: str) -> str:
+    return f"sync ok on {SYNC_RANKS} ranks ({device})"
+
+
+def find_mpiexec() -> str | None:
+    """``mpiexec`` beside this Python (MPICH from PyPI), or on PATH."""
+    return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+def sync_command(mpiexec: str, device: str, dry_run: bool) -> list[str]:
+    """``mpiexec`` running the workload on ``device`` through :func:`sync_rank`."""
+    command = [mpiexec, "-n", str(SYNC_RANKS), sys.executable, "-m", "tools.bench.gpu_check"]
+    return command + ["--sync-rank", device] + (["--dry-run"] if dry_run else [])
+
+
+def sync_rank(device: str, dry_run: bool) -> None:
+    """One rank of the workload. In the dry run the simulator takes the small blocks of the
+    tests (tests/conftest.py's ``cuda_small_blocks``): at 256 threads a block it simulates
+    a thread each, minutes for the workload."""
+    import runpy
+
+    if dry_run:
+        from numbabn._cuda import kernels
+
+        kernels.THREADS, kernels.CHANNELS_PER_BLOCK = 16, 4
+    workload = str(ROOT / SYNC_WORKLOAD)
+    sys.argv = [workload, "--device", device]
+    runpy.run_path(workload, run_name="__main__")
+
+
+def step_sync_batchnorm(context: Context) -> Outcome:
+    """SyncBatchNorm under ``mpiexec -n 2`` on CUDA arrays, then on host arrays."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return Outcome("skipped", "mpi4py is not installed")
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        return Outcome("skipped", "mpiexec is not beside this Python nor on PATH")
+    if not (ROOT / SYNC_WORKLOAD).is_file():
+        return Outcome("skipped", "the tests are not beside these tools")
+    environment = _child_environment(
+        NUMBA_NUM_THREADS="1", NUMBA_ENABLE_CUDASIM="1" if context.dry_run else "0"
+    )
+    rows, failed = [], []
+    for device in SYNC_DEVICES:
+        if context.seconds_left() < 3:
+            rows.append((device, "not run", "", "no time left"))
+            failed.append(f"{device}: no time left")
+            continue
+        print(f"sync-batchnorm on {device}", flush=True)
+        start = time.time()
+        finished = run_command(
+            sync_command(mpiexec, device, context.dry_run), context.seconds_left(),
+            _print_indented, environment, ROOT, own_group=True,
+        )  # fmt: skip
+        seconds = f"{time.time() - start:.1f}"
+        if finished.returncode == 0 and _sync_ok(device) in finished.output:
+            rows.append((device, "passed", seconds, _sync_ok(device)))
+            continue
+        why = "stopped at its time budget" if finished.timed_out else _last_line(finished.output)
+        rows.append((device, "failed", seconds, why[:200].replace("|", "/")))
+        failed.append(f"{device}: {why[:150]}")
+    shown = shlex.join(["mpiexec", "-n", str(SYNC_RANKS), "python", SYNC_WORKLOAD, "--device", "D"])
+    markdown = (
+        f"`{shown}`, D = {' then '.join(SYNC_DEVICES)}: each rank's output, input gradient, "
+        "running statistics and (summed over ranks) parameter gradients against BatchNorm on "
+        "the CPU over the concatenated uneven batches, three steps, eval, and a channel "
+        "mismatch that must fail on every rank.\n\n"
+        + _table(("arrays", "status", "seconds", "note"), rows)
+    )
+    if failed:
+        return Outcome("failed", "; ".join(failed), markdown)
+    note = f"{SYNC_RANKS} ranks, CUDA and host arrays agree with BatchNorm on the CPU"
+    return Outcome("passed", note + (" (simulator)" if context.dry_run else ""), markdown)
 
 
 # -- speed: against PyTorch and the roofline, host time, CPU threads -------------------
@@ -910,15 +1045,17 @@ def step_cpu_threads(context: Context) -> Outcome:
 # steps then load.
 STEPS = [
     Step("versions", "Versions", 15, step_versions),
-    Step("tests-cuda", "CUDA tests on the GPU", 140, _tests_step("tests-cuda")),
-    Step("tests-semantic", "Semantic tests, CUDA cases", 70, _tests_step("tests-semantic")),
+    Step("tests-cuda", "CUDA tests on the GPU", 130, _tests_step("tests-cuda")),
+    Step("tests-semantic", "Semantic tests, CUDA cases", 65, _tests_step("tests-semantic")),
     Step("nan-probe", "NaN and infinities: GPU against CPU", 30, step_nan_probe),
     Step("kernels", "Every pass once", 20, step_kernels),
     Step("racecheck", "compute-sanitizer racecheck", 40, _sanitizer_step("racecheck")),
     Step("memcheck", "compute-sanitizer memcheck", 30, _sanitizer_step("memcheck")),
-    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 58, step_benchmark),
+    Step("repeat", "1,000 identical launches: identical bits", 15, step_repeat),
+    Step("sync-batchnorm", "SyncBatchNorm on CUDA arrays, 2 MPI ranks", 30, step_sync_batchnorm),
+    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 42, step_benchmark),
     Step("host-time", "Host time per small forward", 12, step_host_time),
-    Step("cpu-threads", "CPU thread scaling", 35, step_cpu_threads),
+    Step("cpu-threads", "CPU thread scaling", 21, step_cpu_threads),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -1024,8 +1161,12 @@ def run_all(out: Path, dry_run: bool, names: list[str]) -> int:
     )
     rows = []
     deadline = start
+    stopped = ""
     for index, step in enumerate(steps, 1):
         deadline += step.budget
+        if stopped:
+            rows.append(Row(step, Outcome("skipped", stopped), 0.0))
+            continue
         step_start = time.time()
         where = f"at {step_start - start:.0f} s, until {deadline - start:.0f} s"
         log(f"[{index}/{len(steps)}] {step.name}: {step.title} ({where})")
@@ -1035,8 +1176,11 @@ def run_all(out: Path, dry_run: bool, names: list[str]) -> int:
             f"[{index}/{len(steps)}] {step.name}: {outcome.status} in {rows[-1].seconds:.1f} s"
             + (f" ({outcome.note})" if outcome.note else "")
         )
+        if step.name == "versions" and outcome.status == "failed":
+            stopped = f"not run: the versions step failed ({outcome.note})"
     seconds = time.time() - start
     write_reports(out, rows, started, seconds, dry_run)
+    shutil.rmtree(out / STEP_RESULTS, ignore_errors=True)  # their content is in the reports
     counts = Counter(row.outcome.status for row in rows)
     log(
         f"done in {seconds:.0f} s: "
@@ -1044,6 +1188,7 @@ def run_all(out: Path, dry_run: bool, names: list[str]) -> int:
         + f"; see {out / SUMMARY} and {out / REPORT}"
     )
     log.close()
+    print("\n" + (out / SUMMARY).read_text(), end="", flush=True)
     return 1 if counts["failed"] else 0
 
 
@@ -1062,7 +1207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.bench.gpu_check",
         description="Every GPU check in one run of under 8 minutes: versions, the CUDA tests, a "
-        "NaN probe, compute-sanitizer, a benchmark and CPU thread scaling.",
+        "NaN probe, compute-sanitizer, SyncBatchNorm under MPI, a benchmark and CPU thread "
+        "scaling.",
     )
     parser.add_argument("--out", type=Path, help="directory for the log, summary, report, XML")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes in the simulator")
@@ -1073,10 +1219,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", choices=STEP_NAMES, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--cpu-worker", choices=("numbabn", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--sync-rank", choices=SYNC_DEVICES, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.sync_rank:
+        sync_rank(args.sync_rank, args.dry_run)
+        return 0
     if args.cpu_worker:
         shape = tuple(int(size) for size in args.shape.split(","))
         result = cpu_worker(args.cpu_worker, args.threads, shape, args.repeat)

@@ -2,9 +2,11 @@
 
 Run ``python -m tools.bench.gpu_static`` (``make gpu-static``): it prints a
 Markdown table, ``--out FILE`` writes it to a file too, and ``--check`` exits
-with 1 on any spill, any occupancy below 50%, any NaN-dropping min/max or any
-kernel that does not compile, printing each failure (``--no-sass`` leaves the
-disassembly out, which the checks do not need). Where the CUDA toolkit
+with 1 on any spill, any occupancy below 50%, any NaN-dropping min/max, any
+hot loop of the elementwise and evaluation kernels with fewer than
+:data:`MIN_IN_FLIGHT` loads before its first store, or any kernel that does not
+compile, printing each failure (``--no-sass`` leaves the disassembly out but for
+the kernels whose load order is checked). Where the CUDA toolkit
 (``ptxas``) or NVVM is missing it prints one line, starting with
 :data:`MISSING`, and exits with 0.
 
@@ -48,6 +50,12 @@ SASS instructions per element, per hot loop
     A cell lists, for each hot loop in address order, the instructions per
     element, then ``(instructions/elements per iteration)``. PTX without a
     backward branch has no loop, and is not disassembled.
+Loads in flight, per hot loop
+    The loads from data arrays a loop issues before its first store, its
+    blocks taken in address order from its header: Numba passes arrays without
+    ``noalias``, so the compiler keeps a store before every later load, and a
+    thread has only the loads before a store in flight at once. ``-`` is a loop
+    that stores nothing (a reduction).
 """
 
 from __future__ import annotations
@@ -71,6 +79,9 @@ CC = (9, 0)
 ARCH = "sm_90"
 DTYPES = ("float16", "float32", "float64")
 MIN_OCCUPANCY = 0.5
+# The kernels whose hot loops must load at least MIN_IN_FLIGHT values before a store.
+IN_FLIGHT_KERNELS = ("elementwise", "evaluation")
+MIN_IN_FLIGHT = 4
 
 # Per-SM limits of compute capability 9.0.
 REGISTERS_PER_SM = 65536
@@ -92,18 +103,22 @@ FAILED = "FAIL: "
 
 @dataclasses.dataclass(frozen=True)
 class Tools:
-    """The toolkit's assembler and, when found, its disassembler."""
+    """The toolkit's assembler and, when found, its disassembler (for every kernel with
+    ``sass``, else for those whose load order is checked)."""
 
     ptxas: str
     nvdisasm: str | None
+    sass: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class HotLoop:
-    """SASS instructions of one hot loop and the elements an iteration handles."""
+    """SASS instructions of one hot loop, the elements an iteration handles, and the data
+    loads before its first store (None: it stores nothing)."""
 
     instructions: int
     elements: int
+    in_flight: int | None = None
 
     @property
     def per_element(self) -> float:
@@ -258,7 +273,7 @@ def analyse(task: tuple[str, int, Tools]) -> Report:
             reason = ": ".join([type(error).__name__, *lines[:2]])[:300]  # Numba's gist
             return Report(label, dtype, 0, 0, 0, 0, 0.0, "", (), None, reason)
         loops: tuple[HotLoop, ...] | None = ()
-        if tools.nvdisasm is None:
+        if tools.nvdisasm is None or not (tools.sass or checks_in_flight(label)):
             loops = None
         elif has_backward_branch(ptx):
             sass = _run([tools.nvdisasm, "-c", "-gp", str(binary)])
@@ -272,6 +287,11 @@ def analyse(task: tuple[str, int, Tools]) -> Report:
         label, dtype, resources["registers"], resources["spill_stores"], resources["spill_loads"],
         resources["shared"], fraction, limiter, tuple(nan_dropping_min_max(ptx)), loops,
     )  # fmt: skip
+
+
+def checks_in_flight(label: str) -> bool:
+    """Whether the hot loops of kernel ``label`` must keep MIN_IN_FLIGHT loads in flight."""
+    return label.startswith(IN_FLIGHT_KERNELS)
 
 
 def _data_parameters(signature: Sequence[Any]) -> dict[int, int]:
@@ -512,8 +532,8 @@ def _blocks(
     return blocks, successors
 
 
-def _innermost_loops(successors: list[list[int]]) -> list[set[int]]:
-    """The blocks of each innermost natural loop reachable from the first block."""
+def _innermost_loops(successors: list[list[int]]) -> list[tuple[int, set[int]]]:
+    """``(header, blocks)`` of each innermost natural loop reachable from the first block."""
     order: list[int] = []  # post-order of a depth-first walk from block 0
     seen = {0}
     stack = [(0, iter(successors[0]))]
@@ -552,7 +572,7 @@ def _innermost_loops(successors: list[list[int]]) -> list[set[int]]:
                         body.add(member)
                         members += predecessors[member]
     return [
-        body
+        (header, body)
         for header, body in loops.items()
         if not any(other != header and other in body for other in loops)
     ]
@@ -569,16 +589,23 @@ def hot_loops(sass: str, load_arguments: dict[int, int], data: set[int]) -> list
         return []
     blocks, successors = _blocks(instructions, labels)
     found = []
-    for body in _innermost_loops(successors):
-        members = [index for block in sorted(body) for index in blocks[block]]
+    for header, body in _innermost_loops(successors):
+        # From the header on in address order, then the blocks laid out before it.
+        walk = sorted(body, key=lambda block: (block < header, block))
+        members = [index for block in walk for index in blocks[block]]
         reads: dict[int, int] = {}
+        in_flight = None
         for index in members:
             instruction = instructions[index]
-            argument = load_arguments.get(instruction.ptx_line)
-            if instruction.opcode.split(".")[0] in ("LD", "LDG") and argument in data:
+            base = instruction.opcode.split(".")[0]
+            if base in ("ST", "STG") and in_flight is None:
+                in_flight = sum(reads.values())
+            if base in ("LD", "LDG") and load_arguments.get(instruction.ptx_line) in data:
+                argument = load_arguments[instruction.ptx_line]
                 reads[argument] = reads.get(argument, 0) + 1
         if reads:
-            found.append((members[0], HotLoop(len(members), min(reads.values()))))
+            loop = HotLoop(len(members), min(reads.values()), in_flight)
+            found.append((min(members), loop))
     return [loop for _, loop in sorted(found, key=lambda item: item[0])]
 
 
@@ -595,6 +622,12 @@ def _loops_cell(loops: tuple[HotLoop, ...] | None) -> str:
     )
 
 
+def _in_flight_cell(loops: tuple[HotLoop, ...] | None) -> str:
+    if not loops:
+        return ""
+    return "; ".join("-" if loop.in_flight is None else str(loop.in_flight) for loop in loops)
+
+
 def _opcode(instruction: str) -> str:
     words = instruction.split()
     return words[1] if words[0].startswith("@") else words[0]
@@ -604,25 +637,27 @@ def table(reports: Sequence[Report]) -> str:
     """The Markdown table of ``reports``, one row each."""
     lines = [
         "| kernel | dtype | registers | spill stores/loads (B) | shared (B) | occupancy % "
-        "| NaN-dropping min/max | SASS instructions per element, per hot loop |",
-        "| --- | --- | ---: | ---: | ---: | --- | --- | --- |",
+        "| NaN-dropping min/max | SASS instructions per element, per hot loop "
+        "| loads in flight, per hot loop |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
     for report in reports:
         if report.error:
-            lines.append(f"| {report.label} | {report.dtype} | does not compile |{' |' * 5}")
+            lines.append(f"| {report.label} | {report.dtype} | does not compile |{' |' * 6}")
             continue
         min_max = ", ".join(sorted({_opcode(instruction) for instruction in report.min_max}))
         lines.append(
             f"| {report.label} | {report.dtype} | {report.registers} "
             f"| {report.spill_stores}/{report.spill_loads} | {report.shared} "
             f"| {100 * report.occupancy:.1f} ({report.limiter}) | {min_max or 'none'} "
-            f"| {_loops_cell(report.loops)} |"
+            f"| {_loops_cell(report.loops)} | {_in_flight_cell(report.loops)} |"
         )
     return "\n".join(lines)
 
 
 def failures(reports: Sequence[Report]) -> list[str]:
-    """One line per failed check: a spill, occupancy below 50%, a NaN-dropping min/max
+    """One line per failed check: a spill, occupancy below 50%, a NaN-dropping min/max, an
+    elementwise or evaluation hot loop with fewer than MIN_IN_FLIGHT loads before a store
     (and a kernel that does not compile)."""
     found = []
     for report in reports:
@@ -641,6 +676,13 @@ def failures(reports: Sequence[Report]) -> list[str]:
                 f"{report.shared} bytes of shared memory)"
             )
         found += [f"{name}: NaN-dropping {instruction}" for instruction in report.min_max]
+        if checks_in_flight(report.label) and report.loops is not None:
+            found += [
+                f"{name}: hot loop {number} has {loop.in_flight} loads in flight before a "
+                f"store (at least {MIN_IN_FLIGHT} wanted)"
+                for number, loop in enumerate(report.loops, 1)
+                if loop.in_flight is not None and loop.in_flight < MIN_IN_FLIGHT
+            ]
     return found
 
 
@@ -670,11 +712,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the table (Markdown) to this file too")
     parser.add_argument(
         "--check", action="store_true",
-        help="exit with 1 on any spill, occupancy below 50%%, NaN-dropping min/max or failed "
-        "compile",
+        help="exit with 1 on any spill, occupancy below 50%%, NaN-dropping min/max, too few "
+        "loads in flight or failed compile",
     )  # fmt: skip
     parser.add_argument(
-        "--no-sass", action="store_true", help="skip the disassembly (and the SASS counts)"
+        "--no-sass",
+        action="store_true",
+        help="skip the disassembly (and the SASS counts) but of the kernels whose load order "
+        "is checked",
     )
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="compiling processes (one per CPU)"
@@ -693,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     if tools.nvdisasm is not None:
         disassembler = "not run (--no-sass)" if args.no_sass else _release(tools.nvdisasm)
     if args.no_sass:
-        tools = dataclasses.replace(tools, nvdisasm=None)
+        tools = dataclasses.replace(tools, sass=False)
     # Rows by entry, then dtype.
     tasks = [(dtype, index, tools) for dtype in DTYPES for index in range(len(_entries(dtype)))]
     tasks.sort(key=lambda task: task[1])
@@ -707,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     header = _header(tools, disassembler, len(tasks), workers, time.perf_counter() - start)
     text = (
         f"{header}\n\n{table(reports)}\n\nFailing the checks (a spill, occupancy below "
-        f"{100 * MIN_OCCUPANCY:.0f}%, a NaN-dropping min/max):\n\n{summary}\n"
+        f"{100 * MIN_OCCUPANCY:.0f}%, a NaN-dropping min/max, fewer than {MIN_IN_FLIGHT} "
+        f"loads in flight in an elementwise or evaluation loop):\n\n{summary}\n"
     )
     print(text, end="")
     if args.out is not None:

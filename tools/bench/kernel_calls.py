@@ -5,12 +5,15 @@ through :mod:`numbabn.functional`, once each: the training forward and
 backward, the eval forward and backward, and the same with a fused residual
 add and ReLU, on float32 data in both memory layouts, synchronising and
 printing a line after each pass. ``make gpu-check`` runs it plainly and under
-``compute-sanitizer``.
+``compute-sanitizer``, and with ``--repeat 1000`` as a race detector: each pass
+runs that many times in a row and every result must have the bits of the first
+(a reduction that raced would merge its partials differently some time).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +24,7 @@ from numbabn import functional as F
 from numbabn._cuda import arrays
 
 # Several chunks per channel on the real grid (the last-block merge runs), and a
-# channel count that is not a multiple of a warp's channel lanes.
+# channel count that is not a multiple of a block's channels.
 DEFAULT_SHAPE = (16, 3, 20, 20)
 # --layout: which memory layouts run (channels-last or not).
 LAYOUTS = {"both": (False, True), "nchw": (False,), "channels-last": (True,)}
@@ -36,8 +39,9 @@ def _data(shape: tuple[int, ...], channels_last: bool, seed: int) -> np.ndarray:
     return x
 
 
-def passes(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[], object]]:
-    """Each pass as a call on device data of ``shape`` in the given layout, in calling order."""
+def passes(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[], tuple[Any, ...]]]:
+    """Each pass as a call on device data of ``shape`` in the given layout, in calling order;
+    a call returns the device arrays it made."""
     c = shape[1]
     x, dy, z = (arrays.to_device(_data(shape, channels_last, seed)) for seed in range(3))
     weight = cuda.to_device(np.linspace(0.5, 1.5, c, dtype=np.float32))
@@ -46,23 +50,24 @@ def passes(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[]
     running_var = cuda.to_device(np.ones(c, np.float32))
     saved: dict[str, Any] = {}
 
-    def forward(key: str, training: bool, fused: bool) -> Callable[[], object]:
-        def call() -> None:
+    def forward(key: str, training: bool, fused: bool) -> Callable[[], tuple[Any, ...]]:
+        def call() -> tuple[Any, ...]:
             epilogue = {"residual": z, "activation": "relu"} if fused else {}
-            _, saved[key] = F.batch_norm_forward(
+            y, saved[key] = F.batch_norm_forward(
                 x, running_mean, running_var, weight, bias, training, **epilogue
             )
+            return y, saved[key].mean, saved[key].invstd
 
         return call
 
-    def backward(key: str, fused: bool) -> Callable[[], object]:
-        def call() -> None:
+    def backward(key: str, fused: bool) -> Callable[[], tuple[Any, ...]]:
+        def call() -> tuple[Any, ...]:
             epilogue = {"bias": bias, "residual": z, "activation": "relu"} if fused else {}
-            F.batch_norm_backward(dy, x, saved[key], weight, **epilogue)
+            return tuple(F.batch_norm_backward(dy, x, saved[key], weight, **epilogue))
 
         return call
 
-    calls: dict[str, Callable[[], object]] = {}
+    calls: dict[str, Callable[[], tuple[Any, ...]]] = {}
     for mode, training in (("train", True), ("eval", False)):
         for suffix, fused in (("", False), (" relu(bn + residual)", True)):
             key = mode + suffix
@@ -71,7 +76,11 @@ def passes(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[]
     return calls
 
 
-def main(argv: list[str] | None = None) -> None:
+def _bits(results: tuple[Any, ...]) -> list[bytes]:
+    return [b"" if result is None else arrays.to_host(result).tobytes() for result in results]
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tools.bench.kernel_calls",
         description="Run every CUDA pass once on small data, NCHW and channels-last.",
@@ -84,15 +93,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--layout", choices=tuple(LAYOUTS), default="both", help="memory layouts to run"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each pass, all with the first's bits"
+    )
     args = parser.parse_args(argv)
     shape = tuple(int(size) for size in args.shape.split(","))
+    differing = 0
     for channels_last in LAYOUTS[args.layout]:
         layout = "channels-last" if channels_last else "NCHW"
         for name, call in passes(shape, channels_last).items():
-            call()
+            first = _bits(call())
+            runs = [_bits(call()) for _ in range(args.repeat - 1)]
             cuda.synchronize()
-            print(f"{layout} {name}: ok", flush=True)
+            changed = sum(run != first for run in runs)
+            differing += changed
+            verdict = "ok" if not changed else f"{changed} of {args.repeat} runs differ"
+            print(f"{layout} {name}: {verdict}", flush=True)
+    return 1 if differing else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
