@@ -48,9 +48,6 @@ TORCH_DTYPES = {
     np.dtype(np.float16): torch.float16,
     np.dtype(ml_dtypes.bfloat16): torch.bfloat16,
 }
-# bfloat16 and half parameters are the CPU backend's; the CUDA backend's float16 with
-# float32 parameters is the gpu suite's (tests/test_cuda.py).
-HALF_CPU = "the CUDA backend takes float16 input with float32 parameters only"
 HALVES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 SHAPE = (4, 3, 2, 2)
 
@@ -71,6 +68,9 @@ class Case:
     translate: Callable[[str], str] | None = None  # PyTorch's message in numbabn's words
     cpu_only: str | None = None  # why the row runs on the CPU backend only
 
+
+# Why the 16-bit float rows run on the CPU backend only.
+HALF_CPU_ONLY = "the CUDA backend takes float16 data with float32 parameters only (test_cuda.py)"
 
 # The sentence numbabn adds after PyTorch's message (a regular expression), per check.
 ADVICE = {
@@ -513,7 +513,7 @@ CASES = [
             x=_data(SHAPE, half),
             dtype=np.dtype(module_dtype),
             train=train,
-            cpu_only=HALF_CPU,
+            cpu_only=HALF_CPU_ONLY,
         )
         for name, half in HALVES.items()
         for module_dtype in ("float32", half)
@@ -678,7 +678,7 @@ CASES = [
             f"{name} input, {label}",
             x=_data((4, 3), half),
             training=training,
-            cpu_only=HALF_CPU,
+            cpu_only=HALF_CPU_ONLY,
             **{key: dtype and _vec(3, fill, dtype) for key, (fill, dtype) in vectors.items()},
         )
         for name, half in HALVES.items()
@@ -700,10 +700,7 @@ CASES = [
     ],
     *[
         functional(
-            f"float32 input, {name} running stats",
-            rm=_vec(3, 0.5, half),
-            rv=_vec(3, 2.0, half),
-            cpu_only=HALF_CPU,
+            f"float32 input, {name} running stats", rm=_vec(3, 0.5, half), rv=_vec(3, 2.0, half)
         )
         for name, half in HALVES.items()
     ],  # fmt: skip
