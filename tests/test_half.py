@@ -351,9 +351,9 @@ def test_kernels_round_float64_once_to_nearest_even(dtype):
 @HALVES
 @pytest.mark.parametrize("module_dtype", ["float32", "its own"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_planned_small_forwards_give_the_bits_of_the_full_path(dtype, module_dtype, layout, rng):
-    """Small forwards without out= run in one compiled call (numbabn._cpu.serial): the same
-    bits as the separate passes, which out= takes, in training and in evaluation."""
+def test_planned_small_calls_give_the_bits_of_the_full_path(dtype, module_dtype, layout, rng):
+    """Small forwards and training backwards without out= run in one compiled call
+    (numbabn._cpu.serial): the same bits as the separate passes, which out= takes."""
     modules = [numbabn.BatchNorm2d(5, dtype=np.float32 if module_dtype == "float32" else dtype)
                for _ in range(2)]  # fmt: skip
     planned, checked = modules
@@ -367,3 +367,10 @@ def test_planned_small_forwards_give_the_bits_of_the_full_path(dtype, module_dty
         checked(x, out=out)
         assert y.dtype == dtype and y.tobytes() == out.tobytes()
         assert planned.running_var.tobytes() == checked.running_var.tobytes()
+        dy = make_input(rng, (2, 5, 6, 7), layout, dtype)
+        dx = planned.backward(dy)
+        full = np.empty_like(dx)
+        checked.backward(dy, out=full)
+        assert dx.dtype == dtype and dx.tobytes() == full.tobytes()
+        for name in ("weight", "bias"):
+            assert planned.grads[name].tobytes() == checked.grads[name].tobytes()

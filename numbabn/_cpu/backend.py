@@ -389,8 +389,10 @@ class _SerialBackward:
     looked up here, and a call runs :func:`numbabn._cpu.serial.train_backward`.
     """
 
-    def __init__(self, ops: _Operands, dy: np.ndarray, weight: np.ndarray) -> None:
+    def __init__(self, ops: _Operands, dtype: np.dtype, dy: np.ndarray, weight: np.ndarray) -> None:
         x, tiling = ops.x, ops.tiling
+        # The calls' dtype, and for 16-bit floats that of the bits the kernels take instead.
+        self.dtype, self.bits = dtype, halves.bits_dtype(dtype)
         output = np.empty_like(x)
         self.x_view = _view_recipe(tiling, x)
         self.dy_view = _view_recipe(tiling, dy)
@@ -418,6 +420,8 @@ class _SerialBackward:
         self, dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(dx, dweight, dbias)`` of a backward of arrays of the planned signature."""
+        if self.bits is not None:
+            dy, x = dy.view(self.bits), x.view(self.bits)
         x_view = _viewed(x, self.view_shape, self.x_view)
         x_view.flags.writeable = False  # the kernels' input variants (see _as_input)
         dy_view = _viewed(dy, self.view_shape, self.dy_view)
@@ -427,7 +431,10 @@ class _SerialBackward:
             serial.train_backward, *self.before, x_view, dy_view, mean, invstd, self.weight,
             self.geometry, _viewed(output, self.view_shape, self.out_view),
         )  # fmt: skip
-        return output, *_param_grads(totals[0], totals[1], invstd, self.weight.dtype)
+        grads = _param_grads(totals[0], totals[1], invstd, self.weight.dtype)
+        if self.bits is None:
+            return output, *grads
+        return halves.from_bits(output), *map(halves.from_bits, grads)
 
 
 _Recipe = tuple[bool, tuple[int, ...] | None]
@@ -651,13 +658,13 @@ class CpuBackend:
         """
         if not batch_stats or epilogue is not None or not 0 < x.size < PARALLEL_MIN_ELEMENTS:
             return None
-        if halves.bits_dtype(x.dtype) is not None:
-            return None  # 16-bit floats take the fused passes, which see them as their bits
+        dtype = x.dtype
+        dy, x, weight = map(halves.as_bits, (dy, x, weight))
         ops = _Operands(x)
         fits = ops.fits(ops.tiling.view(dy)) and ops.fits(ops.tiling.view(np.empty_like(x)))
         if ops.x is not x or not fits:
             return None
-        return _SerialBackward(ops, dy, weight)
+        return _SerialBackward(ops, dtype, dy, weight)
 
     @staticmethod
     @_on_bits
