@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
+import re
 import sys
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -161,6 +163,32 @@ def kind_of(array: object) -> str:
     raise TypeError(f"expected {ACCEPTED}, got {_type_name(array)}{hint}")
 
 
+# The oldest releases the CUDA backend works with, as pyproject.toml's [cuda] extra and
+# dependencies name them: numba-cuda 0.20 is the first with numba.cuda.core (its
+# configuration), which the backend imports; launch_bounds= (0.14) and forceinline= (0.11)
+# came before. numba-cuda itself needs numba 0.60.
+CUDA_REQUIREMENTS = {"numba": "0.60", "numba-cuda": "0.20"}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version string: ``"0.30.4rc1"`` -> ``(0, 30, 4)``."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def check_cuda_requirements() -> None:
+    """Raise ImportError naming the releases needed when numba or numba-cuda is older."""
+    older = []
+    for package, minimum in CUDA_REQUIREMENTS.items():
+        found = importlib.metadata.version(package)
+        if _release(found) < _release(minimum):
+            older.append(f"{package} {found} (numbabn needs {package} >= {minimum})")
+    if older:
+        raise ImportError(
+            f"CUDA arrays need newer packages than these: {', '.join(older)}; "
+            "pip install -U 'numba-cuda[cu12]' (numbabn's [cuda] extra)"
+        )
+
+
 @functools.cache
 def cuda_backend() -> Backend:
     """The CUDA backend, imported on first use so the CPU install never needs numba-cuda."""
@@ -169,6 +197,7 @@ def cuda_backend() -> Backend:
             "CUDA arrays need the numba-cuda package: pip install 'numba-cuda[cu12]' "
             "(numbabn's [cuda] extra)"
         )
+    check_cuda_requirements()
     from numbabn._cuda import CudaBackend
 
     return CudaBackend()

@@ -9,6 +9,7 @@ the real block sizes and grids: large shapes on a GPU, a tiny one in the simulat
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import re
 
@@ -22,7 +23,7 @@ pytest.importorskip("numba_cuda")
 from device import SIMULATOR, host, to_device  # noqa: E402
 
 import numbabn  # noqa: E402
-from numbabn import _tunables  # noqa: E402
+from numbabn import _dispatch, _tunables  # noqa: E402
 from numbabn import functional as F  # noqa: E402
 from numbabn._cuda import arrays, kernels  # noqa: E402
 from numbabn._cuda import backend as cuda_backend  # noqa: E402
@@ -379,6 +380,20 @@ def test_mixing_host_and_device_arrays_names_both():
     x = to_device(np.zeros((2, 3), np.float32))
     with pytest.raises(TypeError, match="input is a cuda array but weight is a cpu array"):
         F.batch_norm(x, None, None, np.ones(3, np.float32), training=True)
+
+
+@pytest.mark.parametrize(("package", "found"), [("numba-cuda", "0.19.1"), ("numba", "0.59.1")])
+def test_older_numba_or_numba_cuda_is_named_when_a_cuda_array_arrives(monkeypatch, package, found):
+    installed = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: found if name == package else installed(name)
+    )
+    minimum = _dispatch.CUDA_REQUIREMENTS[package]
+    expected = re.escape(f"{package} {found} (numbabn needs {package} >= {minimum})")
+    with pytest.raises(ImportError, match=expected):
+        _dispatch.cuda_backend.__wrapped__()  # what the first CUDA array's call runs
+    monkeypatch.undo()
+    _dispatch.cuda_backend.__wrapped__()  # the installed ones pass
 
 
 @pytest.mark.skipif(SIMULATOR, reason="CuPy and PyTorch CUDA arrays need a real GPU")

@@ -170,6 +170,18 @@ def test_version_is_defined_once():
     assert dynamic == {"attr": "numbabn.__version__"}
 
 
+def test_the_minimum_numba_and_numba_cuda_are_those_the_cuda_backend_checks():
+    from numbabn._dispatch import CUDA_REQUIREMENTS
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    numba, numba_cuda = CUDA_REQUIREMENTS["numba"], CUDA_REQUIREMENTS["numba-cuda"]
+    assert f"numba>={numba}" in project["dependencies"]
+    extras = project["optional-dependencies"]
+    assert f"numba-cuda[cu12]>={numba_cuda}" in extras["cuda"]
+    assert f"numba-cuda>={numba_cuda}" in extras["test"]
+
+
 def test_the_package_holds_the_library_only():
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
