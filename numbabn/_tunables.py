@@ -53,6 +53,12 @@ MAX_PER_THREAD = 64
 # Wide rows are walked row by row, a block taking whole rows, only where that gives at
 # least this many blocks: two per multiprocessor of an H100 (132).
 MIN_GRID_BLOCKS = 264
+# The merge of a reduction's partials in the last block: each thread loads MERGE_LOADS
+# partials of its channel at once (one round trip to L2), and grids have few enough chunks
+# per channel that it takes at most MAX_MERGE_ROUNDS such rounds (threads then take more
+# than MAX_PER_THREAD values where they must).
+MERGE_LOADS = 5
+MAX_MERGE_ROUNDS = 8
 
 # -- Dask --------------------------------------------------------------------------
 

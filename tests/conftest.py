@@ -150,15 +150,16 @@ def tolerances(dtype) -> dict:
 def cuda_small_blocks(monkeypatch):
     """Several blocks, chunks and ragged channel groups on tiny shapes.
 
-    Under the CUDA simulator: blocks of 16 threads (at most 4 channels) and chunks
-    of a few values. On a real GPU the block sizes are compiled in, so only the
-    chunking is made fine.
+    Under the CUDA simulator: blocks of 16 threads (at most 4 channels), chunks
+    of a few values, and merges of partials two at a time. On a real GPU the block
+    sizes are compiled in, so only the chunking is made fine.
     """
     from numbabn._cuda import arrays, backend, kernels
 
     if arrays.SIMULATOR:
         monkeypatch.setattr(kernels, "THREADS", 16)
         monkeypatch.setattr(kernels, "CHANNELS_PER_BLOCK", 4)
+        monkeypatch.setattr(kernels, "MERGE_LOADS", 2)  # merges of several rounds
     monkeypatch.setattr(backend, "TARGET_BLOCKS", 8)
     monkeypatch.setattr(backend, "MIN_GRID_BLOCKS", 2)
     monkeypatch.setattr(backend, "MIN_PER_THREAD", 1)

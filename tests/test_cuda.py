@@ -94,7 +94,7 @@ def test_grid_covers_ragged_blocks():
 def test_narrow_channels_inner_blocks_pack_positions(n_channels, channels_per_block):
     """Channels-last data with fewer channels than CHANNELS_PER_BLOCK fills the warps with
     positions."""
-    sizes = (256, 32, 2048, 4, 64, 8, 264)
+    sizes = (256, 32, 2048, 4, 64, 8, 264, 8, 8)
     shape, strides = (
         (64, n_channels, 8, 8),
         (8 * 8 * n_channels * 4, 4, 8 * n_channels * 4, n_channels * 4),
@@ -115,6 +115,7 @@ FILLING = [
     ((1, 3, 2048, 2048), True),
     ((1, 8, 10**6), False),
     ((1, 1, 10**8), False),
+    ((32, 32, 56, 56), True),  # one group of 32 channels: the fewest blocks the merge allows
     *BENCH_CASES,
 ]
 
@@ -130,18 +131,43 @@ def _strides(shape: tuple[int, ...], channels_last: bool) -> tuple[int, ...]:
     return tuple(strides)
 
 
+REAL_GRID_SIZES = (
+    _tunables.THREADS, _tunables.CHANNELS_PER_BLOCK, _tunables.TARGET_BLOCKS,
+    _tunables.MIN_PER_THREAD, _tunables.MAX_PER_THREAD, _tunables.WIDE_ROW_THREADS,
+    _tunables.MIN_GRID_BLOCKS, _tunables.MERGE_LOADS, _tunables.MAX_MERGE_ROUNDS,
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(("shape", "channels_last"), FILLING)
 def test_grids_of_a_megabyte_or_more_fill_an_h100(shape, channels_last):
     """Two blocks or more per multiprocessor of an H100 (132) for every tensor of 1 MB or
     more, at the real block sizes, whatever the shape."""
-    sizes = (
-        _tunables.THREADS, _tunables.CHANNELS_PER_BLOCK, _tunables.TARGET_BLOCKS,
-        _tunables.MIN_PER_THREAD, _tunables.MAX_PER_THREAD, _tunables.WIDE_ROW_THREADS,
-        _tunables.MIN_GRID_BLOCKS,
-    )  # fmt: skip
-    grid = cuda_backend._grid(shape, _strides(shape, channels_last), sizes)
+    grid = cuda_backend._grid(shape, _strides(shape, channels_last), REAL_GRID_SIZES)
     if math.prod(shape) * 4 >= 1 << 20:
         assert grid.blocks >= 2 * 132, grid
+    assert grid.n_chunks * grid.per_block >= math.prod(shape) // shape[1]  # every value
+
+
+# Beside those: channels-last batches of 8 and 32 times the benchmark's, and 2^31 values
+# and more, where chunks of MAX_PER_THREAD values a thread would be thousands a channel.
+MANY_CHUNKS = [
+    ((256, 64, 56, 56), True),
+    ((1024, 64, 56, 56), True),
+    ((1, 2, 2**30 + 8), False),
+    ((64, 1, 8192, 4096), False),
+]
+
+
+@pytest.mark.parametrize(("shape", "channels_last"), FILLING + MANY_CHUNKS)
+def test_merges_of_partials_take_at_most_eight_rounds(shape, channels_last):
+    """The last block's merge of a channel's partials: each thread loads MERGE_LOADS of
+    them at a time, at most MAX_MERGE_ROUNDS = 8 times one after another (none with one
+    chunk a channel)."""
+    grid = cuda_backend._grid(shape, _strides(shape, channels_last), REAL_GRID_SIZES)
+    merging_threads = _tunables.THREADS // grid.channels_per_block
+    rounds = -(-grid.n_chunks // (merging_threads * _tunables.MERGE_LOADS))
+    assert grid.merge_rounds == (rounds if grid.n_chunks > 1 else 0)
+    assert grid.merge_rounds <= _tunables.MAX_MERGE_ROUNDS == 8, grid
     assert grid.n_chunks * grid.per_block >= math.prod(shape) // shape[1]  # every value
 
 
@@ -229,6 +255,32 @@ def test_results_repeat_bit_for_bit(rng):
     first = host(F.batch_norm(x, None, None, training=True))
     second = host(F.batch_norm(x, None, None, training=True))
     assert first.tobytes() == second.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "most_rounds"),
+    [((50, 3, 2, 2), "channels_last", 8), ((50, 3, 2, 2), "channels_last", 1),
+     ((11, 1, 100), "contiguous", 1)],
+)  # fmt: skip
+def test_merge_of_many_chunks_a_channel(rng, monkeypatch, shape, layout, most_rounds):
+    """Dozens of chunks a channel: the merge takes several rounds of loads, the last one
+    partial; limited to one round, the grid takes more values a thread than MAX_PER_THREAD."""
+    monkeypatch.setattr(cuda_backend, "MAX_MERGE_ROUNDS", most_rounds)
+    x = make_input(rng, shape, layout, np.float64, loc=5.0)
+    dy = make_input(rng, shape, layout, np.float64)
+    d_x = to_device(x)
+    grid = cuda_backend._grid_for(d_x)
+    merging_threads = kernels.THREADS // grid.channels_per_block
+    assert grid.n_chunks > merging_threads * kernels.MERGE_LOADS or most_rounds == 1
+    assert 1 <= grid.merge_rounds <= most_rounds
+    if most_rounds == 1:
+        assert grid.per_block > merging_threads * cuda_backend.MAX_PER_THREAD
+    y, saved = F.batch_norm_forward(d_x, None, None, None, None, True)
+    dx, _, _ = F.batch_norm_backward(to_device(dy), d_x, saved, None)
+    truth = ref.forward(x)
+    np.testing.assert_allclose(host(y), truth.output, rtol=1e-10, atol=1e-10)
+    grads = ref.backward(dy, x, truth.mean, truth.invstd)
+    np.testing.assert_allclose(host(dx), grads.grad_input, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -11,7 +11,13 @@ import numpy as np
 
 from numbabn._cuda import arrays, kernels
 from numbabn._cuda.kernels import Family, ForwardRow, Mode
-from numbabn._tunables import MAX_PER_THREAD, MIN_GRID_BLOCKS, MIN_PER_THREAD, TARGET_BLOCKS
+from numbabn._tunables import (
+    MAX_MERGE_ROUNDS,
+    MAX_PER_THREAD,
+    MIN_GRID_BLOCKS,
+    MIN_PER_THREAD,
+    TARGET_BLOCKS,
+)
 from numbabn._validation import FLOAT_PARAM_DTYPES, HALF_PARAM_DTYPES
 from numbabn._views import tiling_for
 from numbabn.epilogue import Epilogue
@@ -33,6 +39,7 @@ class _Grid:
     per_block: int
     n_chunks: int
     n_groups: int
+    merge_rounds: int  # dependent rounds of loads in the merge of partials (0: no merge)
 
     @property
     def blocks(self) -> int:
@@ -60,10 +67,12 @@ def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ..
 
     Wide rows are walked row by row (``WIDE_ROWS``, chunks of whole rows) only where
     such chunks still give at least ``min_blocks`` blocks: a few long rows, such as
-    (1, 3, 2048, 2048), are cut into chunks of values instead (``ROWS``).
+    (1, 3, 2048, 2048), are cut into chunks of values instead (``ROWS``). Chunks are
+    never so many that the merge of a channel's partials takes more than
+    ``max_merge_rounds`` dependent rounds of loads (see ``kernels._merge_partials``).
     """
     threads, most_channels, target, min_per_thread, max_per_thread, wide_row_threads = sizes[:6]
-    min_blocks = sizes[6]
+    min_blocks, merge_loads, max_merge_rounds = sizes[6:]
     layout = tiling_for(shape, strides)
     if layout is None:
         return None
@@ -86,21 +95,29 @@ def _grid(shape: tuple[int, ...], strides: tuple[int, ...], sizes: tuple[int, ..
     threads_per_channel = threads // channels_per_block
     wanted = -(-n_values * n_groups // target)
     per_thread = min(max_per_thread, max(min_per_thread, -(-wanted // threads_per_channel)))
+    # The last block merges a channel's partials with threads_per_channel threads, each
+    # loading merge_loads at a time: at most max_merge_rounds rounds of those, so at most
+    # most_chunks chunks a channel (wide rows' chunks of whole rows are no more).
+    most_chunks = threads_per_channel * merge_loads * max_merge_rounds
+    per_thread = max(per_thread, -(-n_values // (most_chunks * threads_per_channel)))
     per_block = per_thread * threads_per_channel
     if family == Family.WIDE_ROWS:  # whole rows a block
-        whole_rows = max(1, per_block // s) * s
+        whole_rows = max(1, per_block // s, -(-n_values // (most_chunks * s))) * s
         if -(-n_values // whole_rows) * n_groups >= min_blocks:
             per_block = whole_rows
         else:
             family = Family.ROWS
     n_chunks = max(1, -(-n_values // per_block))
-    return _Grid(layout, view_shape, family, channels_per_block, per_block, n_chunks, n_groups)
+    rounds = 0 if n_chunks == 1 else -(-n_chunks // (threads_per_channel * merge_loads))
+    return _Grid(
+        layout, view_shape, family, channels_per_block, per_block, n_chunks, n_groups, rounds
+    )
 
 
 def _grid_for(x: Any) -> _Grid | None:
     sizes = (
         kernels.THREADS, kernels.CHANNELS_PER_BLOCK, TARGET_BLOCKS, MIN_PER_THREAD, MAX_PER_THREAD,
-        kernels.WIDE_ROW_THREADS, MIN_GRID_BLOCKS,
+        kernels.WIDE_ROW_THREADS, MIN_GRID_BLOCKS, kernels.MERGE_LOADS, MAX_MERGE_ROUNDS,
     )  # fmt: skip
     return _grid(tuple(x.shape), tuple(x.strides), sizes)
 

@@ -79,6 +79,8 @@ THREADS = _tunables.THREADS
 CHANNELS_PER_BLOCK = _tunables.CHANNELS_PER_BLOCK
 # Rows of at least this many times THREADS values are walked row by row (WIDE_ROWS).
 WIDE_ROW_THREADS = _tunables.WIDE_ROW_THREADS
+# Partials a thread of the last block loads at once in the merge (see _merge_partials).
+MERGE_LOADS = _tunables.MERGE_LOADS
 # Blocks of THREADS threads that the data kernels must fit on one multiprocessor at
 # once: ptxas keeps their registers within that (64 a thread: 50% occupancy).
 MIN_BLOCKS = _tunables.MIN_BLOCKS_PER_SM
@@ -481,6 +483,32 @@ def _last_block(counters, group, n_chunks):
 
 
 @_device
+def _merge_partials(family, partials, channel, n_chunks, row, keep):
+    """The sums of channel ``channel``'s partials ``row, row + rows, row + 2 * rows, ...``
+    (``rows = THREADS // keep``), added in that order.
+
+    Each round loads ``MERGE_LOADS`` of them before adding any, so that the thread has
+    that many loads in flight: ``ceil(n_chunks / (rows * MERGE_LOADS))`` rounds that wait
+    on memory one after another, which the grid keeps to at most ``MAX_MERGE_ROUNDS``.
+    """
+    rows = THREADS // keep
+    merge_a = 0.0
+    merge_b = 0.0
+    for first in range(row, n_chunks, rows * MERGE_LOADS):
+        loaded = cuda.local.array((MERGE_LOADS, 2), float64)
+        for k in range(MERGE_LOADS):
+            if first + k * rows < n_chunks:
+                i, j = _partial_index(family, channel, first + k * rows)
+                loaded[k, 0] = partials[i, j, 0]
+                loaded[k, 1] = partials[i, j, 1]
+        for k in range(MERGE_LOADS):
+            if first + k * rows < n_chunks:
+                merge_a += loaded[k, 0]
+                merge_b += loaded[k, 1]
+    return merge_a, merge_b
+
+
+@_device
 def _reduce_to_partials(
     family, sum_a, sum_b, channels_per_block, chunk, group, channel, partials, counters
 ):
@@ -506,14 +534,10 @@ def _reduce_to_partials(
     if not _last_block(counters, group, n_chunks):
         return 0.0, 0.0, False
     # All threads merge, each a fixed stride of chunks, then the same fixed tree.
-    row = t // keep
     merge_a = 0.0
     merge_b = 0.0
     if valid:
-        for merged in range(row, n_chunks, THREADS // keep):
-            i, j = _partial_index(family, channel, merged)
-            merge_a += partials[i, j, 0]
-            merge_b += partials[i, j, 1]
+        merge_a, merge_b = _merge_partials(family, partials, channel, n_chunks, t // keep, keep)
     total_a, total_b = _block_reduce(merge_a, merge_b, keep)
     return total_a, total_b, t < keep and valid
 
