@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -221,34 +222,145 @@ def test_arrays_of_another_gpu_are_refused(rng):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_launches_and_allocations_per_call(rng, monkeypatch, layout):
-    """Train forward 2 launches, backward 2, eval 1; new device memory only for results."""
+    """Train forward 2 launches, backward 2, eval 1, eval backward 3; after the first call of
+    a signature, new device memory only for results (the saved statistics among them)."""
     x = make_input(rng, (4, 3, 5, 2), layout, np.float32)
     dy = to_device(make_input(rng, (4, 3, 5, 2), layout, np.float32))
     d_x = to_device(x)
     bn = numbabn.BatchNorm2d(3, device="cuda")
-    bn(d_x)
-    bn.backward(dy)  # compiles, and makes the scratch memory of this shape
+    for training in (True, False):  # compiles, and makes the scratch memory of this shape
+        bn.train(training)
+        bn(d_x)
+        bn.backward(dy)
     counts = {"launches": 0, "allocations": 0}
-    configured, device_array = arrays.configured, cuda.device_array
 
-    def counted_configured(*args):
-        counts["launches"] += 1
-        return configured(*args)
+    def counted(function, key):
+        def call(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
 
-    def counted_device_array(*args, **kwargs):
-        counts["allocations"] += 1
-        return device_array(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(arrays, "configured", counted_configured)
-    monkeypatch.setattr(cuda, "device_array", counted_device_array)
+    monkeypatch.setattr(arrays, "configured", counted(arrays.configured, "launches"))
+    for allocating in ("device_array", "to_device"):
+        monkeypatch.setattr(cuda, allocating, counted(getattr(cuda, allocating), "allocations"))
 
     def per_call(call):
         counts.update(launches=0, allocations=0)
         call()
         return counts["launches"], counts["allocations"]
 
+    bn.train()
     bn.zero_grad()
     assert per_call(lambda: bn(d_x)) == (2, 2)  # the output and the coefficients it returns
     assert per_call(lambda: bn.backward(dy)) == (2, 2)  # dx and [dweight, dbias]
     bn.eval()
     assert per_call(lambda: bn(d_x)) == (1, 2)
+    bn.zero_grad()
+    assert per_call(lambda: bn.backward(dy)) == (3, 2)  # sums, scale, dx
+
+
+def test_launch_configurations_are_cached_by_stream_handle(monkeypatch):
+    """Two stream objects of one handle (a new one per call for some producers) find one
+    configuration, which launches on a stream object of numbabn's own."""
+    made = []
+
+    class Kernel:
+        def __getitem__(self, configuration):
+            made.append(configuration)
+            return configuration
+
+    monkeypatch.setattr(arrays, "SIMULATOR", False)
+    monkeypatch.setattr(arrays, "context_key", lambda: 0)
+    monkeypatch.setattr(arrays, "_external_stream", lambda context, handle: f"stream {handle}")
+    kernel = Kernel()
+    configured = []
+    for stream in (_Handle(0xBEEF), _Handle(0xBEEF), _Handle(0xF00D), 0):
+        with arrays.on_stream(stream, None):
+            configured.append(arrays.configured(kernel, 7, 16))
+    assert made == [(7, 16, "stream 48879"), (7, 16, "stream 61453"), (7, 16, 0)]
+    assert configured[0] is configured[1]
+
+
+class _Handle:
+    """A stream object of a producer: its handle is all it shares with another."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __int__(self) -> int:
+        return self.handle
+
+    def __bool__(self) -> bool:
+        return True
+
+
+def test_memory_of_the_inputs_library_comes_back_as_its_own_view():
+    """A result in memory the input's library allocated is that library's view of it (the
+    kernels' offset, shape and strides), not a wrapper made through the interface."""
+    torch = pytest.importorskip("torch")
+    owner = torch.arange(24, dtype=torch.float32)
+    base = owner.data_ptr()
+    view = arrays._library_view(owner, (3, 2), (4, 12), base + 8)
+    assert view.data_ptr() == base + 8
+    assert view.tolist() == [[2, 5], [3, 6], [4, 7]]
+    device_array = SimpleNamespace(
+        shape=(2, 3), strides=(12, 4), gpu_data=SimpleNamespace(owner=owner),
+        __cuda_array_interface__={"data": (base + 24, False)},
+    )  # fmt: skip
+    returned = arrays.like(device_array, torch.zeros(1))
+    assert type(returned) is torch.Tensor
+    assert returned.tolist() == [[6, 7, 8], [9, 10, 11]]
+
+
+@pytest.mark.parametrize("stream", [None, 0xBEEF])
+def test_new_arrays_of_a_pytorch_call_come_from_pytorch(monkeypatch, stream):
+    """Under a call whose input is a PyTorch tensor, new device arrays are torch.empty's, made
+    for the call's stream (PyTorch's current one, else that stream as PyTorch's current)."""
+    torch = pytest.importorskip("torch")
+    made, streams = [], []
+    empty = torch.empty
+
+    def recorded_empty(*args, **kwargs):
+        made.append((args, kwargs))
+        return empty(*args, **{**kwargs, "device": "cpu"})
+
+    monkeypatch.setattr(torch, "empty", recorded_empty)
+    current = SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device: handle)
+    monkeypatch.setattr(
+        torch.cuda, "stream", lambda chosen: streams.append(chosen) or nullcontext()
+    )
+    adopted = SimpleNamespace(bind=lambda on: ("adopted", on))
+    monkeypatch.setattr(cuda, "as_cuda_array", lambda array, sync: adopted, raising=False)
+    monkeypatch.setattr(cuda, "device_array", None)  # Numba allocates nothing
+    owner = SimpleNamespace(device="cuda:0")
+    monkeypatch.setattr(arrays, "library_owner", lambda x: owner)
+    monkeypatch.setattr(arrays, "_library", lambda array: "torch")
+    with arrays.on_stream(None if stream is None else _Handle(stream), None):
+        assert arrays.empty((2, 3), np.float32)[0] == "adopted"
+    assert made == [(((2, 3),), {"dtype": torch.float32, "device": "cuda:0"})]
+    assert streams == ([] if stream is None else [stream])
+
+
+@pytest.mark.skipif(SIMULATOR, reason="PyTorch and CuPy CUDA arrays need a real GPU")
+@pytest.mark.parametrize("library", ["torch", "cupy"])
+def test_results_are_allocated_by_the_callers_library(rng, library):
+    """A repeated call allocates its result from PyTorch's caching allocator or CuPy's pool,
+    and nothing else that stays."""
+    module = pytest.importorskip(library)
+    x = make_input(rng, (8, 3, 16, 16), "contiguous", np.float32)
+    if library == "torch":
+        if not module.cuda.is_available():
+            pytest.skip("this PyTorch has no CUDA")
+        device_x = module.from_numpy(x).cuda()
+        used = module.cuda.memory_allocated
+    else:
+        device_x = module.asarray(x)
+        used = module.get_default_memory_pool().used_bytes
+    F.batch_norm(device_x, None, None, training=True)  # the scratch of this signature
+    before = used()
+    y = F.batch_norm(device_x, None, None, training=True)
+    assert type(y) is type(device_x)
+    assert x.nbytes <= used() - before < x.nbytes + 4096

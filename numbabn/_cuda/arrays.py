@@ -12,6 +12,12 @@ producer named in its interface (version 3's ``stream``: CuPy's current
 stream), or for a PyTorch tensor, whose interface (version 2) names none,
 PyTorch's current stream on the tensor's GPU; so the work follows the
 producer's without the host waiting.
+
+A call whose input is a PyTorch tensor or a CuPy array allocates its new arrays
+through that library (its caching allocator or memory pool, for the call's
+stream), and hands its results back as that library's views of them: no copy,
+no host synchronisation, and memory the library can reuse as soon as the
+caller drops it.
 """
 
 from __future__ import annotations
@@ -72,8 +78,8 @@ def producer_stream(array: Any) -> int | None:
 
 @functools.lru_cache(maxsize=64)
 def _external_stream(context: int, handle: int) -> Any:
-    """One Numba stream object per context and stream handle, so that what is cached by
-    stream (launch configurations) is found again."""
+    """One Numba stream object per context and stream handle, which does not own the
+    stream (launch configurations hold these, not the caller's stream objects)."""
     return cuda.external_stream(handle)
 
 
@@ -85,6 +91,18 @@ def current_stream() -> Any:
     return getattr(_this_call, "stream", 0)
 
 
+def _library(array: Any) -> str:
+    """The top-level module of ``array``'s type ("torch", "cupy", "numba", ...)."""
+    return type(array).__module__.partition(".")[0]
+
+
+def library_owner(array: Any) -> Any | None:
+    """The PyTorch tensor or CuPy array whose memory the device array ``array`` views
+    (None for memory of Numba's, and in the simulator)."""
+    owner = getattr(getattr(array, "gpu_data", None), "owner", None)
+    return owner if _library(owner) in ("torch", "cupy") else None
+
+
 @contextlib.contextmanager
 def on_stream(stream: Any | None, x: Any, others: tuple[Any, ...] = ()) -> Iterator[None]:
     """Run the launches and copies made inside on ``stream``, by default ``x``'s.
@@ -94,7 +112,7 @@ def on_stream(stream: Any | None, x: Any, others: tuple[Any, ...] = ()) -> Itera
     event on their stream, which the call's stream waits on), as the CUDA Array
     Interface asks of a consumer.
     """
-    previous = current_stream()
+    previous = current_stream(), getattr(_this_call, "allocator", None)
     chosen = getattr(x, "stream", 0) if stream is None else stream
     if not SIMULATOR:  # the simulator runs every launch to its end at once
         for array in (x, *others):
@@ -104,20 +122,72 @@ def on_stream(stream: Any | None, x: Any, others: tuple[Any, ...] = ()) -> Itera
                 event.record(producer)
                 event.wait(chosen)
     _this_call.stream = chosen
+    _this_call.allocator = library_owner(x)
     try:
         yield
     finally:
-        _this_call.stream = previous
+        _this_call.stream, _this_call.allocator = previous
 
 
 def like(result: Any, original: Any) -> Any:
-    """``result`` (a Numba device array) as the kind of array ``original`` is, without a copy."""
-    library = type(original).__module__.partition(".")[0]
+    """``result`` (a Numba device array) as the kind of array ``original`` is, without a copy.
+
+    Memory that library allocated (see :func:`empty`) comes back as its own view of it;
+    other memory through the array interface.
+    """
+    library = _library(original)
+    owner = library_owner(result)
+    if owner is not None and _library(owner) == library:
+        return _library_view(owner, tuple(result.shape), tuple(result.strides), _pointer(result))
     if library == "cupy":
         return sys.modules["cupy"].asarray(result)
     if library == "torch":
         return sys.modules["torch"].as_tensor(result, device=original.device)
     return result
+
+
+def _pointer(array: Any) -> int:
+    return int(array.__cuda_array_interface__["data"][0])
+
+
+def _library_view(
+    owner: Any, shape: tuple[int, ...], strides: tuple[int, ...], pointer: int
+) -> Any:
+    """The PyTorch tensor or CuPy array of ``shape`` and byte ``strides`` from address
+    ``pointer`` on, a view of ``owner``'s memory (and of its dtype)."""
+    if _library(owner) == "torch":
+        itemsize = owner.element_size()
+        offset = owner.storage_offset() + (pointer - owner.data_ptr()) // itemsize
+        return owner.as_strided(shape, tuple(stride // itemsize for stride in strides), offset)
+    cupy = sys.modules["cupy"]
+    return cupy.ndarray(shape, owner.dtype, owner.data + (pointer - owner.data.ptr), strides)
+
+
+def _library_empty(owner: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any | None:
+    """A new C-contiguous array made by ``owner``'s library on its device, for the call's
+    stream; None when the library has no such dtype."""
+    handle = int(current_stream() or 0)
+    if _library(owner) == "torch":
+        torch = sys.modules["torch"]
+        torch_dtype = getattr(torch, dtype.name, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            return None
+        # The caching allocator keeps a block for the stream current when it was made.
+        on_stream: Any = contextlib.nullcontext()
+        if handle != torch.cuda.current_stream(owner.device).cuda_stream:
+            external = torch.cuda.ExternalStream(handle, device=owner.device)
+            on_stream = torch.cuda.stream(external)
+        with on_stream:
+            return torch.empty(shape, dtype=torch_dtype, device=owner.device)
+    cupy = sys.modules["cupy"]
+    if dtype.name == "bfloat16":
+        return None
+    with owner.device:
+        on_stream = contextlib.nullcontext()
+        if handle != cupy.cuda.get_current_stream().ptr:
+            on_stream = cupy.cuda.ExternalStream(handle)
+        with on_stream:
+            return cupy.empty(shape, dtype)
 
 
 def view(array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
@@ -132,8 +202,14 @@ def view(array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
 
 
 def empty(shape: tuple[int, ...], dtype: Any) -> Any:
-    """A new C-contiguous device array, valid on the call's stream."""
-    return cuda.device_array(shape, dtype, stream=current_stream())
+    """A new C-contiguous device array, valid on the call's stream: made by the library
+    of the call's input when that is PyTorch or CuPy (see :func:`like`), else by Numba."""
+    stream = current_stream()
+    owner = getattr(_this_call, "allocator", None)
+    made = None if owner is None else _library_empty(owner, shape, np.dtype(dtype))
+    if made is None:
+        return cuda.device_array(shape, dtype, stream=stream)
+    return cuda.as_cuda_array(made, sync=False).bind(stream)
 
 
 def _memory_order(array: Any) -> list[int]:
@@ -247,11 +323,15 @@ def configured(kernel: Any, blocks: int, threads: int) -> Any:
     """
     if SIMULATOR:
         return kernel[blocks, threads]
-    return _configured(kernel, blocks, threads, current_stream())
+    stream = current_stream()
+    return _configured(kernel, blocks, threads, context_key(), int(stream) if stream else 0)
 
 
 @functools.lru_cache(maxsize=1024)
-def _configured(kernel: Any, blocks: int, threads: int, stream: Any) -> Any:
+def _configured(kernel: Any, blocks: int, threads: int, context: int, handle: int) -> Any:
+    """Cached by the stream's handle, not its object: every object naming that stream (a
+    new one per call for some callers) finds the configuration again."""
+    stream = _external_stream(context, handle) if handle else 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Grid size .* under-utilization")
         return kernel[blocks, threads, stream]
@@ -265,6 +345,21 @@ def copy(source: Any, target: Any) -> None:
     if n:
         blocks = -(-n // kernels.THREADS)
         configured(kernels.copy_5d, blocks, kernels.THREADS)(as_5d(source), as_5d(target))
+
+
+def upload(values: np.ndarray, slot: int) -> Any:
+    """Host ``values`` copied into a device array kept for this call queue (see
+    :func:`queue_key`), ``slot`` and their shape and dtype: made by the first such call,
+    rewritten by the next ones, in order on their stream (nothing is allocated after the
+    first call of a signature)."""
+    target = _kept(queue_key(), slot, values.shape, values.dtype.str)
+    assign(target, values)
+    return target
+
+
+@functools.lru_cache(maxsize=64)
+def _kept(queue: tuple[int, ...], slot: int, shape: tuple[int, ...], dtype: str) -> Any:
+    return empty(shape, np.dtype(dtype))
 
 
 def filled(value: float, n: int, dtype: np.dtype) -> Any:

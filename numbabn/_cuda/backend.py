@@ -236,6 +236,16 @@ def _coefficients(n_channels: int) -> Any:
     return arrays.empty((kernels.COEFFICIENT_ROWS, n_channels), np.float64)
 
 
+def _kept_coefficients(n_channels: int) -> Any:
+    """Coefficients a call uses and does not return, kept for its queue (as ``_scratch``)."""
+    return _queue_coefficients(arrays.queue_key(), n_channels)
+
+
+@functools.lru_cache(maxsize=64)
+def _queue_coefficients(queue: tuple[int, ...], n_channels: int) -> Any:
+    return _coefficients(n_channels)
+
+
 def _per_channel(kernel: Any, n: int) -> Any:
     """``kernel`` configured with one thread per channel (at least one block)."""
     return arrays.configured(kernel, max(1, -(-n // kernels.THREADS)), kernels.THREADS)
@@ -415,7 +425,7 @@ class CudaBackend:
                 dy, x, mean, invstd, weight, batch_stats=False
             )
             grads = (param_grads[0], param_grads[1])
-        coeffs = _coefficients(n_channels)
+        coeffs = _kept_coefficients(n_channels)
         _per_channel(kernels.gradient_scale, n_channels)(invstd, scale_weight, coeffs)
         ops = _Operands(dy)
         grad_input = ops.elementwise(ops.view, ops.view, Mode.AFFINE, coeffs, out)
@@ -449,10 +459,10 @@ class CudaBackend:
         Updates the running statistics in place unless they are None.
         """
         n_channels = mean.shape[0]
-        coeffs = _coefficients(n_channels)
+        coeffs = _kept_coefficients(n_channels)
         update = running_mean is not None and running_var is not None
         _per_channel(kernels.batch_coefficients, n_channels)(
-            arrays.to_device(mean), arrays.to_device(m2), count, weight, bias, eps,
+            arrays.upload(mean, 0), arrays.upload(m2, 1), count, weight, bias, eps,
             running_mean if update else weight, running_var if update else weight, update,
             momentum, coeffs,
         )  # fmt: skip
@@ -464,7 +474,7 @@ class CudaBackend:
         running_mean: Any, running_var: Any, weight: Any, bias: Any, eps: float
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(mean, invstd, scale, shift)`` of the eval-mode normalisation."""
-        coeffs = _coefficients(running_mean.shape[0])
+        coeffs = _kept_coefficients(running_mean.shape[0])
         _per_channel(kernels.running_coefficients, running_mean.shape[0])(
             running_mean, running_var, weight, bias, eps, coeffs
         )
@@ -486,14 +496,14 @@ class CudaBackend:
         host[ForwardRow.MEAN], host[ForwardRow.SCALE], host[ForwardRow.SHIFT] = mean, scale, shift
         ops = _Operands(x)
         return ops.elementwise(
-            ops.view, ops.view, Mode.AFFINE, arrays.to_device(host), out, epilogue
+            ops.view, ops.view, Mode.AFFINE, arrays.upload(host, 0), out, epilogue
         )
 
     @staticmethod
     def grad_sums(dy: Any, x: Any, mean: np.ndarray) -> np.ndarray:
         """Per-channel ``[sum(dy), sum(dy * (x - mean))]``, shape ``(2, C)``, in one pass."""
         ones = arrays.filled(1.0, x.shape[1], np.dtype(np.float64))
-        _, _, _, grads, _ = CudaBackend._gradient_sums(dy, x, arrays.to_device(mean), ones, ones)
+        _, _, _, grads, _ = CudaBackend._gradient_sums(dy, x, arrays.upload(mean, 0), ones, ones)
         sum_dy_xmu, sum_dy = arrays.to_host(grads)  # grads = [sum * invstd, sum], invstd = 1
         return np.stack([sum_dy, sum_dy_xmu])
 
@@ -505,10 +515,10 @@ class CudaBackend:
         """Input gradient through batch statistics whose sums cover ``count`` values."""
         ops = _Operands(x)
         dy_view = ops.input_view(dy)
-        coeffs = _coefficients(x.shape[1])
+        coeffs = _kept_coefficients(x.shape[1])
         _per_channel(kernels.gradient_coefficients, x.shape[1])(
-            arrays.to_device(np.ascontiguousarray(sums, dtype=np.float64)), count,
-            arrays.to_device(mean), arrays.to_device(invstd), weight, coeffs,
+            arrays.upload(np.asarray(sums, np.float64), 0), count, arrays.upload(mean, 1),
+            arrays.upload(invstd, 2), weight, coeffs,
         )  # fmt: skip
         return ops.elementwise(ops.view, dy_view, Mode.GRADIENT, coeffs, out)
 
