@@ -21,6 +21,7 @@ from conftest import make_input, random_vector, tolerances
 pytest.importorskip("numba_cuda")
 
 from device import SIMULATOR, host, to_device  # noqa: E402
+from numba import cuda  # noqa: E402
 
 import numbabn  # noqa: E402
 from numbabn import _dispatch, _tunables  # noqa: E402
@@ -488,6 +489,41 @@ def test_real_sizes(rng, shape):
     x_cl = make_input(rng, shape, "channels_last" if len(shape) == 4 else "contiguous")
     y_cl = host(F.batch_norm(to_device(x_cl), None, None, training=True))
     np.testing.assert_allclose(y_cl, ref.forward(x_cl).output, rtol=1e-9, atol=1e-9)
+
+
+# 2^31 + 2^20 float32 values (8.6 GB), two channels: offsets past 2^31 elements in both.
+HUGE_SHAPE = (1, 2, 2**30 + 2**19)
+
+
+@pytest.mark.skipif(SIMULATOR, reason="8.6 GB of device memory")
+def test_more_than_two_to_the_31_values():
+    """A training forward and backward of a tensor of more than 2^31 values: its statistics
+    and last values are those of the pattern it holds."""
+    free, _ = cuda.current_context().get_memory_info()
+    if free < 3 * 4 * math.prod(HUGE_SHAPE):
+        pytest.skip("not enough free device memory")
+
+    @cuda.jit
+    def fill(x):  # channel c holds c, c + 1, c + 2, c + 3, c, ... (period 4)
+        i = cuda.grid(1)
+        for k in range(i, x.shape[2], cuda.gridsize(1)):
+            x[0, 0, k] = k % 4
+            x[0, 1, k] = 1 + k % 4
+
+    x = cuda.device_array(HUGE_SHAPE, np.float32)
+    fill[1024, 256](x)
+    y, saved = F.batch_norm_forward(x, None, None, training=True)
+    # mean 1.5 and 2.5, biased variance 1.25: x - mean over sqrt(1.25 + eps)
+    np.testing.assert_allclose(host(saved.mean), [1.5, 2.5], rtol=1e-12)
+    invstd = 1 / math.sqrt(1.25 + 1e-5)
+    np.testing.assert_allclose(host(saved.invstd), [invstd, invstd], rtol=1e-12)
+    n = HUGE_SHAPE[2]
+    tail = host(y[:, :, n - 4 :])  # positions n-4..n-1: k % 4 = 0, 1, 2, 3
+    expected = (np.arange(4) - 1.5) * invstd
+    np.testing.assert_allclose(tail, np.broadcast_to(expected, tail.shape), rtol=1e-6)
+    # dy = y, the gradient of sum(y^2) / 2: dx = invstd * y * eps / (1.25 + eps), about 1e-5
+    dx, _, _ = F.batch_norm_backward(y, x, saved, None)
+    assert np.abs(host(dx[:, :, n - 4 :])).max() < 1e-4
 
 
 def test_statistics_from_the_gpu_cannot_differentiate_host_arrays(rng):

@@ -105,6 +105,22 @@ def test_test_steps_run_files_that_exist():
             assert (gpu_check.ROOT / file).is_file(), file
 
 
+def test_the_sanitizers_workload_runs_every_kernel_family():
+    """kernel_calls' layouts give the reductions of every family, at the real block sizes;
+    each layout runs the fused backward among its passes."""
+    from numbabn._cuda.kernels import Family
+    from tools.bench import kernel_calls
+
+    found = set()
+    for layout, (wanted, shape) in kernel_calls.LAYOUTS.items():
+        x = kernel_calls._data(shape or kernel_calls.DEFAULT_SHAPE, layout, 0)
+        assert kernel_calls.family(x) == wanted, layout
+        found.add(wanted)
+    assert found == {family.name.lower() for family in Family}
+    calls = kernel_calls.passes((2, 3, 2, 2), "planar")
+    assert "train relu(bn + residual) backward" in calls
+
+
 def test_budgets_leave_room_in_eight_minutes():
     assert sum(step.budget for step in gpu_check.STEPS) <= 450
 

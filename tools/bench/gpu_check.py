@@ -12,8 +12,9 @@ and CuPy where present). The steps, in order, each with a time budget:
 - ``nan-probe``: NaN and infinities in every input of the training, fused and
   eval passes, GPU against the CPU backend (the GPU's float min/max drop NaN,
   which the simulator hides);
-- ``kernels``, ``racecheck``, ``memcheck``: one small call of every pass
-  (:mod:`tools.bench.kernel_calls`), plainly and under compute-sanitizer;
+- ``kernels``, ``racecheck``, ``memcheck``: one small call of every pass in every
+  kernel family (:mod:`tools.bench.kernel_calls`: rows, channels-inner, wide rows,
+  planar; the fused backward among the passes), plainly and under compute-sanitizer;
 - ``repeat``: each pass 1,000 times in a row, every result with the bits of the
   first (a race in a reduction's merge would show as a differing run);
 - ``sync-batchnorm``: SyncBatchNorm on CUDA arrays under ``mpiexec -n 2``
@@ -281,6 +282,9 @@ def step_versions(context: Context) -> Outcome:
         return f"{gpu_name()}, compute capability {capability}"
 
     def numbabn_cuda() -> str:
+        from numbabn._dispatch import check_cuda_requirements
+
+        check_cuda_requirements()  # names the minimum numba and numba-cuda if older
         from numbabn._cuda import backend, kernels
 
         kernels.statistics(kernels.Family.ROWS)  # the kernel factories run (no compile yet)
@@ -643,6 +647,9 @@ DRY_KERNEL_ARGUMENTS = ["--shape", "2,3,2,2", "--layout", "channels-last"]
 
 REPEATS = 1000
 DRY_REPEATS = 3
+# The merge protocol is one for every family: the repeats run two layouts (two merge layouts
+# of partials), the sanitizers every one of kernel_calls.LAYOUTS.
+REPEAT_LAYOUTS = ("nchw", "channels-last")
 
 
 def _kernel_calls_command(context: Context) -> list[str]:
@@ -654,8 +661,10 @@ def step_repeat(context: Context) -> Outcome:
     """Every pass REPEATS times in a row: each run's results with the first run's bits."""
     repeats = DRY_REPEATS if context.dry_run else REPEATS
     command = [*_kernel_calls_command(context), "--repeat", str(repeats)]
+    if not context.dry_run:
+        command += ["--layout", ",".join(REPEAT_LAYOUTS)]
     finished = run_command(command, context.seconds_left(), _print_indented, _child_environment())
-    lines = [line for line in finished.output.splitlines() if line.startswith(("NCHW", "chan"))]
+    lines = [line for line in finished.output.splitlines() if line.startswith(REPEAT_LAYOUTS)]
     markdown = f"Each pass {repeats} times in a row (`kernel_calls --repeat {repeats}`):\n\n"
     markdown += _code_block("\n".join(lines) or "(no pass ran)")
     ran = _passes_ran(finished.output)
@@ -875,25 +884,31 @@ def step_benchmark(context: Context) -> Outcome:
     return Outcome("passed", ran, markdown)
 
 
-HOST_COLUMNS = ("numbabn", "numbabn out=", "numbabn, PyTorch tensor in", "PyTorch")
+HOST_COLUMNS = (
+    "numbabn", "numbabn out=", "numbabn training step", "numbabn, PyTorch tensor in", "PyTorch"
+)  # fmt: skip
+# The host time per small training step (forward and backward) that numbabn aims at.
+STEP_TARGET_SECONDS = 20e-6
 
 
 def _host_times(
     shape: tuple[int, ...], channels_last: bool, calls: int, torch: Any | None
 ) -> dict[str, float]:
-    """Host seconds per training forward of one small case, by ``HOST_COLUMNS``."""
+    """Host seconds per training forward (and per training step: forward and backward) of
+    one small case, by ``HOST_COLUMNS``."""
     import numbabn
     from numbabn._cuda import arrays
     from tools.bench import gpu
     from tools.bench.cases import Case
 
     case = Case(shape, channels_last=channels_last)
-    x = arrays.to_device(case.make())
+    x, dy = arrays.to_device(case.make(0)), arrays.to_device(case.make(1))
     out = arrays.empty_like(x)
     bn = numbabn.BatchNorm2d(shape[1], device="cuda")
     times = {
         "numbabn": gpu.host_call_seconds(lambda: bn(x), calls),
         "numbabn out=": gpu.host_call_seconds(lambda: bn(x, out=out), calls),
+        "numbabn training step": gpu.host_call_seconds(lambda: (bn(x), bn.backward(dy)), calls),
     }
     if torch is not None:
         peer = gpu.TorchCuda(torch, case)
@@ -905,7 +920,7 @@ def _host_times(
 
 
 def step_host_time(context: Context) -> Outcome:
-    """Host microseconds per small training forward: numbabn's, and PyTorch's."""
+    """Host microseconds per small training forward and step: numbabn's, and PyTorch's."""
     from tools.bench.cases import Case
 
     torch = _torch_cuda(context)
@@ -920,10 +935,11 @@ def step_host_time(context: Context) -> Outcome:
     markdown = (
         f"Median host time of one training forward over {calls} back-to-back calls, the device "
         "synchronised before and after the loop only, in microseconds (BatchNorm2d on the "
-        "GPU; PyTorch's `F.batch_norm` without autograd).\n\n"
+        "GPU; PyTorch's `F.batch_norm` without autograd); a training step is a forward and "
+        f"a backward, {STEP_TARGET_SECONDS * 1e6:.0f} us or less the target.\n\n"
         + _table(("case", *HOST_COLUMNS), rows)
     )
-    note = "; ".join(f"{row[0]}: {row[1]} us" for row in rows)
+    note = "; ".join(f"{row[0]}: {row[1]} us, step {row[3]} us" for row in rows)
     if context.dry_run:
         return Outcome("passed", f"simulator: not a measurement ({note})", markdown)
     return Outcome("passed", note, markdown)
@@ -1045,17 +1061,17 @@ def step_cpu_threads(context: Context) -> Outcome:
 # steps then load.
 STEPS = [
     Step("versions", "Versions", 15, step_versions),
-    Step("tests-cuda", "CUDA tests on the GPU", 130, _tests_step("tests-cuda")),
-    Step("tests-semantic", "Semantic tests, CUDA cases", 65, _tests_step("tests-semantic")),
-    Step("nan-probe", "NaN and infinities: GPU against CPU", 30, step_nan_probe),
-    Step("kernels", "Every pass once", 20, step_kernels),
-    Step("racecheck", "compute-sanitizer racecheck", 40, _sanitizer_step("racecheck")),
-    Step("memcheck", "compute-sanitizer memcheck", 30, _sanitizer_step("memcheck")),
+    Step("tests-cuda", "CUDA tests on the GPU", 126, _tests_step("tests-cuda")),
+    Step("tests-semantic", "Semantic tests, CUDA cases", 60, _tests_step("tests-semantic")),
+    Step("nan-probe", "NaN and infinities: GPU against CPU", 25, step_nan_probe),
+    Step("kernels", "Every pass once", 25, step_kernels),
+    Step("racecheck", "compute-sanitizer racecheck", 50, _sanitizer_step("racecheck")),
+    Step("memcheck", "compute-sanitizer memcheck", 40, _sanitizer_step("memcheck")),
     Step("repeat", "1,000 identical launches: identical bits", 15, step_repeat),
     Step("sync-batchnorm", "SyncBatchNorm on CUDA arrays, 2 MPI ranks", 30, step_sync_batchnorm),
-    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 42, step_benchmark),
-    Step("host-time", "Host time per small forward", 12, step_host_time),
-    Step("cpu-threads", "CPU thread scaling", 21, step_cpu_threads),
+    Step("benchmark", "Against PyTorch (cuDNN) and the roofline", 35, step_benchmark),
+    Step("host-time", "Host time per small forward and training step", 14, step_host_time),
+    Step("cpu-threads", "CPU thread scaling", 15, step_cpu_threads),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
