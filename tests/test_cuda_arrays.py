@@ -220,18 +220,9 @@ def test_arrays_of_another_gpu_are_refused(rng):
     np.testing.assert_allclose(host(bn(on_second)), ref.forward(x).output, rtol=2e-6, atol=2e-6)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_launches_and_allocations_per_call(rng, monkeypatch, layout):
-    """Train forward 2 launches, backward 2, eval 1, eval backward 3; after the first call of
-    a signature, new device memory only for results (the saved statistics among them)."""
-    x = make_input(rng, (4, 3, 5, 2), layout, np.float32)
-    dy = to_device(make_input(rng, (4, 3, 5, 2), layout, np.float32))
-    d_x = to_device(x)
-    bn = numbabn.BatchNorm2d(3, device="cuda")
-    for training in (True, False):  # compiles, and makes the scratch memory of this shape
-        bn.train(training)
-        bn(d_x)
-        bn.backward(dy)
+@pytest.fixture
+def per_call(monkeypatch):
+    """``per_call(call)``: the kernel launches and Numba device allocations ``call()`` makes."""
     counts = {"launches": 0, "allocations": 0}
 
     def counted(function, key):
@@ -245,11 +236,26 @@ def test_launches_and_allocations_per_call(rng, monkeypatch, layout):
     for allocating in ("device_array", "to_device"):
         monkeypatch.setattr(cuda, allocating, counted(getattr(cuda, allocating), "allocations"))
 
-    def per_call(call):
+    def count(call):
         counts.update(launches=0, allocations=0)
         call()
         return counts["launches"], counts["allocations"]
 
+    return count
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_launches_and_allocations_per_call(rng, per_call, layout):
+    """Train forward 2 launches, backward 2, eval 1, eval backward 3; after the first call of
+    a signature, new device memory only for results (the saved statistics among them)."""
+    x = make_input(rng, (4, 3, 5, 2), layout, np.float32)
+    dy = to_device(make_input(rng, (4, 3, 5, 2), layout, np.float32))
+    d_x = to_device(x)
+    bn = numbabn.BatchNorm2d(3, device="cuda")
+    for training in (True, False):  # compiles, and makes the scratch memory of this shape
+        bn.train(training)
+        bn(d_x)
+        bn.backward(dy)
     bn.train()
     bn.zero_grad()
     assert per_call(lambda: bn(d_x)) == (2, 2)  # the output and the coefficients it returns
@@ -258,6 +264,43 @@ def test_launches_and_allocations_per_call(rng, monkeypatch, layout):
     assert per_call(lambda: bn(d_x)) == (1, 2)
     bn.zero_grad()
     assert per_call(lambda: bn.backward(dy)) == (3, 2)  # sums, scale, dx
+
+
+def test_staging_memory_is_kept_per_signature(rng, per_call):
+    """Operands of four strided axis groups (x, dy, an out) are copied through staging
+    memory that a signature's first call makes: later calls allocate only what they return
+    (the coefficients, [dweight, dbias]), and compute on their own values."""
+    shape = (2, 3, 2, 3, 2)
+    xs = [make_input(rng, shape, "inner_slice", np.float32, loc=loc) for loc in (0.0, 5.0)]
+    d_xs = [to_device(x) for x in xs]
+    d_dy = to_device(make_input(rng, shape, "crop", np.float32))
+    out = to_device(make_input(rng, shape, "inner_slice", np.float32))
+    weight = to_device(np.linspace(0.5, 1.5, 3, dtype=np.float32))
+
+    def step(d_x):
+        _, saved = F.batch_norm_forward(d_x, None, None, weight, training=True, out=out)
+        return F.batch_norm_backward(d_dy, d_x, saved, weight, out=out)
+
+    step(d_xs[0])
+    results = []
+    # Copies: x in, y out; x and dy in, dx out.
+    assert per_call(lambda: results.append(step(d_xs[1]))) == (2 + 2 + 2 + 3, 1 + 1)
+    forward = ref.forward(xs[1])
+    expected = ref.backward(host(d_dy), xs[1], forward.mean, forward.invstd, host(weight))
+    np.testing.assert_allclose(host(out), expected.grad_input, **tolerances(np.float32))
+    np.testing.assert_allclose(host(results[0][1]), expected.grad_weight, **tolerances(np.float32))
+
+
+def test_staging_memory_is_its_streams_own():
+    """Calls on two streams never share staging memory; calls on one stream do."""
+    x = to_device(np.zeros((2, 3, 4), np.float32))
+    first, second = cuda.stream(), cuda.stream()
+    kept = []
+    for stream in (first, second, first):
+        with arrays.on_stream(stream, x):
+            kept.append(arrays.kept_like(x, "input"))
+    assert kept[0] is kept[2]
+    assert not arrays.may_share_memory(kept[0], kept[1])
 
 
 def test_launch_configurations_are_cached_by_stream_handle(monkeypatch):

@@ -348,18 +348,38 @@ def copy(source: Any, target: Any) -> None:
 
 
 def upload(values: np.ndarray, slot: int) -> Any:
-    """Host ``values`` copied into a device array kept for this call queue (see
-    :func:`queue_key`), ``slot`` and their shape and dtype: made by the first such call,
-    rewritten by the next ones, in order on their stream (nothing is allocated after the
-    first call of a signature)."""
-    target = _kept(queue_key(), slot, values.shape, values.dtype.str)
+    """Host ``values`` copied into a C-contiguous device array :func:`kept` for this call
+    queue, ``slot`` and their shape and dtype."""
+    target = kept(slot, values.shape, values.dtype)
     assign(target, values)
     return target
 
 
+def kept(slot: int | str, shape: tuple[int, ...], dtype: Any) -> Any:
+    """A C-contiguous device array kept for this call queue (see :func:`queue_key`),
+    ``slot``, shape and dtype: made by the first such call, rewritten by the next ones,
+    in order on their stream (nothing is allocated after the first call of a signature).
+
+    A call's arrays that are live together take different slots; calls of other
+    streams, contexts or host threads get arrays of their own.
+    """
+    return _kept(queue_key(), slot, tuple(shape), tuple(range(len(shape))), np.dtype(dtype).str)
+
+
+def kept_like(array: Any, slot: int | str) -> Any:
+    """A device array shaped like ``array``, its axes in the same memory order (as
+    :func:`empty_like`), :func:`kept` for this call queue and ``slot``."""
+    order = tuple(_memory_order(array))
+    return _kept(queue_key(), slot, tuple(array.shape), order, array.dtype.str)
+
+
 @functools.lru_cache(maxsize=64)
-def _kept(queue: tuple[int, ...], slot: int, shape: tuple[int, ...], dtype: str) -> Any:
-    return empty(shape, np.dtype(dtype))
+def _kept(
+    queue: tuple[int, ...], slot: int | str, shape: tuple[int, ...], order: tuple[int, ...],
+    dtype: str,
+) -> Any:  # fmt: skip
+    dense = empty(tuple(shape[axis] for axis in order), np.dtype(dtype))
+    return _in_logical_order(dense, list(order))
 
 
 def filled(value: float, n: int, dtype: np.dtype) -> Any:

@@ -152,14 +152,20 @@ def _scratch(
 
 
 class _Operands:
-    """``x`` viewed for the kernels, plus views of further arrays shaped like it."""
+    """``x`` viewed for the kernels, plus views of further arrays shaped like it.
+
+    Arrays whose strides the kernels cannot use are copied through staging memory
+    kept per call queue and role (:func:`arrays.kept`): a repeated call allocates
+    none. Two operand sets of one call may share a role's memory, as the second's
+    copies are queued after the first's launches.
+    """
 
     def __init__(self, x: Any, as_rows: bool = False) -> None:
         grid = _grid_for(x)
         if grid is None or (as_rows and grid.family == Family.PLANAR):
             # More than three separately strided axis groups (or a planar view where
             # the caller needs rows): the cases that copy.
-            staged = arrays.empty(tuple(x.shape), x.dtype)
+            staged = arrays.kept("input", tuple(x.shape), x.dtype)
             arrays.copy(x, staged)
             x = staged
             grid = _grid_for(x)
@@ -168,11 +174,12 @@ class _Operands:
         self.grid: _Grid = grid
         self.view = grid.view(x)
 
-    def input_view(self, array: Any) -> Any:
-        """View another input, copying it into ``x``'s layout if its strides differ."""
+    def input_view(self, array: Any, role: str) -> Any:
+        """View another input, copying it into ``x``'s layout if its strides differ (into
+        staging memory of its ``role``)."""
         view = self.grid.view(array)
         if view is None:
-            staged = arrays.empty_like(self.x)
+            staged = arrays.kept_like(self.x, role)
             arrays.copy(array, staged)
             view = self.grid.view(staged)
         return view
@@ -202,14 +209,14 @@ class _Operands:
         view = self.grid.view(target)
         staged = None
         if view is None:
-            staged = arrays.empty_like(self.x)
+            staged = arrays.kept_like(self.x, "output")
             view = self.grid.view(staged)
         return target, view, staged
 
     def epilogue_views(self, x_view: Any, epilogue: Epilogue | None) -> tuple[Any, bool, bool]:
         """``(z view, residual?, relu?)`` of an epilogue (``x_view`` stands in for no z)."""
         residual = None if epilogue is None else epilogue.residual
-        z_view = x_view if residual is None else self.input_view(residual)
+        z_view = x_view if residual is None else self.input_view(residual, "residual")
         return z_view, residual is not None, epilogue is not None and epilogue.relu
 
     def elementwise(
@@ -238,12 +245,7 @@ def _coefficients(n_channels: int) -> Any:
 
 def _kept_coefficients(n_channels: int) -> Any:
     """Coefficients a call uses and does not return, kept for its queue (as ``_scratch``)."""
-    return _queue_coefficients(arrays.queue_key(), n_channels)
-
-
-@functools.lru_cache(maxsize=64)
-def _queue_coefficients(queue: tuple[int, ...], n_channels: int) -> Any:
-    return _coefficients(n_channels)
+    return arrays.kept("coefficients", (kernels.COEFFICIENT_ROWS, n_channels), np.float64)
 
 
 def _per_channel(kernel: Any, n: int) -> Any:
@@ -366,7 +368,7 @@ class CudaBackend:
         # strides of a planar view takes more than the 64 registers a thread that half
         # occupancy leaves. Such operands are staged as rows instead.
         ops = _Operands(x, as_rows=epilogue is not None)
-        dy_view = ops.input_view(dy)
+        dy_view = ops.input_view(dy, "dy")
         z_view, residual, _ = ops.epilogue_views(ops.view, epilogue)
         dz = arrays.empty_like(ops.x) if residual else None
         dz_view = ops.view if dz is None else ops.grid.view(dz)
@@ -514,7 +516,7 @@ class CudaBackend:
     ) -> Any:  # fmt: skip
         """Input gradient through batch statistics whose sums cover ``count`` values."""
         ops = _Operands(x)
-        dy_view = ops.input_view(dy)
+        dy_view = ops.input_view(dy, "dy")
         coeffs = _kept_coefficients(x.shape[1])
         _per_channel(kernels.gradient_coefficients, x.shape[1])(
             arrays.upload(np.asarray(sums, np.float64), 0), count, arrays.upload(mean, 1),
