@@ -375,16 +375,58 @@ def test_new_arrays_of_a_pytorch_call_come_from_pytorch(monkeypatch, stream):
     monkeypatch.setattr(
         torch.cuda, "stream", lambda chosen: streams.append(chosen) or nullcontext()
     )
-    adopted = SimpleNamespace(bind=lambda on: ("adopted", on))
-    monkeypatch.setattr(cuda, "as_cuda_array", lambda array, sync: adopted, raising=False)
+    monkeypatch.setattr(arrays, "_numba_view", lambda made, dtype, on: ("viewed", made, on))
     monkeypatch.setattr(cuda, "device_array", None)  # Numba allocates nothing
     owner = SimpleNamespace(device="cuda:0")
     monkeypatch.setattr(arrays, "library_owner", lambda x: owner)
     monkeypatch.setattr(arrays, "_library", lambda array: "torch")
     with arrays.on_stream(None if stream is None else _Handle(stream), None):
-        assert arrays.empty((2, 3), np.float32)[0] == "adopted"
+        assert arrays.empty((2, 3), np.float32)[0] == "viewed"
     assert made == [(((2, 3),), {"dtype": torch.float32, "device": "cuda:0"})]
     assert streams == ([] if stream is None else [stream])
+
+
+@pytest.mark.parametrize("library", ["torch", "cupy"])
+def test_new_library_arrays_are_viewed_from_their_pointer(monkeypatch, library):
+    """A new PyTorch tensor or CuPy array becomes a Numba device array through a memory
+    pointer that holds it (so it lives while Numba's array does) over its address, size,
+    shape and byte strides, valid on the call's stream; an empty one has no pointer."""
+    torch = pytest.importorskip("torch")
+    tensor = torch.empty((2, 3, 4), dtype=torch.float16)
+    made = tensor if library == "torch" else _CupyArray(tensor)
+    pointers, arrays_made = [], []
+
+    def recorded(calls, returned):
+        return lambda *args, **kwargs: calls.append((args, kwargs)) or returned
+
+    monkeypatch.setattr(cuda, "current_context", lambda: "context")
+    monkeypatch.setattr(
+        arrays, "driver", SimpleNamespace(MemoryPointer=recorded(pointers, "memory"))
+    )
+    monkeypatch.setattr(
+        arrays, "devicearray", SimpleNamespace(DeviceNDArray=recorded(arrays_made, "array"))
+    )
+    half = np.dtype(np.float16)
+    assert arrays._numba_view(made, half, "stream") == "array"
+    (((context, address, size), kwargs),) = pointers
+    assert (context, address.value, size) == ("context", tensor.data_ptr(), 48)
+    assert kwargs["owner"] is made
+    (((shape, strides, dtype), kwargs),) = arrays_made
+    assert (shape, strides, dtype) == ((2, 3, 4), (24, 8, 2), np.float16)
+    assert kwargs == {"stream": "stream", "gpu_data": "memory"}
+    arrays._numba_view(made[:0] if library == "torch" else _CupyArray(tensor[:0]), half, 0)
+    assert len(pointers) == 1 and arrays_made[-1][1]["gpu_data"] is None
+
+
+class _CupyArray:
+    """What a CuPy array offers of itself, over a CPU tensor's memory."""
+
+    __module__ = "cupy"
+
+    def __init__(self, tensor) -> None:
+        self.shape, self.nbytes = tuple(tensor.shape), tensor.nbytes
+        self.strides = tuple(stride * tensor.element_size() for stride in tensor.stride())
+        self.data = SimpleNamespace(ptr=tensor.data_ptr())
 
 
 @pytest.mark.skipif(SIMULATOR, reason="PyTorch and CuPy CUDA arrays need a real GPU")

@@ -23,6 +23,7 @@ caller drops it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import math
 import sys
@@ -209,7 +210,34 @@ def empty(shape: tuple[int, ...], dtype: Any) -> Any:
     made = None if owner is None else _library_empty(owner, shape, np.dtype(dtype))
     if made is None:
         return cuda.device_array(shape, dtype, stream=stream)
-    return cuda.as_cuda_array(made, sync=False).bind(stream)
+    return _numba_view(made, np.dtype(dtype), stream)
+
+
+def _numba_view(made: Any, dtype: np.dtype, stream: Any) -> Any:
+    """A Numba device array over ``made``, a new PyTorch tensor or CuPy array of ``dtype``,
+    valid on ``stream``.
+
+    Built from the pointer, shape and strides the library holds rather than through the
+    array interface, where PyTorch assembles the description in Python, Numba derives
+    shape, strides and size from it again, wraps the stream CuPy names in a new stream
+    object, and ``bind`` copies the array once more. As Numba's import through the
+    interface does, the memory pointer holds ``made`` as its owner: that keeps the memory
+    allocated while the array, its views and its slices (whose pointers pass the owner
+    on) live, and is how :func:`library_owner` finds it.
+    """
+    if _library(made) == "torch":
+        pointer = made.data_ptr()
+        strides = tuple(stride * dtype.itemsize for stride in made.stride())
+    else:
+        pointer, strides = made.data.ptr, made.strides
+    memory = None  # an empty array: Numba gives it a null pointer of its own
+    if made.nbytes:
+        memory = driver.MemoryPointer(
+            cuda.current_context(), ctypes.c_void_p(pointer), made.nbytes, owner=made
+        )
+    return devicearray.DeviceNDArray(
+        tuple(made.shape), strides, dtype, stream=stream, gpu_data=memory
+    )
 
 
 def _memory_order(array: Any) -> list[int]:
