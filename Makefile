@@ -30,9 +30,9 @@ $(VENV)/.installed-bench: pyproject.toml numbabn/__init__.py tests/constraints.t
 demo: $(VENV)/.installed-base
 	$(PY) -m numbabn
 
-## test: lint, the whole test suite (docs build and guide code included), every asv benchmark once
+## test: lint, the whole test suite on every core (docs and guide code included), each asv benchmark once
 test: $(VENV)/.installed-test lint
-	$(PY) -m pytest -m "not long and not lint"
+	$(PY) -m pytest -n auto --dist loadfile -m "not long and not lint"
 	$(MAKE) asv-quick
 
 ## test-long: the tests that take minutes each (a warm-up of every kernel into an empty cache)

@@ -205,3 +205,13 @@ def device(request) -> Device:
         return host(array) if is_cuda_ndarray(array) else array
 
     return Device("cuda", put, get, SIMULATOR)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the slow tests first (the order is otherwise kept).
+
+    ``make test`` runs the tests on every core (pytest-xdist); started first, the
+    long tests overlap the many short ones, instead of one of them finishing the
+    run on one core while the others wait.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -76,6 +76,7 @@ def test_the_test_oracle_is_pinned_in_the_constraints():
     assert re.search(r"^torch==\d", (ROOT / "tests/constraints.txt").read_text(), re.M)
 
 
+@pytest.mark.slow
 def test_sdist_tests_run_from_the_unpacked_sdist(built, tmp_path):
     """Every test module collects, and two of them run, with the sdist's own numbabn."""
     with tarfile.open(built[0] / f"{NAME}.tar.gz") as sdist:

@@ -28,6 +28,8 @@ import numbabn
 PACKAGE = Path(numbabn.__file__).resolve().parent
 ROOT = PACKAGE.parent
 TIMEOUT = 300
+# Each test runs a fresh process that compiles into a cache of its own.
+pytestmark = pytest.mark.slow
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # As root: run the command with ``$0`` bind-mounted read-only over itself.
 READ_ONLY_MOUNT = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
