@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, overload
@@ -325,18 +324,16 @@ class _BatchNorm:
         """The ``momentum`` a call passes on: the running-average factor when tracking.
 
         As PyTorch, a call passes a momentum (0.0 for None) even when nothing is
-        tracked, so its type is checked on every call.
+        tracked, so its type is checked on every call. With ``momentum=None`` the
+        factor makes a cumulative moving average over the batches seen so far.
         """
-        if tracking:
-            return self._momentum_factor()
-        return 0.0 if self.momentum is None else self.momentum
-
-    def _momentum_factor(self) -> builtins.float:  # "float" here names the method
-        if self.momentum is None:
-            # Cumulative moving average over the batches seen so far.
-            assert self.num_batches_tracked is not None  # called when tracking statistics
-            return 1.0 / float(self.num_batches_tracked + 1)
-        return self.momentum
+        momentum = self.momentum
+        if momentum is not None:
+            return momentum
+        if not tracking:
+            return 0.0
+        assert self.num_batches_tracked is not None  # allocated with the statistics
+        return 1.0 / float(self.num_batches_tracked + 1)
 
     @overload
     def forward(

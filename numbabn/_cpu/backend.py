@@ -367,8 +367,7 @@ class _SerialForward:
             x = x.view(self.bits)
         view = _viewed(x, self.view_shape, self.x_view)
         view.flags.writeable = False  # the kernels' input variants (see _as_input)
-        output = np.empty_like(x)
-        out_view = _viewed(output, self.view_shape, self.out_view)
+        output, out_view = _new_viewed(x, self.view_shape, self.out_view)
         if self.training:
             coefficients = launch(
                 serial.train_forward, *self.before, view, *self.after, momentum, *self.tail,
@@ -426,10 +425,10 @@ class _SerialBackward:
         x_view.flags.writeable = False  # the kernels' input variants (see _as_input)
         dy_view = _viewed(dy, self.view_shape, self.dy_view)
         dy_view.flags.writeable = False
-        output = np.empty_like(x)
+        output, out_view = _new_viewed(x, self.view_shape, self.out_view)
         totals = launch(
             serial.train_backward, *self.before, x_view, dy_view, mean, invstd, self.weight,
-            self.geometry, _viewed(output, self.view_shape, self.out_view),
+            self.geometry, out_view,
         )  # fmt: skip
         grads = _param_grads(totals[0], totals[1], invstd, self.weight.dtype)
         if self.bits is None:
@@ -450,6 +449,16 @@ def _viewed(array: np.ndarray, shape: tuple[int, ...], recipe: _Recipe) -> np.nd
     """``array`` viewed with the ``shape`` of its tiling's view, by ``recipe``."""
     reshaped, strides = recipe
     return array.reshape(shape) if reshaped else as_strided(array, shape, strides)
+
+
+def _new_viewed(x: np.ndarray, shape: tuple[int, ...], recipe: _Recipe) -> tuple[np.ndarray, Any]:
+    """A new array like ``x`` (its layout kept), and its view of ``shape`` by ``recipe``."""
+    reshaped, strides = recipe
+    if reshaped:  # C-contiguous: allocated in the view's shape, without empty_like's dispatch
+        view = np.empty(shape, x.dtype)
+        return view.reshape(x.shape), view
+    output = np.empty_like(x)
+    return output, as_strided(output, shape, strides)
 
 
 def _address(kernel: Callable[..., None], args: tuple[Any, ...]) -> int:
