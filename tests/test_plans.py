@@ -82,6 +82,31 @@ def test_planned_forward_is_the_full_path(shape, dtype, layout, momentum, affine
             np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "negative"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_threaded_eval_is_planned_with_the_full_paths_bits(layout, threads):
+    """An eval forward too large for one thread runs planned, on the threads, in one compiled
+    call: the bits of the checked path with out=, whatever the thread count."""
+    numba = pytest.importorskip("numba")
+    rng = np.random.default_rng(3)
+    shape = (4, 3, 131, 131)  # above the threads' threshold, rows of uneven tiles
+    module = _module(4, 3, np.float32)
+    module.running_mean[...] = rng.standard_normal(3)
+    module.running_var[...] = rng.uniform(0.5, 2.0, 3)
+    module.eval()
+    x = make_layout(lambda s: rng.standard_normal(s).astype(np.float32), shape, layout)
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        y = module(x)
+        out = np.empty_like(x)
+        module(x, out=out)
+    finally:
+        numba.set_num_threads(before)
+    assert module._plan is not None and module._plan[1].runner is not None
+    np.testing.assert_array_equal(y, out)
+
+
 def _counting(monkeypatch, name: str) -> list[int]:
     """Count the calls of ``functional.<name>``, the full checks (modules and the functional
     API alike)."""

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from numbabn import _coefficients
-from numbabn._cpu import fused, halves, host_arrays, jit, kernels, serial
+from numbabn._cpu import fused, halves, host_arrays, jit, kernels, parallel, serial
 from numbabn._cpu.jit import launch, native_address
 from numbabn._cpu.parallel import run_items
 from numbabn._tunables import COPY_BLOCK, PARALLEL_MIN_ELEMENTS, STAGING_ARRAYS_KEPT
@@ -301,13 +301,14 @@ def _as_input(view: np.ndarray) -> np.ndarray:
     return view
 
 
-class _SerialForward:
-    """Small forwards of one signature, each in one compiled call.
+class _PlannedForward:
+    """Forwards of one signature, each in one compiled call.
 
     Made once per signature by :meth:`CpuBackend.plan_forward`, with the call's
     parameters and running statistics: the views, the kernels' variants and their
     addresses are looked up here, and a call only views its arrays and runs
-    :mod:`numbabn._cpu.serial`.
+    :mod:`numbabn._cpu.serial` (``threaded``: an eval forward's items on Numba's
+    threads, :func:`numbabn._cpu.parallel.eval_forward`).
     """
 
     def __init__(
@@ -320,6 +321,7 @@ class _SerialForward:
         running_var: np.ndarray | None,
         training: bool,
         eps: float,
+        threaded: bool,
     ) -> None:
         x, tiling = ops.x, ops.tiling
         # The calls' dtype, and for 16-bit floats that of the bits the kernels take instead.
@@ -336,6 +338,9 @@ class _SerialForward:
         affine_args = (ops.view, vector, vector, vector, geometry, tiling.view(output), 0, 0)
         affine = _address(kernels.AFFINE[ops.family], affine_args)
         self.training = training
+        self.eval_forward: Callable[..., np.ndarray] = (
+            parallel.eval_forward if threaded else functools.partial(launch, serial.eval_forward)
+        )
         # The kernel's arguments before the input's view, and after it (eval: up to out).
         self.before: tuple[Any, ...]
         self.after: tuple[Any, ...]
@@ -374,7 +379,7 @@ class _SerialForward:
                 out_view,
             )  # fmt: skip
         else:
-            coefficients = launch(serial.eval_forward, *self.before, view, *self.after, out_view)
+            coefficients = self.eval_forward(*self.before, view, *self.after, out_view)
         if self.bits is not None:
             output = output.view(self.dtype)
         return output, coefficients[0], coefficients[1]
@@ -634,15 +639,18 @@ class CpuBackend:
         training: bool,
         eps: float,
         epilogue: Epilogue | None,
-    ) -> _SerialForward | None:
+    ) -> _PlannedForward | None:
         """A runner of forwards of arrays of ``x``'s signature with these arguments, made
         once for them; None where the fused passes serve as well.
 
-        Small tensors (which run on the calling thread) with no epilogue, normalised
-        into a new output that fits their layout, get one: each call is then one
-        compiled call (:mod:`.serial`), with the bits of the fused passes.
+        Forwards with no epilogue, normalised into a new output that fits their
+        layout, get one when they are small (which run on the calling thread) or
+        in eval mode: each call is then one compiled call (:mod:`.serial`, or
+        :func:`.parallel.eval_forward` for a large eval), with the bits of the fused
+        passes.
         """
-        if epilogue is not None or not 0 < x.size < PARALLEL_MIN_ELEMENTS:
+        small = x.size < PARALLEL_MIN_ELEMENTS
+        if epilogue is not None or not x.size or not (small or not training):
             return None
         dtype = x.dtype
         x, weight, bias, running_mean, running_var = map(
@@ -651,7 +659,9 @@ class CpuBackend:
         ops = _Operands(x)
         if ops.x is not x or not ops.fits(ops.tiling.view(np.empty_like(x))):
             return None  # a copy or a staged output: the fused passes handle those
-        return _SerialForward(ops, dtype, weight, bias, running_mean, running_var, training, eps)
+        return _PlannedForward(
+            ops, dtype, weight, bias, running_mean, running_var, training, eps, threaded=not small
+        )
 
     @staticmethod
     def plan_backward(

@@ -30,9 +30,11 @@ import numpy as np
 from numba import prange
 from numba._dispatcher import compute_fingerprint
 
-from numbabn._cpu import fused, kernels
+from numbabn._cpu import fused, kernels, serial
 from numbabn._cpu.jit import call_native, launch, native_address
 from numbabn._cpu.jit import driver as _driver
+
+_MEAN, _SCALE, _SHIFT = serial.Row.MEAN.value, serial.Row.SCALE.value, serial.Row.SHIFT.value
 
 # ``geometry`` is rebuilt inside each loop: parallel regions take no tuples as inputs.
 # ``prange`` counts unsigned; the kernels are compiled for int64 bounds.
@@ -104,6 +106,24 @@ def _masked_grad(
 
 
 @_driver
+def _eval_forward(
+    coefficients_of, affine, x, running_mean, running_var, weight, bias, eps, geometry, out
+):  # fmt: skip
+    """:func:`numbabn._cpu.serial.eval_forward` with the elementwise items on the threads."""
+    n_channels = running_mean.shape[0]
+    n_items = serial.work_items(n_channels, geometry)
+    coefficients = np.empty((4, n_channels))
+    call_native(coefficients_of, (running_mean, running_var, weight, bias, eps, coefficients))
+    mean, scale, shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
+    g0, g1, g2, g3 = geometry
+    for index in prange(n_items):
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(affine, (x, mean, scale, shift, tiling, out, item, item + 1))
+    return coefficients
+
+
+@_driver
 def _transpose(n_items, kernel, src, dst, block, inner_on_dst):
     for index in prange(n_items):
         item = np.int64(index)
@@ -139,6 +159,17 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def eval_forward(*args: Any) -> np.ndarray:
+    """:func:`numbabn._cpu.serial.eval_forward` (same arguments, same bits) on Numba's threads."""
+    global _launched
+    if _serial_only:
+        return launch(serial.eval_forward, *args)
+    with _launch_lock:
+        coefficients = launch(_eval_forward, *args)
+        _launched = True
+    return coefficients
 
 
 # The address of each kernel variant a driver has called, by the kernel and the

@@ -37,7 +37,7 @@ _MEAN, _INVSTD, _SCALE, _SHIFT = Row.MEAN.value, Row.INVSTD.value, Row.SCALE.val
 
 
 @_inline
-def _n_items(n_channels, geometry):
+def work_items(n_channels, geometry):
     """Work items of a tiling: channel blocks times tiles (``Tiling.n_items``)."""
     channel_block, _, _, n_tiles = geometry
     return np.int64((n_channels + channel_block - 1) // channel_block * n_tiles)
@@ -96,7 +96,7 @@ def train_forward(
     """
     n_channels = x.shape[3] if channels_inner else x.shape[1]
     start = np.int64(0)
-    n_items = _n_items(n_channels, geometry)
+    n_items = work_items(n_channels, geometry)
     # Each channel's first value: the shift the sums are taken around.
     shift = np.empty(n_channels)
     for c in range(n_channels):
@@ -127,7 +127,7 @@ def eval_forward(
     """
     n_channels = running_mean.shape[0]
     start = np.int64(0)
-    n_items = _n_items(n_channels, geometry)
+    n_items = work_items(n_channels, geometry)
     coefficients = np.empty((4, n_channels))
     call_native(coefficients_of, (running_mean, running_var, weight, bias, eps, coefficients))
     mean, scale, shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
@@ -157,7 +157,7 @@ def train_backward(
     """
     n_channels = mean.shape[0]
     start = np.int64(0)
-    n_items = _n_items(n_channels, geometry)
+    n_items = work_items(n_channels, geometry)
     zeros = np.zeros(n_channels)
     partials = np.empty((geometry[3], 2, n_channels))
     squares = False
