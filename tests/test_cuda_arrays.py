@@ -348,8 +348,8 @@ def test_memory_of_the_inputs_library_comes_back_as_its_own_view():
     assert view.data_ptr() == base + 8
     assert view.tolist() == [[2, 5], [3, 6], [4, 7]]
     device_array = SimpleNamespace(
-        shape=(2, 3), strides=(12, 4), gpu_data=SimpleNamespace(owner=owner),
-        __cuda_array_interface__={"data": (base + 24, False)},
+        shape=(2, 3), strides=(12, 4),
+        gpu_data=SimpleNamespace(owner=owner, device_pointer_value=base + 24),
     )  # fmt: skip
     returned = arrays.like(device_array, torch.zeros(1))
     assert type(returned) is torch.Tensor

@@ -148,7 +148,9 @@ def like(result: Any, original: Any) -> Any:
 
 
 def _pointer(array: Any) -> int:
-    return int(array.__cuda_array_interface__["data"][0])
+    """The address of a Numba device array's first element: its memory pointer's (what
+    its array interface exports, without building that description)."""
+    return int(array.gpu_data.device_pointer_value or 0)
 
 
 def _library_view(
@@ -247,6 +249,8 @@ def _memory_order(array: Any) -> list[int]:
 
 def _in_logical_order(dense: Any, order: list[int]) -> Any:
     """View a C-contiguous array whose axes are ``order`` with its axes put back in order."""
+    if order == sorted(order):
+        return dense
     shape = [0] * dense.ndim
     strides = [0] * dense.ndim
     for position, axis in enumerate(order):
