@@ -148,6 +148,39 @@ def test_the_producers_stream_is_the_one_named_or_pytorchs_current_one(monkeypat
     assert arrays.producer_stream(_exported(named, "torch")) == 0xCAFE
 
 
+@pytest.mark.parametrize("read_only", [False, True])
+def test_an_array_is_adopted_from_one_reading_of_its_interface(monkeypatch, read_only):
+    """Numba views an exported array from the description read once (the exporter may build
+    it in Python each time), with the array as owner, bound to numbabn's object for the
+    stream named, not to one Numba would make for it; a read-only mark is kept."""
+    interface = {
+        "shape": (2,), "typestr": "<f4", "data": (1 << 20, read_only), "version": 3,
+        "stream": 0xCAFE,
+    }  # fmt: skip
+    reads, viewed = [], []
+
+    class Exported:
+        @property
+        def __cuda_array_interface__(self):
+            reads.append(1)
+            return interface
+
+    def from_interface(description, owner, sync):
+        viewed.append((description, owner, sync))
+        return SimpleNamespace(bind=lambda stream: SimpleNamespace(stream=stream))
+
+    monkeypatch.setattr(cuda, "from_cuda_array_interface", from_interface, raising=False)
+    monkeypatch.setattr(arrays, "SIMULATOR", False)
+    monkeypatch.setattr(arrays, "context_key", lambda: 0)
+    monkeypatch.setattr(arrays, "_external_stream", lambda context, handle: f"stream {handle}")
+    exported = Exported()
+    adopted = arrays.adopt(exported)
+    assert len(reads) == 1
+    assert viewed == [({**interface, "stream": None}, exported, False)]
+    assert adopted.stream == "stream 51966"
+    assert getattr(adopted, "writeable", True) is not read_only
+
+
 @pytest.mark.skipif(SIMULATOR, reason="PyTorch CUDA tensors need a real GPU")
 def test_pytorch_tensors_run_on_pytorchs_current_stream(rng):
     torch = pytest.importorskip("torch")
@@ -348,8 +381,8 @@ def test_memory_of_the_inputs_library_comes_back_as_its_own_view():
     assert view.data_ptr() == base + 8
     assert view.tolist() == [[2, 5], [3, 6], [4, 7]]
     device_array = SimpleNamespace(
-        shape=(2, 3), strides=(12, 4), gpu_data=SimpleNamespace(owner=owner),
-        __cuda_array_interface__={"data": (base + 24, False)},
+        shape=(2, 3), strides=(12, 4),
+        gpu_data=SimpleNamespace(owner=owner, device_pointer_value=base + 24),
     )  # fmt: skip
     returned = arrays.like(device_array, torch.zeros(1))
     assert type(returned) is torch.Tensor

@@ -52,24 +52,29 @@ def adopt(array: Any) -> Any:
         return array
     if getattr(array, "requires_grad", False):
         array = array.detach()  # PyTorch exports no interface for tensors that require grad
-    adopted = cuda.as_cuda_array(array, sync=False)
-    handle = producer_stream(array)
+    # Read once (PyTorch builds the description in Python each time); the stream is
+    # bound below to numbabn's object for it, not to a new one made per call.
+    interface = array.__cuda_array_interface__
+    description = {**interface, "stream": None}
+    adopted = cuda.from_cuda_array_interface(description, owner=array, sync=False)
+    handle = producer_stream(array, interface)
     if handle and not SIMULATOR:  # the simulator has no streams of other libraries
         adopted = adopted.bind(_external_stream(context_key(), handle))
-    if array.__cuda_array_interface__["data"][1]:
+    if interface["data"][1]:
         adopted.writeable = False
     return adopted
 
 
-def producer_stream(array: Any) -> int | None:
+def producer_stream(array: Any, interface: dict[str, Any] | None = None) -> int | None:
     """The handle of the stream ``array``'s data is valid on, by its exporter (None: not
-    named, 0: the default stream).
+    named, 0: the default stream); ``interface`` is its array interface when already read.
 
     Version 3 of the interface names it (``stream``); PyTorch exports version 2,
     which does not, while its work is queued on its current stream for the
     tensor's GPU: that stream it is.
     """
-    interface = array.__cuda_array_interface__
+    if interface is None:
+        interface = array.__cuda_array_interface__
     if "stream" in interface:
         return interface["stream"]
     if type(array).__module__.partition(".")[0] == "torch":
@@ -148,7 +153,9 @@ def like(result: Any, original: Any) -> Any:
 
 
 def _pointer(array: Any) -> int:
-    return int(array.__cuda_array_interface__["data"][0])
+    """The address of a Numba device array's first element: its memory pointer's (what
+    its array interface exports, without building that description)."""
+    return int(array.gpu_data.device_pointer_value or 0)
 
 
 def _library_view(
@@ -247,6 +254,8 @@ def _memory_order(array: Any) -> list[int]:
 
 def _in_logical_order(dense: Any, order: list[int]) -> Any:
     """View a C-contiguous array whose axes are ``order`` with its axes put back in order."""
+    if order == sorted(order):
+        return dense
     shape = [0] * dense.ndim
     strides = [0] * dense.ndim
     for position, axis in enumerate(order):
