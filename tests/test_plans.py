@@ -82,29 +82,38 @@ def test_planned_forward_is_the_full_path(shape, dtype, layout, momentum, affine
             np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "negative"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_threaded_eval_is_planned_with_the_full_paths_bits(layout, threads):
-    """An eval forward too large for one thread runs planned, on the threads, in one compiled
-    call: the bits of the checked path with out=, whatever the thread count."""
+def test_a_threaded_forward_is_planned_with_the_full_paths_bits(training, layout, threads):
+    """A forward too large for one thread runs planned, on the threads, in one compiled call:
+    the bits of the checked path with out= (output, saved and running statistics), whatever
+    the thread count."""
     numba = pytest.importorskip("numba")
     rng = np.random.default_rng(3)
     shape = (4, 3, 131, 131)  # above the threads' threshold, rows of uneven tiles
-    module = _module(4, 3, np.float32)
-    module.running_mean[...] = rng.standard_normal(3)
-    module.running_var[...] = rng.uniform(0.5, 2.0, 3)
-    module.eval()
-    x = make_layout(lambda s: rng.standard_normal(s).astype(np.float32), shape, layout)
+    planned, checked = (_module(4, 3, np.float32, momentum=None) for _ in range(2))
+    for module in (planned, checked):
+        module.running_mean[...] = np.linspace(-1.0, 1.0, 3)
+        module.running_var[...] = np.linspace(0.5, 2.0, 3)
+        module.train(training)
+    x = make_layout(lambda s: (rng.standard_normal(s) * 3 + 1).astype(np.float32), shape, layout)
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        y = module(x)
-        out = np.empty_like(x)
-        module(x, out=out)
+        for _ in range(2):
+            y = planned(x)
+            out = np.empty_like(x)
+            checked(x, out=out)
+            np.testing.assert_array_equal(y, out)
     finally:
         numba.set_num_threads(before)
-    assert module._plan is not None and module._plan[1].runner is not None
-    np.testing.assert_array_equal(y, out)
+    assert planned._plan is not None and planned._plan[1].runner is not None
+    for name in ("running_mean", "running_var"):
+        np.testing.assert_array_equal(getattr(planned, name), getattr(checked, name))
+    assert planned._saved is not None and checked._saved is not None
+    np.testing.assert_array_equal(planned._saved.stats.mean, checked._saved.stats.mean)
+    np.testing.assert_array_equal(planned._saved.stats.invstd, checked._saved.stats.invstd)
 
 
 def _counting(monkeypatch, name: str) -> list[int]:

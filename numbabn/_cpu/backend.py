@@ -307,8 +307,8 @@ class _PlannedForward:
     Made once per signature by :meth:`CpuBackend.plan_forward`, with the call's
     parameters and running statistics: the views, the kernels' variants and their
     addresses are looked up here, and a call only views its arrays and runs
-    :mod:`numbabn._cpu.serial` (``threaded``: an eval forward's items on Numba's
-    threads, :func:`numbabn._cpu.parallel.eval_forward`).
+    :mod:`numbabn._cpu.serial` (``threaded``: the same passes with their items on
+    Numba's threads, :func:`numbabn._cpu.parallel.train_forward` and ``eval_forward``).
     """
 
     def __init__(
@@ -338,9 +338,12 @@ class _PlannedForward:
         affine_args = (ops.view, vector, vector, vector, geometry, tiling.view(output), 0, 0)
         affine = _address(kernels.AFFINE[ops.family], affine_args)
         self.training = training
-        self.eval_forward: Callable[..., np.ndarray] = (
-            parallel.eval_forward if threaded else functools.partial(launch, serial.eval_forward)
-        )
+        # The whole passes: on Numba's threads, or on the calling thread.
+        self.train_forward: Callable[..., np.ndarray] = parallel.train_forward
+        self.eval_forward: Callable[..., np.ndarray] = parallel.eval_forward
+        if not threaded:
+            self.train_forward = functools.partial(launch, serial.train_forward)
+            self.eval_forward = functools.partial(launch, serial.eval_forward)
         # The kernel's arguments before the input's view, and after it (eval: up to out).
         self.before: tuple[Any, ...]
         self.after: tuple[Any, ...]
@@ -374,10 +377,9 @@ class _PlannedForward:
         view.flags.writeable = False  # the kernels' input variants (see _as_input)
         output, out_view = _new_viewed(x, self.view_shape, self.out_view)
         if self.training:
-            coefficients = launch(
-                serial.train_forward, *self.before, view, *self.after, momentum, *self.tail,
-                out_view,
-            )  # fmt: skip
+            coefficients = self.train_forward(
+                *self.before, view, *self.after, momentum, *self.tail, out_view
+            )
         else:
             coefficients = self.eval_forward(*self.before, view, *self.after, out_view)
         if self.bits is not None:
@@ -644,13 +646,11 @@ class CpuBackend:
         once for them; None where the fused passes serve as well.
 
         Forwards with no epilogue, normalised into a new output that fits their
-        layout, get one when they are small (which run on the calling thread) or
-        in eval mode: each call is then one compiled call (:mod:`.serial`, or
-        :func:`.parallel.eval_forward` for a large eval), with the bits of the fused
-        passes.
+        layout, get one: each call is then one compiled call (:mod:`.serial` for
+        the small tensors that run on the calling thread, :mod:`.parallel`'s whole
+        passes for the others), with the bits of the fused passes.
         """
-        small = x.size < PARALLEL_MIN_ELEMENTS
-        if epilogue is not None or not x.size or not (small or not training):
+        if epilogue is not None or not x.size:
             return None
         dtype = x.dtype
         x, weight, bias, running_mean, running_var = map(
@@ -660,8 +660,9 @@ class CpuBackend:
         if ops.x is not x or not ops.fits(ops.tiling.view(np.empty_like(x))):
             return None  # a copy or a staged output: the fused passes handle those
         return _PlannedForward(
-            ops, dtype, weight, bias, running_mean, running_var, training, eps, threaded=not small
-        )
+            ops, dtype, weight, bias, running_mean, running_var, training, eps,
+            threaded=x.size >= PARALLEL_MIN_ELEMENTS,
+        )  # fmt: skip
 
     @staticmethod
     def plan_backward(

@@ -106,6 +106,33 @@ def _masked_grad(
 
 
 @_driver
+def _train_forward(
+    sums, coefficients_of, affine, x, weight, bias, running_mean, running_var, momentum, eps,
+    channels_inner, geometry, out,
+):  # fmt: skip
+    """:func:`numbabn._cpu.serial.train_forward` with both passes' items on the threads."""
+    n_channels = x.shape[3] if channels_inner else x.shape[1]
+    n_items = serial.work_items(n_channels, geometry)
+    shift = serial.first_values(x, channels_inner, n_channels)
+    partials = np.empty((geometry[3], 2, n_channels))
+    g0, g1, g2, g3 = geometry
+    for index in prange(n_items):
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(sums, (x, x, shift, shift, True, tiling, partials, item, item + 1))
+    coefficients = serial.coefficients_from_partials(
+        coefficients_of, partials, shift, x.size // n_channels, weight, bias, eps, running_mean,
+        running_var, momentum,
+    )  # fmt: skip
+    mean, scale, bias_shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
+    for index in prange(n_items):
+        item = np.int64(index)
+        tiling = (g0, g1, g2, g3)
+        call_native(affine, (x, mean, scale, bias_shift, tiling, out, item, item + 1))
+    return coefficients
+
+
+@_driver
 def _eval_forward(
     coefficients_of, affine, x, running_mean, running_var, weight, bias, eps, geometry, out
 ):  # fmt: skip
@@ -161,13 +188,24 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def train_forward(*args: Any) -> np.ndarray:
+    """:func:`numbabn._cpu.serial.train_forward` (same arguments, same bits) on Numba's threads."""
+    return _run_whole(_train_forward, serial.train_forward, args)
+
+
 def eval_forward(*args: Any) -> np.ndarray:
     """:func:`numbabn._cpu.serial.eval_forward` (same arguments, same bits) on Numba's threads."""
+    return _run_whole(_eval_forward, serial.eval_forward, args)
+
+
+def _run_whole(driver: Any, serial_pass: Any, args: tuple[Any, ...]) -> np.ndarray:
+    """A whole pass by its ``driver`` on the threads, or by ``serial_pass`` where a forked
+    child cannot start them."""
     global _launched
     if _serial_only:
-        return launch(serial.eval_forward, *args)
+        return launch(serial_pass, *args)
     with _launch_lock:
-        coefficients = launch(_eval_forward, *args)
+        coefficients = launch(driver, *args)
         _launched = True
     return coefficients
 

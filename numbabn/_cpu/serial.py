@@ -54,6 +54,32 @@ def _merged(partials):
     return totals
 
 
+@_inline
+def first_values(x, channels_inner, n_channels):
+    """Each channel's first value in float64: the shift the statistics' sums are taken around."""
+    shift = np.empty(n_channels)
+    for c in range(n_channels):
+        shift[c] = widen(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
+    return shift
+
+
+@_inline
+def coefficients_from_partials(
+    coefficients_of, partials, shift, count, weight, bias, eps, running_mean, running_var,
+    momentum,
+):  # fmt: skip
+    """A training forward's :class:`Row` s from the tiles' partial sums, by the address of
+    :func:`batch_coefficients`' variant (which also updates the running statistics)."""
+    totals = _merged(partials)
+    coefficients = np.empty((4, partials.shape[2]))
+    call_native(
+        coefficients_of,
+        (totals, shift, np.int64(count), weight, bias, eps, running_mean, running_var, momentum,
+         coefficients),
+    )  # fmt: skip
+    return coefficients
+
+
 @_kernel
 def batch_coefficients(
     totals, shift, count, weight, bias, eps, running_mean, running_var, momentum, coefficients
@@ -97,20 +123,13 @@ def train_forward(
     n_channels = x.shape[3] if channels_inner else x.shape[1]
     start = np.int64(0)
     n_items = work_items(n_channels, geometry)
-    # Each channel's first value: the shift the sums are taken around.
-    shift = np.empty(n_channels)
-    for c in range(n_channels):
-        shift[c] = widen(x[0, 0, 0, c] if channels_inner else x[0, c, 0, 0])
+    shift = first_values(x, channels_inner, n_channels)
     partials = np.empty((geometry[3], 2, n_channels))
     squares = True
     call_native(sums, (x, x, shift, shift, squares, geometry, partials, start, n_items))
-    totals = _merged(partials)
-    count = np.int64(x.size // n_channels)
-    coefficients = np.empty((4, n_channels))
-    call_native(
-        coefficients_of,
-        (totals, shift, count, weight, bias, eps, running_mean, running_var, momentum,
-         coefficients),
+    coefficients = coefficients_from_partials(
+        coefficients_of, partials, shift, x.size // n_channels, weight, bias, eps, running_mean,
+        running_var, momentum,
     )  # fmt: skip
     mean, scale, bias_shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
     call_native(affine, (x, mean, scale, bias_shift, geometry, out, start, n_items))
