@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: help demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-small bench-wide bench-gpu bench-sync bench-dask docs docs-check dist clean
+.PHONY: help demo test test-long fuzz soak test-gpu gpu-static lint asv-quick bench bench-small bench-eval-floor bench-wide bench-gpu bench-sync bench-dask docs docs-check dist clean
 
 ## help: list every target with what it does
 help:
@@ -92,6 +92,10 @@ bench: $(VENV)/.installed-bench
 # Into benchmarks/results/small-calls.md (make bench has the same table in its report).
 bench-small: $(VENV)/.installed-test
 	$(PY) -m tools.bench.small_calls --output benchmarks/results/small-calls.md
+
+## bench-eval-floor: eval beside PyTorch's and a compiled loop of the same arithmetic (floor)
+bench-eval-floor: $(VENV)/.installed-test
+	$(PY) -m tools.bench.eval_floor --runs 3 --output benchmarks/results/eval-floor.md
 
 ## bench-wide: BatchNorm1d on (N, C) matrices, C = 16 to 8192, beside torch.nn's and NumPy's
 bench-wide: $(VENV)/.installed-test
