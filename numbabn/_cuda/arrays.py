@@ -12,6 +12,12 @@ producer named in its interface (version 3's ``stream``: CuPy's current
 stream), or for a PyTorch tensor, whose interface (version 2) names none,
 PyTorch's current stream on the tensor's GPU; so the work follows the
 producer's without the host waiting.
+
+bfloat16 data are Numba device arrays of ``ml_dtypes.bfloat16``, which
+numba-cuda's kernels take as its bfloat16. PyTorch exports its bfloat16 CUDA
+tensors as raw 2-byte values (typestr ``<V2``) and takes none back: such a
+tensor is viewed as bfloat16 on the way in, and a result goes back as its
+16-bit integers viewed as ``torch.bfloat16``, both without a copy.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from numba import cuda
 from numba.cuda.core import config
 from numba.cuda.cudadrv import devicearray, driver
 
+from numbabn._cpu.halves import bfloat16
+from numbabn._validation import is_bfloat16
+
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
 
@@ -46,6 +55,8 @@ def adopt(array: Any) -> Any:
     if getattr(array, "requires_grad", False):
         array = array.detach()  # PyTorch exports no interface for tensors that require grad
     adopted = cuda.as_cuda_array(array, sync=False)
+    if _holds_bfloat16(array) and not is_bfloat16(adopted.dtype):
+        adopted = retyped(adopted, bfloat16())  # exported as raw 2-byte values
     handle = producer_stream(array)
     if handle and not SIMULATOR:  # the simulator has no streams of other libraries
         adopted = adopted.bind(_external_stream(context_key(), handle))
@@ -116,8 +127,26 @@ def like(result: Any, original: Any) -> Any:
     if library == "cupy":
         return sys.modules["cupy"].asarray(result)
     if library == "torch":
-        return sys.modules["torch"].as_tensor(result, device=original.device)
+        torch = sys.modules["torch"]
+        if is_bfloat16(result.dtype):  # PyTorch takes no bfloat16 interface: the bits go
+            bits = torch.as_tensor(retyped(result, np.dtype(np.int16)), device=original.device)
+            return bits.view(torch.bfloat16)
+        return torch.as_tensor(result, device=original.device)
     return result
+
+
+def _holds_bfloat16(array: Any) -> bool:
+    """Whether another library's array holds bfloat16 (``torch.bfloat16``, for one)."""
+    return str(getattr(array, "dtype", "")).endswith("bfloat16")
+
+
+def retyped(array: Any, dtype: np.dtype) -> Any:
+    """``array``'s memory as ``dtype``, a dtype of the same size: the same shape and strides."""
+    if SIMULATOR:
+        return type(array)(array._ary.view(dtype), stream=array.stream)
+    return devicearray.DeviceNDArray(
+        array.shape, array.strides, dtype, stream=array.stream, gpu_data=array.gpu_data
+    )
 
 
 def view(array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
