@@ -17,9 +17,11 @@ pytest.importorskip("numba_cuda")
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 from device import SIMULATOR, host, to_device  # noqa: E402
+from numba import cuda, float64  # noqa: E402
 
 import numbabn  # noqa: E402
 from numbabn import functional as F  # noqa: E402
+from numbabn._cuda.halves import narrowed  # noqa: E402
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT16 = np.dtype(np.float16)
@@ -161,3 +163,38 @@ def test_pytorch_cuda_tensors_in_and_out(dtype, rng):
     assert torch.equal(fresh, out_t)
     ours = out_t.cpu().view(torch.int16).numpy().view(dtype)
     assert_within_one_ulp(ours, F.batch_norm(x, None, None, training=True))
+
+
+@pytest.mark.filterwarnings("ignore:.*overflow encountered in cast:RuntimeWarning")
+@HALVES
+def test_kernels_round_float64_once_and_widen_exactly(dtype):
+    """A kernel's store through ``narrowed`` is NumPy's (ml_dtypes') single rounding to
+    nearest even, where a float32 on the way would round some values twice; its load of a
+    16-bit value as float64 is exact. (Under the simulator NumPy stores; a GPU runs the
+    compiled rounding.)"""
+    @cuda.jit
+    def store_and_load(values, out, back):
+        for i in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
+            out[i] = narrowed(values[i], out)
+            back[i] = float64(out[i])
+
+    rng = np.random.default_rng(11)
+    half_ulp = 2.0 ** -(8 if dtype == BFLOAT16 else 11)  # of 1.0
+    values = np.concatenate([
+        rng.standard_normal(3000) * 10.0 ** rng.integers(-45, 40, 3000),
+        1.0 + half_ulp * np.array([1.0, 3.0]) + 2.0**-40,  # past a tie: rounded up once
+        1.0 + half_ulp * np.array([1.0, 3.0]) - 2.0**-40,
+        (np.arange(1, 60) + 0.5) * 2.0 ** (-133 if dtype == BFLOAT16 else -24),  # subnormals
+        [np.inf, np.nan, 0.0, 65519.99, 65520.0, 3.4e38, 3.4e39, 1e300, 2.0**-300],
+    ])  # fmt: skip
+    values = np.concatenate([values, -values])
+    out = to_device(np.zeros(values.size, dtype))
+    back = to_device(np.zeros(values.size))
+    store_and_load[4, 32](to_device(values), out, back)
+    with np.errstate(over="ignore"):
+        expected = values.astype(dtype)
+    got = host(out)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(got.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    assert np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(host(back), got.astype(np.float64))
