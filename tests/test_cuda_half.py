@@ -46,6 +46,20 @@ def assert_within_one_ulp(ours: np.ndarray, theirs: np.ndarray) -> None:
     assert near.all(), f"{ours[~near]} where the CPU gives {theirs[~near]}"
 
 
+def assert_same_state(on_gpu, on_cpu, dtype: np.dtype) -> None:
+    """The modules' state and parameter gradients agree, all of ``dtype``: 16-bit ones to
+    1 ulp, float32 ones to float32 rounding."""
+    expected = _state(on_cpu)
+    for key, value in _state(on_gpu).items():
+        if key == "num_batches_tracked":
+            assert value == expected[key]
+        elif dtype == FLOAT32:
+            assert value.dtype == dtype, key
+            np.testing.assert_allclose(value, expected[key], rtol=2e-6, atol=1e-6)
+        else:
+            assert_within_one_ulp(value, expected[key])
+
+
 def _state(module) -> dict[str, np.ndarray]:
     """A module's state and parameter gradients, on the host."""
     grads = {f"grad {name}": grad for name, grad in module.grads.items() if grad is not None}
@@ -72,11 +86,11 @@ def _modules(dtype: np.dtype, converted: bool, **options) -> tuple:
 )
 def test_train_and_eval_steps_match_the_cpu(dtype, layout, converted, rng):
     """Half data, half outputs and input gradients; state and parameter gradients float32
-    (a float32 module) or of the data's dtype (a converted one), as PyTorch's. Two training
-    steps without zero_grad accumulate the parameter gradients."""
+    (a float32 module) or of the data's dtype (a converted one), as PyTorch's. The second
+    step's parameter gradients add to the first's (no zero_grad between)."""
     on_cpu, on_gpu = _modules(dtype, converted)
     state_dtype = dtype if converted else FLOAT32
-    for training in (True, True, False):
+    for training in (True, False):
         on_cpu.train(training)
         on_gpu.train(training)
         x = make_input(rng, (3, 3, 4, 3), layout, dtype, loc=5.0, scale=2.0)
@@ -84,16 +98,7 @@ def test_train_and_eval_steps_match_the_cpu(dtype, layout, converted, rng):
         y = host(on_gpu(to_device(x)))
         assert_within_one_ulp(y, on_cpu(x))
         assert_within_one_ulp(host(on_gpu.backward(to_device(dy))), on_cpu.backward(dy))
-        expected = _state(on_cpu)
-        for key, value in _state(on_gpu).items():
-            if key == "num_batches_tracked":
-                assert value == expected[key]
-                continue
-            assert value.dtype == state_dtype, key
-            if converted:
-                assert_within_one_ulp(value, expected[key])
-            else:
-                np.testing.assert_allclose(value, expected[key], rtol=2e-6, atol=1e-6)
+        assert_same_state(on_gpu, on_cpu, state_dtype)
 
 
 @HALVES
@@ -107,6 +112,25 @@ def test_fused_relu_and_residual_into_out(dtype, rng):
     (dx, dz), (dx_cpu, dz_cpu) = on_gpu.backward(to_device(dy)), on_cpu.backward(dy)
     assert_within_one_ulp(host(dx), dx_cpu)
     assert_within_one_ulp(host(dz), dz_cpu)
+
+
+@HALVES
+@pytest.mark.parametrize("converted", [False, True], ids=["float32 module", "converted module"])
+def test_channel_stats_and_sync_batch_norm_match_the_cpu(dtype, converted, rng):
+    """The separate phases (statistics, coefficients, affine pass, gradient sums) that
+    ``SyncBatchNorm`` exchanges between, on one rank."""
+    mpi = pytest.importorskip("mpi4py.MPI")
+    x = make_input(rng, (4, 3, 5), "contiguous", dtype, loc=2.0, scale=3.0)
+    dy = make_input(rng, (4, 3, 5), "contiguous", dtype)
+    stats = numbabn.ChannelStats(3).update(to_device(x))
+    np.testing.assert_array_equal(stats.mean, numbabn.ChannelStats(3).update(x).mean)
+    on_cpu = numbabn.SyncBatchNorm(3, comm=mpi.COMM_SELF)
+    on_gpu = numbabn.SyncBatchNorm(3, comm=mpi.COMM_SELF, device="cuda")
+    if converted:
+        on_cpu, on_gpu = on_cpu.to(dtype=dtype), on_gpu.to(dtype=dtype)
+    assert_within_one_ulp(host(on_gpu(to_device(x))), on_cpu(x))
+    assert_within_one_ulp(host(on_gpu.backward(to_device(dy))), on_cpu.backward(dy))
+    assert_same_state(on_gpu, on_cpu, dtype if converted else FLOAT32)
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the simulator's NumPy
@@ -172,6 +196,7 @@ def test_kernels_round_float64_once_and_widen_exactly(dtype):
     nearest even, where a float32 on the way would round some values twice; its load of a
     16-bit value as float64 is exact. (Under the simulator NumPy stores; a GPU runs the
     compiled rounding.)"""
+
     @cuda.jit
     def store_and_load(values, out, back):
         for i in range(cuda.grid(1), values.shape[0], cuda.gridsize(1)):
