@@ -6,10 +6,12 @@ backend launches, with the argument types it launches it with. Data arrays have
 the input's dtype; parameters, running statistics and parameter gradients are
 float32 for bfloat16 and float16 input (a float32 module) and the input's dtype
 otherwise; per-channel statistics, coefficients and partials are float64. For
-16-bit input the kernels that take parameters come a second time with
-parameters of the input's dtype (a module converted with ``.bfloat16()`` or
-``.half()``), labelled ``half parameters``. Arrays are typed ``"A"`` (any
-strides), the general case.
+16-bit input the kernels that write parameter-dtype arrays (running
+statistics, parameter gradients) come a second time with parameters of the
+input's dtype (a module converted with ``.bfloat16()`` or ``.half()``),
+labelled ``half parameters``: their stores round to 16 bits there. (A kernel
+that only reads parameters widens each once, as it widens the data.) Arrays
+are typed ``"A"`` (any strides), the general case.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ def _label(name: str, *flags: str) -> str:
 
 
 HALVES = (types.bfloat16, types.float16)
-# The label flag of the kernels given parameters of the input's 16-bit dtype.
+# The label flag of the kernels given parameters of the input's 16-bit dtype, and the
+# kernels listed so: those that write parameter-dtype arrays.
 HALF_PARAMETERS = "half parameters"
+WRITE_PARAMETERS = ("statistics", "gradient_sums", "batch_coefficients", "accumulate")
 
 
 def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
@@ -93,8 +97,11 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
     """
     if dtype not in HALVES:
         return _entries(dtype, dtype)
-    vector = _array(dtype, 1)
-    with_half = [entry for entry in _entries(dtype, dtype, HALF_PARAMETERS) if vector in entry[2]]
+    with_half = [
+        entry
+        for entry in _entries(dtype, dtype, HALF_PARAMETERS)
+        if entry[0].startswith(WRITE_PARAMETERS)
+    ]
     return _entries(dtype, types.float32) + with_half
 
 
