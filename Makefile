@@ -56,7 +56,8 @@ GPU_RUN := NUMBA_ENABLE_CUDASIM=0 PYTHONPATH=$(CURDIR) $(GPU_PYTHON)
 
 ## test-gpu: the CUDA backend's tests on a real NVIDIA GPU, without the simulator
 test-gpu:
-	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_cuda_arrays.py tests/test_fused.py
+	$(GPU_RUN) -m pytest -p no:cacheprovider tests/test_cuda.py tests/test_cuda_arrays.py \
+		tests/test_cuda_half.py tests/test_fused.py
 
 ## bench-gpu: numbabn on the GPU beside PyTorch's CUDA batch norm and a streaming roofline
 bench-gpu:

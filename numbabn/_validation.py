@@ -262,8 +262,8 @@ def flat_vector(vector: Any | None, n_channels: int) -> Any | None:
 def check_dtype(x: Any, taken: Mapping[np.dtype, np.dtype] = PARAM_DTYPES) -> None:
     """Raise unless ``x`` has a dtype the backend takes: a key of ``taken``.
 
-    ``taken`` is the backend's ``param_dtypes`` (the CPU's :data:`PARAM_DTYPES`
-    takes bfloat16 and float16 too; the GPU's float16 only). PyTorch's
+    ``taken`` is the backend's ``param_dtypes`` (both backends' :data:`PARAM_DTYPES`
+    takes bfloat16 and float16 too). PyTorch's
     NotImplementedError for the dtypes it has a kernel name for; TypeError for a
     16-bit float the backend does not take and for dtypes PyTorch has no tensors of.
     """

@@ -141,7 +141,7 @@ def batch_norm_forward(
     ----------
     input : array
         Shape ``(N, C, *spatial)``, float32 or float64, or 16-bit floats
-        (``ml_dtypes.bfloat16`` and float16 on the CPU, float16 on CUDA),
+        (``ml_dtypes.bfloat16`` and float16, on the CPU and on CUDA),
         any strides. Host arrays of any library that exports DLPack or the
         NumPy array interface (PyTorch CPU tensors, JAX CPU arrays,
         ``numpy.memmap``) are used in place, as are CUDA arrays (anything with

@@ -800,7 +800,7 @@ _PARAMETERS = """
     dtype : float32, float64, ml_dtypes.bfloat16 or float16, default float32
         Dtype of the parameters and statistics, and of the accepted input
         (a float32 module takes bfloat16 and float16 input too, as PyTorch's
-        does; on the GPU float16 only, and half modules on the CPU only).
+        does).
     bias : bool, default True
         With ``affine``, whether there is a bias.
     activation : {None, "relu"}

@@ -69,9 +69,6 @@ class Case:
     cpu_only: str | None = None  # why the row runs on the CPU backend only
 
 
-# Why the 16-bit float rows run on the CPU backend only.
-HALF_CPU_ONLY = "the CUDA backend takes float16 data with float32 parameters only (test_cuda.py)"
-
 # The sentence numbabn adds after PyTorch's message (a regular expression), per check.
 ADVICE = {
     r"\w+ should contain \d+ elements not \d+": (
@@ -513,7 +510,6 @@ CASES = [
             x=_data(SHAPE, half),
             dtype=np.dtype(module_dtype),
             train=train,
-            cpu_only=HALF_CPU_ONLY,
         )
         for name, half in HALVES.items()
         for module_dtype in ("float32", half)
@@ -678,7 +674,6 @@ CASES = [
             f"{name} input, {label}",
             x=_data((4, 3), half),
             training=training,
-            cpu_only=HALF_CPU_ONLY,
             **{key: dtype and _vec(3, fill, dtype) for key, (fill, dtype) in vectors.items()},
         )
         for name, half in HALVES.items()

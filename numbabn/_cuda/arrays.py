@@ -18,6 +18,13 @@ through that library (its caching allocator or memory pool, for the call's
 stream), and hands its results back as that library's views of them: no copy,
 no host synchronisation, and memory the library can reuse as soon as the
 caller drops it.
+
+bfloat16 data are Numba device arrays of ``ml_dtypes.bfloat16``, which
+numba-cuda's kernels take as its bfloat16. PyTorch exports its bfloat16 CUDA
+tensors as raw 2-byte values (typestr ``<V2``) and takes none back: such a
+tensor is viewed as bfloat16 on the way in; results come back from PyTorch's
+own bfloat16 memory (see above), or, made by Numba, as their 16-bit integers
+viewed as ``torch.bfloat16``; no copy either way.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ import numpy as np
 from numba import cuda
 from numba.cuda.core import config
 from numba.cuda.cudadrv import devicearray, driver
+
+from numbabn._cpu.halves import bfloat16
+from numbabn._validation import is_bfloat16
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -57,6 +67,8 @@ def adopt(array: Any) -> Any:
     interface = array.__cuda_array_interface__
     description = {**interface, "stream": None}
     adopted = cuda.from_cuda_array_interface(description, owner=array, sync=False)
+    if _holds_bfloat16(array) and not is_bfloat16(adopted.dtype):
+        adopted = retyped(adopted, bfloat16())  # exported as raw 2-byte values
     handle = producer_stream(array, interface)
     if handle and not SIMULATOR:  # the simulator has no streams of other libraries
         adopted = adopted.bind(_external_stream(context_key(), handle))
@@ -148,7 +160,11 @@ def like(result: Any, original: Any) -> Any:
     if library == "cupy":
         return sys.modules["cupy"].asarray(result)
     if library == "torch":
-        return sys.modules["torch"].as_tensor(result, device=original.device)
+        torch = sys.modules["torch"]
+        if is_bfloat16(result.dtype):  # PyTorch takes no bfloat16 interface: the bits go
+            bits = torch.as_tensor(retyped(result, np.dtype(np.int16)), device=original.device)
+            return bits.view(torch.bfloat16)
+        return torch.as_tensor(result, device=original.device)
     return result
 
 
@@ -196,6 +212,20 @@ def _library_empty(owner: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any |
             on_stream = cupy.cuda.ExternalStream(handle)
         with on_stream:
             return cupy.empty(shape, dtype)
+
+
+def _holds_bfloat16(array: Any) -> bool:
+    """Whether another library's array holds bfloat16 (``torch.bfloat16``, for one)."""
+    return str(getattr(array, "dtype", "")).endswith("bfloat16")
+
+
+def retyped(array: Any, dtype: np.dtype) -> Any:
+    """``array``'s memory as ``dtype``, a dtype of the same size: the same shape and strides."""
+    if SIMULATOR:
+        return type(array)(array._ary.view(dtype), stream=array.stream)
+    return devicearray.DeviceNDArray(
+        array.shape, array.strides, dtype, stream=array.stream, gpu_data=array.gpu_data
+    )
 
 
 def view(array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
@@ -400,22 +430,22 @@ def kept(slot: int | str, shape: tuple[int, ...], dtype: Any) -> Any:
     A call's arrays that are live together take different slots; calls of other
     streams, contexts or host threads get arrays of their own.
     """
-    return _kept(queue_key(), slot, tuple(shape), tuple(range(len(shape))), np.dtype(dtype).str)
+    return _kept(queue_key(), slot, tuple(shape), tuple(range(len(shape))), np.dtype(dtype))
 
 
 def kept_like(array: Any, slot: int | str) -> Any:
     """A device array shaped like ``array``, its axes in the same memory order (as
     :func:`empty_like`), :func:`kept` for this call queue and ``slot``."""
     order = tuple(_memory_order(array))
-    return _kept(queue_key(), slot, tuple(array.shape), order, array.dtype.str)
+    return _kept(queue_key(), slot, tuple(array.shape), order, np.dtype(array.dtype))
 
 
 @functools.lru_cache(maxsize=64)
 def _kept(
     queue: tuple[int, ...], slot: int | str, shape: tuple[int, ...], order: tuple[int, ...],
-    dtype: str,
+    dtype: np.dtype,  # the dtype itself: a bfloat16's typestr names raw 2-byte values
 ) -> Any:  # fmt: skip
-    dense = empty(tuple(shape[axis] for axis in order), np.dtype(dtype))
+    dense = empty(tuple(shape[axis] for axis in order), dtype)
     return _in_logical_order(dense, list(order))
 
 

@@ -18,7 +18,7 @@ from numbabn._tunables import (
     MIN_PER_THREAD,
     TARGET_BLOCKS,
 )
-from numbabn._validation import FLOAT_PARAM_DTYPES, HALF_PARAM_DTYPES
+from numbabn._validation import PARAM_DTYPES
 from numbabn._views import tiling_for
 from numbabn.epilogue import Epilogue
 
@@ -257,7 +257,7 @@ class CudaBackend:
     """Batch-norm passes over device arrays; per-channel statistics are float64 device vectors."""
 
     name = "cuda"
-    param_dtypes = FLOAT_PARAM_DTYPES | HALF_PARAM_DTYPES
+    param_dtypes: dict[np.dtype, np.dtype] = PARAM_DTYPES
     device_of = staticmethod(arrays.device_of)
     adopt = staticmethod(arrays.adopt)
     like = staticmethod(arrays.like)

@@ -51,7 +51,8 @@ guard normally keeps such calls away): no chunk count or mean of zero values.
 Values are accumulated in float64 around a per-channel shift (the channel's
 first value for the statistics, the mean for the gradient sums), which keeps
 data far from zero precise; the elementwise pass also works in float64 and
-rounds once.
+rounds once. bfloat16 and float16 arrays are read and written as they are,
+widened exactly on load and rounded once on store (:mod:`numbabn._cuda.halves`).
 
 NaN must propagate as in PyTorch: no float ``max()``/``min()`` anywhere (on
 the GPU they lower to PTX max/min, which return the operand that is not NaN);
@@ -70,6 +71,8 @@ from numba import cuda, float64, int32, uint64
 from numba.cuda.core import config
 
 from numbabn import _coefficients, _source_stamp, _tunables
+from numbabn._cuda import halves
+from numbabn._cuda.halves import narrowed
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -87,7 +90,7 @@ MIN_BLOCKS = _tunables.MIN_BLOCKS_PER_SM
 
 # Kernels are cached on disk like the CPU ones, so a warm start compiles nothing;
 # the cache is keyed by every source their code comes from (see numbabn._source_stamp).
-SOURCES = (Path(__file__), Path(_coefficients.__file__), Path(_tunables.__file__))
+SOURCES = (Path(__file__), Path(_coefficients.__file__), Path(_tunables.__file__), *halves.SOURCES)
 _DIGEST = _source_stamp.digest(SOURCES)
 
 # The simulator takes none of the code-generation options.
@@ -192,8 +195,10 @@ def _update_running(running_mean, running_var, c, mean, m2, count, momentum):
     """PyTorch's update of channel ``c``'s running statistics from a batch's ``mean`` and
     ``m2`` over ``count`` values (any momentum, NaN included)."""
     unbiased = _unbiased_variance(m2, count)
-    running_mean[c] = _running_average(float64(running_mean[c]), mean, momentum)
-    running_var[c] = _running_average(float64(running_var[c]), unbiased, momentum)
+    new_mean = _running_average(float64(running_mean[c]), mean, momentum)
+    running_mean[c] = narrowed(new_mean, running_mean)
+    new_var = _running_average(float64(running_var[c]), unbiased, momentum)
+    running_var[c] = narrowed(new_var, running_var)
 
 
 @_device
@@ -310,7 +315,8 @@ def _load(x, family, a, c, r, s):
 
 @_device
 def _store(out, family, a, c, r, s, value):
-    """``out[a, c, r, s] = value`` (see :func:`_load`)."""
+    """``out[a, c, r, s] = value``, rounded once to ``out``'s dtype (see :func:`_load`)."""
+    value = narrowed(value, out)
     if family == Family.CHANNELS_INNER:
         out[uint64(a), uint64(c), 0, 0] = value
     elif family == Family.PLANAR:
@@ -667,7 +673,9 @@ def gradient_sums(family: Family, masked: bool, residual: bool) -> Any:
         if not finishing:
             return
         c = channel
-        grads[0, c], grads[1, c] = _parameter_gradients(total_g, total_gx, invstd[c])
+        grad_weight, grad_bias = _parameter_gradients(total_g, total_gx, invstd[c])
+        grads[0, c] = narrowed(grad_weight, grads)
+        grads[1, c] = narrowed(grad_bias, grads)
         count = _n_values(x)
         alpha, beta, gamma = _backward_channel(
             total_g, total_gx, count, invstd[c], float64(weight[c])
@@ -855,10 +863,11 @@ gradient_scale = _kernel(_gradient_scale, bounded=False)
 
 
 def _accumulate(target, source):
-    """``target += source`` for vectors."""
+    """``target += source`` for vectors: the float64 sum rounded to their dtype, which is
+    their own correctly rounded sum (float64 has more than twice their precision)."""
     i = cuda.grid(1)
     if i < target.shape[0]:
-        target[i] += source[i]
+        target[i] = narrowed(float64(target[i]) + float64(source[i]), target)
 
 
 accumulate = _kernel(_accumulate, bounded=False)

@@ -4,9 +4,14 @@ The table that the offline compile of :mod:`tools.bench.gpu_static` reads:
 for one input dtype, each kernel of :mod:`numbabn._cuda.kernels` that the
 backend launches, with the argument types it launches it with. Data arrays have
 the input's dtype; parameters, running statistics and parameter gradients are
-float32 for float16 input and the input's dtype otherwise; per-channel
-statistics, coefficients and partials are float64. Arrays are typed ``"A"``
-(any strides), the general case.
+float32 for bfloat16 and float16 input (a float32 module) and the input's dtype
+otherwise; per-channel statistics, coefficients and partials are float64. For
+16-bit input the kernels that write parameter-dtype arrays (running
+statistics, parameter gradients) come a second time with parameters of the
+input's dtype (a module converted with ``.bfloat16()`` or ``.half()``),
+labelled ``half parameters``: their stores round to 16 bits there. (A kernel
+that only reads parameters widens each once, as it widens the data.) Arrays
+are typed ``"A"`` (any strides), the general case.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from numba import types
+from numba.cuda import types
 
 from numbabn._cuda import kernels
 from numbabn._cuda.kernels import Family, Mode
@@ -63,7 +68,15 @@ def _array(dtype: Any, ndim: int) -> Any:
 
 
 def _label(name: str, *flags: str) -> str:
-    return f"{name}[{', '.join(flag for flag in flags if flag)}]"
+    inside = ", ".join(flag for flag in flags if flag)
+    return f"{name}[{inside}]" if inside else name
+
+
+HALVES = (types.bfloat16, types.float16)
+# The label flag of the kernels given parameters of the input's 16-bit dtype, and the
+# kernels listed so: those that write parameter-dtype arrays.
+HALF_PARAMETERS = "half parameters"
+WRITE_PARAMETERS = ("statistics", "gradient_sums", "batch_coefficients", "accumulate")
 
 
 def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
@@ -71,8 +84,9 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
 
     Parameters
     ----------
-    dtype : numba.types.Float
-        The input's dtype: ``types.float16``, ``types.float32`` or ``types.float64``.
+    dtype : numba type
+        The input's dtype (:mod:`numba.cuda.types`): ``bfloat16``, ``float16``,
+        ``float32`` or ``float64``.
 
     Returns
     -------
@@ -81,7 +95,21 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
         ``py_func`` is compiled with its options, such as launch bounds) and
         the tuple of Numba types of its arguments.
     """
-    param = types.float32 if dtype == types.float16 else dtype
+    if dtype not in HALVES:
+        return _entries(dtype, dtype)
+    with_half = [
+        entry
+        for entry in _entries(dtype, dtype, HALF_PARAMETERS)
+        if entry[0].startswith(WRITE_PARAMETERS)
+    ]
+    return _entries(dtype, types.float32) + with_half
+
+
+def _entries(
+    dtype: Any, param: Any, flag: str = ""
+) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]]]:
+    """:func:`catalogue`'s entries for input of ``dtype`` and parameters of ``param``, each
+    label with ``flag``."""
     b, i64, f64 = types.boolean, types.int64, types.float64
     x, v = _array(dtype, 4), _array(param, 1)
     stats, coeffs, partials = _array(f64, 1), _array(f64, 2), _array(f64, 3)
@@ -94,31 +122,28 @@ def catalogue(dtype: Any) -> list[tuple[str, Callable[..., Any], tuple[Any, ...]
     evaluation = (i64, i64, x, x, v, v, v, v, f64, coeffs, x)
     table: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
     for family_name, family in FAMILIES.items():
-        table.append((_label("statistics", family_name), kernels.statistics(family), statistics))
+        table.append(
+            (_label("statistics", family_name, flag), kernels.statistics(family), statistics)
+        )
         for kernel, factory, variants, signature in (
             ("gradient_sums", kernels.gradient_sums, SUMS, sums),
             ("elementwise", kernels.elementwise, PASSES, elementwise),
             ("evaluation", kernels.evaluation, EVALUATIONS, evaluation),
         ):
             table += [
-                (_label(kernel, family_name, name), factory(family, *flags), signature)
+                (_label(kernel, family_name, name, flag), factory(family, *flags), signature)
                 for name, (flags, families) in variants.items()
                 if family_name in families
             ]
     return [
         *table,
-        ("running_coefficients", kernels.running_coefficients, (v, v, v, v, f64, coeffs)),
-        (
-            "batch_coefficients",
-            kernels.batch_coefficients,
-            (stats, stats, i64, v, v, f64, v, v, b, f64, coeffs),
-        ),
-        (
-            "gradient_coefficients",
-            kernels.gradient_coefficients,
-            (coeffs, i64, stats, stats, v, coeffs),
-        ),
-        ("gradient_scale", kernels.gradient_scale, (stats, v, coeffs)),
-        ("accumulate", kernels.accumulate, (v, v)),
-        ("copy_5d", kernels.copy_5d, (_array(dtype, 5), _array(dtype, 5))),
-    ]
+        (_label("running_coefficients", flag), kernels.running_coefficients,
+         (v, v, v, v, f64, coeffs)),
+        (_label("batch_coefficients", flag), kernels.batch_coefficients,
+         (stats, stats, i64, v, v, f64, v, v, b, f64, coeffs)),
+        (_label("gradient_coefficients", flag), kernels.gradient_coefficients,
+         (coeffs, i64, stats, stats, v, coeffs)),
+        (_label("gradient_scale", flag), kernels.gradient_scale, (stats, v, coeffs)),
+        (_label("accumulate", flag), kernels.accumulate, (v, v)),
+        (_label("copy_5d", flag), kernels.copy_5d, (_array(dtype, 5), _array(dtype, 5))),
+    ]  # fmt: skip

@@ -339,7 +339,12 @@ def step_versions(context: Context) -> Outcome:
 # (the offline PTX check, a CPU-side compile of every kernel, stays in ``make test``).
 TEST_RUNS = {
     "tests-cuda": (
-        ["tests/test_cuda.py", "tests/test_cuda_arrays.py", "tests/test_fused.py"],
+        [
+            "tests/test_cuda.py",
+            "tests/test_cuda_arrays.py",
+            "tests/test_cuda_half.py",
+            "tests/test_fused.py",
+        ],
         None,
     ),
     "tests-semantic": (

@@ -77,7 +77,7 @@ from numbabn._tunables import THREADS
 
 CC = (9, 0)
 ARCH = "sm_90"
-DTYPES = ("float16", "float32", "float64")
+DTYPES = ("bfloat16", "float16", "float32", "float64")
 MIN_OCCUPANCY = 0.5
 # The kernels whose hot loops must load at least MIN_IN_FLIGHT values before a store.
 IN_FLIGHT_KERNELS = ("elementwise", "evaluation")
@@ -232,7 +232,7 @@ def _nvvm_version() -> str:
 
 
 def _entries(dtype: str) -> list[tuple[str, Any, tuple[Any, ...]]]:
-    from numba import types
+    from numba.cuda import types
 
     from tools.bench.catalogue import catalogue
 
@@ -324,12 +324,12 @@ def _flatten(value: Any) -> Iterable[Any]:
 
 def _data_arguments(signature: Sequence[Any], dtype: str) -> set[int]:
     """Positions of the array arguments of the input dtype with the most dimensions."""
-    from numba import types
+    from numba.cuda import types
 
     arrays = {
         position: numba_type.ndim
         for position, numba_type in enumerate(signature)
-        if isinstance(numba_type, types.Array) and str(numba_type.dtype) == dtype
+        if isinstance(numba_type, types.Array) and numba_type.dtype == getattr(types, dtype)
     }
     most = max(arrays.values(), default=0)
     return {position for position, ndim in arrays.items() if ndim == most}
