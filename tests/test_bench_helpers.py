@@ -10,6 +10,8 @@ import pytest
 
 import numbabn
 from tools.bench import layouts, machine, small_calls, startup
+from tools.bench.cases import Case
+from tools.bench.measure import measure_case
 from tools.bench.timing import interleaved_medians
 
 
@@ -28,6 +30,14 @@ def test_interleaved_medians_samples_each_function_every_round():
     assert all(value >= 3e-3 for value in medians.values())
     # Two calibration calls each, then per round an untimed and a timed call of each in turn.
     assert order == ["a", "a", "b", "b"] + ["a", "a", "b", "b"] * 3
+
+
+@pytest.mark.parametrize(("dtype", "numpy_peer"), [("float32", True), ("float16", False)])
+def test_numpy_peer_only_for_float32_and_float64(dtype, numpy_peer):
+    """NumPy's 16-bit arithmetic is slow and overflows its sums: no NumPy peer for float16."""
+    result = measure_case(Case((2, 3, 4, 4), dtype), repeat=1, threads=1, with_torch=False)
+    assert ("numpy_forward" in result["seconds"]) == numpy_peer
+    assert "numbabn_forward_backward_out" in result["seconds"]
 
 
 def test_machine_description_names_the_cores():

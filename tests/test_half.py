@@ -158,6 +158,35 @@ def test_fused_relu_and_residual_with_out(dtype, rng):
 
 
 @HALVES
+def test_fused_relu_of_values_that_round_to_zero(dtype):
+    """A pre-activation that rounds to zero in the half type: the ReLU's output sign and
+    its gradient mask are PyTorch's, whose ReLU runs on the rounded value."""
+    # Per channel (x and the mean are 0, so the pre-activation is the bias, in PyTorch's
+    # arithmetic too): +-tiny rounds to +-0, +-above to the smallest subnormal; the
+    # ReLU gives +0, -0, that subnormal, +0.
+    tiny, above = (2.0**-140, 1.5 * 2.0**-134) if dtype == BFLOAT16 else (1e-9, 4e-8)
+    bias = np.array([tiny, -tiny, above, -above], np.float32)
+    x = np.zeros((2, 4, 3), dtype)
+    dy = np.ones_like(x)
+    stats = np.zeros(4, np.float32), np.ones(4, np.float32)
+    weight = np.ones(4, np.float32)
+    y, saved = F.batch_norm_forward(x, *stats, weight, bias, training=False, activation="relu")
+    dx = F.batch_norm_backward(dy, x, saved, weight, bias=bias, activation="relu")[0]
+
+    tx = to_torch(x).clone().requires_grad_(True)
+    ty = torch.relu(
+        torch.nn.functional.batch_norm(
+            tx, *map(torch.from_numpy, (*stats, weight, bias)), training=False
+        )
+    )
+    ty.backward(to_torch(dy))
+    np.testing.assert_array_equal(y.view(np.uint16), from_torch(ty.detach()).view(np.uint16))
+    assert np.signbit(y.astype(np.float32)[:, 1]).all()  # what the case is about
+    np.testing.assert_array_equal(dx != 0, from_torch(tx.grad) != 0)
+    assert (dx[:, 2] != 0).all() and (dx[:, [0, 1, 3]] == 0).all()
+
+
+@HALVES
 def test_read_only_and_broadcast_input(dtype, rng):
     x = make_input(rng, (5, 3, 4, 4), "contiguous", dtype)
     x.setflags(write=False)
@@ -334,6 +363,8 @@ def test_kernels_round_float64_once_to_nearest_even(dtype):
         (np.arange(1, 500) + 0.5) * 2.0**-133,  # bfloat16's subnormals
         (np.arange(1, 500) + 0.5) * 2.0**-24,  # float16's
         [np.inf, -np.inf, np.nan, 0.0, 65519.99, 65520.0, 3.4e38, 1e300, 2.0**-300],
+        # NaNs whose payload the rounding addition would carry into the sign bit
+        np.array([2**64 - 1, 2**63 - 2**42], np.uint64).view(np.float64),
     ])  # fmt: skip
     values = np.concatenate([values, -values])
     out = np.empty(values.size, dtype)

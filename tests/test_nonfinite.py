@@ -9,24 +9,26 @@ simulator unless a GPU is used).
 
 The oracle is PyTorch in float64 on C-contiguous copies of the inputs (its
 channels-last kernel is not needed: float32 and channels-last results are held
-to the same float64 NCHW truth). One exception: with an infinite weight,
-PyTorch's CPU forward gives NaN where its CUDA forward gives +-inf. The CPU
-kernel folds the mean into the bias, ``x * (w * invstd) + (b - mean * w * invstd)``,
-which is ``inf - inf``; the CUDA kernel computes ``(x - mean) * invstd * w + b``
-as numbabn does (subtracting the mean first keeps data far from zero precise).
-The output is then held to that formula, and the ReLU cases, whose mask follows
-from the output, are left out.
+to the same float64 NCHW truth); for bfloat16 and float16 data it is PyTorch in
+that type, with float32 parameters, whose results overflow where the type does.
+One exception: with an infinite weight, PyTorch's CPU forward gives NaN where its
+CUDA forward gives +-inf. The CPU kernel folds the mean into the bias,
+``x * (w * invstd) + (b - mean * w * invstd)``, which is ``inf - inf``; the CUDA
+kernel computes ``(x - mean) * invstd * w + b`` as numbabn does (subtracting the
+mean first keeps data far from zero precise). The output is then held to that
+formula, and the ReLU cases, whose mask follows from the output, are left out.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CPU, make_input, random_vector
+from conftest import CPU, from_torch, make_input, random_vector, to_torch
 
 from numbabn import functional as F
 
 torch = pytest.importorskip("torch")
+ml_dtypes = pytest.importorskip("ml_dtypes")
 
 # The CUDA simulator runs kernels on NumPy scalars, which warn on inf - inf and the like.
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -34,7 +36,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 NAN, INF = np.nan, np.inf
 MOMENTUM, EPS = 0.1, 1e-5
 # (rtol, atol) for finite values against the float64 truth.
-TOLERANCES = {np.dtype(np.float64): (1e-10, 1e-10), np.dtype(np.float32): (2e-5, 2e-5)}
+# Half results against PyTorch's half results: a few units in the last place of each.
+TOLERANCES = {
+    np.dtype(np.float64): (1e-10, 1e-10),
+    np.dtype(np.float32): (2e-5, 2e-5),
+    np.dtype(ml_dtypes.bfloat16): (2e-2, 2e-2),
+    np.dtype(np.float16): (3e-3, 3e-3),
+}
 
 # Where each scenario puts its non-finite values. Four channels: the last stays
 # finite everywhere, so a non-finite value must not leak into other channels.
@@ -70,20 +78,22 @@ EPILOGUES = {
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.long)]
 
 
-def _inputs(rng, shape, layout, dtype, scenario, with_residual, index_scale=1):
+def _inputs(rng, shape, layout, dtype, scenario, with_residual, index_scale=1, param_dtype=None):
     """Finite random inputs, then the scenario's non-finite values written in.
 
-    ``index_scale`` stretches the scenario's spatial indices over larger shapes.
+    ``index_scale`` stretches the scenario's spatial indices over larger shapes;
+    parameters and running statistics are ``param_dtype`` (default ``dtype``).
     """
     c = shape[1]
+    param_dtype = param_dtype or dtype
     arrays = {
         "x": make_input(rng, shape, layout, dtype),
         "z": make_input(rng, shape, layout, dtype, scale=0.5) if with_residual else None,
         "dy": make_input(rng, shape, layout, dtype),
-        "weight": random_vector(rng, c, dtype, -1.5, 1.5),
-        "bias": random_vector(rng, c, dtype, -0.5, 0.5),
-        "running_mean": random_vector(rng, c, dtype, -1, 1),
-        "running_var": random_vector(rng, c, dtype),
+        "weight": random_vector(rng, c, param_dtype, -1.5, 1.5),
+        "bias": random_vector(rng, c, param_dtype, -0.5, 0.5),
+        "running_mean": random_vector(rng, c, param_dtype, -1, 1),
+        "running_var": random_vector(rng, c, param_dtype),
     }
     for name, values in SCENARIOS[scenario].items():
         if arrays[name] is None:
@@ -96,12 +106,18 @@ def _inputs(rng, shape, layout, dtype, scenario, with_residual, index_scale=1):
 
 
 def _torch_truth(arrays, training, affine, relu):
-    """relu(batch_norm(x) + z) in float64 PyTorch (C-contiguous): outputs, grads, statistics."""
+    """relu(batch_norm(x) + z) in float64 PyTorch (C-contiguous): outputs, grads, statistics.
+
+    Half data (and its parameters) stay in their types instead.
+    """
+    half = arrays["x"].itemsize == 2
 
     def tensor(name, grad=False):
         array = arrays[name]
         if array is None:
             return None
+        if half:
+            return to_torch(np.ascontiguousarray(array)).clone().requires_grad_(grad)
         return torch.tensor(np.asarray(array, np.float64), requires_grad=grad)
 
     x, z, dy = tensor("x", True), tensor("z", True), tensor("dy")
@@ -117,7 +133,7 @@ def _torch_truth(arrays, training, affine, relu):
     y.backward(dy)
 
     def numpy(t):
-        return None if t is None else t.detach().numpy()
+        return None if t is None else from_torch(t.detach()).astype(np.float64)
 
     return {
         "y": numpy(y),
@@ -193,7 +209,7 @@ def _unfolded_output(arrays, training):
         scale = channel(arrays["weight"]) / np.sqrt(channel(var) + EPS)
         y = (x - channel(mean)) * scale + channel(arrays["bias"])
         if arrays["z"] is not None:
-            y = y + arrays["z"]
+            y = y + np.asarray(arrays["z"], np.float64)
     return y
 
 
@@ -261,3 +277,18 @@ def test_threaded_cpu_path(rng, scenario, mode, layout):
     _check(arrays, training, affine, True, CPU, np.float64, scenario)
     arrays["z"] = None
     _check(arrays, training, affine, False, CPU, np.float64, scenario)
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "residual_relu"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16], ids=["bfloat16", "float16"])
+def test_half_types(rng, dtype, scenario, mode, epilogue):
+    """bfloat16 and float16 channels-last data into float32 parameters, as mixed precision
+    has them: the pattern of PyTorch's own computation in the half type."""
+    training, affine = MODES[mode]
+    with_residual, relu = EPILOGUES[epilogue]
+    arrays = _inputs(
+        rng, SHAPE, "channels_last", dtype, scenario, with_residual, param_dtype=np.float32
+    )
+    _check(arrays, training, affine, relu, CPU, dtype, scenario)

@@ -33,7 +33,8 @@ from hypothesis import strategies as st  # noqa: E402
 # Relative agreement asked of every compared array. The PyTorch twin computes in
 # float64 on the same values: its float32 kernels alone are further than 2e-5 from
 # the truth when |mean| >> std, where numbabn (which accumulates in float64) is not.
-RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
+# Half results are within an ulp of the exact result rounded: 1.5 ulps of the exact one.
+RTOL = {"float32": 2e-5, "float64": 1e-10, "bfloat16": 1.5 * 2.0**-7, "float16": 1.5 * 2.0**-10}
 # Momenta drawn besides any in [-0.5, 1.5]: the usual ones, and a negative and a NaN one
 # (PyTorch updates the running statistics with any momentum).
 MOMENTA = [0.1, 0.0, 1.0, -0.1, math.nan]
@@ -80,10 +81,11 @@ def agree(ours: Any, theirs: Any, dtype: np.dtype, what: str, slack: float = 0.0
     ours = np.asarray(ours)
     assert ours.shape == expected.shape, f"{what}: shape {ours.shape}"
     assert ours.dtype == dtype, f"{what}: dtype {ours.dtype}"
+    ours = ours.astype(np.float64)  # exact; NumPy compares no bfloat16 with float64
     np.testing.assert_array_equal(np.isnan(ours), np.isnan(expected), f"{what}: NaN")
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(ours[~finite], expected[~finite], f"{what}: Inf")
-    rtol = RTOL[dtype]
+    rtol = RTOL[dtype.name]
     scale = max(1.0, float(np.max(np.abs(expected[finite]), initial=0.0)))
     np.testing.assert_allclose(
         ours[finite], expected[finite], rtol=rtol, atol=rtol * scale + slack, err_msg=what
@@ -507,3 +509,54 @@ def test_functional_batch_norm_agrees_with_pytorch(device: Device, data: st.Data
         ("running_mean", "running_var"), ours_stats, theirs_stats, strict=True
     ):
         agree(device.get(ours), theirs, dtype, name)
+
+
+@settings(max_examples=12)
+@given(st.data())
+def test_half_data_agrees_with_pytorch(data: st.DataObject) -> None:
+    """bfloat16 and float16 data into float32 modules (mixed precision) or modules of their
+    own dtype, fused ReLU and residual included: the PyTorch float64 twin's results on the
+    same values, within an ulp of them rounded."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtype = np.dtype(data.draw(st.sampled_from([ml_dtypes.bfloat16, np.float16]), label="dtype"))
+    param_dtype = np.dtype(data.draw(st.sampled_from([np.float32, dtype]), label="module dtype"))
+    kind = KINDS[data.draw(st.sampled_from(["1d", "2d", "3d"]), label="kind")]
+    ndim = data.draw(st.sampled_from(kind.ndims), label="ndim")
+    channels = data.draw(st.integers(1, 70), label="channels")
+    shape = data.draw(shapes(ndim, channels), label="shape")
+    hypothesis.assume(0 not in shape and math.prod(shape) > channels)
+    layout = data.draw(st.sampled_from(LAYOUT_NAMES), label="layout")
+    activation = data.draw(st.sampled_from([None, "relu"]), label="activation")
+    training = data.draw(st.booleans(), label="training")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x = build(shape, layout, dtype, rng.standard_normal(shape) * 2 + 3)
+    residual = None
+    if data.draw(st.booleans(), label="residual"):
+        residual_layout = data.draw(st.sampled_from(COMPANION_LAYOUTS), label="residual layout")
+        residual = build(shape, residual_layout, dtype, rng.standard_normal(shape))
+    dy_layout = data.draw(st.sampled_from(COMPANION_LAYOUTS), label="dy layout")
+    dy = build(shape, dy_layout, dtype, rng.standard_normal(shape))
+
+    ours = kind.ours(channels, dtype=param_dtype, activation=activation).train(training)
+    theirs = kind.theirs(channels, dtype=torch.float64).train(training)
+    with torch.no_grad():
+        for name, low, high in (("weight", 0.5, 1.5), ("bias", -1.0, 1.0)):
+            getattr(ours, name)[...] = rng.uniform(low, high, channels).astype(param_dtype)
+            getattr(theirs, name).copy_(as_tensor(getattr(ours, name)))
+    tx = as_tensor(x, requires_grad=True)
+    tz = None if residual is None else as_tensor(residual, requires_grad=True)
+    ty = theirs(tx) if tz is None else theirs(tx) + tz
+    ty = torch.relu(ty) if activation else ty
+    y = ours(x, residual=residual)
+    slack = oracle_error(x, float(ours.eps))
+    agree(y, ty, dtype, "output", slack)
+    grads = ours.backward(dy)
+    ty.backward(as_tensor(dy))
+    dx, dz = grads if residual is not None else (grads, None)
+    slack = oracle_error(x, float(ours.eps), float(np.max(np.abs(dy.astype(np.float64)))), True)
+    agree(dx, tx.grad, dtype, "grad input", slack)
+    agree(dz, None if tz is None else tz.grad, dtype, "grad residual")
+    for key in ("running_mean", "running_var"):
+        agree(getattr(ours, key), getattr(theirs, key), param_dtype, key)
+    for name in ("weight", "bias"):
+        agree(ours.grads[name], getattr(theirs, name).grad, param_dtype, f"grad {name}", slack)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_input, random_vector
+from conftest import from_torch, make_input, random_vector, to_torch
 
 import numbabn
 from numbabn import functional as F
@@ -31,14 +31,19 @@ CASES = [
 CASE_IDS = [case[0] for case in CASES]
 # (affine, bias) combinations: full affine, weight only, none.
 PARAMS = {"affine": (True, True), "no_bias": (True, False), "no_affine": (False, True)}
-TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 DTYPES = [np.float32, np.float64]
+# Tolerances of results in each dtype; the half types' allow PyTorch's rounding and ours
+# to differ by a unit in the last place or two.
+TOLERANCES = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2, "float16": 3e-3}
 
 
 def tol(dtype) -> dict:
-    if np.dtype(dtype) == np.float32:
-        return {"rtol": 1e-5, "atol": 1e-5}
-    return {"rtol": 1e-10, "atol": 1e-10}
+    return {"rtol": TOLERANCES[np.dtype(dtype).name], "atol": TOLERANCES[np.dtype(dtype).name]}
+
+
+def torch_dtype(dtype):
+    """PyTorch's dtype of the same name: float32, float64, bfloat16 or float16."""
+    return getattr(torch, np.dtype(dtype).name)
 
 
 def close(ours, theirs, dtype, what=""):
@@ -47,10 +52,12 @@ def close(ours, theirs, dtype, what=""):
         assert ours is None, what
         return
     assert ours is not None, what
-    theirs = theirs.detach().numpy()
+    theirs = from_torch(theirs.detach())
     assert ours.shape == theirs.shape, what
     assert ours.dtype == theirs.dtype, what
-    np.testing.assert_allclose(ours, theirs, err_msg=what, **tol(dtype))
+    np.testing.assert_allclose(
+        ours.astype(np.float64), theirs.astype(np.float64), err_msg=what, **tol(dtype)
+    )
 
 
 def compare_state(ours, theirs, dtype):
@@ -75,17 +82,17 @@ def make_pair(dim, n_features, dtype, rng, lazy=False, **kwargs):
     ours_cls, theirs_cls = (LAZY_CLASSES if lazy else CLASSES)[dim]
     args = () if lazy else (n_features,)
     ours = ours_cls(*args, dtype=dtype, **kwargs)
-    theirs = theirs_cls(*args, dtype=TORCH_DTYPE[np.dtype(dtype)], **kwargs)
+    theirs = theirs_cls(*args, dtype=torch_dtype(dtype), **kwargs)
     if not lazy and ours.weight is not None:
         weight = random_vector(rng, n_features, dtype)
         ours.weight[...] = weight
         with torch.no_grad():
-            theirs.weight.copy_(torch.from_numpy(weight))
+            theirs.weight.copy_(to_torch(weight))
     if not lazy and ours.bias is not None:
         bias = random_vector(rng, n_features, dtype, -1.0, 1.0)
         ours.bias[...] = bias
         with torch.no_grad():
-            theirs.bias.copy_(torch.from_numpy(bias))
+            theirs.bias.copy_(to_torch(bias))
     return ours, theirs
 
 
@@ -94,7 +101,7 @@ class Step:
 
     def __init__(self, ours, theirs, x, dtype):
         self.ours, self.theirs, self.dtype = ours, theirs, dtype
-        self.tx = torch.from_numpy(x.copy()).requires_grad_()
+        self.tx = to_torch(x.copy()).requires_grad_()
         self.y = ours(x)
         self.ty = theirs(self.tx)
         close(self.y, self.ty, dtype, "output")
@@ -102,7 +109,7 @@ class Step:
     def backward(self, dy):
         dx = self.ours.backward(dy)
         self.tx.grad = None
-        self.ty.backward(torch.from_numpy(dy.copy()), retain_graph=True)
+        self.ty.backward(to_torch(dy.copy()), retain_graph=True)
         close(dx, self.tx.grad, self.dtype, "grad input")
 
 
@@ -132,6 +139,23 @@ def test_train_eval_sequence(name, dim, shape, momentum, params, track, dtype, r
         compare_state(ours, theirs, dtype)
     if track:
         assert int(ours.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("module_dtype", ["float32", "its own"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize(("name", "dim", "shape"), CASES, ids=CASE_IDS)
+def test_half_train_eval_sequence(name, dim, shape, dtype, module_dtype, rng):
+    """bfloat16 and float16 data into float32 modules (mixed precision) and into modules of
+    their own dtype, as PyTorch's, step after step: outputs, dx, grads and statistics."""
+    dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16 if dtype == "bfloat16" else dtype)
+    ours, theirs = make_pair(dim, shape[1], np.float32 if module_dtype == "float32" else dtype, rng)
+    for index, training in enumerate([True, False, True, False]):
+        ours.train(training)
+        theirs.train(training)
+        x = make_input(rng, shape, dtype=dtype, loc=0.5 * index, scale=1.0 + index)
+        step = Step(ours, theirs, x, dtype)
+        step.backward(rng.standard_normal(shape).astype(dtype))
+        compare_state(ours, theirs, dtype)
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])

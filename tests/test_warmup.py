@@ -2,7 +2,9 @@
 
 The slow tests warm an empty cache up for float32 once, under ``mpiexec -n 3``
 (all ranks at once on the one cache), then run a wide mix of float32 calls in a
-fresh process: every kernel must come from the cache, none be compiled.
+fresh process: every kernel must come from the cache, none be compiled. The same
+for bfloat16 data (into float32 modules, as mixed precision has them), warmed
+up in one process.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ TIMEOUT = 1200  # seconds; a cold float32 warm-up takes a few minutes on two cor
 
 # Run in a fresh interpreter over the warmed cache: many layouts, train and eval, fused
 # ReLU with and without a residual, out=, backward, small and > 128 Ki-element tensors,
-# the functional API and ChannelStats, with other shapes than the warm-up's.
+# the functional API and ChannelStats, with other shapes than the warm-up's. Data of the
+# dtype named by the second argument, modules (parameters) of its parameter dtype.
 MIX = """
 import sys
 import numpy as np
@@ -36,17 +39,20 @@ sys.path.insert(0, sys.argv[1])
 from conftest import layouts_for, make_input
 import numbabn as nbn
 from numbabn import functional as F
+from numbabn._cpu.halves import bfloat16
 from numbabn._cpu.jit import DISPATCHERS
+from numbabn._validation import PARAM_DTYPES
 from numbabn.warmup import compile_counts
 
 rng = np.random.default_rng(1)
-dtype = np.float32
+data_dtype = bfloat16() if sys.argv[2] == "bfloat16" else np.dtype(sys.argv[2])
+dtype = PARAM_DTYPES[data_dtype]
 for shape in [(3, 5, 7, 9), (4, 24, 40, 40)]:
     for layout in layouts_for(4):
-        x = make_input(rng, shape, layout, dtype)
+        x = make_input(rng, shape, layout, data_dtype)
         for dy_layout in dict.fromkeys((layout, "contiguous")):
-            dy = make_input(rng, shape, dy_layout, dtype)
-            z = make_input(rng, shape, dy_layout, dtype)
+            dy = make_input(rng, shape, dy_layout, data_dtype)
+            z = make_input(rng, shape, dy_layout, data_dtype)
             for activation, residual in ((None, None), ("relu", None), ("relu", z)):
                 bn = nbn.BatchNorm2d(shape[1], activation=activation, dtype=dtype)
                 for training in (True, False):
@@ -58,8 +64,8 @@ for shape in [(3, 5, 7, 9), (4, 24, 40, 40)]:
         F.batch_norm_backward(dy, x, saved, np.ones(shape[1], dtype))
         # out= laid out like the input, in the forward and the backward.
         bn = nbn.BatchNorm2d(shape[1], momentum=None, dtype=dtype)
-        dy = make_input(rng, shape, layout, dtype)
-        out = make_input(rng, shape, layout, dtype)
+        dy = make_input(rng, shape, layout, data_dtype)
+        out = make_input(rng, shape, layout, data_dtype)
         bn(x, out)
         bn.backward(dy, out)
         bn.eval()
@@ -68,13 +74,13 @@ for shape in [(3, 5, 7, 9), (4, 24, 40, 40)]:
 for shape in [(1000, 7), (300000, 3), (6, 5, 11), (3, 4, 50000)]:
     for layout in layouts_for(len(shape)):
         bn = nbn.BatchNorm1d(shape[1], dtype=dtype)
-        x = make_input(rng, shape, layout, dtype)
+        x = make_input(rng, shape, layout, data_dtype)
         bn(x)
-        bn.backward(make_input(rng, shape, "contiguous", dtype))
+        bn.backward(make_input(rng, shape, "contiguous", data_dtype))
         bn.eval()
         bn(x)
-        bn.backward(make_input(rng, shape, layout, dtype))
-x = make_input(rng, (2, 3, 4, 5, 6), "channels_last", dtype)
+        bn.backward(make_input(rng, shape, layout, data_dtype))
+x = make_input(rng, (2, 3, 4, 5, 6), "channels_last", data_dtype)
 bn = nbn.LazyBatchNorm3d(dtype=dtype)
 bn(x)
 bn.backward(np.ones_like(x))
@@ -122,7 +128,24 @@ def test_ranks_warm_up_an_empty_shared_cache_at_once(warm_cache):
 def test_nothing_compiles_after_warmup(warm_cache):
     """A wide mix of float32 calls in a fresh process loads every kernel from the cache."""
     cache, _ = warm_cache
-    printed = _run([sys.executable, "-c", MIX, str(HERE)], cache)
+    printed = _run([sys.executable, "-c", MIX, str(HERE), "float32"], cache)
+    assert "compiled 0," in printed, printed
+    assert int(re.search(r"loaded (\d+)", printed)[1]) > 0, printed
+
+
+@pytest.fixture(scope="module")
+def warm_bfloat16_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty cache warmed up for bfloat16 data."""
+    pytest.importorskip("ml_dtypes")
+    cache = tmp_path_factory.mktemp("numba_cache")
+    _run([sys.executable, "-m", "numbabn", "warmup", "--dtype", "bfloat16", "--quiet"], cache)
+    return cache
+
+
+@pytest.mark.long
+def test_nothing_compiles_after_a_bfloat16_warmup(warm_bfloat16_cache):
+    """The same mix on bfloat16 data, into float32 modules, after ``--dtype bfloat16``."""
+    printed = _run([sys.executable, "-c", MIX, str(HERE), "bfloat16"], warm_bfloat16_cache)
     assert "compiled 0," in printed, printed
     assert int(re.search(r"loaded (\d+)", printed)[1]) > 0, printed
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from numbabn._cpu.halves import narrowed, widen
+from numbabn._cpu.halves import narrowed, widen, zero_bound
 from numbabn._cpu.jit import inline as _inline
 from numbabn._cpu.jit import kernel as _kernel
 from numbabn._cpu.kernels import (
@@ -37,18 +37,22 @@ def _pre_activation(x, z, m, k, b, residual):
 
 @_inline
 def _masked(dy, value):
-    """``dy`` unless the pre-activation is 0 or below.
+    """``dy`` unless the pre-activation, rounded to ``dy``'s type, is 0 or below.
 
-    A NaN pre-activation passes ``dy`` on, as PyTorch's ReLU backward does (it
-    zeroes the gradient where ``output <= 0``, which NaN is not).
+    PyTorch's ReLU backward zeroes the gradient where its output is 0 or below,
+    and its output is the rounded pre-activation. A NaN passes ``dy`` on, as there.
     """
-    return 0.0 if value <= 0.0 else widen(dy)
+    return 0.0 if value <= zero_bound(dy) else widen(dy)
 
 
 @_inline
-def _relu(value):
-    """``value`` clamped below at 0; NaN stays NaN (written out rather than left to max())."""
-    return 0.0 if value < 0.0 else value
+def _relu(value, out):
+    """``value`` clamped below at 0 as PyTorch's ReLU does on it rounded for ``out``.
+
+    A negative value that rounds to zero stays, to be stored as -0; NaN stays NaN
+    (written out rather than left to max()).
+    """
+    return 0.0 if value < -zero_bound(out) else value
 
 
 @_inline
@@ -56,7 +60,7 @@ def _affine_act_channels_inner(x_row, z_row, m, k, b, residual, relu, out_row):
     """One row of adjacent channels (channels-inner): per-element coefficients."""
     for i in range(x_row.shape[0]):
         value = _pre_activation(x_row[i], z_row[i], m[i], k[i], b[i], residual)
-        out_row[i] = narrowed(_relu(value) if relu else value, out_row)
+        out_row[i] = narrowed(_relu(value, out_row) if relu else value, out_row)
 
 
 @_inline
@@ -64,7 +68,7 @@ def _affine_act_run(x_row, z_row, m, k, b, residual, relu, out_row):
     """A run of one channel (planar): scalar coefficients."""
     for i in range(x_row.shape[0]):
         value = _pre_activation(x_row[i], z_row[i], m, k, b, residual)
-        out_row[i] = narrowed(_relu(value) if relu else value, out_row)
+        out_row[i] = narrowed(_relu(value, out_row) if relu else value, out_row)
 
 
 @_inline

@@ -6,8 +6,9 @@ backend views bfloat16 data as ``uint16`` and float16 data as ``int16``
 its bits hold. :func:`widen` turns an element into float64 in registers
 (bfloat16: a 16-bit shift into a float32; float16: the processor's conversion,
 ``vcvtph2ps`` on x86 with F16C), and :func:`narrowed` rounds a float64 result to
-the element type once, to nearest even: through a float32 rounded to odd, whose
-13 or more spare bits make the second rounding exact (Boldo and Melquiond). Float32 and float64
+the element type once, to nearest even: rounded to odd on two bits more than the
+half type has, by integer operations on its bits, the second rounding is exact
+(Boldo and Melquiond), and a float32 holds the intermediate exactly. Float32 and float64
 operands pass through both unchanged, so one kernel source serves every dtype.
 
 NumPy code of the backend reads and writes the same formats with :func:`widened`
@@ -27,7 +28,9 @@ from numba.extending import intrinsic, overload
 
 from numbabn._validation import is_bfloat16
 
-__all__ = ["as_bits", "bits_dtype", "from_bits", "narrowed", "rounded", "widen", "widened"]
+__all__ = [
+    "as_bits", "bits_dtype", "from_bits", "narrowed", "rounded", "widen", "widened", "zero_bound",
+]  # fmt: skip
 
 FLOAT16 = np.dtype(np.float16)
 _BFLOAT16_BITS = np.dtype(np.uint16)
@@ -99,6 +102,16 @@ def narrowed(value: float, array: Any) -> Any:
     raise NotImplementedError
 
 
+def zero_bound(like: Any) -> float:
+    """The largest float64 that rounds to zero as an element like ``like`` (an array or an
+    element): half the smallest subnormal of its type, 0 for float64 (compiled code only).
+
+    The fused ReLU compares with it to see the output's sign and mask as PyTorch does,
+    whose ReLU runs on the rounded value.
+    """
+    raise NotImplementedError
+
+
 def _float32_of_bfloat16_typed(typingctx: Any, bits: Any) -> Any:
     """The bfloat16 whose bits are the uint16 ``bits``, as float32 (exact: its top half)."""
 
@@ -119,49 +132,55 @@ def _float32_of_float16_typed(typingctx: Any, bits: Any) -> Any:
     return types.float32(types.int16), codegen
 
 
-def _odd_float32(builder: Any, value: Any) -> Any:
-    """LLVM IR: the bits (i32) of the float64 ``value`` rounded to odd as a float32.
+def _odd(builder: Any, value: Any, precision: int) -> Any:
+    """LLVM IR: the float64 ``value`` rounded to odd on ``precision`` significant bits.
 
-    Rounded to nearest, then moved one step toward zero where that went away from
-    ``value``, and given an odd last bit where inexact. The rounding error's sign
-    and whether it is zero are read in float32, scaled by 2**60 so that no error
-    underflows there where it matters (an infinite ``value`` gives a NaN error:
-    no change). Every integer operation is 32 bits wide, so that loops of them
-    vectorise eight to a register; Numba's own integer arithmetic would widen
-    them to 64 bits.
+    Cut toward zero on its bit pattern, with the last bit kept set where any bit
+    cut was: five 64-bit integer operations, which vectorise four to a register
+    (the processor's conversions, the costly part of a store, happen once). Exact
+    values, infinities and zeros pass unchanged; a NaN stays a NaN.
     """
-    f32, i32 = ir.FloatType(), ir.IntType(32)
-    nearest = builder.fptrunc(value, f32)
-    error = builder.fsub(value, builder.fpext(nearest, ir.DoubleType()))
-    error = builder.fptrunc(builder.fmul(error, ir.Constant(ir.DoubleType(), 2.0**60)), f32)
-    inexact = builder.zext(builder.fcmp_ordered("!=", error, ir.Constant(f32, 0.0)), i32)
-    bits = builder.bitcast(nearest, i32)
-    sign_differs = builder.lshr(
-        builder.xor(builder.bitcast(error, i32), bits), ir.Constant(i32, 31)
-    )
-    toward_zero = builder.sub(bits, builder.and_(inexact, sign_differs))
-    return builder.or_(toward_zero, inexact)
+    i64 = ir.IntType(64)
+    cut = 53 - precision
+    low = ir.Constant(i64, (1 << cut) - 1)
+    bits = builder.bitcast(value, i64)
+    # ``low`` plus the cut bits carries into the last kept bit where any is set.
+    sticky = builder.and_(builder.add(builder.and_(bits, low), low), ir.Constant(i64, 1 << cut))
+    kept = builder.and_(builder.or_(bits, sticky), ir.Constant(i64, ~((1 << cut) - 1) % 2**64))
+    return builder.bitcast(kept, ir.DoubleType())
 
 
 def _bfloat16_of_float64_typed(typingctx: Any, value: Any) -> Any:
-    """The float64 ``value`` rounded once to bfloat16 (nearest even), as its uint16 bits."""
+    """The float64 ``value`` rounded once to bfloat16 (nearest even), as its uint16 bits.
+
+    Rounded to odd on 10 bits, which a float32 holds exactly (down to 2**-140;
+    below, whatever the float32 rounding, the result is a zero), then to nearest
+    even on bfloat16's 8 by the usual integer addition on the float32's bits. A
+    NaN is cut instead: the addition could carry its payload into the sign.
+    """
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         i32 = ir.IntType(32)
-        odd = _odd_float32(builder, args[0])
-        last = builder.and_(builder.lshr(odd, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-        rounded = builder.add(odd, builder.add(ir.Constant(i32, 0x7FFF), last))
+        single = builder.fptrunc(_odd(builder, args[0], 10), ir.FloatType())
+        bits = builder.bitcast(single, i32)
+        last = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(bits, builder.add(ir.Constant(i32, 0x7FFF), last))
+        rounded = builder.select(builder.fcmp_unordered("uno", single, single), bits, rounded)
         return builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), ir.IntType(16))
 
     return types.uint16(types.float64), codegen
 
 
 def _float16_of_float64_typed(typingctx: Any, value: Any) -> Any:
-    """The float64 ``value`` rounded once to float16 (nearest even), as its int16 bits."""
+    """The float64 ``value`` rounded once to float16 (nearest even), as its int16 bits.
+
+    Rounded to odd on 13 bits, which a float32 holds exactly wherever the result
+    is not a zero, then to float16 by the processor (``vcvtps2ph`` with F16C).
+    """
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        odd = builder.bitcast(_odd_float32(builder, args[0]), ir.FloatType())
-        return builder.bitcast(builder.fptrunc(odd, ir.HalfType()), ir.IntType(16))
+        single = builder.fptrunc(_odd(builder, args[0], 13), ir.FloatType())
+        return builder.bitcast(builder.fptrunc(single, ir.HalfType()), ir.IntType(16))
 
     return types.int16(types.float64), codegen
 
@@ -188,3 +207,14 @@ def _narrowed_overload(value, array):  # type: ignore[no-untyped-def]
     if array.dtype == types.int16:
         return lambda value, array: _float16_of_float64(np.float64(value))
     return lambda value, array: value
+
+
+# Half the smallest subnormal of each element type the kernels store (float64's is below
+# every float64).
+_ZERO_BOUNDS = {types.uint16: 2.0**-134, types.int16: 2.0**-25, types.float32: 2.0**-150}
+
+
+@overload(zero_bound, inline="always")
+def _zero_bound_overload(like):  # type: ignore[no-untyped-def]
+    bound = _ZERO_BOUNDS.get(like.dtype if isinstance(like, types.Array) else like, 0.0)
+    return lambda like: bound

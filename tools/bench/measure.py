@@ -40,7 +40,8 @@ def measure_case(case: Case, repeat: int, threads: int, with_torch: bool) -> dic
         "numbabn_eval_out": lambda: bn_eval(x, out=out),
         "numbabn_eval": lambda: bn_eval(x),
     }
-    if x.dtype.kind == "f":  # NumPy has no fast 16-bit arithmetic: no NumPy peer for those
+    # NumPy has no fast 16-bit arithmetic (float16 is of kind "f" too): no NumPy peer there.
+    if x.dtype.kind == "f" and x.itemsize > 2:
         reference = NumpyBatchNorm(x)
         reference.forward(x)
         funcs.update(
