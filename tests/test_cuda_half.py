@@ -115,6 +115,31 @@ def test_fused_relu_and_residual_into_out(dtype, rng):
 
 
 @HALVES
+def test_fused_relu_of_values_that_round_to_zero_as_the_cpu(dtype):
+    """A pre-activation that rounds to zero in the half type: the ReLU's output sign and its
+    gradient mask are the CPU's (PyTorch's: its ReLU runs on the rounded value)."""
+    tiny, above = (2.0**-140, 1.5 * 2.0**-134) if dtype == BFLOAT16 else (1e-9, 4e-8)
+    # x and the mean are 0, so the pre-activation is the bias: +-tiny rounds to +-0.
+    bias = np.array([tiny, -tiny, above, -above], np.float32)
+    x, dy = np.zeros((2, 4, 3), dtype), np.ones((2, 4, 3), dtype)
+    mean, var, weight = np.zeros(4, np.float32), np.ones(4, np.float32), np.ones(4, np.float32)
+    results = []
+    for move in (lambda array: array, to_device):
+        args = [move(array) for array in (mean, var, weight, bias)]
+        y, saved = F.batch_norm_forward(move(x), *args, training=False, activation="relu")
+        dx = F.batch_norm_backward(
+            move(dy), move(x), saved, args[2], bias=args[3], activation="relu"
+        )[0]
+        on_gpu = move is to_device
+        results.append((host(y) if on_gpu else y, host(dx) if on_gpu else dx))
+    (y_cpu, dx_cpu), (y_gpu, dx_gpu) = results
+    bits = np.dtype(f"u{dtype.itemsize}")
+    np.testing.assert_array_equal(y_gpu.view(bits), y_cpu.view(bits))
+    np.testing.assert_array_equal(dx_gpu != 0, dx_cpu != 0)
+    assert np.signbit(y_cpu.astype(np.float32)[:, 1]).all()  # what the case is about
+
+
+@HALVES
 @pytest.mark.parametrize("converted", [False, True], ids=["float32 module", "converted module"])
 def test_channel_stats_and_sync_batch_norm_match_the_cpu(dtype, converted, rng):
     """The separate phases (statistics, coefficients, affine pass, gradient sums) that

@@ -72,7 +72,7 @@ from numba.cuda.core import config
 
 from numbabn import _coefficients, _source_stamp, _tunables
 from numbabn._cuda import halves
-from numbabn._cuda.halves import narrowed
+from numbabn._cuda.halves import narrowed, zero_bound
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
 
@@ -177,9 +177,12 @@ def _finite_or_zero(value):
 
 
 @_device
-def _relu(value):
-    """``value`` clamped below at 0; NaN stays NaN."""
-    return 0.0 if value < 0.0 else value
+def _relu(value, bound):
+    """``value`` clamped below at 0 as PyTorch's ReLU does on it rounded to the output's
+    type, whose values below ``bound`` in magnitude round to zero (see
+    :func:`~numbabn._cuda.halves.zero_bound`): a negative one stays, to be stored as -0;
+    NaN stays NaN."""
+    return 0.0 if value < -bound else value
 
 
 # -- where a thread works ---------------------------------------------------------
@@ -388,13 +391,14 @@ def _value(mode, residual, relu, first, second, coefficients):
         out = (float64(first) - mean) * scale + shift
         if residual:
             out += float64(second)
-        return _relu(out) if relu else out
+        return _relu(out, zero_bound(first)) if relu else out  # x's type: the output's
     mean, alpha, beta, gamma, mask_scale, mask_shift = coefficients
     g = float64(first)
     centred = float64(second) - mean
-    # NaN passes dy on, as PyTorch's ReLU backward does.
+    # Zero where the forward's output, rounded to dy's type, was 0 or below; NaN passes dy
+    # on, as PyTorch's ReLU backward does.
     if (mode == Mode.MASKED_GRADIENT or mode == Mode.MASKED_SCALE) and (
-        centred * mask_scale + mask_shift <= 0.0
+        centred * mask_scale + mask_shift <= zero_bound(first)
     ):
         g = 0.0
     if mode == Mode.MASKED_SCALE or mode == Mode.SCALED_GRADIENT:
@@ -658,7 +662,7 @@ def gradient_sums(family: Family, masked: bool, residual: bool) -> Any:
                         pre = centred * scale + shift
                         if residual:
                             pre += _load(z, family, a, channel, r, s)
-                        if pre <= 0.0:
+                        if pre <= zero_bound(dy):  # the output rounded to dy's type
                             g = 0.0
                         if residual:
                             _store(dz, family, a, channel, r, s, g)
