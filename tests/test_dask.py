@@ -269,12 +269,18 @@ def test_two_worker_cluster_same_bits_as_threads(rng):
 
 def test_tasks_keep_to_their_thread(rng, monkeypatch):
     """Blocks of any size run their kernels on the task's thread, not Numba's threads."""
-    from numbabn._cpu import backend
+    from numbabn._cpu import parallel
 
-    def refuse(*args):
-        raise AssertionError("a Dask task used Numba's thread pool")
+    class Refuse:
+        """Every start of Numba's threads takes the launch lock: this one refuses."""
 
-    monkeypatch.setattr(backend, "run_items", refuse)
+        def __enter__(self) -> None:
+            raise AssertionError("a Dask task used Numba's thread pool")
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(parallel, "_launch_lock", Refuse())
     big = da.from_array(_data(rng, shape=(64, 8, 32, 32)), chunks=(32, 4, 32, 32))
     nbdask.channel_stats(big)
     nbn.BatchNorm2d(8)(big).compute()
