@@ -92,7 +92,7 @@ class Backend(Protocol):
     # -- the fused fast paths ---------------------------------------------------
     def plan_forward(
         self, x: Any, weight: Any, bias: Any, running_mean: Any | None, running_var: Any | None,
-        training: bool, eps: float, epilogue: Epilogue | None,
+        training: bool, eps: float, epilogue: Epilogue | None, out: Any | None = None,
     ) -> Any | None: ...  # fmt: skip
     def plan_backward(
         self, dy: Any, x: Any, weight: Any, batch_stats: bool, epilogue: Epilogue | None

@@ -344,23 +344,33 @@ def plan_forward(call: ForwardCall, held: tuple[Any, ...]) -> ForwardPlan:
     """A plan for the calls of ``call``'s signature (made after its checks passed), holding
     the arrays ``held`` whose identities are in the signature."""
     runner = None
-    if call.out is None and call.x.size:
+    if call.x.size:
         runner = call.backend.plan_forward(
             call.x, *call.affine, *call.running[:2], call.training, call.eps, call.epilogue,
+            call.out,
         )  # fmt: skip
-    return ForwardPlan(call._replace(x=None, input=None), runner, held)
+    return ForwardPlan(call._replace(x=None, input=None, out=None, caller_out=None), runner, held)
 
 
 def run_planned(
-    plan: ForwardPlan, x: Any, caller_input: Any, momentum: float
+    plan: ForwardPlan,
+    x: Any,
+    caller_input: Any,
+    momentum: float,
+    out: Any | None = None,
+    caller_out: Any | None = None,
 ) -> tuple[Array, SavedStats]:
-    """Run a forward of ``x`` (the backend's array of the plan's signature) by ``plan``."""
+    """Run a forward of ``x`` (the backend's array of the plan's signature) by ``plan``, into
+    ``out`` (the backend's view of the caller's ``caller_out``) when the plan has one."""
     call = plan.call
     if plan.runner is None:
         running = Running(call.running.mean, call.running.var, float(momentum))
-        return run_forward(call._replace(x=x, input=caller_input, running=running))
-    output, mean, invstd = plan.runner(x, float(momentum))
-    return call.backend.like(output, caller_input), SavedStats(mean, invstd, call.training)
+        return run_forward(
+            call._replace(x=x, input=caller_input, running=running, out=out, caller_out=caller_out)
+        )
+    output, mean, invstd = plan.runner(x, float(momentum), out)
+    saved = SavedStats(mean, invstd, call.training)
+    return _returned(call.backend, output, caller_input, caller_out), saved
 
 
 def _adopt_like(backend: Backend, name: str, array: Any | None, x: Any) -> Any | None:

@@ -374,8 +374,8 @@ class _BatchNorm:
             return self._dask_forward(x, out, residual)
         exchange = self._exchange if self.training else None
         tracking = self.training and self.track_running_stats
-        if out is None and residual is None and exchange is None:
-            return self._planned_forward(x, tracking)
+        if residual is None and exchange is None:
+            return self._planned_forward(x, tracking, out)
         with self._backend.on_device(self._gpu):
             try:
                 call = self._prepare_forward(x, out, residual, tracking, exchange is None)
@@ -390,33 +390,46 @@ class _BatchNorm:
         self._remember(call, saved, residual, count)
         return output
 
-    def _planned_forward(self, x: Any, tracking: bool) -> Any:
-        """A forward without ``out=``, a residual or an exchange, checked in full only when
-        its signature differs from the last such call's (see :class:`ForwardPlan`)."""
+    def _planned_forward(self, x: Any, tracking: bool, out: Any | None) -> Any:
+        """A forward without a residual or an exchange, checked in full only when its
+        signature differs from the last such call's (see :class:`ForwardPlan`); ``out=``,
+        when given, is part of the signature (its kind, shape, strides, dtype and whether
+        it may be written), and whether it overlaps ``x`` is looked at on every call."""
         self._check_kind(x, "input")
         array = self._backend.adopt(x)
         momentum = self._momentum_argument(tracking)
         running = self.running_mean
+        out_array = out_signature = None
+        if out is not None:
+            out_array = self._backend.adopt(out)
+            out_signature = (
+                type(out), out_array.shape, out_array.strides, out_array.dtype,
+                check.writeable(out_array),
+            )  # fmt: skip
         signature = (
             array.shape, array.strides, array.dtype, self.training, tracking, self.activation,
             id(self.weight), id(self.bias), id(running), id(self.running_var),
             tracking and check.writeable(running), type(momentum), type(self.eps), self.eps,
+            out_signature,
         )  # fmt: skip
         with self._backend.on_device(self._gpu):
             plan = self._plan
             if plan is None or plan[0] != signature:
-                plan = self._new_plan(x, tracking, signature)
-            output, saved = run_planned(plan[1], array, x, momentum)
+                plan = self._new_plan(x, out, tracking, signature)
+            output, saved = run_planned(plan[1], array, x, momentum, out_array, out)
         if tracking:
             self._count_batch()
-        self._saved = _Saved(x, saved, None, (), None)
+        overwritten: tuple[str, ...] = ()
+        if out_array is not None and self._backend.may_share_memory(out_array, array):
+            overwritten = ("input",)
+        self._saved = _Saved(x, saved, None, overwritten, None)
         return output
 
     def _new_plan(
-        self, x: Any, tracking: bool, signature: tuple[Any, ...]
+        self, x: Any, out: Any | None, tracking: bool, signature: tuple[Any, ...]
     ) -> tuple[tuple[Any, ...], ForwardPlan]:
-        """Check a forward of ``x`` in full; keep the plan of its signature."""
-        call = self._prepare_forward(x, None, None, tracking, True)
+        """Check a forward of ``x`` (into ``out``) in full; keep the plan of its signature."""
+        call = self._prepare_forward(x, out, None, tracking, True)
         held = (self.weight, self.bias, self.running_mean, self.running_var)
         self._plan = (signature, plan_forward(call, held))
         return self._plan

@@ -174,6 +174,38 @@ def test_a_module_checks_each_signature_once(checks):
     assert len(checks) == 4
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (4, 3, 131, 131)], ids=["small", "threaded"])
+def test_a_forward_into_out_is_planned_with_the_full_paths_bits(checks, shape):
+    """out= is part of a module's signature (its shape, strides, dtype and writability):
+    calls into out arrays of one signature are checked once, give the bits of the plain
+    forward, and note on every call whether out overlaps the input (an in-place forward
+    leaves backward nothing to differentiate)."""
+    rng = np.random.default_rng(5)
+    into, plain = _module(4, shape[1], np.float32), _module(4, shape[1], np.float32)
+    for _ in range(3):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+        out = np.empty_like(x)
+        assert into(x, out=out) is out
+        np.testing.assert_array_equal(out, plain(x))
+        assert into._saved is not None and into._saved.overwritten == ()
+        dy = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(into.backward(dy), plain.backward(dy))
+    np.testing.assert_array_equal(into.running_var, plain.running_var)
+    assert len(checks) == 2  # one a module
+    x = rng.standard_normal(shape).astype(np.float32)
+    expected = plain(x.copy())
+    assert into(x, out=x) is x  # in place: out has the same signature as before
+    np.testing.assert_array_equal(x, expected)
+    assert into._saved.overwritten == ("input",)
+    with pytest.raises(RuntimeError, match="out= wrote the output over"):
+        into.backward(np.ones_like(x))
+    out = np.empty(shape, np.float32)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):  # another signature: checked again
+        into(x, out=out)
+    assert len(checks) == 3
+
+
 def test_functional_checks_each_signature_once(checks):
     x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
     mean, var = np.zeros(3, np.float32), np.ones(3, np.float32)

@@ -322,6 +322,7 @@ class _PlannedForward:
         training: bool,
         eps: float,
         threaded: bool,
+        out: np.ndarray | None = None,
     ) -> None:
         x, tiling = ops.x, ops.tiling
         # The calls' dtype, and for 16-bit floats that of the bits the kernels take instead.
@@ -330,6 +331,8 @@ class _PlannedForward:
         # How to view the input and a new output: a reshape, or these strides.
         self.x_view = _view_recipe(tiling, x)
         self.out_view = _view_recipe(tiling, output)
+        # The caller's out= of the planned signature (as bits): how to view it.
+        self.caller_out_view = None if out is None else _view_recipe(tiling, out)
         self.view_shape = tiling.view_shape
         n_channels = x.shape[1]
         vector = np.zeros(n_channels)
@@ -369,13 +372,21 @@ class _PlannedForward:
         self.after = (weight, bias, running_mean, running_var)
         self.tail = (eps, tiling.channels_inner, geometry)
 
-    def __call__(self, x: np.ndarray, momentum: float) -> tuple[np.ndarray, Any, Any]:
-        """``(output, mean, invstd)`` of a forward of ``x``, an array of the planned signature."""
+    def __call__(
+        self, x: np.ndarray, momentum: float, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, Any, Any]:
+        """``(output, mean, invstd)`` of a forward of ``x`` (into ``out``, when the plan was
+        made for one), arrays of the planned signature."""
         if self.bits is not None:
             x = x.view(self.bits)
+            out = None if out is None else out.view(self.bits)
         view = _viewed(x, self.view_shape, self.x_view)
         view.flags.writeable = False  # the kernels' input variants (see _as_input)
-        output, out_view = _new_viewed(x, self.view_shape, self.out_view)
+        if out is None:
+            output, out_view = _new_viewed(x, self.view_shape, self.out_view)
+        else:
+            assert self.caller_out_view is not None  # planned with an out= of these strides
+            output, out_view = out, _viewed(out, self.view_shape, self.caller_out_view)
         if self.training:
             coefficients = self.train_forward(
                 *self.before, view, *self.after, momentum, *self.tail, out_view
@@ -641,6 +652,7 @@ class CpuBackend:
         training: bool,
         eps: float,
         epilogue: Epilogue | None,
+        out: np.ndarray | None = None,
     ) -> _PlannedForward | None:
         """A runner of forwards of arrays of ``x``'s signature with these arguments, made
         once for them; None where the fused passes serve as well.
@@ -653,15 +665,16 @@ class CpuBackend:
         if epilogue is not None or not x.size:
             return None
         dtype = x.dtype
-        x, weight, bias, running_mean, running_var = map(
-            halves.as_bits, (x, weight, bias, running_mean, running_var)
+        x, weight, bias, running_mean, running_var, out = map(
+            halves.as_bits, (x, weight, bias, running_mean, running_var, out)
         )
         ops = _Operands(x)
-        if ops.x is not x or not ops.fits(ops.tiling.view(np.empty_like(x))):
+        outputs = [np.empty_like(x)] if out is None else [out]
+        if ops.x is not x or not all(ops.fits(ops.tiling.view(array)) for array in outputs):
             return None  # a copy or a staged output: the fused passes handle those
         return _PlannedForward(
             ops, dtype, weight, bias, running_mean, running_var, training, eps,
-            threaded=x.size >= PARALLEL_MIN_ELEMENTS,
+            threaded=x.size >= PARALLEL_MIN_ELEMENTS, out=out,
         )  # fmt: skip
 
     @staticmethod

@@ -295,6 +295,7 @@ class CudaBackend:
         training: bool,
         eps: float,
         epilogue: Epilogue | None,
+        out: Any | None = None,
     ) -> None:
         """No runner of its own: the fused passes serve every signature."""
         return None
