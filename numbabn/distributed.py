@@ -263,7 +263,10 @@ def _checked_timeout(timeout: float | None) -> float | None:
 
 def _header(x: Any) -> tuple[int, int]:
     """What every rank's part must agree on: its channels and dtype."""
-    return x.shape[1], _BFLOAT16_CODE if is_bfloat16(x.dtype) else _DTYPE_CODES[x.dtype]
+    code = _DTYPE_CODES.get(x.dtype)  # a dict look-up: bfloat16's test reads the dtype's name
+    if code is None:
+        code = _BFLOAT16_CODE if is_bfloat16(x.dtype) else _DTYPE_CODES[x.dtype]
+    return x.shape[1], code
 
 
 class SyncBatchNorm(_BatchNorm):

@@ -340,11 +340,12 @@ class ForwardPlan(NamedTuple):
     held: tuple[Any, ...]  # the arrays whose identities the signature holds, as given
 
 
-def plan_forward(call: ForwardCall, held: tuple[Any, ...]) -> ForwardPlan:
+def plan_forward(call: ForwardCall, held: tuple[Any, ...], exchanged: bool = False) -> ForwardPlan:
     """A plan for the calls of ``call``'s signature (made after its checks passed), holding
-    the arrays ``held`` whose identities are in the signature."""
+    the arrays ``held`` whose identities are in the signature; ``exchanged`` plans calls
+    that run with an exchange between their phases (which the backend's runner does not)."""
     runner = None
-    if call.x.size:
+    if call.x.size and not exchanged:
         runner = call.backend.plan_forward(
             call.x, *call.affine, *call.running[:2], call.training, call.eps, call.epilogue,
             call.out,
@@ -359,14 +360,17 @@ def run_planned(
     momentum: float,
     out: Any | None = None,
     caller_out: Any | None = None,
+    exchange: _phases.Exchange | None = None,
 ) -> tuple[Array, SavedStats]:
     """Run a forward of ``x`` (the backend's array of the plan's signature) by ``plan``, into
-    ``out`` (the backend's view of the caller's ``caller_out``) when the plan has one."""
+    ``out`` (the backend's view of the caller's ``caller_out``) when the plan has one, with
+    ``exchange`` between the phases of an exchanged plan."""
     call = plan.call
     if plan.runner is None:
         running = Running(call.running.mean, call.running.var, float(momentum))
         return run_forward(
-            call._replace(x=x, input=caller_input, running=running, out=out, caller_out=caller_out)
+            call._replace(x=x, input=caller_input, running=running, out=out, caller_out=caller_out),
+            exchange=exchange,
         )
     output, mean, invstd = plan.runner(x, float(momentum), out)
     saved = SavedStats(mean, invstd, call.training)
@@ -662,10 +666,13 @@ class BackwardPlan(NamedTuple):
     held: tuple[Any, ...]  # the arrays whose identities the signature holds, as given
 
 
-def plan_backward(call: BackwardCall, held: tuple[Any, ...]) -> BackwardPlan:
-    """A plan for the backwards of ``call``'s signature (made after its checks passed)."""
+def plan_backward(
+    call: BackwardCall, held: tuple[Any, ...], exchanged: bool = False
+) -> BackwardPlan:
+    """A plan for the backwards of ``call``'s signature (made after its checks passed);
+    ``exchanged`` as for :func:`plan_forward`."""
     runner = None
-    if call.out is None and call.x.size:
+    if call.out is None and call.x.size and not exchanged:
         backend, x = call.backend, call.x
         weight = _phases.with_defaults(
             backend, call.affine, x.shape[1], backend.param_dtypes[x.dtype]
@@ -677,14 +684,24 @@ def plan_backward(call: BackwardCall, held: tuple[Any, ...]) -> BackwardPlan:
 
 
 def run_planned_backward(
-    plan: BackwardPlan, dy: Any, x: Any, saved: SavedStats, grad_output: Any, caller_input: Any
+    plan: BackwardPlan,
+    dy: Any,
+    x: Any,
+    saved: SavedStats,
+    grad_output: Any,
+    caller_input: Any,
+    exchange: _phases.TrainingExchange | None = None,
+    count: int = 0,
 ) -> tuple[Array, ...]:
-    """Run a backward of ``dy`` and ``x`` (the backend's arrays of the plan's signature)."""
+    """Run a backward of ``dy`` and ``x`` (the backend's arrays of the plan's signature);
+    an exchanged plan's with ``exchange`` over a whole batch of ``count`` values per channel."""
     call = plan.call
     originals = (caller_input, *call.originals[1:])
     if plan.runner is None:
         return run_backward(
-            call._replace(dy=dy, x=x, saved=saved, originals=originals, grad_output=grad_output)
+            call._replace(dy=dy, x=x, saved=saved, originals=originals, grad_output=grad_output),
+            exchange=exchange,
+            count=count,
         )
     grads = (*plan.runner(dy, x, saved.mean, saved.invstd), None)
     return _backward_results(call.backend, grads, originals, None, grad_output)

@@ -374,8 +374,8 @@ class _BatchNorm:
             return self._dask_forward(x, out, residual)
         exchange = self._exchange if self.training else None
         tracking = self.training and self.track_running_stats
-        if residual is None and exchange is None:
-            return self._planned_forward(x, tracking, out)
+        if residual is None:
+            return self._planned_forward(x, tracking, out, exchange)
         with self._backend.on_device(self._gpu):
             try:
                 call = self._prepare_forward(x, out, residual, tracking, exchange is None)
@@ -390,11 +390,38 @@ class _BatchNorm:
         self._remember(call, saved, residual, count)
         return output
 
-    def _planned_forward(self, x: Any, tracking: bool, out: Any | None) -> Any:
-        """A forward without a residual or an exchange, checked in full only when its
-        signature differs from the last such call's (see :class:`ForwardPlan`); ``out=``,
-        when given, is part of the signature (its kind, shape, strides, dtype and whether
-        it may be written), and whether it overlaps ``x`` is looked at on every call."""
+    def _planned_forward(
+        self, x: Any, tracking: bool, out: Any | None, exchange: TrainingExchange | None
+    ) -> Any:
+        """A forward without a residual, checked in full only when its signature differs
+        from the last such call's (see :class:`ForwardPlan`); ``out=``, when given, is part
+        of the signature (its kind, shape, strides, dtype and whether it may be written),
+        and whether it overlaps ``x`` is looked at on every call. With an ``exchange``,
+        a failed check makes every part raise."""
+        with self._backend.on_device(self._gpu):
+            try:
+                array, out_array, momentum, plan = self._forward_plan(
+                    x, tracking, out, exchange is not None
+                )
+            except Exception as error:
+                if exchange is None:
+                    raise
+                exchange.refuse(FORWARD, error)  # every rank raises
+            output, saved = run_planned(plan, array, x, momentum, out_array, out, exchange)
+        if tracking:
+            self._count_batch()
+        overwritten: tuple[str, ...] = ()
+        if out_array is not None and self._backend.may_share_memory(out_array, array):
+            overwritten = ("input",)
+        count = None if exchange is None else exchange.count
+        self._saved = _Saved(x, saved, None, overwritten, count)
+        return output
+
+    def _forward_plan(
+        self, x: Any, tracking: bool, out: Any | None, exchanged: bool
+    ) -> tuple[Any, Any | None, Any, ForwardPlan]:
+        """``(x, out, momentum, plan)`` of a forward: the arrays as the backend's, and the
+        plan of the call's signature, made (after the full checks) when it is new."""
         self._check_kind(x, "input")
         array = self._backend.adopt(x)
         momentum = self._momentum_argument(tracking)
@@ -410,29 +437,14 @@ class _BatchNorm:
             array.shape, array.strides, array.dtype, self.training, tracking, self.activation,
             id(self.weight), id(self.bias), id(running), id(self.running_var),
             tracking and check.writeable(running), type(momentum), type(self.eps), self.eps,
-            out_signature,
+            out_signature, exchanged,
         )  # fmt: skip
-        with self._backend.on_device(self._gpu):
-            plan = self._plan
-            if plan is None or plan[0] != signature:
-                plan = self._new_plan(x, out, tracking, signature)
-            output, saved = run_planned(plan[1], array, x, momentum, out_array, out)
-        if tracking:
-            self._count_batch()
-        overwritten: tuple[str, ...] = ()
-        if out_array is not None and self._backend.may_share_memory(out_array, array):
-            overwritten = ("input",)
-        self._saved = _Saved(x, saved, None, overwritten, None)
-        return output
-
-    def _new_plan(
-        self, x: Any, out: Any | None, tracking: bool, signature: tuple[Any, ...]
-    ) -> tuple[tuple[Any, ...], ForwardPlan]:
-        """Check a forward of ``x`` (into ``out``) in full; keep the plan of its signature."""
-        call = self._prepare_forward(x, out, None, tracking, True)
-        held = (self.weight, self.bias, self.running_mean, self.running_var)
-        self._plan = (signature, plan_forward(call, held))
-        return self._plan
+        plan = self._plan
+        if plan is None or plan[0] != signature:
+            call = self._prepare_forward(x, out, None, tracking, not exchanged)
+            held = (self.weight, self.bias, self.running_mean, self.running_var)
+            plan = self._plan = (signature, plan_forward(call, held, exchanged))
+        return array, out_array, momentum, plan[1]
 
     def _prepare_forward(
         self, x: Any, out: Any | None, residual: Any | None, tracking: bool, check_batch: bool
@@ -594,8 +606,8 @@ class _BatchNorm:
         # forward, so that its error reaches the ranks waiting for it.
         exchanging = self.training if saved is None else saved.whole_count is not None
         exchange = self._exchange if exchanging else None
-        if out is None and exchange is None and saved is not None and saved.residual is None:
-            return self._planned_backward(grad_output, saved)
+        if out is None and saved is not None and saved.residual is None:
+            return self._planned_backward(grad_output, saved, exchange)
         with self._backend.on_device(self._gpu):
             try:
                 call = self._prepare_backward(grad_output, out)
@@ -610,30 +622,44 @@ class _BatchNorm:
             self._accumulate_grads(grad_weight, grad_bias)
         return grad_input if call.originals[2] is None else (grad_input, grad_residual[0])
 
-    def _planned_backward(self, grad_output: Any, saved: _Saved) -> Any:
-        """A backward without ``out=``, a residual or an exchange, checked in full only when
-        its signature differs from the last such call's (see :class:`BackwardPlan`)."""
+    def _planned_backward(
+        self, grad_output: Any, saved: _Saved, exchange: TrainingExchange | None
+    ) -> Any:
+        """A backward without ``out=`` or a residual, checked in full only when its signature
+        differs from the last such call's (see :class:`BackwardPlan`). With an ``exchange``,
+        a failed check makes every part raise."""
+        with self._backend.on_device(self._gpu):
+            try:
+                dy, x, plan = self._backward_plan_for(grad_output, saved, exchange is not None)
+            except Exception as error:
+                if exchange is None:
+                    raise
+                exchange.refuse(BACKWARD, error)  # every rank raises
+            grad_input, grad_weight, grad_bias = run_planned_backward(
+                plan, dy, x, saved.stats, grad_output, saved.input, exchange,
+                saved.whole_count or 0,
+            )  # fmt: skip
+            self._accumulate_grads(grad_weight, grad_bias)
+        return grad_input
+
+    def _backward_plan_for(
+        self, grad_output: Any, saved: _Saved, exchanged: bool
+    ) -> tuple[Any, Any, BackwardPlan]:
+        """``(dy, x, plan)`` of a backward: the arrays as the backend's, and the plan of the
+        call's signature, made (after the full checks) when it is new."""
         self._check_kind(grad_output, "grad_output")
         adopt = self._backend.adopt
         dy, x = adopt(grad_output), adopt(saved.input)
-        stats = saved.stats
         signature = (
-            dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype, stats.batch_stats,
-            saved.overwritten, id(self.weight), id(self.bias), self.activation,
+            dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype, saved.stats.batch_stats,
+            saved.overwritten, id(self.weight), id(self.bias), self.activation, exchanged,
         )  # fmt: skip
-        with self._backend.on_device(self._gpu):
-            plan = self._backward_plan
-            if plan is None or plan[0] != signature:
-                call = self._prepare_backward(grad_output, None)
-                plan = self._backward_plan = (
-                    signature,
-                    plan_backward(call, (self.weight, self.bias)),
-                )
-            grad_input, grad_weight, grad_bias = run_planned_backward(
-                plan[1], dy, x, stats, grad_output, saved.input
-            )
-            self._accumulate_grads(grad_weight, grad_bias)
-        return grad_input
+        plan = self._backward_plan
+        if plan is None or plan[0] != signature:
+            call = self._prepare_backward(grad_output, None)
+            held = (self.weight, self.bias)
+            plan = self._backward_plan = (signature, plan_backward(call, held, exchanged))
+        return dy, x, plan[1]
 
     def _prepare_backward(self, grad_output: Any, out: Any | None) -> BackwardCall:
         """Check a backward call against the last forward; change nothing."""

@@ -270,3 +270,26 @@ def test_a_plan_holds_the_arrays_whose_identities_it_checked():
     nbn.functional.batch_norm(x, None, None, weight, training=True)
     plans = [plan for plan in functional._PLANS.values() if any(a is weight for a in plan.held)]
     assert plans
+
+
+def test_sync_batchnorm_checks_each_signature_once(checks, backward_checks):
+    """SyncBatchNorm's exchanged calls are planned as the others: checked once per
+    signature, with the exchange between their phases, and the bits of BatchNorm2d's."""
+    mpi = pytest.importorskip("mpi4py.MPI")
+    synced = nbn.SyncBatchNorm(4, comm=mpi.COMM_SELF)
+    plain = nbn.BatchNorm2d(4)
+    x = np.random.default_rng(5).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    dy = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
+    for _ in range(3):
+        np.testing.assert_array_equal(synced(x), plain(x))
+        np.testing.assert_array_equal(synced.backward(dy), plain.backward(dy))
+    assert (len(checks), len(backward_checks)) == (2, 2)  # one of each per module
+    for name, value in plain.state_dict().items():
+        np.testing.assert_array_equal(synced.state_dict()[name], value)
+    np.testing.assert_array_equal(synced.grads["weight"], plain.grads["weight"])
+    synced.eval()  # eval exchanges nothing: another signature, checked again (both modules)
+    np.testing.assert_array_equal(synced(x), plain.eval()(x))
+    assert len(checks) == 4
+    synced.train()
+    with pytest.raises(RuntimeError, match="should contain 5 elements"):  # checked again
+        synced(np.ones((2, 5, 3, 3), np.float32))
