@@ -380,8 +380,8 @@ class _PlannedForward:
         if self.bits is not None:
             x = x.view(self.bits)
             out = None if out is None else out.view(self.bits)
+        # Left writable: the whole-pass functions have one variant, which takes it as read-only.
         view = _viewed(x, self.view_shape, self.x_view)
-        view.flags.writeable = False  # the kernels' input variants (see _as_input)
         if out is None:
             output, out_view = _new_viewed(x, self.view_shape, self.out_view)
         else:
@@ -439,10 +439,9 @@ class _SerialBackward:
         """``(dx, dweight, dbias)`` of a backward of arrays of the planned signature."""
         if self.bits is not None:
             dy, x = dy.view(self.bits), x.view(self.bits)
+        # Left writable, as a planned forward's input view.
         x_view = _viewed(x, self.view_shape, self.x_view)
-        x_view.flags.writeable = False  # the kernels' input variants (see _as_input)
         dy_view = _viewed(dy, self.view_shape, self.dy_view)
-        dy_view.flags.writeable = False
         output, out_view = _new_viewed(x, self.view_shape, self.out_view)
         totals = launch(
             serial.train_backward, *self.before, x_view, dy_view, mean, invstd, self.weight,
