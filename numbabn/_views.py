@@ -19,7 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from numbabn._tunables import LANE_ELEMENTS, MIN_POSITIONS, RUN_ELEMENTS, TILE_ELEMENTS
+from numbabn._tunables import (
+    ELEMENTWISE_RUN_ELEMENTS,
+    LANE_ELEMENTS,
+    MIN_POSITIONS,
+    RUN_ELEMENTS,
+    TILE_ELEMENTS,
+)
 
 _CHANNEL: tuple[int, ...] = (1,)
 _PAD: tuple[int, ...] = ()
@@ -97,6 +103,31 @@ class Tiling:
         """
         third = self.lane_rows if self.channels_inner else self.s_chunk
         return (self.channel_block, self.row_block, third, self.n_tiles)
+
+    @functools.cached_property
+    def elementwise_geometry(self) -> tuple[int, int, int, int]:
+        """The tiling the elementwise kernels take, which keep no per-tile partials.
+
+        A planar view with one row per ``(a, c)`` holds each row's channels next to
+        each other: its items there take whole channels (whole rows, for short
+        ones) until they cover ``ELEMENTWISE_RUN_ELEMENTS`` adjacent elements. Any
+        other view keeps :attr:`geometry`, whose runs are that long already or cannot be.
+        """
+        a, n_channels, r, s = self.view_shape
+        if self.channels_inner or r != 1 or self.s_chunk < s:
+            return self.geometry
+        channel_block = min(n_channels, -(-ELEMENTWISE_RUN_ELEMENTS // s))
+        row_block = 1
+        if channel_block == n_channels:
+            row_block = max(1, ELEMENTWISE_RUN_ELEMENTS // (n_channels * s))
+        return (channel_block, row_block, s, -(-a // row_block))
+
+    @functools.cached_property
+    def n_elementwise_items(self) -> int:
+        """Work items of :attr:`elementwise_geometry`."""
+        channel_block, _, _, n_tiles = self.elementwise_geometry
+        n_channels = self.view_shape[3] if self.channels_inner else self.view_shape[1]
+        return -(-n_channels // channel_block) * n_tiles
 
     def view(self, array: np.ndarray) -> np.ndarray | None:
         """Return ``array`` viewed in this layout, or None if its strides do not allow it."""

@@ -106,6 +106,8 @@ class _Operands:
         # Kernels come in one compiled family per view kind: FAMILY[ops.family] picks.
         self.family = int(tiling.channels_inner)
         self.launch_args = (tiling.geometry,)
+        self.elementwise_geometry = tiling.elementwise_geometry
+        self.n_elementwise_items = tiling.n_elementwise_items
 
     def fits(self, view: np.ndarray | None) -> bool:
         """Whether ``view`` (of another array, by this tiling) streams like ``x``'s own.
@@ -153,8 +155,15 @@ class _Operands:
         return np.empty((self.tiling.n_tiles, 2, self.x.shape[1]))
 
     def run(self, kernel: Callable[..., None], *args: Any) -> None:
-        """Run an ``*_items`` kernel over every item."""
+        """Run a reduction's ``*_items`` kernel over every item."""
         _run(kernel, self.n_items, self.serial, *args)
+
+    def run_elementwise(self, kernel: Callable[..., None], *args: Any) -> None:
+        """Run an elementwise ``*_items`` kernel over its items: ``args`` are its operands
+        up to its geometry, then its output."""
+        *operands, target = args
+        geometry = self.elementwise_geometry
+        _run(kernel, self.n_elementwise_items, self.serial, *operands, geometry, target)
 
     def normalise(
         self,
@@ -167,12 +176,12 @@ class _Operands:
         """``target = (x - mean) * scale + shift``, then the epilogue's residual add and ReLU."""
         if epilogue is None:
             affine = kernels.AFFINE[self.family]
-            self.run(affine, self.view, mean, scale, shift, *self.launch_args, target)
+            self.run_elementwise(affine, self.view, mean, scale, shift, target)
             return
         z = self.view if epilogue.residual is None else self.input_view(epilogue.residual)
-        self.run(
+        self.run_elementwise(
             fused.AFFINE_ACT[self.family], self.view, z, mean, scale, shift,
-            epilogue.residual is not None, epilogue.relu, *self.launch_args, target,
+            epilogue.residual is not None, epilogue.relu, target,
         )  # fmt: skip
 
     def write(self, out: np.ndarray | None, kernel: Callable[[np.ndarray], Any]) -> tuple:
@@ -277,16 +286,8 @@ def _grad_from_sums(
     coefficients = np.empty((3, invstd.shape[0]))
     launch(serial.gradient_coefficients, sums, count, invstd, weight, coefficients)
     alpha, beta, gamma = coefficients
-    ops.run(
-        kernels.GRAD[ops.family],
-        dy_view,
-        ops.view,
-        mean,
-        alpha,
-        beta,
-        gamma,
-        *ops.launch_args,
-        target,
+    ops.run_elementwise(
+        kernels.GRAD[ops.family], dy_view, ops.view, mean, alpha, beta, gamma, target
     )
 
 
@@ -337,8 +338,8 @@ class _PlannedForward:
         n_channels = x.shape[1]
         vector = np.zeros(n_channels)
         coefficients = np.zeros((4, n_channels))
-        geometry = tiling.geometry
-        affine_args = (ops.view, vector, vector, vector, geometry, tiling.view(output), 0, 0)
+        geometry, elementwise = tiling.geometry, tiling.elementwise_geometry
+        affine_args = (ops.view, vector, vector, vector, elementwise, tiling.view(output), 0, 0)
         affine = _address(kernels.AFFINE[ops.family], affine_args)
         self.training = training
         # The whole passes: on Numba's threads, or on the calling thread.
@@ -357,7 +358,7 @@ class _PlannedForward:
                 (running_mean, running_var, weight, bias, eps, coefficients),
             )
             self.before = (coefficients_of, affine)
-            self.after = (running_mean, running_var, weight, bias, eps, geometry)
+            self.after = (running_mean, running_var, weight, bias, eps, elementwise)
             return
         if running_mean is None or running_var is None:
             running_mean = running_var = _filled(0.0, 0, x.dtype)
@@ -370,7 +371,7 @@ class _PlannedForward:
         )  # fmt: skip
         self.before = (_address(kernels.SUMS[ops.family], sums_args), coefficients_of, affine)
         self.after = (weight, bias, running_mean, running_var)
-        self.tail = (eps, tiling.channels_inner, geometry)
+        self.tail = (eps, tiling.channels_inner, geometry, elementwise)
 
     def __call__(
         self, x: np.ndarray, momentum: float, out: np.ndarray | None = None
@@ -431,7 +432,7 @@ class _SerialBackward:
             _address(serial.gradient_coefficients, (partials[0], 1, vector, weight, coefficients)),
             _address(kernels.GRAD[ops.family], (*grad_args, tiling.view(output), 0, 0)),
         )
-        self.geometry = geometry
+        self.geometries = (geometry, tiling.elementwise_geometry)
 
     def __call__(
         self, dy: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray
@@ -445,7 +446,7 @@ class _SerialBackward:
         output, out_view = _new_viewed(x, self.view_shape, self.out_view)
         totals = launch(
             serial.train_backward, *self.before, x_view, dy_view, mean, invstd, self.weight,
-            self.geometry, out_view,
+            *self.geometries, out_view,
         )  # fmt: skip
         grads = _param_grads(totals[0], totals[1], invstd, self.weight.dtype)
         if self.bits is None:
@@ -772,23 +773,21 @@ class CpuBackend:
             else:
                 alpha, beta, gamma = scale, np.zeros_like(scale), np.zeros_like(scale)
             if residual is None:
-                ops.run(
+                ops.run_elementwise(
                     fused.MASKED_GRAD[ops.family], dy_view, ops.view, mean, scale, shift, alpha,
-                    beta, gamma, batch_stats, *ops.launch_args, target,
+                    beta, gamma, batch_stats, target,
                 )  # fmt: skip
             elif not batch_stats:
                 # dx = dz * alpha: x must not enter (0 * (x - mean) is NaN for infinite x).
-                ops.run(
-                    kernels.AFFINE[ops.family], dz_input, beta, alpha, gamma,
-                    *ops.launch_args, target,
-                )  # fmt: skip
+                ops.run_elementwise(
+                    kernels.AFFINE[ops.family], dz_input, beta, alpha, gamma, target
+                )
             else:
                 # The first pass wrote the masked dy to dz: the plain gradient pass reads
                 # it in place of dy and z (two reads and a write instead of three and two).
-                ops.run(
-                    kernels.GRAD[ops.family], dz_input, ops.view, mean, alpha, beta, gamma,
-                    *ops.launch_args, target,
-                )  # fmt: skip
+                ops.run_elementwise(
+                    kernels.GRAD[ops.family], dz_input, ops.view, mean, alpha, beta, gamma, target
+                )
             return totals
 
         grad_input, totals = ops.write(out, kernel)

@@ -108,7 +108,7 @@ def _masked_grad(
 @_driver
 def _train_forward(
     sums, coefficients_of, affine, x, weight, bias, running_mean, running_var, momentum, eps,
-    channels_inner, geometry, out,
+    channels_inner, geometry, elementwise, out,
 ):  # fmt: skip
     """:func:`numbabn._cpu.serial.train_forward` with both passes' items on the threads."""
     n_channels = x.shape[3] if channels_inner else x.shape[1]
@@ -125,24 +125,25 @@ def _train_forward(
         running_var, momentum,
     )  # fmt: skip
     mean, scale, bias_shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
-    for index in prange(n_items):
+    e0, e1, e2, e3 = elementwise
+    for index in prange(serial.work_items(n_channels, elementwise)):
         item = np.int64(index)
-        tiling = (g0, g1, g2, g3)
+        tiling = (e0, e1, e2, e3)
         call_native(affine, (x, mean, scale, bias_shift, tiling, out, item, item + 1))
     return coefficients
 
 
 @_driver
 def _eval_forward(
-    coefficients_of, affine, x, running_mean, running_var, weight, bias, eps, geometry, out
+    coefficients_of, affine, x, running_mean, running_var, weight, bias, eps, elementwise, out
 ):  # fmt: skip
     """:func:`numbabn._cpu.serial.eval_forward` with the elementwise items on the threads."""
     n_channels = running_mean.shape[0]
-    n_items = serial.work_items(n_channels, geometry)
+    n_items = serial.work_items(n_channels, elementwise)
     coefficients = np.empty((4, n_channels))
     call_native(coefficients_of, (running_mean, running_var, weight, bias, eps, coefficients))
     mean, scale, shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
-    g0, g1, g2, g3 = geometry
+    g0, g1, g2, g3 = elementwise
     for index in prange(n_items):
         item = np.int64(index)
         tiling = (g0, g1, g2, g3)

@@ -112,13 +112,14 @@ def running_coefficients(running_mean, running_var, weight, bias, eps, coefficie
 @_kernel
 def train_forward(
     sums, coefficients_of, affine, x, weight, bias, running_mean, running_var, momentum, eps,
-    channels_inner, geometry, out,
+    channels_inner, geometry, elementwise, out,
 ):  # fmt: skip
     """Normalise ``x`` with its own statistics into ``out``; return the coefficients.
 
     ``sums``, ``coefficients_of`` and ``affine`` are the addresses of the
     statistics kernel's, :func:`batch_coefficients`' and the elementwise
-    kernel's variants for these operands; ``geometry`` is the kernels' tiling.
+    kernel's variants for these operands; ``geometry`` is the statistics' tiling
+    and ``elementwise`` the elementwise pass's (``Tiling.elementwise_geometry``).
     """
     n_channels = x.shape[3] if channels_inner else x.shape[1]
     start = np.int64(0)
@@ -132,25 +133,27 @@ def train_forward(
         running_var, momentum,
     )  # fmt: skip
     mean, scale, bias_shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
-    call_native(affine, (x, mean, scale, bias_shift, geometry, out, start, n_items))
+    n_items = work_items(n_channels, elementwise)
+    call_native(affine, (x, mean, scale, bias_shift, elementwise, out, start, n_items))
     return coefficients
 
 
 @_kernel
 def eval_forward(
-    coefficients_of, affine, x, running_mean, running_var, weight, bias, eps, geometry, out
+    coefficients_of, affine, x, running_mean, running_var, weight, bias, eps, elementwise, out
 ):  # fmt: skip
     """Normalise ``x`` with the running statistics into ``out``; return the coefficients.
 
-    ``coefficients_of`` is the address of :func:`running_coefficients`' variant.
+    ``coefficients_of`` is the address of :func:`running_coefficients`' variant;
+    ``elementwise`` is the elementwise pass's tiling.
     """
     n_channels = running_mean.shape[0]
     start = np.int64(0)
-    n_items = work_items(n_channels, geometry)
+    n_items = work_items(n_channels, elementwise)
     coefficients = np.empty((4, n_channels))
     call_native(coefficients_of, (running_mean, running_var, weight, bias, eps, coefficients))
     mean, scale, shift = coefficients[_MEAN], coefficients[_SCALE], coefficients[_SHIFT]
-    call_native(affine, (x, mean, scale, shift, geometry, out, start, n_items))
+    call_native(affine, (x, mean, scale, shift, elementwise, out, start, n_items))
     return coefficients
 
 
@@ -166,13 +169,14 @@ def gradient_coefficients(totals, count, invstd, weight, coefficients):
 
 @_kernel
 def train_backward(
-    sums, coefficients_of, grad, x, dy, mean, invstd, weight, geometry, out
+    sums, coefficients_of, grad, x, dy, mean, invstd, weight, geometry, elementwise, out
 ):  # fmt: skip
     """Write the input gradient through batch statistics into ``out``; return the gradient
     sums ``[sum(dy), sum(dy * (x - mean))]``.
 
     ``sums``, ``coefficients_of`` and ``grad`` are the addresses of the statistics
-    kernel's, :func:`gradient_coefficients`' and the gradient kernel's variants.
+    kernel's, :func:`gradient_coefficients`' and the gradient kernel's variants;
+    ``geometry`` and ``elementwise`` the tilings as in :func:`train_forward`.
     """
     n_channels = mean.shape[0]
     start = np.int64(0)
@@ -186,5 +190,6 @@ def train_backward(
     coefficients = np.empty((3, n_channels))
     call_native(coefficients_of, (totals, count, invstd, weight, coefficients))
     alpha, beta, gamma = coefficients[0], coefficients[1], coefficients[2]
-    call_native(grad, (dy, x, mean, alpha, beta, gamma, geometry, out, start, n_items))
+    n_items = work_items(n_channels, elementwise)
+    call_native(grad, (dy, x, mean, alpha, beta, gamma, elementwise, out, start, n_items))
     return totals
