@@ -110,17 +110,19 @@ class Tiling:
 
         A planar view with one row per ``(a, c)`` holds each row's channels next to
         each other: its items there take whole channels (whole rows, for short
-        ones) until they cover ``ELEMENTWISE_RUN_ELEMENTS`` adjacent elements. Any
-        other view keeps :attr:`geometry`, whose runs are that long already or cannot be.
+        ones) until they cover about ``ELEMENTWISE_RUN_ELEMENTS`` adjacent elements,
+        a row's channels cut into blocks of equal size (so that the threads' shares
+        of the items are too). Any other view keeps :attr:`geometry`, whose runs are
+        that long already or cannot be.
         """
         a, n_channels, r, s = self.view_shape
         if self.channels_inner or r != 1 or self.s_chunk < s:
             return self.geometry
-        channel_block = min(n_channels, -(-ELEMENTWISE_RUN_ELEMENTS // s))
+        n_blocks = max(1, n_channels * s // ELEMENTWISE_RUN_ELEMENTS)
         row_block = 1
-        if channel_block == n_channels:
+        if n_blocks == 1:
             row_block = max(1, ELEMENTWISE_RUN_ELEMENTS // (n_channels * s))
-        return (channel_block, row_block, s, -(-a // row_block))
+        return (-(-n_channels // n_blocks), row_block, s, -(-a // row_block))
 
     @functools.cached_property
     def n_elementwise_items(self) -> int:
