@@ -196,15 +196,17 @@ def batch_norm_forward(
         exception types and texts, in PyTorch's order; nothing is modified then.
     """
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if out is None and residual is None and stream is None:
-        signature = _signature(*args, activation)
+    if residual is None and stream is None:
+        signature = _signature(*args, activation, out)
         plan = _PLANS.get(signature) if signature is not None else None
         if plan is None:
-            call = prepare_forward(*args, None, None, activation)
+            call = prepare_forward(*args, out, None, activation)
             plan = plan_forward(call, (running_mean, running_var, weight, bias))
             if signature is not None:
                 _keep(_PLANS, signature, plan)
-        return run_planned(plan, plan.call.backend.adopt(input), input, momentum)
+        adopt = plan.call.backend.adopt
+        out_array = None if out is None else adopt(out)
+        return run_planned(plan, adopt(input), input, momentum, out_array, out)
     return run_forward(prepare_forward(*args, out, residual, activation), stream)
 
 
@@ -224,19 +226,26 @@ def _signature(
     momentum: Any,
     eps: Any,
     activation: str | None,
+    out: Any | None = None,
 ) -> tuple[Any, ...] | None:
     """What the checks of a forward call read; None when that cannot be read without
-    adopting ``input`` (an array without ``strides``, such as a PyTorch tensor) or an
-    argument is unhashable."""
+    adopting ``input`` or ``out`` (an array without ``strides``, such as a PyTorch tensor)
+    or an argument is unhashable."""
     strides = getattr(input, "strides", None)
     if strides is None:
         return None
+    out_signature = None
+    if out is not None:
+        out_strides = getattr(out, "strides", None)
+        if out_strides is None:
+            return None
+        out_signature = (type(out), out.shape, out_strides, out.dtype, check.writeable(out))
     updates = training is True
     signature = (
         type(input), input.shape, strides, input.dtype, type(training), training,
         type(momentum), type(eps), eps, activation, id(running_mean), id(running_var),
         id(weight), id(bias), updates and check.writeable(running_mean),
-        updates and check.writeable(running_var),
+        updates and check.writeable(running_var), out_signature,
     )  # fmt: skip
     try:
         hash(signature)

@@ -293,3 +293,34 @@ def test_sync_batchnorm_checks_each_signature_once(checks, backward_checks):
     synced.train()
     with pytest.raises(RuntimeError, match="should contain 5 elements"):  # checked again
         synced(np.ones((2, 5, 3, 3), np.float32))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (4, 3, 131, 131)], ids=["small", "threaded"])
+def test_functional_forward_into_out_is_planned_with_the_full_paths_bits(checks, shape):
+    """The functional API plans calls with out= as the modules do: out's signature (kind,
+    shape, strides, dtype, writability) joins the call's; its identity does not."""
+    rng = np.random.default_rng(7)
+    mean, var = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+    plain_mean, plain_var = mean.copy(), var.copy()
+    for _ in range(3):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+        out = np.empty_like(x)
+        got = nbn.functional.batch_norm(x, mean, var, training=True, momentum=0.3, out=out)
+        assert got is out
+        want = nbn.functional.batch_norm(x, plain_mean, plain_var, training=True, momentum=0.3)
+        np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(mean, plain_mean)
+    np.testing.assert_array_equal(var, plain_var)
+    assert len(checks) == 2  # one into out=, one without
+    expected = nbn.functional.batch_norm(x.copy(), plain_mean, plain_var, training=True)
+    nbn.functional.batch_norm(x, mean, var, training=True, out=x)  # in place: same signature
+    np.testing.assert_array_equal(x, expected)
+    out = np.empty(shape, np.float32)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):  # another signature: checked again
+        nbn.functional.batch_norm(x, mean, var, training=True, out=out)
+    with pytest.raises(ValueError, match="out"):  # another shape: checked again
+        nbn.functional.batch_norm(
+            x, mean, var, training=True, out=np.empty((1, *shape[1:]), np.float32)
+        )
+    assert len(checks) == 4
