@@ -18,13 +18,13 @@ from test_reference import _check_eval, _check_train
 from numbabn._tunables import LANE_ELEMENTS, PARALLEL_MIN_ELEMENTS
 from numbabn._views import tiling_of
 
-# (shape, path): rows of 16, 24 and 100 channels (16, 11 and 3 positions a row of
-# lanes), and wide rows of 2000 channels, an item taking whole rows.
+# (shape, path): rows of 16, 24 and 40 channels (8, 6 and 4 positions a row of lanes), and
+# wide rows of 2000 channels, an item taking whole rows.
 CASES = [
-    ((1000, 16), "serial"),  # 62 rows of lanes and 8 positions
-    ((1009, 24), "serial"),  # 91 rows of lanes (an odd count: one without a pair) and 8
-    ((617, 100), "serial"),
-    ((9001, 24), "threaded"),  # tiles of 682 positions, the last of 135
+    ((1003, 16), "serial"),  # 125 rows of lanes and 3 positions
+    ((1018, 24), "serial"),  # 169 rows of lanes (an odd count: one without a pair) and 4
+    ((617, 40), "serial"),  # 154 rows of lanes and 1 position
+    ((9001, 24), "threaded"),  # tiles of 682 positions (113 rows of lanes and 4), the last of 135
     ((129, 2000), "threaded"),  # tiles of 128 positions and one of 1
 ]
 LAYOUTS = ["contiguous", "channel_slice", "batch_slice"]
