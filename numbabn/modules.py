@@ -398,16 +398,36 @@ class _BatchNorm:
         of the signature (its kind, shape, strides, dtype and whether it may be written),
         and whether it overlaps ``x`` is looked at on every call. With an ``exchange``,
         a failed check makes every part raise."""
+        exchanged = exchange is not None
         with self._backend.on_device(self._gpu):
-            try:
-                array, out_array, momentum, plan = self._forward_plan(
-                    x, tracking, out, exchange is not None
-                )
+            try:  # one frame: each Python call costs a small forward a few percent
+                self._check_kind(x, "input")
+                array = self._backend.adopt(x)
+                momentum = self._momentum_argument(tracking)
+                running = self.running_mean
+                out_array = out_signature = None
+                if out is not None:
+                    out_array = self._backend.adopt(out)
+                    out_signature = (
+                        type(out), out_array.shape, out_array.strides, out_array.dtype,
+                        check.writeable(out_array),
+                    )  # fmt: skip
+                signature = (
+                    array.shape, array.strides, array.dtype, self.training, tracking,
+                    self.activation, id(self.weight), id(self.bias), id(running),
+                    id(self.running_var), tracking and check.writeable(running), type(momentum),
+                    type(self.eps), self.eps, out_signature, exchanged,
+                )  # fmt: skip
+                plan = self._plan
+                if plan is None or plan[0] != signature:
+                    call = self._prepare_forward(x, out, None, tracking, not exchanged)
+                    held = (self.weight, self.bias, self.running_mean, self.running_var)
+                    plan = self._plan = (signature, plan_forward(call, held, exchanged))
             except Exception as error:
                 if exchange is None:
                     raise
                 exchange.refuse(FORWARD, error)  # every rank raises
-            output, saved = run_planned(plan, array, x, momentum, out_array, out, exchange)
+            output, saved = run_planned(plan[1], array, x, momentum, out_array, out, exchange)
         if tracking:
             self._count_batch()
         overwritten: tuple[str, ...] = ()
@@ -416,35 +436,6 @@ class _BatchNorm:
         count = None if exchange is None else exchange.count
         self._saved = _Saved(x, saved, None, overwritten, count)
         return output
-
-    def _forward_plan(
-        self, x: Any, tracking: bool, out: Any | None, exchanged: bool
-    ) -> tuple[Any, Any | None, Any, ForwardPlan]:
-        """``(x, out, momentum, plan)`` of a forward: the arrays as the backend's, and the
-        plan of the call's signature, made (after the full checks) when it is new."""
-        self._check_kind(x, "input")
-        array = self._backend.adopt(x)
-        momentum = self._momentum_argument(tracking)
-        running = self.running_mean
-        out_array = out_signature = None
-        if out is not None:
-            out_array = self._backend.adopt(out)
-            out_signature = (
-                type(out), out_array.shape, out_array.strides, out_array.dtype,
-                check.writeable(out_array),
-            )  # fmt: skip
-        signature = (
-            array.shape, array.strides, array.dtype, self.training, tracking, self.activation,
-            id(self.weight), id(self.bias), id(running), id(self.running_var),
-            tracking and check.writeable(running), type(momentum), type(self.eps), self.eps,
-            out_signature, exchanged,
-        )  # fmt: skip
-        plan = self._plan
-        if plan is None or plan[0] != signature:
-            call = self._prepare_forward(x, out, None, tracking, not exchanged)
-            held = (self.weight, self.bias, self.running_mean, self.running_var)
-            plan = self._plan = (signature, plan_forward(call, held, exchanged))
-        return array, out_array, momentum, plan[1]
 
     def _prepare_forward(
         self, x: Any, out: Any | None, residual: Any | None, tracking: bool, check_batch: bool
@@ -628,38 +619,32 @@ class _BatchNorm:
         """A backward without ``out=`` or a residual, checked in full only when its signature
         differs from the last such call's (see :class:`BackwardPlan`). With an ``exchange``,
         a failed check makes every part raise."""
+        exchanged = exchange is not None
         with self._backend.on_device(self._gpu):
             try:
-                dy, x, plan = self._backward_plan_for(grad_output, saved, exchange is not None)
+                self._check_kind(grad_output, "grad_output")
+                adopt = self._backend.adopt
+                dy, x = adopt(grad_output), adopt(saved.input)
+                signature = (
+                    dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype,
+                    saved.stats.batch_stats, saved.overwritten, id(self.weight), id(self.bias),
+                    self.activation, exchanged,
+                )  # fmt: skip
+                plan = self._backward_plan
+                if plan is None or plan[0] != signature:
+                    call = self._prepare_backward(grad_output, None)
+                    held = (self.weight, self.bias)
+                    plan = self._backward_plan = (signature, plan_backward(call, held, exchanged))
             except Exception as error:
                 if exchange is None:
                     raise
                 exchange.refuse(BACKWARD, error)  # every rank raises
             grad_input, grad_weight, grad_bias = run_planned_backward(
-                plan, dy, x, saved.stats, grad_output, saved.input, exchange,
+                plan[1], dy, x, saved.stats, grad_output, saved.input, exchange,
                 saved.whole_count or 0,
             )  # fmt: skip
             self._accumulate_grads(grad_weight, grad_bias)
         return grad_input
-
-    def _backward_plan_for(
-        self, grad_output: Any, saved: _Saved, exchanged: bool
-    ) -> tuple[Any, Any, BackwardPlan]:
-        """``(dy, x, plan)`` of a backward: the arrays as the backend's, and the plan of the
-        call's signature, made (after the full checks) when it is new."""
-        self._check_kind(grad_output, "grad_output")
-        adopt = self._backend.adopt
-        dy, x = adopt(grad_output), adopt(saved.input)
-        signature = (
-            dy.shape, dy.strides, dy.dtype, x.shape, x.strides, x.dtype, saved.stats.batch_stats,
-            saved.overwritten, id(self.weight), id(self.bias), self.activation, exchanged,
-        )  # fmt: skip
-        plan = self._backward_plan
-        if plan is None or plan[0] != signature:
-            call = self._prepare_backward(grad_output, None)
-            held = (self.weight, self.bias)
-            plan = self._backward_plan = (signature, plan_backward(call, held, exchanged))
-        return dy, x, plan[1]
 
     def _prepare_backward(self, grad_output: Any, out: Any | None) -> BackwardCall:
         """Check a backward call against the last forward; change nothing."""
