@@ -234,12 +234,9 @@ def _signature(
     strides = getattr(input, "strides", None)
     if strides is None:
         return None
-    out_signature = None
-    if out is not None:
-        out_strides = getattr(out, "strides", None)
-        if out_strides is None:
-            return None
-        out_signature = (type(out), out.shape, out_strides, out.dtype, check.writeable(out))
+    out_signature = None if out is None else _out_signature(out)
+    if out is not None and out_signature is None:
+        return None
     updates = training is True
     signature = (
         type(input), input.shape, strides, input.dtype, type(training), training,
@@ -252,6 +249,16 @@ def _signature(
     except TypeError:
         return None
     return signature
+
+
+def _out_signature(out: Any) -> tuple[Any, ...] | None:
+    """What the checks of an ``out=`` array read (its kind, shape, strides, dtype and whether
+    it may be written; not its identity); None when its strides cannot be read without
+    adopting it."""
+    strides = getattr(out, "strides", None)
+    if strides is None:
+        return None
+    return (type(out), out.shape, strides, out.dtype, check.writeable(out))
 
 
 def _keep(plans: dict[tuple[Any, ...], Any], signature: tuple[Any, ...], plan: Any) -> None:
@@ -545,20 +552,22 @@ def batch_norm_backward(
         Only when ``residual`` is given: the gradient w.r.t. it (``g``; with no
         activation, ``grad_output`` itself).
     """
-    if out is None and residual is None and stream is None:
-        signature = _backward_signature(grad_output, input, saved, weight, bias, activation)
+    if residual is None and stream is None:
+        signature = _backward_signature(grad_output, input, saved, weight, bias, activation, out)
         plan = _BACKWARD_PLANS.get(signature) if signature is not None else None
         if plan is None:
             call = prepare_backward(
-                grad_output, input, saved, weight, bias=bias, activation=activation
+                grad_output, input, saved, weight, out=out, bias=bias, activation=activation
             )
             plan = plan_backward(call, (weight, bias))
             if signature is not None:
                 _keep(_BACKWARD_PLANS, signature, plan)
         adopt = plan.call.backend.adopt
+        out_array = None if out is None else adopt(out)
         return run_planned_backward(
-            plan, adopt(grad_output), adopt(input), saved, grad_output, input
-        )
+            plan, adopt(grad_output), adopt(input), saved, grad_output, input,
+            out=out_array, caller_out=out,
+        )  # fmt: skip
     call = prepare_backward(
         grad_output, input, saved, weight, out=out, bias=bias, residual=residual,
         activation=activation,
@@ -573,15 +582,19 @@ def _backward_signature(
     weight: Any | None,
     bias: Any | None,
     activation: str | None,
+    out: Any | None = None,
 ) -> tuple[Any, ...] | None:
     """What the checks of a backward call read (see :func:`_signature`)."""
     strides = getattr(grad_output, "strides", None), getattr(input, "strides", None)
     if None in strides:
         return None
+    out_signature = None if out is None else _out_signature(out)
+    if out is not None and out_signature is None:
+        return None
     return (
         type(grad_output), grad_output.shape, grad_output.dtype, type(input), input.shape,
         input.dtype, *strides, type(saved.mean), tuple(saved.mean.shape), saved.batch_stats,
-        id(weight), id(bias), activation,
+        id(weight), id(bias), activation, out_signature,
     )  # fmt: skip
 
 
@@ -688,7 +701,10 @@ def plan_backward(
         ).weight
         runner = backend.plan_backward(call.dy, x, weight, call.saved.batch_stats, call.epilogue)
     input, weight, residual = call.originals
-    leftover = call._replace(dy=None, x=None, originals=(None, weight, residual), grad_output=None)
+    leftover = call._replace(
+        dy=None, x=None, out=None, originals=(None, weight, residual), caller_out=None,
+        grad_output=None,
+    )  # fmt: skip
     return BackwardPlan(leftover, runner, held)
 
 
@@ -701,17 +717,20 @@ def run_planned_backward(
     caller_input: Any,
     exchange: _phases.TrainingExchange | None = None,
     count: int = 0,
+    out: Any | None = None,
+    caller_out: Any | None = None,
 ) -> tuple[Array, ...]:
-    """Run a backward of ``dy`` and ``x`` (the backend's arrays of the plan's signature);
-    an exchanged plan's with ``exchange`` over a whole batch of ``count`` values per channel."""
+    """Run a backward of ``dy`` and ``x`` (the backend's arrays of the plan's signature), into
+    ``out`` (the backend's view of the caller's ``caller_out``) when the plan has one; an
+    exchanged plan's with ``exchange`` over a whole batch of ``count`` values per channel."""
     call = plan.call
     originals = (caller_input, *call.originals[1:])
     if plan.runner is None:
-        return run_backward(
-            call._replace(dy=dy, x=x, saved=saved, originals=originals, grad_output=grad_output),
-            exchange=exchange,
-            count=count,
-        )
+        checked = call._replace(
+            dy=dy, x=x, saved=saved, out=out, originals=originals, caller_out=caller_out,
+            grad_output=grad_output,
+        )  # fmt: skip
+        return run_backward(checked, exchange=exchange, count=count)
     grads = (*plan.runner(dy, x, saved.mean, saved.invstd), None)
     return _backward_results(call.backend, grads, originals, None, grad_output)
 

@@ -324,3 +324,24 @@ def test_functional_forward_into_out_is_planned_with_the_full_paths_bits(checks,
             x, mean, var, training=True, out=np.empty((1, *shape[1:]), np.float32)
         )
     assert len(checks) == 4
+
+
+def test_functional_backward_into_out_is_planned_with_the_full_paths_bits(backward_checks):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    weight = np.full(3, 1.5, np.float32)
+    _, saved = nbn.functional.batch_norm_forward(x, None, None, weight, training=True)
+    for _ in range(3):
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        out = np.empty_like(x)
+        got = nbn.functional.batch_norm_backward(dy, x, saved, weight, out=out)
+        want = nbn.functional.batch_norm_backward(dy, x, saved, weight)
+        assert got[0] is out
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    assert len(backward_checks) == 2  # one into out=, one without
+    out = np.empty_like(x)
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):  # another signature: checked again
+        nbn.functional.batch_norm_backward(dy, x, saved, weight, out=out)
+    assert len(backward_checks) == 3
