@@ -91,8 +91,7 @@ class Tiling:
     @property
     def n_items(self) -> int:
         """Work items: channel blocks times tiles."""
-        n_channels = self.view_shape[3] if self.channels_inner else self.view_shape[1]
-        return -(-n_channels // self.channel_block) * self.n_tiles
+        return self._n_items(self.geometry)
 
     @property
     def geometry(self) -> tuple[int, int, int, int]:
@@ -127,7 +126,11 @@ class Tiling:
     @functools.cached_property
     def n_elementwise_items(self) -> int:
         """Work items of :attr:`elementwise_geometry`."""
-        channel_block, _, _, n_tiles = self.elementwise_geometry
+        return self._n_items(self.elementwise_geometry)
+
+    def _n_items(self, geometry: tuple[int, int, int, int]) -> int:
+        """Work items of ``geometry``: channel blocks times tiles (``serial.work_items``)."""
+        channel_block, _, _, n_tiles = geometry
         n_channels = self.view_shape[3] if self.channels_inner else self.view_shape[1]
         return -(-n_channels // channel_block) * n_tiles
 

@@ -234,8 +234,8 @@ def _signature(
     strides = getattr(input, "strides", None)
     if strides is None:
         return None
-    out_signature = None if out is None else _out_signature(out)
-    if out is not None and out_signature is None:
+    out_signature = _out_signature(out)
+    if out_signature is None:
         return None
     updates = training is True
     signature = (
@@ -251,10 +251,12 @@ def _signature(
     return signature
 
 
-def _out_signature(out: Any) -> tuple[Any, ...] | None:
+def _out_signature(out: Any | None) -> tuple[Any, ...] | None:
     """What the checks of an ``out=`` array read (its kind, shape, strides, dtype and whether
-    it may be written; not its identity); None when its strides cannot be read without
-    adopting it."""
+    it may be written; not its identity): ``()`` without one, None when its strides cannot
+    be read without adopting it."""
+    if out is None:
+        return ()
     strides = getattr(out, "strides", None)
     if strides is None:
         return None
@@ -588,8 +590,8 @@ def _backward_signature(
     strides = getattr(grad_output, "strides", None), getattr(input, "strides", None)
     if None in strides:
         return None
-    out_signature = None if out is None else _out_signature(out)
-    if out is not None and out_signature is None:
+    out_signature = _out_signature(out)
+    if out_signature is None:
         return None
     return (
         type(grad_output), grad_output.shape, grad_output.dtype, type(input), input.shape,

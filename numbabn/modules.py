@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, NoReturn, overload
 
 import numpy as np
 
@@ -16,7 +16,7 @@ from numbabn._dispatch import (
     is_dask_array,
     kind_of,
 )
-from numbabn._phases import BACKWARD, FORWARD, SavedStats, TrainingExchange
+from numbabn._phases import BACKWARD, FORWARD, Pass, SavedStats, TrainingExchange
 from numbabn.epilogue import check_activation
 from numbabn.functional import (
     BackwardCall,
@@ -82,6 +82,14 @@ def _module_dtype(dtype: Any) -> np.dtype:
             f"dtype {dtype} is not supported; use float32, float64, ml_dtypes.bfloat16 or float16"
         )
     return dtype
+
+
+def _refuse(exchange: TrainingExchange | None, kind: Pass, error: Exception) -> NoReturn:
+    """Raise ``error``, a failed check of a ``kind`` call; with an ``exchange``, through it,
+    so that every part raises rather than waits for this one."""
+    if exchange is None:
+        raise error
+    exchange.refuse(kind, error)
 
 
 class _Saved(NamedTuple):
@@ -380,9 +388,7 @@ class _BatchNorm:
             try:
                 call = self._prepare_forward(x, out, residual, tracking, exchange is None)
             except Exception as error:
-                if exchange is None:
-                    raise
-                exchange.refuse(FORWARD, error)  # every rank raises
+                _refuse(exchange, FORWARD, error)
             output, saved = run_forward(call, exchange=exchange)
         if tracking:
             self._count_batch()
@@ -424,9 +430,7 @@ class _BatchNorm:
                     held = (self.weight, self.bias, self.running_mean, self.running_var)
                     plan = self._plan = (signature, plan_forward(call, held, exchanged))
             except Exception as error:
-                if exchange is None:
-                    raise
-                exchange.refuse(FORWARD, error)  # every rank raises
+                _refuse(exchange, FORWARD, error)
             output, saved = run_planned(plan[1], array, x, momentum, out_array, out, exchange)
         if tracking:
             self._count_batch()
@@ -603,9 +607,7 @@ class _BatchNorm:
             try:
                 call = self._prepare_backward(grad_output, out)
             except Exception as error:
-                if exchange is None:
-                    raise
-                exchange.refuse(BACKWARD, error)  # every rank raises
+                _refuse(exchange, BACKWARD, error)
             count = 0 if saved is None else saved.whole_count or 0
             grad_input, grad_weight, grad_bias, *grad_residual = run_backward(
                 call, exchange=exchange, count=count
@@ -636,9 +638,7 @@ class _BatchNorm:
                     held = (self.weight, self.bias)
                     plan = self._backward_plan = (signature, plan_backward(call, held, exchanged))
             except Exception as error:
-                if exchange is None:
-                    raise
-                exchange.refuse(BACKWARD, error)  # every rank raises
+                _refuse(exchange, BACKWARD, error)
             grad_input, grad_weight, grad_bias = run_planned_backward(
                 plan[1], dy, x, saved.stats, grad_output, saved.input, exchange,
                 saved.whole_count or 0,
